@@ -1,0 +1,35 @@
+"""unimm: autoregressive text-to-image and interleaved generation in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="unimm",
+    version="0.1.0",
+    description=(
+        "ViT-VQGAN, Parti-style and interleaved decoder-only text/image "
+        "models in JAX/Flax, sharded for pods, runnable on a laptop CPU."),
+    packages=setuptools.find_packages(include=["unimm", "unimm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets>=4.9.9",
+        "array_record",
+        "grain>=0.2.15",
+        "clu",
+        "ml-collections",
+        "sentencepiece",
+        "pillow",
+        "numpy",
+        "scipy",
+        # clu.metric_writers and periodic_actions import TensorFlow.
+        "tensorflow-cpu",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        "tfds": [],
+        "torch-ref": ["torch==2.13.0", "transformers", "safetensors"],
+    },
+)

@@ -1,0 +1,123 @@
+"""Properties of the shared transformer stack and attention."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm import nn as unn
+
+B, T, D = 2, 12, 32
+
+
+def make_stack(**overrides):
+  kw = dict(num_layers=2, embed_dim=D, num_heads=4, num_kv_heads=2,
+            head_dim=8, mlp_dim=64, causal=True, use_rope=True)
+  kw.update(overrides)
+  return unn.TransformerStack(**kw)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_cached_decoding_equals_full_forward(scan_layers, num_kv_heads):
+  stack = make_stack(scan_layers=scan_layers, num_kv_heads=num_kv_heads,
+                     qk_norm=True, mlp_activation="swiglu", norm="rmsnorm")
+  x = jax.random.normal(jax.random.key(0), (B, T, D))
+  params = stack.init(jax.random.key(1), x)
+  full = stack.apply(params, x)  # [B, T, D]
+
+  cache = unn.init_cache(2, B, 16, num_kv_heads, 8)
+  # Prefill 5 tokens, then decode one at a time.
+  out, cache = stack.apply(params, x[:, :5], cache=cache, cache_index=0)
+  outs = [out]
+  for i in range(5, T):
+    out, cache = stack.apply(params, x[:, i:i + 1], cache=cache,
+                             cache_index=i)
+    outs.append(out)
+  cached = jnp.concatenate(outs, axis=1)
+  np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_cache_reuses_encoder_keys():
+  stack = make_stack(cross_attention=True)
+  x = jax.random.normal(jax.random.key(0), (B, T, D))
+  enc = jax.random.normal(jax.random.key(2), (B, 7, D))
+  enc_mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3], bool)
+  params = stack.init(jax.random.key(1), x, encoded=enc, encoded_mask=enc_mask)
+  full = stack.apply(params, x, encoded=enc, encoded_mask=enc_mask)
+
+  cache = unn.init_cache(2, B, T, 2, 8, cross_len=7)
+  out, cache = stack.apply(params, x[:, :1], encoded=enc,
+                           encoded_mask=enc_mask, cache=cache, cache_index=0)
+  outs = [out]
+  for i in range(1, T):  # the encoder output is no longer passed
+    out, cache = stack.apply(params, x[:, i:i + 1], encoded_mask=enc_mask,
+                             cache=cache, cache_index=i)
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+  # Padding in the encoder is masked: changing padded memory changes nothing.
+  enc2 = enc.at[1, 4:].set(100.0)
+  full2 = stack.apply(params, x, encoded=enc2, encoded_mask=enc_mask)
+  np.testing.assert_allclose(full2, full, atol=1e-5)
+
+
+def test_packed_segments_do_not_see_each_other():
+  stack = make_stack(use_rope=False)
+  x = jax.random.normal(jax.random.key(0), (1, 10, D))
+  params = stack.init(jax.random.key(1), x)
+  seg = jnp.array([[1] * 6 + [2] * 4])
+  pos = jnp.array([list(range(6)) + list(range(4))])
+  packed = stack.apply(params, x, segment_ids=seg, positions=pos)
+  first = stack.apply(params, x[:, :6])
+  second = stack.apply(params, x[:, 6:])
+  np.testing.assert_allclose(packed[:, :6], first, atol=1e-5)
+  np.testing.assert_allclose(packed[:, 6:], second, atol=1e-5)
+
+
+def test_bidirectional_encoder_sees_the_future():
+  stack = make_stack(causal=False, use_rope=False)
+  x = jax.random.normal(jax.random.key(0), (1, 6, D))
+  params = stack.init(jax.random.key(1), x)
+  a = stack.apply(params, x)
+  x2 = x.at[:, -1].set(jax.random.normal(jax.random.key(3), (1, D)))
+  b = stack.apply(params, x2)
+  assert not np.allclose(a[:, 0], b[:, 0], atol=1e-3)
+  causal = make_stack(causal=True, use_rope=False)
+  a = causal.apply(params, x)
+  b = causal.apply(params, x2)
+  np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("remat_policy", ["full", "dots"])
+def test_remat_and_scan_give_the_same_function(remat_policy):
+  x = jax.random.normal(jax.random.key(0), (B, T, D))
+  plain = make_stack()
+  params = plain.init(jax.random.key(1), x)
+  loss = lambda p, m: jnp.sum(m.apply(p, x) ** 2)
+  g1 = jax.grad(loss)(params, plain)
+  g2 = jax.grad(loss)(params, make_stack(remat_policy=remat_policy))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), g1, g2)
+
+
+def test_every_parameter_has_logical_axis_names():
+  stack = make_stack(cross_attention=True, qk_norm=True)
+  x = jnp.zeros((B, T, D))
+  boxed = jax.eval_shape(stack.init, jax.random.key(0), x, encoded=x)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda l: isinstance(l, nn.Partitioned))
+  assert leaves and all(isinstance(l, nn.Partitioned) for _, l in leaves)
+  for path, leaf in leaves:
+    assert len(leaf.names) == len(leaf.value.shape)
+    if "layers" in jax.tree_util.keystr(path):  # scanned: stacked on 'layers'
+      assert leaf.names[0] == "layers"
+      assert leaf.value.shape[0] == 2
+
+
+def test_bad_settings_raise_before_compiling():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    make_stack(num_heads=4, num_kv_heads=3).init(jax.random.key(0),
+                                                 jnp.zeros((1, 4, D)))
+  with pytest.raises(ValueError, match="remat_policy"):
+    make_stack(remat_policy="sometimes").init(jax.random.key(0),
+                                              jnp.zeros((1, 4, D)))

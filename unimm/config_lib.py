@@ -1,0 +1,54 @@
+"""Helpers for configs: `name:key=value,...` variants and module building.
+
+Configs are Python files (`configs/*.py`) with `get_config(arg=None)`, as in
+big_vision; `--config configs/x.py:size=tiny` passes "size=tiny" as `arg`.
+"""
+import dataclasses
+import inspect
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses "size=tiny,steps=100" into a ConfigDict over `defaults`.
+
+  Values are converted to the type of the default. An unknown key is a
+  ValueError naming the known ones.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"Config argument {item!r} is not key=value; expected "
+                       f"e.g. 'size=tiny' (known keys: {sorted(defaults)}).")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; known "
+                       f"keys: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    result[key] = value
+  return result
+
+
+def build_module(cls, kwargs: Any, setting: str = "config.model"):
+  """cls(**kwargs), with a clear error for keys the module does not take."""
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  if dataclasses.is_dataclass(cls):
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+  else:
+    known = set(inspect.signature(cls).parameters)
+  known -= {"parent", "name"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(
+        f"Unknown key(s) {unknown} in {setting} for {cls.__name__}; "
+        f"expected some of {sorted(known)}. Remove or rename them.")
+  return cls(**kwargs)

@@ -1,0 +1,138 @@
+"""One attention module: self- or cross-attention, MHA/GQA/MQA, RoPE, QK-norm,
+with an optional explicit KV cache.
+
+Heads: `num_heads` query heads share `num_kv_heads` key/value heads
+(num_kv_heads == num_heads: MHA; 1: MQA, as Gemini; otherwise GQA).
+
+The cache is an explicit pytree, never a mutable collection. A layer's slice
+is {"k": [B, S, K, H], "v": [B, S, K, H]}; new keys/values for the T input
+tokens are written at `cache_index` with dynamic_update_slice and the queries
+attend over all S slots under the mask the caller gives ([B, T, S]).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm.nn.layers import constrain, dense, dtype_of, partitioned
+
+CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
+
+
+def apply_rope(x, positions, max_wavelength: float = 10_000.0):
+  """Rotary position embedding (Su et al. 2021). x: [B, T, N, H]; positions [B, T]."""
+  h = x.shape[-1]
+  if h % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {h} (config.model.head_dim).")
+  fraction = 2 * jnp.arange(h // 2, dtype=jnp.float32) / h
+  timescale = max_wavelength ** fraction  # [H/2]
+  angles = positions[..., None].astype(jnp.float32) / timescale  # [B, T, H/2]
+  sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask):
+  """Grouped-query attention core.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; mask: bool [B, T, S]
+  (True = may attend) or None. Softmax in float32. Returns [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+  logits = logits / jnp.sqrt(h).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with num_kv_heads for MHA/GQA/MQA."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  embed_dim: int
+  use_rope: bool = False
+  rope_max_wavelength: float = 10_000.0
+  qk_norm: bool = False
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  deterministic: bool = True
+
+  def setup(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+          f"{self.num_kv_heads}; set config.model.num_kv_heads to a divisor.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.query = dense((self.num_heads, self.head_dim),
+                       ("embed", "heads", "head_dim"), name="query", **kw)
+    self.key = dense((self.num_kv_heads, self.head_dim),
+                     ("embed", "kv_heads", "head_dim"), name="key", **kw)
+    self.value = dense((self.num_kv_heads, self.head_dim),
+                       ("embed", "kv_heads", "head_dim"), name="value", **kw)
+    self.out = dense(self.embed_dim, ("heads", "head_dim", "embed"),
+                     axis=(-2, -1), name="out", **kw)
+    if self.qk_norm:
+      # Chameleon §2.3 / ViT-22B: normalising q and k keeps logits bounded.
+      norm = lambda name: nn.RMSNorm(
+          epsilon=1e-6, dtype=dtype_of(self.dtype),
+          param_dtype=dtype_of(self.param_dtype),
+          scale_init=partitioned(nn.initializers.ones, ("head_dim",)),
+          name=name)
+      self.query_norm = norm("query_norm")
+      self.key_norm = norm("key_norm")
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def project_kv(self, x, positions=None):
+    """Keys and values of x [B, S, D] -> ([B, S, K, H], [B, S, K, H])."""
+    k = self.key(x)
+    if self.qk_norm:
+      k = self.key_norm(k)
+    if self.use_rope:
+      k = apply_rope(k, positions, self.rope_max_wavelength)
+    return k, self.value(x)
+
+  def __call__(self, x, kv_input=None, *, mask=None, positions=None,
+               kv_positions=None, cache=None, cache_index=None,
+               precomputed_kv=None):
+    """Attention of x [B, T, D] over itself or over `kv_input` [B, S, D].
+
+    mask: bool [B, T, S] over the attended keys (cache slots when a cache is
+    given). cache: {"k", "v"} of [B, S, K, H]; new keys are written at
+    cache_index and the updated cache is returned. precomputed_kv: (k, v) to
+    attend to directly (cross-attention K/V computed once by the sampler).
+    Returns (out [B, T, D], new_cache or None).
+    """
+    q = self.query(x)  # [B, T, N, H]
+    if self.qk_norm:
+      q = self.query_norm(q)
+    if self.use_rope:
+      q = apply_rope(q, positions, self.rope_max_wavelength)
+    q = constrain(q, ("act_batch", "act_len", "act_heads", None))
+
+    new_cache = None
+    if precomputed_kv is not None:
+      k, v = precomputed_kv
+    else:
+      source = x if kv_input is None else kv_input
+      source_positions = positions if kv_input is None else kv_positions
+      k, v = self.project_kv(source, source_positions)  # [B, S, K, H]
+      if cache is not None:
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+        k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+        v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        k = constrain(k, CACHE_AXES)
+        v = constrain(v, CACHE_AXES)
+        new_cache = {"k": k, "v": v}
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    out = self.dropout(out, deterministic=self.deterministic)
+    return self.out(out), new_cache  # [B, T, D]

@@ -1,0 +1,157 @@
+"""The one sampler: every model decodes through `step` with an explicit cache.
+
+A decode step is `step(params, cache, tokens [B, 1], position) -> (logits
+[B, V], cache)`; Parti's and the interleaved model's steps differ only inside.
+Image spans have a static length and decode with one `jax.lax.scan` over a
+preallocated cache carried in the loop; text spans that stop at EOS use the
+same step inside `jax.lax.while_loop`. Classifier-free guidance doubles the
+batch ([cond; uncond]) and mixes the logits; both halves then receive the
+same token.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+StepFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to turn logits into tokens. Hashable: part of the compiled program.
+
+  temperature 0 is greedy. top_k 0 and top_p 1 disable those filters.
+  cfg_scale None disables classifier-free guidance; with a scale s the
+  logits are u + s (c - u) (Parti §3, after Ho & Salimans 2022), so s = 1 is
+  plain conditional sampling.
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  cfg_scale: float | None = None
+
+  def validate(self, vocab_size: int) -> "SamplingParams":
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got "
+                       f"{self.temperature}.")
+    if not 0 <= self.top_k <= vocab_size:
+      raise ValueError(f"top_k must be in [0, vocab size {vocab_size}] "
+                       f"(0 disables it), got {self.top_k}.")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1] (1 disables it), got "
+                       f"{self.top_p}.")
+    if self.cfg_scale is not None and not self.cfg_scale >= 0:
+      raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}.")
+    return self
+
+
+def guided_logits(logits, cfg_scale):
+  """[2B, V] logits of [cond; uncond] -> [B, V] guided logits."""
+  cond, uncond = jnp.split(logits, 2, axis=0)
+  return uncond + cfg_scale * (cond - uncond)
+
+
+def filter_logits(logits, sampling: SamplingParams, allowed=None):
+  """Applies the allowed-token mask, top-k and top-p to logits [B, V]."""
+  logits = logits.astype(jnp.float32)
+  neg = jnp.finfo(jnp.float32).min
+  if allowed is not None:  # bool [V] or [B, V]
+    logits = jnp.where(allowed, logits, neg)
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, neg, logits)
+  if sampling.top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.where(before < sampling.top_p, sorted_logits, jnp.inf).min(
+        axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return logits
+
+
+def next_token(logits, rng, sampling: SamplingParams, allowed=None):
+  """Samples one token per row from logits [B or 2B (CFG), V] -> [B]."""
+  if sampling.cfg_scale is not None:
+    logits = guided_logits(logits, sampling.cfg_scale)
+  logits = filter_logits(logits, sampling, allowed)
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits / sampling.temperature).astype(
+      jnp.int32)
+
+
+def _both_halves(tokens, sampling):
+  if sampling.cfg_scale is None:
+    return tokens
+  return jnp.concatenate([tokens, tokens], axis=0)
+
+
+def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
+                num_tokens: int, rng, sampling: SamplingParams, allowed=None):
+  """Decodes exactly `num_tokens` tokens with one lax.scan.
+
+  first_tokens [B]: the token at `start_position` (e.g. BOS or the last
+  prompt token); each scan step feeds one token and samples the next.
+  With CFG the cache holds 2B rows ([cond; uncond]). Returns (tokens
+  [B, num_tokens] int32, cache).
+  """
+
+  def body(carry, i):
+    cache, tokens = carry  # tokens: [B]
+    logits, cache = step(params, cache, _both_halves(tokens, sampling)[:, None],
+                         start_position + i)
+    tokens = next_token(logits, jax.random.fold_in(rng, i), sampling, allowed)
+    return (cache, tokens), tokens
+
+  (cache, _), tokens = jax.lax.scan(
+      body, (cache, first_tokens.astype(jnp.int32)),
+      jnp.arange(num_tokens, dtype=jnp.int32))
+  return tokens.T, cache  # [B, num_tokens]
+
+
+@flax.struct.dataclass
+class _WhileState:
+  cache: Any
+  tokens: jax.Array  # [B] the last token fed
+  output: jax.Array  # [B, max_tokens]
+  done: jax.Array  # [B] bool
+  length: jax.Array  # [B] tokens emitted up to and including the stop token
+  i: jax.Array  # scalar step
+
+
+def while_decode(step: StepFn, params, cache, first_tokens, start_position,
+                 max_tokens: int, rng, sampling: SamplingParams, stop_tokens,
+                 allowed=None, pad_id: int = 0):
+  """Decodes until every row emitted a stop token or max_tokens were made.
+
+  The same step and logits processing as scan_decode, in lax.while_loop.
+  Rows that stopped keep receiving pad_id (their outputs are masked).
+  Returns (tokens [B, max_tokens], lengths [B], cache, steps taken).
+  """
+  b = first_tokens.shape[0]
+  stop_tokens = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
+
+  def cond(s):
+    return (s.i < max_tokens) & ~jnp.all(s.done)
+
+  def body(s):
+    logits, cache = step(params, s.cache, _both_halves(s.tokens, sampling)[:, None],
+                         start_position + s.i)
+    tokens = next_token(logits, jax.random.fold_in(rng, s.i), sampling, allowed)
+    tokens = jnp.where(s.done, pad_id, tokens)
+    output = s.output.at[:, s.i].set(tokens)
+    stopped = jnp.isin(tokens, stop_tokens) & ~s.done
+    length = jnp.where(s.done, s.length, s.i + 1)
+    return _WhileState(cache, tokens, output, s.done | stopped, length,
+                       s.i + 1)
+
+  init = _WhileState(cache, first_tokens.astype(jnp.int32),
+                     jnp.full((b, max_tokens), pad_id, jnp.int32),
+                     jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+                     jnp.zeros((), jnp.int32))
+  s = jax.lax.while_loop(cond, body, init)
+  return s.output, s.length, s.cache, s.i
