@@ -1,0 +1,191 @@
+"""Parti-style text-to-image: a text encoder and an image-token decoder with
+cross-attention (Yu et al. 2022, "Scaling Autoregressive Models for
+Content-Rich Text-to-Image Generation", §2.2), built from the shared stack.
+
+Decoder vocabulary: the tokenizer's `image_vocab_size` codes plus one BOS id
+(= image_vocab_size) that starts every image. Logits cover the codes only.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm import nn as unn
+
+# Parti Table 1 (encoder layers, decoder layers, model dim, mlp dim, heads),
+# plus CPU sizes for the shapes world.
+SIZES = {
+    "tiny": dict(encoder_layers=2, decoder_layers=4, embed_dim=128,
+                 mlp_dim=512, num_heads=4),
+    "small": dict(encoder_layers=4, decoder_layers=8, embed_dim=256,
+                  mlp_dim=1024, num_heads=8),
+    "350m": dict(encoder_layers=12, decoder_layers=12, embed_dim=1024,
+                 mlp_dim=4096, num_heads=16),
+    "750m": dict(encoder_layers=12, decoder_layers=36, embed_dim=1024,
+                 mlp_dim=4096, num_heads=16),
+    "3b": dict(encoder_layers=12, decoder_layers=36, embed_dim=2048,
+               mlp_dim=8192, num_heads=32),
+    "20b": dict(encoder_layers=16, decoder_layers=64, embed_dim=4096,
+                mlp_dim=16384, num_heads=64),
+}
+
+
+def parti_config(size: str, **overrides) -> dict:
+  """Model kwargs for a size in SIZES (head_dim = embed_dim / num_heads)."""
+  if size not in SIZES:
+    raise ValueError(f"Unknown Parti size {size!r}; expected one of "
+                     f"{list(SIZES)} (config argument size=...).")
+  kw = dict(SIZES[size])
+  kw["head_dim"] = kw["embed_dim"] // kw["num_heads"]
+  kw["num_kv_heads"] = kw["num_heads"]
+  kw.update(overrides)
+  return kw
+
+
+class Parti(nn.Module):
+  """Text ids [B, S] -> logits over image codes [B, T, image_vocab_size]."""
+  text_vocab_size: int
+  image_vocab_size: int
+  text_length: int
+  image_length: int  # h * w image tokens
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  encoder_layers: int
+  decoder_layers: int
+  positions: str = "learned"  # "learned" | "rope"
+  qk_norm: bool = False
+  mlp_activation: str = "gelu"
+  norm: str = "layernorm"
+  dropout_rate: float = 0.0
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def bos_id(self) -> int:
+    return self.image_vocab_size
+
+  def setup(self):
+    if self.positions not in ("learned", "rope"):
+      raise ValueError(f"positions must be 'learned' or 'rope', got "
+                       f"{self.positions!r} (config.model.positions).")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    stack = dict(embed_dim=self.embed_dim, num_heads=self.num_heads,
+                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                 mlp_dim=self.mlp_dim, use_rope=self.positions == "rope",
+                 qk_norm=self.qk_norm, mlp_activation=self.mlp_activation,
+                 norm=self.norm, dropout_rate=self.dropout_rate,
+                 scan_layers=self.scan_layers, remat_policy=self.remat_policy,
+                 **kw)
+    self.text_embed = unn.Embedder(self.text_vocab_size, self.embed_dim, **kw)
+    self.image_embed = unn.Embedder(self.image_vocab_size + 1, self.embed_dim,
+                                    **kw)
+    self.encoder = unn.TransformerStack(num_layers=self.encoder_layers,
+                                        causal=False, **stack)
+    self.decoder = unn.TransformerStack(num_layers=self.decoder_layers,
+                                        causal=True, cross_attention=True,
+                                        **stack)
+    if self.positions == "learned":
+      self.text_positions = unn.LearnedPositions(self.text_length,
+                                                 self.embed_dim,
+                                                 self.param_dtype)
+      self.image_positions = unn.LearnedPositions(self.image_length,
+                                                  self.embed_dim,
+                                                  self.param_dtype)
+    self.logits_proj = unn.dense(self.image_vocab_size, ("embed", "vocab"),
+                                 name="logits", **kw)
+
+  def encode(self, text_ids, deterministic=True):
+    """text_ids [B, S] (0 = padding) -> (encoded [B, S, D], mask [B, S])."""
+    mask = text_ids != 0
+    x = self.text_embed.encode(text_ids)
+    if self.positions == "learned":
+      x = self.text_positions(x)
+    x = self.encoder(x, segment_ids=mask.astype(jnp.int32),
+                     deterministic=deterministic)
+    return x, mask
+
+  def _embed_image_tokens(self, tokens, positions):
+    x = self.image_embed.encode(tokens)  # [B, T, D]
+    if self.positions == "learned":
+      x = self.image_positions(x, positions)
+    return x
+
+  def decode(self, image_inputs, encoded, text_mask, deterministic=True):
+    """Teacher forcing: image_inputs [B, T] = [BOS, ids[:-1]] -> logits."""
+    b, t = image_inputs.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = self._embed_image_tokens(image_inputs, positions)
+    x = self.decoder(x, encoded=encoded, encoded_mask=text_mask,
+                     positions=positions, deterministic=deterministic)
+    return self.logits_proj(x)  # [B, T, V]
+
+  def __call__(self, text_ids, image_ids, deterministic=True):
+    """text_ids [B, S], image_ids [B, T] -> next-token logits [B, T, V]."""
+    encoded, text_mask = self.encode(text_ids, deterministic)
+    bos = jnp.full((image_ids.shape[0], 1), self.bos_id, image_ids.dtype)
+    inputs = jnp.concatenate([bos, image_ids[:, :-1]], axis=1)
+    return self.decode(inputs, encoded, text_mask, deterministic)
+
+  def decode_step(self, tokens, cache, position, encoded=None):
+    """One cached decoder step: tokens [B, 1] at `position` -> logits [B, V].
+
+    cache: {"k", "v", "cross_k", "cross_v": [L, B, ...], "text_mask": [B, S]}.
+    Pass `encoded` on the first step (prefill): the cross-attention K/V are
+    computed once and kept in the cache for every later step.
+    """
+    b = tokens.shape[0]
+    positions = jnp.full((b, tokens.shape[1]), position, jnp.int32) + \
+        jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self._embed_image_tokens(tokens, positions)
+    layers = {k: v for k, v in cache.items() if k != "text_mask"}
+    x, layers = self.decoder(x, encoded=encoded,
+                             encoded_mask=cache["text_mask"],
+                             positions=positions, cache=layers,
+                             cache_index=position)
+    logits = self.logits_proj(x)[:, -1]  # [B, V]
+    return logits, dict(layers, text_mask=cache["text_mask"])
+
+  def init_cache(self, batch_size: int, text_mask):
+    """Zeroed decoder cache for `batch_size` rows and text_mask [B, S]."""
+    cache = unn.init_cache(self.decoder_layers, batch_size, self.image_length,
+                           self.num_kv_heads, self.head_dim, self.dtype,
+                           cross_len=text_mask.shape[1])
+    return dict(cache, text_mask=text_mask)
+
+
+def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
+                     uncond_text_ids=None):
+  """Samples image ids [B, image_length] for text_ids [B, S].
+
+  The encoder runs once; the first decoder step (prefill) computes the
+  cross-attention K/V into the cache; the remaining tokens are one lax.scan
+  of the shared sampler. With sampling.cfg_scale set, `uncond_text_ids`
+  [B, S] (the dropped-text prompt used in training) forms the second half
+  of a doubled batch. Call under jax.jit: one compiled program.
+  """
+  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
+  b = text_ids.shape[0]
+  if sampling.cfg_scale is not None:
+    if uncond_text_ids is None:
+      raise ValueError("cfg_scale needs uncond_text_ids (the empty prompt).")
+    text_ids = jnp.concatenate([text_ids, uncond_text_ids], axis=0)
+  encoded, text_mask = model.apply(params, text_ids, method=Parti.encode)
+  cache = model.init_cache(text_ids.shape[0], text_mask)
+
+  def step(params, cache, tokens, position, encoded=None):
+    return model.apply(params, tokens, cache, position, encoded,
+                       method=Parti.decode_step)
+
+  bos = jnp.full((text_ids.shape[0], 1), model.bos_id, jnp.int32)
+  logits, cache = step(params, cache, bos, 0, encoded)
+  rng_first, rng_rest = jax.random.split(rng)
+  first = samp.next_token(logits, rng_first, sampling)  # [B]
+  rest, _ = samp.scan_decode(step, params, cache, first, 1,
+                             model.image_length - 1, rng_rest, sampling)
+  return jnp.concatenate([first[:, None], rest], axis=1)[:b]
