@@ -52,3 +52,29 @@ def build_module(cls, kwargs: Any, setting: str = "config.model"):
         f"Unknown key(s) {unknown} in {setting} for {cls.__name__}; "
         f"expected some of {sorted(known)}. Remove or rename them.")
   return cls(**kwargs)
+
+
+def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
+  """Loads "configs/x.py[:arg]" like --config does, for notebooks and tests.
+
+  overrides: dotted field paths, e.g. load_config(path, total_steps=10,
+  **{"data.batch_size": 8}).
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ValueError(f"Config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location("unimm_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"Unknown config key {key!r} for {spec!r}.")
+    node[leaf] = value
+  return config
