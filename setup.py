@@ -15,6 +15,8 @@ setuptools.setup(
         "optax",
         "orbax-checkpoint",
         "tensorflow-datasets>=4.9.9",
+        "etils[epath]",
+        "importlib_resources",
         "array_record",
         "grain>=0.2.15",
         "clu",
@@ -23,6 +25,7 @@ setuptools.setup(
         "pillow",
         "numpy",
         "scipy",
+        "psutil",
         # clu.metric_writers and periodic_actions import TensorFlow.
         "tensorflow-cpu",
         "tensorboard",

@@ -1,1 +1,11 @@
-"""unimm."""
+"""unimm: autoregressive text-to-image and interleaved text+image in JAX/Flax.
+
+Public API: unimm.load_tokenizer(workdir); unimm.data.shapes.
+"""
+__version__ = "0.1.0"
+
+
+def load_tokenizer(workdir: str, step: int | None = None):
+  """The ViT-VQGAN trained in `workdir`; see unimm.api.Tokenizer."""
+  from unimm import api  # pylint: disable=g-import-not-at-top
+  return api.load_tokenizer(workdir, step)

@@ -3,9 +3,10 @@
 Every parameter carries logical axis names (nn.with_logical_partitioning); the
 logical -> mesh rules live in the config (see unimm/parallel.py).
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = str  # "float32" | "bfloat16" | ...; strings keep configs JSON-friendly.
@@ -22,26 +23,60 @@ def constrain(x, axes: Sequence[str | None] = ACTIVATION_AXES):
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+class Linear(nn.Module):
+  """y = x . W (+ b), contracting `axis` of x with W's leading axes.
+
+  Like nn.DenseGeneral, but the kernel is created in its full shape
+  (contracted axes + feature axes), so its logical names always match its
+  rank (DenseGeneral initialises a flattened 2-D kernel and reshapes it).
+  """
+  features: tuple[int, ...]
+  logical_axes: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = False
+  dtype: Dtype = "float32"
+  param_dtype: Dtype = "float32"
+  kernel_init: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in, n_out = len(in_shape), len(self.features)
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", partitioned(init, self.logical_axes),
+                        in_shape + tuple(self.features),
+                        jnp.dtype(self.param_dtype))
+    dtype = jnp.dtype(self.dtype)
+    y = jax.lax.dot_general(
+        x.astype(dtype), kernel.astype(dtype),
+        ((axis, tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros,
+                                            self.logical_axes[n_in:]),
+                        tuple(self.features), jnp.dtype(self.param_dtype))
+      y = y + bias.astype(dtype)
+    return y
+
+
 def dense(features, logical_axes, *, axis=-1, use_bias=False, dtype="float32",
           param_dtype="float32", kernel_init=None, name=None):
-  """nn.DenseGeneral whose kernel (and bias) have logical axis names.
+  """A Linear layer whose kernel (and bias) have logical axis names.
 
   `logical_axes` names every kernel axis: the contracted input axes followed
   by the output feature axes, e.g. ("embed", "heads", "head_dim").
   """
   features = tuple(features) if isinstance(features, (tuple, list)) else (
       features,)
-  kernel_init = kernel_init or nn.initializers.lecun_normal()
-  return nn.DenseGeneral(
-      features=features,
-      axis=axis,
-      use_bias=use_bias,
-      dtype=jnp.dtype(dtype),
-      param_dtype=jnp.dtype(param_dtype),
-      kernel_init=partitioned(kernel_init, logical_axes),
-      bias_init=partitioned(nn.initializers.zeros,
-                            logical_axes[-len(features):]),
-      name=name)
+  axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  if len(logical_axes) != len(axis) + len(features):
+    raise ValueError(f"logical_axes {logical_axes} must name {len(axis)} "
+                     f"input and {len(features)} output axes.")
+  return Linear(features=features, logical_axes=tuple(logical_axes),
+                axis=axis, use_bias=use_bias, dtype=dtype,
+                param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 def norm_layer(kind: str, *, dtype="float32", param_dtype="float32",

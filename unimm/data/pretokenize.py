@@ -1,0 +1,343 @@
+r"""Pre-tokenization: encode a data set's images once with a frozen tokenizer.
+
+  python -m unimm.data.pretokenize --tokenizer_workdir WORKDIRS/tokenizer \
+      --text_tokenizer WORKDIRS/spiece.model --source shapes --split train \
+      --out WORKDIRS/pretokenized [--text_length 24] [--num_examples N]
+
+Parti and the interleaved model train on image ids, not pixels (as Parti,
+DALL-E mini and LlamaGen do): the ViT-VQGAN encodes every image once here,
+and training reads the stored ids.
+
+Output (OUT_DIR; several splits may share one directory):
+  SPLIT-0000i-of-0000N.array_record  ArrayRecord shards (group_size:1, so
+      records are read at random); records are in data set order, shard i
+      holding a contiguous block.
+  SPLIT.json                         metadata: num_examples, grid, num_codes,
+      image_size, text_length, text vocab (size, pad, eos), tokenizer
+      workdir and step, source, shards, truncated captions.
+  text_tokenizer.model               a copy of the SentencePiece model, so
+      the directory is self-contained.
+
+Record format: one msgpack map per example (flax.serialization, which
+stores arrays as dtype + shape + raw bytes and never unpickles):
+  {"image_ids": int32 [h*w] (row-major over the token grid),
+   "text_ids": int32 [text_length] (SentencePiece ids + EOS, 0-padded),
+   "caption": str}.
+"""
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+from flax import serialization
+import grain
+import numpy as np
+
+RECORDS_PER_SHARD = 10_000
+TEXT_TOKENIZER_FILE = "text_tokenizer.model"
+FORMAT = "unimm_pretokenized/v1 (msgpack: image_ids, text_ids, caption)"
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def metadata_path(out_dir: str, split: str) -> str:
+  return os.path.join(out_dir, f"{split}.json")
+
+
+def serialize_example(image_ids, text_ids, caption: str) -> bytes:
+  """One record: image_ids int32 [h*w], text_ids int32 [L], caption str."""
+  return serialization.msgpack_serialize({
+      "image_ids": np.asarray(image_ids, np.int32).reshape(-1),
+      "text_ids": np.asarray(text_ids, np.int32).reshape(-1),
+      "caption": str(caption)})
+
+
+def parse_example(record: bytes) -> dict[str, Any]:
+  """Inverse of serialize_example (msgpack; no pickle, safe on any bytes)."""
+  example = serialization.msgpack_restore(record)
+  return {"image_ids": np.asarray(example["image_ids"], np.int32),
+          "text_ids": np.asarray(example["text_ids"], np.int32),
+          "caption": str(example["caption"])}
+
+
+class _Progress:
+  """Logs done/total, rate and ETA at most every `every_seconds`."""
+
+  def __init__(self, total: int, every_seconds: float = 5.0):
+    self.total, self.every = total, every_seconds
+    self.start = self.last = time.monotonic()
+
+  def update(self, done: int, force: bool = False) -> None:
+    now = time.monotonic()
+    if not force and now - self.last < self.every:
+      return
+    self.last = now
+    elapsed = max(now - self.start, 1e-9)
+    rate = done / elapsed
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    logging.info("Pre-tokenized %d/%d examples (%.1f%%), %.1f examples/s, "
+                 "elapsed %s, ETA %s.", done, self.total,
+                 100.0 * done / max(self.total, 1), rate, _hms(elapsed),
+                 _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
+                source: str, split: str, out_dir: str, text_length: int,
+                num_examples: int | None = None, batch_size: int = 256,
+                *, image_size: int | None = None,
+                data_dir: str | None = None,
+                records_per_shard: int = RECORDS_PER_SHARD
+                ) -> dict[str, Any]:
+  """Encodes `split` of `source` once; writes shards + metadata to out_dir.
+
+  Args:
+    tokenizer_workdir: a trained ViT-VQGAN workdir (unimm.load_tokenizer).
+    text_tokenizer_path: a SentencePiece .model (T5 layout: pad 0, eos 1).
+    source: "shapes", "shapes_small" or a directory from unimm.data.convert.
+    split: the split to encode (e.g. train, validation).
+    out_dir: output directory (created; this split's files are replaced).
+    text_length: text ids per example (config.model.text_length); longer
+      captions are truncated (counted in the metadata and warned about).
+    num_examples: encode only the first N examples (None = all).
+    batch_size: images per encoder call.
+    image_size: the size to read images at; defaults to (and must equal)
+      the tokenizer's image size.
+    data_dir: TFDS data dir for the shapes sources.
+    records_per_shard: examples per ArrayRecord shard.
+
+  Returns:
+    The metadata dict (also written to out_dir/SPLIT.json).
+  """
+  # Imported here: reading shards needs neither jax models nor tfds.
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from unimm import api  # pylint: disable=g-import-not-at-top
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
+
+  if batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size}; expected > 0 (--batch_size).")
+  if num_examples is not None and num_examples <= 0:
+    raise ValueError(f"num_examples={num_examples}; expected > 0 or None "
+                     "(--num_examples).")
+  if records_per_shard <= 0:
+    raise ValueError(f"records_per_shard={records_per_shard}; expected > 0.")
+  text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
+  if text_tokenizer.pad_id != 0:
+    raise ValueError(
+        f"The text tokenizer {text_tokenizer_path!r} pads with id "
+        f"{text_tokenizer.pad_id}; Parti masks text id 0 as padding, so "
+        "expected pad_id 0 (train one with unimm.tokenizers.text, T5 layout).")
+  tokenizer = api.load_tokenizer(tokenizer_workdir)
+  image_size = tokenizer.image_size if image_size is None else image_size
+  if image_size != tokenizer.image_size:
+    raise ValueError(
+        f"--image_size={image_size} but the tokenizer in "
+        f"{tokenizer_workdir!r} encodes {tokenizer.image_size}x"
+        f"{tokenizer.image_size} images; pass --image_size "
+        f"{tokenizer.image_size} (or omit it).")
+
+  data_source, _ = pipeline.image_text_source(
+      source, split, image_size=image_size, data_dir=data_dir)
+  total = len(data_source) if num_examples is None else min(
+      num_examples, len(data_source))
+  dataset = pipeline.image_text_dataset(
+      source, split, batch_size=batch_size, image_size=image_size,
+      shuffle=False, seed=0, num_epochs=1, data_dir=data_dir,
+      drop_remainder=False)
+
+  num_shards = max(1, -(-total // records_per_shard))
+  os.makedirs(out_dir, exist_ok=True)
+  tmp_dir = os.path.join(out_dir, f".tmp-{split}")
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  os.makedirs(tmp_dir)
+  names = [shard_name(split, i, num_shards) for i in range(num_shards)]
+  writer, shard, done, num_truncated = None, -1, 0, 0
+  counts = np.zeros(tokenizer.num_codes, np.int64)
+  progress = _Progress(total)
+  logging.info("Pre-tokenizing %d examples of %s/%s into %s (%d shards).",
+               total, source, split, out_dir, num_shards)
+  try:
+    for batch in dataset:
+      images = batch["image"][:total - done]  # uint8 [B, H, W, 3]
+      captions = list(batch["caption"][:total - done])
+      n = len(images)
+      if n < batch_size:  # Pad: one compiled encoder for every batch.
+        images = np.concatenate([images, np.zeros(
+            (batch_size - n,) + images.shape[1:], images.dtype)])
+      image_ids = tokenizer.encode(images)[:n].reshape(n, -1)  # [B, h*w]
+      encoded = text_tokenizer.encode(captions, text_length)
+      num_truncated += encoded.num_truncated
+      counts += np.bincount(image_ids.reshape(-1),
+                            minlength=tokenizer.num_codes)
+      for i in range(n):
+        if (done + i) // records_per_shard != shard:
+          if writer is not None:
+            writer.close()
+          shard = (done + i) // records_per_shard
+          writer = array_record_module.ArrayRecordWriter(
+              os.path.join(tmp_dir, names[shard]), "group_size:1")
+        writer.write(serialize_example(image_ids[i], encoded.ids[i],
+                                       captions[i]))
+      done += n
+      progress.update(done)
+      if done >= total:
+        break
+  finally:
+    if writer is not None:
+      writer.close()
+  progress.update(done, force=True)
+  if done == 0:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise ValueError(f"{source}/{split} has no examples to pre-tokenize.")
+
+  # Replace this split's old files only once the new ones are complete.
+  for name in os.listdir(out_dir):
+    if name.startswith(f"{split}-") and name.endswith(".array_record"):
+      os.remove(os.path.join(out_dir, name))
+  for name in names:
+    os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  with open(os.path.join(out_dir, TEXT_TOKENIZER_FILE), "wb") as f:
+    f.write(text_tokenizer.model_proto)
+
+  metadata = {
+      "format": FORMAT,
+      "split": split,
+      "num_examples": int(done),
+      "shards": names,
+      "grid": list(tokenizer.grid),
+      "image_length": int(np.prod(tokenizer.grid)),
+      "num_codes": int(tokenizer.num_codes),
+      "image_size": int(image_size),
+      "codebook_usage": float((counts > 0).mean()),
+      "text_length": int(text_length),
+      "text_vocab_size": int(text_tokenizer.vocab_size),
+      "text_pad_id": int(text_tokenizer.pad_id),
+      "text_eos_id": int(text_tokenizer.eos_id),
+      "num_truncated_captions": int(num_truncated),
+      "text_tokenizer": os.path.abspath(text_tokenizer_path),
+      "text_tokenizer_copy": TEXT_TOKENIZER_FILE,
+      "tokenizer_workdir": os.path.abspath(tokenizer_workdir),
+      "tokenizer_step": int(tokenizer.step),
+      "source": source,
+      "seconds": round(time.monotonic() - progress.start, 3),
+  }
+  with open(metadata_path(out_dir, split), "w") as f:
+    json.dump(metadata, f, indent=2)
+  logging.info("Wrote %d examples to %s (codebook usage %.3f, %d captions "
+               "truncated).", done, out_dir, metadata["codebook_usage"],
+               num_truncated)
+  return metadata
+
+
+def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
+  """The metadata of a pre-tokenized split; ValueError naming the fix."""
+  path = metadata_path(out_dir, split)
+  if not os.path.isfile(path):
+    have = sorted(n[:-5] for n in os.listdir(out_dir)
+                  if n.endswith(".json")) if os.path.isdir(out_dir) else []
+    raise ValueError(
+        f"No pre-tokenized split {split!r} in {out_dir!r} (found splits "
+        f"{have}); run `python -m unimm.data.pretokenize --split {split} "
+        f"--out {out_dir} ...` first (config.data.pretokenized_dir).")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _as_batch_arrays(record: bytes) -> dict[str, np.ndarray]:
+  example = parse_example(record)
+  return {"text_ids": example["text_ids"], "image_ids": example["image_ids"]}
+
+
+def pretokenized_source(out_dir: str, split: str = "train"
+                        ) -> grain.sources.ArrayRecordDataSource:
+  """Random access over a split's records (bytes; see parse_example)."""
+  metadata = load_metadata(out_dir, split)
+  paths = [os.path.join(out_dir, name) for name in metadata["shards"]]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f"Pre-tokenized shards are missing: {missing[:3]}; "
+                     "re-run unimm.data.pretokenize for this split.")
+  source = grain.sources.ArrayRecordDataSource(paths)
+  if len(source) != metadata["num_examples"]:
+    raise ValueError(
+        f"{out_dir!r} split {split!r} holds {len(source)} records but its "
+        f"metadata says {metadata['num_examples']}; re-run pre-tokenization.")
+  return source
+
+
+def pretokenized_dataset(out_dir: str, *, batch_size: int, shuffle: bool,
+                         seed: int, num_epochs: int | None = None,
+                         process_index: int = 0, process_count: int = 1,
+                         split: str = "train", worker_count: int = 0,
+                         drop_remainder: bool = True) -> grain.IterDataset:
+  """Batches {"text_ids": int32 [B, L], "image_ids": int32 [B, h*w]}.
+
+  Sharded per host (disjoint records), shuffled per epoch and
+  checkpointable (iterator get_state/set_state), through
+  unimm.data.pipeline.batched_dataset; see it for the arguments.
+  """
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.batched_dataset(
+      pretokenized_source(out_dir, split), batch_size=batch_size,
+      shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+      process_index=process_index, process_count=process_count,
+      transform=_as_batch_arrays, drop_remainder=drop_remainder,
+      worker_count=worker_count)
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("tokenizer_workdir", None,
+                      "Workdir of a trained ViT-VQGAN (config.task "
+                      "vit_vqgan).", required=True)
+  flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
+                      required=True)
+  flags.DEFINE_string("source", "shapes", "shapes, shapes_small or a "
+                      "directory from unimm.data.convert.")
+  flags.DEFINE_string("split", "train", "Split to encode.")
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("text_length", 24, "Text ids per caption "
+                       "(config.model.text_length).")
+  flags.DEFINE_integer("num_examples", None, "Encode only the first N.")
+  flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
+  flags.DEFINE_integer("image_size", None, "Image size (default: the "
+                       "tokenizer's).")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir for shapes sources.")
+  flags.DEFINE_integer("records_per_shard", RECORDS_PER_SHARD,
+                       "Examples per ArrayRecord shard.")
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  f = flags.FLAGS
+  metadata = pretokenize(
+      f.tokenizer_workdir, f.text_tokenizer, f.source, f.split, f.out,
+      f.text_length, f.num_examples, f.batch_size, image_size=f.image_size,
+      data_dir=f.data_dir, records_per_shard=f.records_per_shard)
+  print(json.dumps(metadata, indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

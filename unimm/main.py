@@ -1,0 +1,52 @@
+r"""unimm entry point: flags only.
+
+  python -m unimm.main --config configs/vit_vqgan_shapes.py --workdir DIR
+  python -m unimm.main --config configs/vit_vqgan_shapes.py --workdir DIR \
+      --mode eval
+  --config configs/x.py:size=tiny picks a variant; --config.total_steps=100
+  overrides one field.
+"""
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from unimm import experiments
+from unimm import parallel
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:arg]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for checkpoints, metrics, reports.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (then evaluate) or eval a trained workdir.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps library INFO chatter (orbax saves, tfds, grain) off the console so
+  progress, metrics and ETA stay readable; their warnings still show."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in self.NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  parallel.initialize_distributed()
+  if _MODE.value == "train":
+    experiments.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    experiments.evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,275 @@
+"""ViT-VQGAN image tokenizer (Yu et al. 2021, "Vector-quantized Image
+Modeling with Improved VQGAN").
+
+Encoder (§3.1): p x p patches -> linear embed -> learned positions -> ViT
+-> a feed-forward head with tanh, whose output layer is the factorized
+quantizer's linear map to the code dim (§3.2). Decoder: codes -> linear map
+to the decoder width -> learned positions -> ViT -> tanh feed-forward ->
+per-patch linear map to 2 C outputs per pixel: the logit-Laplace location mu
+and log-scale ln b (DALL-E appendix A.3). The reconstruction is the
+distribution's location mapped back to [0, 1].
+
+Pixels enter as uint8 [B, H, W, C] (or floats in [0, 1]) and are scaled to
+[-1, 1] inside.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm import nn as unn
+from unimm.tokenizers import losses as losses_lib
+from unimm.tokenizers.quantizer import FactorizedQuantizer
+
+# ViT-VQGAN Table 1 / appendix: transformer sizes of the encoder and decoder.
+# "large" is the paper's ViT-VQGAN-LL; its best model (SL) pairs a small
+# encoder with a large decoder: vit_vqgan_config("small", decoder="large").
+STACK_SIZES = {
+    "tiny": dict(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=128),
+    "small": dict(embed_dim=512, num_layers=8, num_heads=8, mlp_dim=2048),
+    "base": dict(embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "large": dict(embed_dim=1280, num_layers=32, num_heads=16, mlp_dim=5120),
+}
+# Image and codebook settings: the paper's 256x256 images, 8x8 patches
+# (32x32 tokens), 8192 codes of dim 32; tiny is for 32x32 shapes on CPU.
+CODEBOOK_SIZES = {
+    "tiny": dict(image_size=32, patch_size=4, num_codes=512, code_dim=16),
+    "small": dict(image_size=256, patch_size=8, num_codes=8192, code_dim=32),
+    "base": dict(image_size=256, patch_size=8, num_codes=8192, code_dim=32),
+    "large": dict(image_size=256, patch_size=8, num_codes=8192, code_dim=32),
+}
+SIZES = {
+    name: dict(
+        **CODEBOOK_SIZES[name],
+        **{f"encoder_{k}": v for k, v in STACK_SIZES[name].items()},
+        **{f"decoder_{k}": v for k, v in STACK_SIZES[name].items()})
+    for name in STACK_SIZES
+}
+
+
+def vit_vqgan_config(size: str, decoder: str | None = None, **overrides):
+  """Constructor kwargs for ViTVQGAN from the size table (for config.model).
+
+  size picks the encoder (and, unless `decoder` is given, the decoder) size;
+  overrides replace any field, e.g. vit_vqgan_config("tiny", num_codes=256).
+  """
+  for name in (size, decoder):
+    if name is not None and name not in SIZES:
+      raise ValueError(f"Unknown ViT-VQGAN size {name!r}; expected one of "
+                       f"{sorted(SIZES)} (config arg size=...).")
+  kwargs = dict(SIZES[size])
+  if decoder is not None:
+    kwargs.update({f"decoder_{k}": v for k, v in STACK_SIZES[decoder].items()})
+  unknown = set(overrides) - {f.name for f in _fields()}
+  if unknown:
+    raise ValueError(f"Unknown ViTVQGAN fields {sorted(unknown)}.")
+  kwargs.update(overrides)
+  return kwargs
+
+
+def _fields():
+  import dataclasses
+  return [f for f in dataclasses.fields(ViTVQGAN)
+          if f.name not in ("parent", "name")]
+
+
+def validate_config(image_size: int, patch_size: int, num_codes: int,
+                    code_dim: int, encoder_embed_dim: int,
+                    encoder_num_heads: int, decoder_embed_dim: int,
+                    decoder_num_heads: int, **unused):
+  """Raises ValueError for settings that cannot build (before compiling)."""
+  del unused
+  if patch_size <= 0 or image_size % patch_size:
+    raise ValueError(
+        f"config.model.patch_size={patch_size} does not divide "
+        f"config.model.image_size={image_size}; choose a divisor (e.g. "
+        f"{[p for p in (4, 8, 16) if image_size % p == 0] or [1]}).")
+  for part, dim, heads in (("encoder", encoder_embed_dim, encoder_num_heads),
+                           ("decoder", decoder_embed_dim, decoder_num_heads)):
+    if dim % heads:
+      raise ValueError(
+          f"config.model.{part}_embed_dim={dim} is not divisible by "
+          f"config.model.{part}_num_heads={heads}.")
+  if num_codes < 2 or code_dim < 1:
+    raise ValueError(f"need num_codes >= 2 and code_dim >= 1, got "
+                     f"num_codes={num_codes}, code_dim={code_dim} "
+                     "(config.model).")
+
+
+def to_unit_interval(images):
+  """uint8 [0, 255] or float [0, 1] -> float32 [0, 1]."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+class ViTVQGAN(nn.Module):
+  """ViT encoder, factorized l2-normalised quantizer, ViT decoder."""
+  image_size: int
+  patch_size: int
+  num_codes: int
+  code_dim: int
+  encoder_embed_dim: int
+  encoder_num_layers: int
+  encoder_num_heads: int
+  encoder_mlp_dim: int
+  decoder_embed_dim: int
+  decoder_num_layers: int
+  decoder_num_heads: int
+  decoder_mlp_dim: int
+  channels: int = 3
+  commitment_cost: float = 0.25
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    n = self.image_size // self.patch_size
+    return n, n
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid[0] * self.grid[1]
+
+  def _stack(self, prefix: str):
+    dim = getattr(self, f"{prefix}_embed_dim")
+    heads = getattr(self, f"{prefix}_num_heads")
+    return unn.TransformerStack(
+        num_layers=getattr(self, f"{prefix}_num_layers"), embed_dim=dim,
+        num_heads=heads, num_kv_heads=heads, head_dim=dim // heads,
+        mlp_dim=getattr(self, f"{prefix}_mlp_dim"), causal=False,
+        dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=f"{prefix}_transformer")
+
+  def setup(self):
+    validate_config(**{f.name: getattr(self, f.name) for f in _fields()})
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = unn.PatchEmbed(self.patch_size, self.encoder_embed_dim,
+                                      name="patch_embed", **kw)
+    self.encoder_positions = unn.LearnedPositions(
+        self.num_tokens, self.encoder_embed_dim, self.param_dtype,
+        name="encoder_positions")
+    self.encoder = self._stack("encoder")
+    # §3.1: the encoder output goes through a feed-forward layer with tanh;
+    # its output layer is the quantizer's linear map to the code dim (§3.2).
+    self.encoder_head = unn.dense(self.encoder_mlp_dim, ("embed", "mlp"),
+                                  use_bias=True, name="encoder_head", **kw)
+    self.quantizer = FactorizedQuantizer(
+        self.num_codes, self.code_dim, self.decoder_embed_dim,
+        self.commitment_cost, name="quantizer", **kw)
+    self.decoder_positions = unn.LearnedPositions(
+        self.num_tokens, self.decoder_embed_dim, self.param_dtype,
+        name="decoder_positions")
+    self.decoder = self._stack("decoder")
+    self.decoder_head = unn.dense(self.decoder_mlp_dim, ("embed", "mlp"),
+                                  use_bias=True, name="decoder_head", **kw)
+    self.patch_unembed = unn.PatchUnembed(self.patch_size, 2 * self.channels,
+                                          name="patch_unembed", **kw)
+
+  def _encode_features(self, images, deterministic):
+    """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
+    x = to_unit_interval(images) * 2.0 - 1.0
+    x = self.patch_embed(x)  # [B, T, D_enc]
+    x = self.encoder_positions(x)
+    x = self.encoder(x, deterministic=deterministic)
+    return jnp.tanh(self.encoder_head(x))  # [B, T, F_enc]
+
+  def _decode_tokens(self, x, deterministic):
+    """Quantized tokens [B, T, D_dec] -> (mu, log_scale) [B, H, W, C] each."""
+    x = self.decoder_positions(x)
+    x = self.decoder(x, deterministic=deterministic)
+    x = jnp.tanh(self.decoder_head(x))  # [B, T, F_dec]
+    out = self.patch_unembed(x, self.grid).astype(jnp.float32)
+    mu, log_scale = jnp.split(out, 2, axis=-1)  # [B, H, W, C] each
+    return mu, log_scale
+
+  def __call__(self, images, train: bool = False):
+    """images uint8 [B, H, W, C] -> dict of outputs.
+
+    mu, log_scale: logit-Laplace parameters [B, H, W, C]; recon: the
+    reconstruction in [0, 1]; ids [B, h, w]; losses: the quantizer's
+    {"codebook", "commitment", "vq"}; latents [B, T, code_dim] (unit norm).
+    """
+    b = images.shape[0]
+    features = self._encode_features(images, deterministic=not train)
+    ids, quantized, vq_losses, latents = self.quantizer(features)
+    mu, log_scale = self._decode_tokens(quantized, deterministic=not train)
+    return {
+        "mu": mu,
+        "log_scale": log_scale,
+        "recon": losses_lib.logit_laplace_mean(mu),
+        "ids": ids.reshape(b, *self.grid),
+        "losses": vq_losses,
+        "latents": latents,
+    }
+
+  def encode(self, images):
+    """images [B, H, W, C] -> ids [B, h, w] int32."""
+    features = self._encode_features(images, deterministic=True)
+    return self.quantizer.encode(features).reshape(images.shape[0],
+                                                   *self.grid)
+
+  def decode(self, ids):
+    """ids [B, h, w] -> images float32 [B, H, W, C] in [0, 1]."""
+    b = ids.shape[0]
+    x = self.quantizer.embed_ids(ids.reshape(b, -1))  # [B, T, D_dec]
+    mu, _ = self._decode_tokens(x, deterministic=True)
+    return losses_lib.logit_laplace_mean(mu)
+
+
+# ----------------------------------------------------------------------------
+# Host-side API with input checks (used by unimm.load_tokenizer).
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model: ViTVQGAN, method: str):
+  if method == "encode":
+    return jax.jit(lambda params, x: model.apply(
+        {"params": params}, x, method=ViTVQGAN.encode))
+  return jax.jit(lambda params, ids: jnp.round(model.apply(
+      {"params": params}, ids, method=ViTVQGAN.decode) * 255.0).astype(
+          jnp.uint8))
+
+
+def _plain_params(params):
+  params = nn.unbox(params)
+  return params["params"] if "params" in params else params
+
+
+def encode_images(model: ViTVQGAN, params, images) -> np.ndarray:
+  """uint8 images [N, H, W, C] at model.image_size -> int32 ids [N, h, w]."""
+  images = np.asarray(images)
+  s, c = model.image_size, model.channels
+  if images.dtype != np.uint8:
+    raise ValueError(f"encode expects uint8 images, got dtype {images.dtype}; "
+                     "convert with np.asarray(img, np.uint8) (values 0..255).")
+  if images.ndim != 4 or images.shape[1:] != (s, s, c):
+    raise ValueError(
+        f"encode expects images of shape [N, {s}, {s}, {c}], got "
+        f"{images.shape}; resize to the tokenizer's image_size ({s}) "
+        "(config.model.image_size).")
+  return np.asarray(_jitted(model, "encode")(_plain_params(params), images))
+
+
+def decode_ids(model: ViTVQGAN, params, ids) -> np.ndarray:
+  """int ids [N, h, w] in [0, num_codes) -> uint8 images [N, H, W, C]."""
+  ids = np.asarray(ids)
+  h, w = model.grid
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"decode expects integer ids, got dtype {ids.dtype}.")
+  if ids.ndim != 3 or ids.shape[1:] != (h, w):
+    raise ValueError(f"decode expects ids of shape [N, {h}, {w}], got "
+                     f"{ids.shape}.")
+  if ids.size and (ids.min() < 0 or ids.max() >= model.num_codes):
+    raise ValueError(
+        f"decode got ids in [{ids.min()}, {ids.max()}]; expected 0 <= id < "
+        f"num_codes={model.num_codes} (config.model.num_codes).")
+  return np.asarray(_jitted(model, "decode")(_plain_params(params),
+                                             ids.astype(np.int32)))

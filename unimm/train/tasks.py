@@ -1,0 +1,21 @@
+"""The task registry: config.task -> the task module the trainer drives."""
+import ml_collections
+
+
+def _vit_vqgan(config):
+  from unimm.train.vqgan_task import ViTVQGANTask  # pylint: disable=g-import-not-at-top
+  return ViTVQGANTask(config)
+
+
+TASKS = {
+    "vit_vqgan": _vit_vqgan,
+}
+
+
+def get_task(config: ml_collections.ConfigDict):
+  """Builds the task named by config.task."""
+  name = config.get("task")
+  if name not in TASKS:
+    raise ValueError(f"Unknown config.task {name!r}; expected one of "
+                     f"{sorted(TASKS)}.")
+  return TASKS[name](config)
