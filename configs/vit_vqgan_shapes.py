@@ -9,6 +9,21 @@ decoder (a different decoder size, e.g. size=small,decoder=large is the
 paper's ViT-VQGAN-SL), steps, batch.
 Target for size=tiny on 2 CPU cores in <= 15 min: held-out PSNR >= 30 dB,
 codebook_usage >= 0.9.
+
+Loss weights for size=tiny (measured on shapes, 2 shared CPU cores; the
+other sizes keep the paper's §3.3 weights):
+- logit_laplace_weight 0 (paper 0.1): with 0.1 its 1/b-scaled L1-in-logit
+  gradient dominates the l2 term and costs PSNR (plain autoencoder at 250
+  steps: 22.4 dB with it, 26.2 dB without; VQ at 750 steps: 22.1 -> 29.2
+  dB train PSNR). It is still computed and logged.
+- adversarial_weight 0 (paper 0.1): the StyleGAN D + R1 more than doubles
+  the step time on CPU and an adversarial loss does not raise PSNR; with
+  weight 0 the task drops the discriminator from the step at trace time.
+  Turn it on with --config.loss.adversarial_weight=0.1 (it then starts at
+  config.loss.adversarial_start_step).
+- Dead codes restart from recent latents drawn in proportion to their
+  quantization error (config.loss.restart_sampling="error", k-means++-like),
+  so new codes go to object edges rather than the flat background.
 """
 import ml_collections
 
@@ -18,7 +33,7 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=6000,
+  arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=3000,
                              batch=32)
   config = ml_collections.ConfigDict()
   config.task = "vit_vqgan"
@@ -45,10 +60,10 @@ def get_config(arg=None):
   # (config.loss.perceptual_weights = path to .npz), so it is off here.
   config.loss = ml_collections.ConfigDict(dict(
       vq_weight=1.0,
-      adversarial_weight=0.1,
+      adversarial_weight=0.0 if tiny else 0.1,  # see the docstring
       perceptual_weight=0.0,
       perceptual_weights="",
-      logit_laplace_weight=0.1,
+      logit_laplace_weight=0.0 if tiny else 0.1,  # see the docstring
       l2_weight=1.0,
       adversarial_start_step=arg.steps // 2,
       r1_gamma=1.0,
@@ -59,6 +74,7 @@ def get_config(arg=None):
       restart_every=100,
       restart_until_step=arg.steps * 3 // 4,
       latent_buffer_size=1024,
+      restart_sampling="error",
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

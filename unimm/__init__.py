@@ -1,6 +1,7 @@
 """unimm: autoregressive text-to-image and interleaved text+image in JAX/Flax.
 
-Public API: unimm.load_tokenizer(workdir); unimm.data.shapes.
+Public API: unimm.load_tokenizer(workdir), unimm.load_model(workdir);
+unimm.data.shapes.
 """
 __version__ = "0.1.0"
 
@@ -9,3 +10,9 @@ def load_tokenizer(workdir: str, step: int | None = None):
   """The ViT-VQGAN trained in `workdir`; see unimm.api.Tokenizer."""
   from unimm import api  # pylint: disable=g-import-not-at-top
   return api.load_tokenizer(workdir, step)
+
+
+def load_model(workdir: str, step: int | None = None):
+  """The text-to-image model trained in `workdir`; see unimm.api."""
+  from unimm import api  # pylint: disable=g-import-not-at-top
+  return api.load_model(workdir, step)

@@ -81,3 +81,39 @@ def load_tokenizer(workdir: str, step: int | None = None) -> Tokenizer:
   restored = trainer.restore(config, workdir, task, step)
   params = jax.device_get(restored.params["generator"])
   return Tokenizer(task.model, params, config, int(restored.step))
+
+
+@dataclasses.dataclass
+class TextToImageModel:
+  """A trained text-to-image model (Parti): prompts in, images out."""
+  task: Any
+  params: Any
+  config: ml_collections.ConfigDict
+  step: int
+
+  def sample(self, prompts, *, seed: int = 0, cfg_scale: float | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             batch_size: int | None = None):
+    """uint8 images [N, H, W, 3] for N prompts; deterministic per seed.
+
+    cfg_scale None uses the config's eval.cfg_scale; 0 < s mixes the
+    unconditional and conditional logits as u + s (c - u) (1 = plain
+    conditional sampling).
+    """
+    if cfg_scale is None:
+      cfg_scale = self.config.get("eval", {}).get("cfg_scale", None)
+    return self.task.sample(self.params, list(prompts), seed=seed,
+                            cfg_scale=cfg_scale, temperature=temperature,
+                            top_k=top_k, top_p=top_p, batch_size=batch_size)
+
+
+def load_model(workdir: str, step: int | None = None) -> TextToImageModel:
+  """Loads the generative model trained in `workdir` (latest checkpoint)."""
+  config = _local_mesh_config(saved_config(workdir, step))
+  if config.get("task") != "parti":
+    raise ValueError(f"{workdir!r} holds a {config.get('task')!r} run; "
+                     "load_model expects a text-to-image run (config.task "
+                     "'parti'); use unimm.load_tokenizer for tokenizers.")
+  task = tasks.get_task(config)
+  restored = trainer.restore(config, workdir, task, step)
+  return TextToImageModel(task, restored.params, config, int(restored.step))

@@ -21,8 +21,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics, reports.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (then evaluate) or eval a trained workdir.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample"],
+    "train (then evaluate), eval a trained workdir, or sample images.")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompts", None, "--mode sample: a prompt (repeat the flag for more).")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "--mode sample: one prompt a line, or a TSV with a "
+    "Prompt column (e.g. PartiPrompts.tsv).")
+_SEED = flags.DEFINE_integer("seed", 0, "--mode sample: sampling seed.")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "--mode sample: "
+                                "classifier-free guidance scale.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--mode sample.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "--mode sample (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode sample (1 = off).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,8 +56,14 @@ def main(argv):
   parallel.initialize_distributed()
   if _MODE.value == "train":
     experiments.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
+  elif _MODE.value == "eval":
     experiments.evaluate(_CONFIG.value, _WORKDIR.value)
+  else:
+    experiments.sample(_WORKDIR.value, prompts=_PROMPTS.value,
+                       prompts_file=_PROMPTS_FILE.value, seed=_SEED.value,
+                       cfg_scale=_CFG_SCALE.value,
+                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                       top_p=_TOP_P.value)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,29 @@ def test_restart_revives_dead_codes():
   np.testing.assert_array_equal(revived_ids, np.arange(4))
 
 
+def test_latent_buffer_draws_in_proportion_to_quantization_error():
+  codebook = q.l2_normalize(jnp.eye(C))  # [C, C]: the basis vectors
+  latents = q.l2_normalize(jnp.array(
+      [[1.0, 0.0, 0.0, 0.0],  # exactly code 0: zero error, never drawn
+       [1.0, 1.0, 0.0, 0.0],  # between codes 0 and 1
+       [0.0, 0.0, 1.0, -1.0]]))  # between codes 2 and 3
+  ids = q.nearest_codes(latents, codebook)
+  errors = q.quantization_error(latents, ids, codebook)
+  np.testing.assert_allclose(errors, [0.0, 2 - np.sqrt(2), 2 - np.sqrt(2)],
+                             atol=1e-5)
+  buffer = q.update_latent_buffer(jnp.zeros((2000, C)), latents[None],
+                                  jax.random.PRNGKey(0), errors=errors[None])
+  drawn = np.asarray(q.nearest_codes(buffer, latents))
+  counts = np.bincount(drawn, minlength=3)
+  assert counts[0] == 0
+  assert abs(counts[1] - 1000) < 120, counts  # equal errors, equal shares
+  # Without errors every latent can be drawn.
+  uniform = q.update_latent_buffer(jnp.zeros((2000, C)), latents,
+                                   jax.random.PRNGKey(0))
+  assert np.all(np.bincount(np.asarray(q.nearest_codes(uniform, latents)),
+                            minlength=3) > 500)
+
+
 def test_sharded_batch_gives_the_same_update_as_one_device():
   """Under jit with global arrays the counts are over the global batch."""
   devices = jax.devices()

@@ -107,7 +107,8 @@ def _max_abs(tree):
 def test_gan_gradients_are_separated(initialized, monkeypatch):
   """Generator grads ignore the D loss; D grads ignore the G losses; the
   adversarial terms wait for adversarial_start_step."""
-  task = ViTVQGANTask(tiny_config(adversarial_start_step=1))
+  task = ViTVQGANTask(tiny_config(adversarial_start_step=1,
+                                     adversarial_weight=0.1))
   batch = _batch()
   params, state = _init(initialized)
   grad_fn = jax.jit(jax.grad(lambda p, s: task.loss(
@@ -196,6 +197,8 @@ def test_bad_settings_raise_before_compiling():
   config.loss.perceptual_weight = 0.1
   with pytest.raises(ValueError, match="perceptual_weights"):
     ViTVQGANTask(config)
+  with pytest.raises(ValueError, match="restart_sampling"):
+    ViTVQGANTask(tiny_config(restart_sampling="kmeans"))
   task = ViTVQGANTask(tiny_config())
   with pytest.raises(ValueError, match="image_size"):
     task.init(jax.random.PRNGKey(0),

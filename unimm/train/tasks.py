@@ -7,8 +7,14 @@ def _vit_vqgan(config):
   return ViTVQGANTask(config)
 
 
+def _parti(config):
+  from unimm.train.parti_task import ParTask  # pylint: disable=g-import-not-at-top
+  return ParTask(config)
+
+
 TASKS = {
     "vit_vqgan": _vit_vqgan,
+    "parti": _parti,
 }
 
 

@@ -1,0 +1,78 @@
+"""Parti on the embedded 32x32 shapes data set, over a frozen ViT-VQGAN.
+
+  # 1. a tokenizer (configs/vit_vqgan_shapes.py) and a text tokenizer
+  python -m unimm.main --config configs/vit_vqgan_shapes.py \
+      --workdir workdirs/vit_vqgan_shapes
+  python -m unimm.tokenizers.text --output workdirs/spiece --vocab_size 256 \
+      --source shapes
+  # 2. encode the images once (train, and validation for a held-out loss)
+  python -m unimm.data.pretokenize --tokenizer_workdir \
+      workdirs/vit_vqgan_shapes --text_tokenizer workdirs/spiece.model \
+      --split train --out workdirs/parti_shapes_data
+  # 3. train and evaluate (prompt accuracy with the shapes probe)
+  python -m unimm.main --config configs/parti_shapes.py \
+      --workdir workdirs/parti_shapes
+
+Variants (arg "key=value,..."): size (a row of unimm.models.parti.SIZES:
+tiny | small | 350m | 750m | 3b | 20b), steps, batch, tokenizer_workdir,
+text_tokenizer ("" = the copy in pretokenized_dir), pretokenized_dir,
+text_vocab (>= the SentencePiece vocabulary), codes and grid (the
+tokenizer's num_codes and h = w of its token grid), text_length.
+Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
+prompt_accuracy_pair >= 0.7.
+"""
+import ml_collections
+
+from unimm import config_lib
+from unimm import parallel
+from unimm.models.parti import parti_config
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(
+      arg, size="tiny", steps=20000, batch=64,
+      tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
+      pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
+      codes=512, grid=8, text_length=24)
+  config = ml_collections.ConfigDict()
+  config.task = "parti"
+  config.seed = 0
+  config.total_steps = arg.steps
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+  config.eval_every_steps = 0  # evaluate once at the end
+  config.max_consecutive_nonfinite = 5
+
+  # The frozen tokenizers: images decode through tokenizer_workdir; the text
+  # tokenizer defaults to the copy that pre-tokenization stores.
+  config.tokenizer_workdir = arg.tokenizer_workdir
+  config.text_tokenizer = arg.text_tokenizer
+  # Parti §3 / Ho & Salimans 2022: drop the text for 10% of the examples.
+  config.cfg_dropout = 0.1
+
+  config.model = ml_collections.ConfigDict(parti_config(
+      arg.size, text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
+      text_length=arg.text_length, image_length=arg.grid * arg.grid))
+
+  # Large sizes: Parti §4.1's optimizer settings (lr 4.5e-4, beta2 0.96,
+  # decoupled weight decay 0.045); the CPU sizes take a higher rate.
+  small_model = arg.size in ("tiny", "small")
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3 if small_model else 4.5e-4,
+      warmup_steps=min(1000, arg.steps // 10), end_lr_fraction=0.05,
+      b1=0.9, b2=0.98 if small_model else 0.96, eps=1e-8,
+      weight_decay=0.01 if small_model else 0.045, grad_clip_norm=1.0))
+
+  config.data = ml_collections.ConfigDict(dict(
+      pretokenized_dir=arg.pretokenized_dir, batch_size=arg.batch,
+      worker_count=0))
+  config.eval = ml_collections.ConfigDict(dict(
+      num_single=200, num_pair=200, prompt_seed=None, seed=0, batch_size=100,
+      cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0,
+      loss_split="validation", num_loss_examples=2000,
+      num_grid_samples=32))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_axis_rules = parallel.STANDARD_RULES
+  return config

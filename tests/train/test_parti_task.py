@@ -1,0 +1,309 @@
+"""Tests for the Parti task: loss, CFG dropout, sampling, evaluation, and
+the shapes config."""
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from unimm.data import pretokenize
+from unimm.train import parti_task
+from unimm.train import tasks
+from unimm.train import trainer
+from unimm.train.parti_task import ParTask
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "configs")))
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "data")))
+import parti_shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
+
+TEXT_LENGTH, GRID, CODES, TEXT_VOCAB = 12, 4, 16, 64
+
+
+def tiny_config(**paths):
+  config = parti_shapes.get_config(
+      f"size=tiny,steps=4,batch=8,text_vocab={TEXT_VOCAB},codes={CODES},"
+      f"grid={GRID},text_length={TEXT_LENGTH}")
+  config.model.update(embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                      mlp_dim=64, encoder_layers=1, decoder_layers=1)
+  config.optimizer.update(lr=3e-3, warmup_steps=0)
+  config.log_every_steps = 2
+  config.eval.update(num_single=8, num_pair=8, batch_size=8, cfg_scale=4.0,
+                     num_loss_examples=16, num_grid_samples=6)
+  for key, value in paths.items():
+    if key == "pretokenized_dir":
+      config.data.pretokenized_dir = value
+    else:
+      config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A tiny tokenizer workdir, a SentencePiece model, pre-tokenized data."""
+  root = tmp_path_factory.mktemp("parti")
+  data_dir = str(root / "tfds")
+  workdir = test_pretokenize.make_tokenizer_workdir(str(root / "tok"),
+                                                    data_dir)
+  spiece = test_pretokenize.make_text_tokenizer(str(root / "spiece"))
+  out = str(root / "data")
+  for split, num in (("train", 64), ("validation", 16)):
+    pretokenize.pretokenize(workdir, spiece, "shapes_small", split, out,
+                            TEXT_LENGTH, num_examples=num, batch_size=32,
+                            data_dir=data_dir)
+  return dict(tokenizer_workdir=workdir, pretokenized_dir=out)
+
+
+@pytest.fixture(scope="module")
+def task(files):
+  return ParTask(tiny_config(**files))
+
+
+@pytest.fixture(scope="module")
+def batch(task):
+  return next(iter(task.train_data(0, 1)))
+
+
+@pytest.fixture(scope="module")
+def params(task, batch):
+  params, state = task.init(jax.random.PRNGKey(0), batch)
+  assert state == {}
+  return params
+
+
+def test_config_variants_build():
+  for arg in (None, "size=tiny", "size=small,steps=10,batch=16",
+              "size=350m,codes=8192,grid=32,text_length=128,text_vocab=32000"):
+    config = parti_shapes.get_config(arg)
+    assert config.task == "parti"
+    assert config.logical_axis_rules and config.mesh.data == -1
+    task = tasks.get_task(config)  # builds without any files
+    assert isinstance(task, ParTask)
+    assert task.model.image_length == config.model.image_length
+  config = parti_shapes.get_config()
+  assert config.model.image_length == 64  # 8x8 tokens per 32x32 image
+  assert config.model.image_vocab_size == 512
+  assert 0 < config.cfg_dropout < 1
+
+
+def test_train_data_batches(task, batch):
+  assert batch["text_ids"].shape == (8, TEXT_LENGTH)
+  assert batch["image_ids"].shape == (8, GRID * GRID)
+  assert batch["image_ids"].dtype == np.int32
+
+
+def test_mismatched_data_is_a_clear_error(files):
+  config = tiny_config(**files)
+  config.model.image_vocab_size = 32
+  with pytest.raises(ValueError, match="config.model.image_vocab_size=32"):
+    ParTask(config).train_data(0, 1)
+
+
+def test_train_steps_lower_the_loss(task, batch, params):
+  params = nn.unbox(params)
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(params)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  @jax.jit
+  def step(params, opt_state, rng):
+    (loss, (metrics, _)), grads = jax.value_and_grad(
+        task.loss, has_aux=True)(params, {}, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+  losses = []
+  for i in range(8):
+    params, opt_state, loss, metrics = step(params, opt_state,
+                                            jax.random.PRNGKey(i))
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert set(metrics) == {"loss", "accuracy", "perplexity", "text_dropped"}
+  np.testing.assert_allclose(metrics["perplexity"], np.exp(metrics["loss"]),
+                             rtol=1e-5)
+  assert 0 <= metrics["accuracy"] <= 1
+
+
+def test_cfg_dropout_rate_and_rows():
+  b, s = 4000, 6
+  text = jnp.asarray(np.random.default_rng(0).integers(3, 50, (b, s)),
+                     jnp.int32)
+  uncond = jnp.asarray(parti_task.unconditional_text_ids(1, s))
+  assert uncond.tolist() == [1, 0, 0, 0, 0, 0]
+  out, dropped = parti_task.apply_cfg_dropout(text, jax.random.PRNGKey(0),
+                                              0.5, uncond)
+  rate = float(dropped.mean())
+  assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / b), rate
+  np.testing.assert_array_equal(out[dropped], np.tile(uncond, (int(
+      dropped.sum()), 1)))
+  np.testing.assert_array_equal(out[~dropped], text[~dropped])
+  _, low = parti_task.apply_cfg_dropout(text, jax.random.PRNGKey(1), 0.1,
+                                        uncond)
+  assert abs(float(low.mean()) - 0.1) < 4 * np.sqrt(0.09 / b)
+
+
+def test_loss_drops_text_at_the_configured_rate(files, monkeypatch):
+  config = tiny_config(**files)
+  config.cfg_dropout = 0.5
+  task = ParTask(config)
+  seen = {}
+
+  def fake_logits(params, text_ids, image_ids, rng=None):  # no model: cheap
+    del params, rng
+    seen["text_ids"] = text_ids
+    return jnp.zeros(image_ids.shape + (CODES,))
+
+  monkeypatch.setattr(task, "logits", fake_logits)
+  b = 4096
+  rng = np.random.default_rng(0)
+  batch = {"text_ids": rng.integers(3, 60, (b, TEXT_LENGTH)).astype(np.int32),
+           "image_ids": rng.integers(0, CODES, (b, GRID * GRID)).astype(
+               np.int32)}
+  loss, (metrics, _) = task.loss({}, {}, batch, jax.random.PRNGKey(3))
+  np.testing.assert_allclose(loss, np.log(CODES), rtol=1e-6)  # uniform
+  rate = float(metrics["text_dropped"])
+  assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / b), rate
+  text = np.asarray(seen["text_ids"])
+  dropped = (text == task.unconditional_row()).all(axis=1)
+  assert dropped.mean() == rate
+  np.testing.assert_array_equal(text[~dropped], batch["text_ids"][~dropped])
+
+
+PROMPTS = ["a red circle", "a big blue square at the top left",
+           "a green star to the left of a small yellow cross"]
+
+
+# Every sampling call below uses the evaluation's settings (CFG 4.0, batches
+# of 8): one compiled program for the whole file. Unguided sampling is
+# covered in tests/models/test_parti.py.
+SAMPLING = dict(cfg_scale=4.0, batch_size=8)
+
+
+def test_sample_shapes_dtype_and_determinism(task, params):
+  images = task.sample(params, PROMPTS, seed=0, **SAMPLING)
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(
+      images, task.sample(params, PROMPTS, seed=0, **SAMPLING))
+  ids0 = task.sample_ids(params, PROMPTS, seed=0, **SAMPLING)
+  ids1 = task.sample_ids(params, PROMPTS, seed=1, **SAMPLING)
+  assert ids0.shape == (3, GRID * GRID) and ids0.dtype == np.int32
+  assert ids0.min() >= 0 and ids0.max() < CODES
+  assert not np.array_equal(ids0, ids1)
+  # The images are the frozen tokenizer's decoding of the ids.
+  np.testing.assert_array_equal(
+      images, task.image_tokenizer.decode(ids0.reshape(3, GRID, GRID)))
+  # Batches of 2 prompts (padded to the 8 devices): same shapes, no new
+  # compile.
+  assert len(task._sample_fns) == 1  # pylint: disable=protected-access
+  assert task.sample(params, PROMPTS, cfg_scale=4.0,
+                     batch_size=2).shape == (3, 32, 32, 3)
+  assert len(task._sample_fns) == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=["a red circle", "  "]), "Prompt 1 is empty"),
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts="a red circle"), "list of strings"),
+    (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
+    (dict(top_k=CODES + 1), "top_k must be in"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+])
+def test_bad_inputs_fail_before_compiling(files, params, kwargs, match):
+  task = ParTask(tiny_config(**files))
+
+  def no_compile(sampling):
+    raise AssertionError(f"compiled for {sampling}")
+
+  task._sample_fn = no_compile  # pylint: disable=protected-access
+  kwargs = {"prompts": PROMPTS, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    task.sample(params, **kwargs)
+
+
+def test_a_batch_too_big_for_memory_fails_early(task, params):
+  def no_compile(sampling):
+    raise AssertionError(f"compiled for {sampling}")
+
+  task = ParTask(task.config)
+  task._sample_fn = no_compile  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"needs about [\d.]+ GiB .* free; "
+                     "lower batch_size"):
+    task.sample(params, ["a red circle"] * 10**7, batch_size=10**7,
+                cfg_scale=2.0)
+
+
+def test_long_prompts_are_truncated_and_warned(task, params):
+  long = " ".join(["a red circle"] * 20)
+  ids = task.sample_ids(params, [long, "a red circle"], **SAMPLING)
+  assert ids.shape == (2, GRID * GRID)
+
+
+def test_estimate_grows_with_batch_and_cache():
+  model = ParTask(parti_shapes.get_config()).model
+  one = parti_task.estimate_sampling_bytes(model, 1)
+  assert parti_task.estimate_sampling_bytes(model, 10) == 10 * one
+  # The KV cache alone: 2 (k, v) x layers x (64 + 24) positions x heads x dim.
+  assert one >= 2 * 4 * 88 * 4 * 32 * 4
+
+
+def test_trainer_program_lowers_on_the_mesh(task, batch):
+  """The trainer's sharded init/step trace on 8 devices (logical names of
+  every parameter resolve); training itself is covered above."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          trainer.device_batch(batch))
+  program = trainer.build_program(task.config, task, abstract)
+  assert program.mesh.shape["data"] == 8
+  program.train_step.lower(program.abstract_state, program.abstract_batch)
+
+
+def test_evaluate_writes_report_and_grid(task, params, tmp_path,
+                                         monkeypatch):
+  from unimm.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
+
+  class PixelProbe(probe_lib.Probe):
+    """The real scoring code over a cheap stand-in for the probe network
+    (compiling the real one costs ~10 s of CPU): it sees a circle of colour
+    0 in the centre cell of every image; features are pixel statistics."""
+
+    def _run(self, images):
+      x = np.asarray(images, np.float32).reshape(len(images), -1)
+      classes = {k: np.zeros((len(x), probe_lib.NUM_CELLS), np.int64)
+                 for k in ("occupancy", "color", "size")}
+      classes["occupancy"][:, 4] = 1
+      features = np.stack([x.mean(1), x.std(1), x[:, ::7].mean(1)], axis=1)
+      return classes, features
+
+  fake = PixelProbe(probe_lib.ProbeNet(image_size=32, width=4,
+                                       cell_feature_dim=8), None)
+  monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: fake)
+  workdir = str(tmp_path)
+  result = task.evaluate(params, {}, workdir, step=7)
+  report = json.load(open(os.path.join(workdir, "eval", "report.json")))
+  assert report == pytest.approx(result)
+  for key in ("prompt_accuracy_single", "prompt_accuracy_pair",
+              "color_accuracy", "shape_accuracy", "probe_fd", "eval_loss",
+              "eval_accuracy", "eval_perplexity"):
+    assert key in report, key
+  assert 0 <= report["prompt_accuracy_single"] <= 1
+  assert report["num_prompts"] == 16 and report["eval_loss_examples"] == 16
+  assert report["steps"] == 7 and report["cfg_scale"] == 4.0
+  assert np.isfinite(report["eval_loss"]) and report["probe_fd"] >= 0
+  # What the fake probe sees: 1-object prompts of circles of colour 0 in
+  # the centre are right, every 2-object prompt is wrong.
+  prompt_set = probe_lib.fixed_prompt_set(8, 8)
+  assert report["prompt_accuracy_pair"] == 0.0
+  right = [s.objects[0].shape == "circle" for _, s in prompt_set[:8]]
+  assert report["prompt_accuracy_single"] <= np.mean(right)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = Image.open(os.path.join(workdir, "eval", "samples.png"))
+  assert grid.width == 6 * 132 + 4  # 6 cells of 128 px + 4 px gutters
+  assert grid.height > 128 + 24  # images + captions
+  pixels = np.asarray(grid)
+  assert (pixels < 64).all(axis=-1).sum() > 100  # caption text was drawn
