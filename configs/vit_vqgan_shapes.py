@@ -17,13 +17,17 @@ other sizes keep the paper's §3.3 weights):
   steps: 22.4 dB with it, 26.2 dB without; VQ at 750 steps: 22.1 -> 29.2
   dB train PSNR). It is still computed and logged.
 - adversarial_weight 0 (paper 0.1): the StyleGAN D + R1 more than doubles
-  the step time on CPU and an adversarial loss does not raise PSNR; with
-  weight 0 the task drops the discriminator from the step at trace time.
+  the step time on CPU, and the PSNR target is met without it (its effect on
+  PSNR here was not measured); with weight 0 the task drops the
+  discriminator from the step at trace time.
   Turn it on with --config.loss.adversarial_weight=0.1 (it then starts at
   config.loss.adversarial_start_step).
 - Dead codes restart from recent latents drawn in proportion to their
   quantization error (config.loss.restart_sampling="error", k-means++-like),
   so new codes go to object edges rather than the flat background.
+Measured (size=tiny, 3000 steps, batch 32): held-out PSNR 31.5 dB (mean of
+per-image PSNR), codebook_usage 1.0; 11 min of training at ~4.7 steps/s on
+2 CPU cores shared with other jobs (load 3-7).
 """
 import ml_collections
 
