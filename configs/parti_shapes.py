@@ -34,15 +34,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
       codes=512, grid=8, text_length=24)
-  config = ml_collections.ConfigDict()
-  config.task = "parti"
-  config.seed = 0
-  config.total_steps = arg.steps
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
-  config.eval_every_steps = 0  # evaluate once at the end
-  config.max_consecutive_nonfinite = 5
+  config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
   # tokenizer defaults to the copy that pre-tokenization stores.

@@ -39,15 +39,7 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=3000,
                              batch=32)
-  config = ml_collections.ConfigDict()
-  config.task = "vit_vqgan"
-  config.seed = 0
-  config.total_steps = arg.steps
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 2
-  config.eval_every_steps = 0  # evaluate once at the end
-  config.max_consecutive_nonfinite = 5
+  config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
   model = vit_vqgan_config(arg.size, decoder=arg.decoder or None)

@@ -78,3 +78,30 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
       raise ValueError(f"Unknown config key {key!r} for {spec!r}.")
     node[leaf] = value
   return config
+
+
+def base_config(task: str, total_steps: int) -> ml_collections.ConfigDict:
+  """The training-loop fields every experiment config starts from."""
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.seed = 0
+  config.total_steps = total_steps
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 2
+  config.eval_every_steps = 0  # evaluate once at the end
+  config.max_consecutive_nonfinite = 5
+  return config
+
+
+def with_defaults(defaults: dict, config: ml_collections.ConfigDict,
+                  section: str) -> dict:
+  """defaults updated by config.<section>; an unknown key is a ValueError."""
+  merged = dict(defaults)
+  overrides = config[section].to_dict() if section in config else {}
+  unknown = set(overrides) - set(merged)
+  if unknown:
+    raise ValueError(f"Unknown config.{section} keys {sorted(unknown)}; "
+                     f"expected some of {sorted(merged)}.")
+  merged.update(overrides)
+  return merged

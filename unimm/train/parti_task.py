@@ -112,14 +112,7 @@ class ParTask:
     if not 0.0 <= self.cfg_dropout < 1.0:
       raise ValueError(f"config.cfg_dropout={self.cfg_dropout}; expected a "
                        "probability in [0, 1) (Parti uses 0.1).")
-    eval_cfg = dict(EVAL_DEFAULTS)
-    overrides = config.eval.to_dict() if "eval" in config else {}
-    unknown = set(overrides) - set(eval_cfg)
-    if unknown:
-      raise ValueError(f"Unknown config.eval keys {sorted(unknown)}; expected "
-                       f"some of {sorted(eval_cfg)}.")
-    eval_cfg.update(overrides)
-    self.eval_config = eval_cfg
+    self.eval_config = config_lib.with_defaults(EVAL_DEFAULTS, config, "eval")
     self._text_tokenizer = None
     self._image_tokenizer = None
     self._sample_fns = {}

@@ -80,13 +80,7 @@ class ViTVQGANTask:
     self.config = config
     validate_config(**config.model.to_dict())
     self.model = config_lib.build_module(ViTVQGAN, config.model)
-    loss = dict(LOSS_DEFAULTS)
-    overrides = config.loss.to_dict() if "loss" in config else {}
-    unknown = set(overrides) - set(loss)
-    if unknown:
-      raise ValueError(f"Unknown config.loss keys {sorted(unknown)}; expected "
-                       f"some of {sorted(loss)}.")
-    loss.update(overrides)
+    loss = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
     if loss["restart_sampling"] not in ("error", "uniform"):
       raise ValueError(f"config.loss.restart_sampling="
                        f"{loss['restart_sampling']!r}; expected 'error' or "
