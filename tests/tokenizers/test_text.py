@@ -12,7 +12,10 @@ import pytest
 
 from unimm.tokenizers import text as text_lib
 
-PARTI_PROMPTS = "/work/shared/data/PartiPrompts.tsv"
+# The real PartiPrompts file lives in the shared folder beside the checkout.
+PARTI_PROMPTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))), os.pardir, "shared", "data", "PartiPrompts.tsv")
 _COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white"]
 _SHAPES = ["circle", "square", "triangle", "star"]
 _PLACES = ["at the top left", "at the top right", "in the center",
