@@ -1,6 +1,8 @@
 """unimm: autoregressive text-to-image and interleaved generation in JAX/Flax."""
 import setuptools
 
+TORCH_REF = ["torch==2.13.0", "transformers", "safetensors"]
+
 setuptools.setup(
     name="unimm",
     version="0.1.0",
@@ -31,8 +33,11 @@ setuptools.setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        # The parity tests compare with PyTorch references (T5, Inception,
+        # CLIP): torch==2.13.0 is the CPU wheel these machines install locally.
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
+                 *TORCH_REF],
         "tfds": [],
-        "torch-ref": ["torch==2.13.0", "transformers", "safetensors"],
+        "torch-ref": TORCH_REF,
     },
 )

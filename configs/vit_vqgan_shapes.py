@@ -6,7 +6,8 @@
 Variants (arg "key=value,..."): size (tiny | small | base | large; the
 paper's sizes use 256x256 images, 8x8 patches, 8192 codes of dim 32),
 decoder (a different decoder size, e.g. size=small,decoder=large is the
-paper's ViT-VQGAN-SL), steps, batch.
+paper's ViT-VQGAN-SL), steps, batch, and for size=tiny patch (4 -> 8x8
+tokens, 8 -> 4x4 tokens) and codes.
 Target for size=tiny on 2 CPU cores in <= 15 min: held-out PSNR >= 30 dB,
 codebook_usage >= 0.9.
 
@@ -38,14 +39,16 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=3000,
-                             batch=32)
+                             batch=32, patch=4, codes=512)
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
   model = vit_vqgan_config(arg.size, decoder=arg.decoder or None)
   if tiny:
-    # 32x32 shapes: 4x4 patches -> 8x8 tokens; 512 codes of dim 16.
-    model.update(image_size=32, patch_size=4, num_codes=512, code_dim=16)
+    # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
+    # codes of dim 16.
+    model.update(image_size=32, patch_size=arg.patch, num_codes=arg.codes,
+                 code_dim=16)
   config.model = ml_collections.ConfigDict(model)
 
   config.discriminator = ml_collections.ConfigDict(dict(

@@ -108,7 +108,15 @@ class TextToImageModel:
 
 
 def load_model(workdir: str, step: int | None = None) -> TextToImageModel:
-  """Loads the generative model trained in `workdir` (latest checkpoint)."""
+  """Loads the generative model trained in `workdir` (latest checkpoint).
+
+  `workdir` is a Parti run, or an end-to-end recipe's workdir
+  (configs/shapes_demo.py), whose model is in its parti/ stage.
+  """
+  stage = os.path.join(workdir, "parti")
+  if (not os.path.isdir(os.path.join(workdir, trainer.CHECKPOINT_DIR)) and
+      os.path.isdir(os.path.join(stage, trainer.CHECKPOINT_DIR))):
+    workdir = stage
   config = _local_mesh_config(saved_config(workdir, step))
   if config.get("task") != "parti":
     raise ValueError(f"{workdir!r} holds a {config.get('task')!r} run; "

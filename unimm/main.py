@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from unimm import end_to_end
 from unimm import experiments
 from unimm import parallel
 
@@ -54,12 +55,20 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize_distributed()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if end_to_end.is_end_to_end(config):
+    if _MODE.value == "train":
+      end_to_end.run(config, workdir)
+      return
+    # eval / sample act on the recipe's text-to-image stage.
+    config = end_to_end.parti_config(config, workdir)
+    workdir = end_to_end.Paths(workdir).parti
   if _MODE.value == "train":
-    experiments.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    experiments.train_and_evaluate(config, workdir)
   elif _MODE.value == "eval":
-    experiments.evaluate(_CONFIG.value, _WORKDIR.value)
+    experiments.evaluate(config, workdir)
   else:
-    experiments.sample(_WORKDIR.value, prompts=_PROMPTS.value,
+    experiments.sample(workdir, prompts=_PROMPTS.value,
                        prompts_file=_PROMPTS_FILE.value, seed=_SEED.value,
                        cfg_scale=_CFG_SCALE.value,
                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from unimm.models import parti
 from unimm.sampling.sampler import SamplingParams
@@ -18,17 +19,21 @@ UNCOND = jnp.array([[1, 0, 0, 0, 0, 0]] * B)
 PARAMS = MODEL.init(jax.random.key(0), TEXT, jnp.zeros((B, T), jnp.int32))
 
 
-def test_cached_logits_equal_full_forward():
-  ids = jax.random.randint(jax.random.key(1), (B, T), 0, V)
-  full = MODEL.apply(PARAMS, TEXT, ids)  # [B, T, V]
-  encoded, mask = MODEL.apply(PARAMS, TEXT, method=parti.Parti.encode)
-  cache = MODEL.init_cache(B, mask)
-  inputs = jnp.concatenate([jnp.full((B, 1), MODEL.bos_id), ids[:, :-1]], 1)
-  step = jax.jit(lambda c, tok, pos, enc: MODEL.apply(
-      PARAMS, tok, c, pos, enc, method=parti.Parti.decode_step))
+@pytest.mark.parametrize("positions", ["learned", "learned_2d", "rope"])
+def test_cached_logits_equal_full_forward(positions):
+  t = 9  # a square grid for learned_2d
+  model = MODEL.clone(positions=positions, image_length=t)
+  params = model.init(jax.random.key(0), TEXT, jnp.zeros((B, t), jnp.int32))
+  ids = jax.random.randint(jax.random.key(1), (B, t), 0, V)
+  full = model.apply(params, TEXT, ids)  # [B, T, V]
+  encoded, mask = model.apply(params, TEXT, method=parti.Parti.encode)
+  cache = model.init_cache(B, mask)
+  inputs = jnp.concatenate([jnp.full((B, 1), model.bos_id), ids[:, :-1]], 1)
+  step = jax.jit(lambda c, tok, pos, enc: model.apply(
+      params, tok, c, pos, enc, method=parti.Parti.decode_step))
   logits, cache = step(cache, inputs[:, :1], 0, encoded)
   cached = [logits]
-  for i in range(1, T):
+  for i in range(1, t):
     logits, cache = step(cache, inputs[:, i:i + 1], i, None)
     cached.append(logits)
   np.testing.assert_allclose(jnp.stack(cached, 1), full, atol=1e-5, rtol=1e-5)
@@ -59,3 +64,9 @@ def test_cfg_scale_one_is_conditional_sampling_and_seeded():
   assert not np.array_equal(plain, sample(TEXT, jax.random.key(6), sp))
   strong = sample(TEXT, jax.random.key(5), SamplingParams(3.0, cfg_scale=5.0))
   assert strong.shape == plain.shape and int(strong.max()) < V
+
+
+def test_learned_2d_positions_need_a_square_grid():
+  model = MODEL.clone(positions="learned_2d", image_length=10)
+  with pytest.raises(ValueError, match="square token grid"):
+    model.init(jax.random.key(0), TEXT, jnp.zeros((B, 10), jnp.int32))

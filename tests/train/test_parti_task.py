@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from unimm.data import pretokenize
+from unimm.evaluation import probe as probe_lib
 from unimm.train import parti_task
 from unimm.train import tasks
 from unimm.train import trainer
@@ -263,26 +264,30 @@ def test_trainer_program_lowers_on_the_mesh(task, batch):
   program.train_step.lower(program.abstract_state, program.abstract_batch)
 
 
-def test_evaluate_writes_report_and_grid(task, params, tmp_path,
-                                         monkeypatch):
-  from unimm.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
+class PixelProbe(probe_lib.Probe):
+  """The real scoring code over a cheap stand-in for the probe network
+  (compiling the real one costs ~10 s of CPU): it sees a circle of colour
+  0 in the centre cell of every image; features are pixel statistics."""
 
-  class PixelProbe(probe_lib.Probe):
-    """The real scoring code over a cheap stand-in for the probe network
-    (compiling the real one costs ~10 s of CPU): it sees a circle of colour
-    0 in the centre cell of every image; features are pixel statistics."""
+  def _run(self, images):
+    x = np.asarray(images, np.float32).reshape(len(images), -1)
+    classes = {k: np.zeros((len(x), probe_lib.NUM_CELLS), np.int64)
+               for k in ("occupancy", "color", "size")}
+    classes["occupancy"][:, 4] = 1
+    features = np.stack([x.mean(1), x.std(1), x[:, ::7].mean(1)], axis=1)
+    return classes, features
 
-    def _run(self, images):
-      x = np.asarray(images, np.float32).reshape(len(images), -1)
-      classes = {k: np.zeros((len(x), probe_lib.NUM_CELLS), np.int64)
-                 for k in ("occupancy", "color", "size")}
-      classes["occupancy"][:, 4] = 1
-      features = np.stack([x.mean(1), x.std(1), x[:, ::7].mean(1)], axis=1)
-      return classes, features
 
+def use_pixel_probe(monkeypatch):
+  """Makes probe.get_probe return a PixelProbe."""
   fake = PixelProbe(probe_lib.ProbeNet(image_size=32, width=4,
                                        cell_feature_dim=8), None)
   monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: fake)
+
+
+def test_evaluate_writes_report_and_grid(task, params, tmp_path,
+                                         monkeypatch):
+  use_pixel_probe(monkeypatch)
   workdir = str(tmp_path)
   result = task.evaluate(params, {}, workdir, step=7)
   report = json.load(open(os.path.join(workdir, "eval", "report.json")))

@@ -6,6 +6,7 @@ Decoder vocabulary: the tokenizer's `image_vocab_size` codes plus one BOS id
 (= image_vocab_size) that starts every image. Logits cover the codes only.
 """
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -56,7 +57,11 @@ class Parti(nn.Module):
   mlp_dim: int
   encoder_layers: int
   decoder_layers: int
-  positions: str = "learned"  # "learned" | "rope"
+  # "learned": one table over the image_length positions; "learned_2d": a
+  # row table plus a column table over the square token grid (each row and
+  # column embedding is trained by every image, so layout is learned
+  # sooner); "rope": rotary positions in every attention layer.
+  positions: str = "learned"
   qk_norm: bool = False
   mlp_activation: str = "gelu"
   norm: str = "layernorm"
@@ -71,9 +76,14 @@ class Parti(nn.Module):
     return self.image_vocab_size
 
   def setup(self):
-    if self.positions not in ("learned", "rope"):
-      raise ValueError(f"positions must be 'learned' or 'rope', got "
-                       f"{self.positions!r} (config.model.positions).")
+    if self.positions not in ("learned", "learned_2d", "rope"):
+      raise ValueError(f"positions must be 'learned', 'learned_2d' or 'rope', "
+                       f"got {self.positions!r} (config.model.positions).")
+    side = math.isqrt(self.image_length)
+    if self.positions == "learned_2d" and side * side != self.image_length:
+      raise ValueError(
+          f"positions='learned_2d' needs a square token grid, got "
+          f"image_length={self.image_length} (config.model.image_length).")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     stack = dict(embed_dim=self.embed_dim, num_heads=self.num_heads,
                  num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -90,13 +100,19 @@ class Parti(nn.Module):
     self.decoder = unn.TransformerStack(num_layers=self.decoder_layers,
                                         causal=True, cross_attention=True,
                                         **stack)
-    if self.positions == "learned":
+    if self.positions != "rope":
       self.text_positions = unn.LearnedPositions(self.text_length,
                                                  self.embed_dim,
                                                  self.param_dtype)
+    if self.positions == "learned":
       self.image_positions = unn.LearnedPositions(self.image_length,
                                                   self.embed_dim,
                                                   self.param_dtype)
+    elif self.positions == "learned_2d":
+      self.image_rows = unn.LearnedPositions(side, self.embed_dim,
+                                             self.param_dtype)
+      self.image_cols = unn.LearnedPositions(side, self.embed_dim,
+                                             self.param_dtype)
     self.logits_proj = unn.dense(self.image_vocab_size, ("embed", "vocab"),
                                  name="logits", **kw)
 
@@ -104,7 +120,7 @@ class Parti(nn.Module):
     """text_ids [B, S] (0 = padding) -> (encoded [B, S, D], mask [B, S])."""
     mask = text_ids != 0
     x = self.text_embed.encode(text_ids)
-    if self.positions == "learned":
+    if self.positions != "rope":
       x = self.text_positions(x)
     x = self.encoder(x, segment_ids=mask.astype(jnp.int32),
                      deterministic=deterministic)
@@ -114,6 +130,10 @@ class Parti(nn.Module):
     x = self.image_embed.encode(tokens)  # [B, T, D]
     if self.positions == "learned":
       x = self.image_positions(x, positions)
+    elif self.positions == "learned_2d":
+      side = math.isqrt(self.image_length)
+      x = self.image_cols(self.image_rows(x, positions // side),
+                          positions % side)
     return x
 
   def decode(self, image_inputs, encoded, text_mask, deterministic=True):
