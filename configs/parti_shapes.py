@@ -19,7 +19,8 @@ text_tokenizer ("" = the copy in pretokenized_dir), pretokenized_dir,
 text_vocab (>= the SentencePiece vocabulary), codes and grid (the
 tokenizer's num_codes and h = w of its token grid), text_length, lr (tiny
 and small; the paper sizes use 4.5e-4), positions (learned_2d | learned |
-rope).
+rope), t5 (a local Hugging Face T5 directory: Parti's text encoder becomes
+that T5 encoder, initialised from its weights).
 
 Sampling for the eval: cfg_scale 1.5, temperature 0.7. Measured on shapes
 (tiny, 200 + 200 prompts): guidance at 3.0 breaks small models (every
@@ -31,10 +32,13 @@ layout sooner than one table over the 64 positions.
 Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
 prompt_accuracy_pair >= 0.7.
 """
+import os
+
 import ml_collections
 
 from unimm import config_lib
 from unimm import parallel
+from unimm.models import t5
 from unimm.models.parti import parti_config
 
 
@@ -43,7 +47,8 @@ def get_config(arg=None):
       arg, size="tiny", steps=20000, batch=64,
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
-      codes=512, grid=8, text_length=24, lr=3e-3, positions="learned_2d")
+      codes=512, grid=8, text_length=24, lr=3e-3, positions="learned_2d",
+      t5="")
   config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
@@ -57,6 +62,19 @@ def get_config(arg=None):
       arg.size, text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
       text_length=arg.text_length, image_length=arg.grid * arg.grid,
       positions=arg.positions))
+
+  # Optional T5 text encoder (Parti §2.2), loaded from a local Hugging Face
+  # directory (config.json + model.safetensors); its spiece.model, if
+  # present, becomes the text tokenizer (re-run pre-tokenization with it).
+  config.t5_checkpoint = arg.t5
+  if arg.t5:
+    t5_fields = t5.t5_config(arg.t5)
+    config.model.update(text_encoder="t5", text_vocab_size=max(
+        arg.text_vocab, t5_fields["vocab_size"]),
+                        **{f"t5_{k}": v for k, v in t5_fields.items()})
+    spiece = os.path.join(arg.t5, "spiece.model")
+    if not arg.text_tokenizer and os.path.exists(spiece):
+      config.text_tokenizer = spiece
 
   # Large sizes: Parti §4.1's optimizer settings (lr 4.5e-4, beta2 0.96,
   # decoupled weight decay 0.045); the CPU sizes take a higher rate.

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm import nn as unn
+from unimm.models import t5 as t5_lib
 
 # Parti Table 1 (encoder layers, decoder layers, model dim, mlp dim, heads),
 # plus CPU sizes for the shapes world.
@@ -70,6 +71,20 @@ class Parti(nn.Module):
   remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # "transformer": unimm's encoder stack above; "t5": a T5 encoder (Parti
+  # §2.2) shaped by the t5_* fields (models.t5.t5_config of a checkpoint),
+  # projected to embed_dim if its width differs. Its weights are loaded by
+  # load_t5_into (ParTask does that when config.t5_checkpoint is set).
+  text_encoder: str = "transformer"
+  t5_vocab_size: int = 0
+  t5_d_model: int = 0
+  t5_num_layers: int = 0
+  t5_num_heads: int = 0
+  t5_d_kv: int = 0
+  t5_d_ff: int = 0
+  t5_feed_forward_proj: str = "relu"
+  t5_relative_attention_num_buckets: int = 32
+  t5_relative_attention_max_distance: int = 128
 
   @property
   def bos_id(self) -> int:
@@ -92,6 +107,29 @@ class Parti(nn.Module):
                  norm=self.norm, dropout_rate=self.dropout_rate,
                  scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                  **kw)
+    if self.text_encoder not in ("transformer", "t5"):
+      raise ValueError(f"text_encoder must be 'transformer' or 't5', got "
+                       f"{self.text_encoder!r} (config.model.text_encoder).")
+    if self.text_encoder == "t5":
+      if self.t5_d_model <= 0 or self.t5_vocab_size > self.text_vocab_size:
+        raise ValueError(
+            f"text_encoder='t5' needs the t5_* fields of the checkpoint "
+            f"(t5_d_model={self.t5_d_model}, t5_vocab_size="
+            f"{self.t5_vocab_size} <= text_vocab_size="
+            f"{self.text_vocab_size}); set them from "
+            "unimm.models.t5.t5_config (config arg t5=PATH).")
+      self.t5 = t5_lib.T5Encoder(
+          vocab_size=self.t5_vocab_size, d_model=self.t5_d_model,
+          num_layers=self.t5_num_layers, num_heads=self.t5_num_heads,
+          d_kv=self.t5_d_kv, d_ff=self.t5_d_ff,
+          feed_forward_proj=self.t5_feed_forward_proj,
+          relative_attention_num_buckets=(
+              self.t5_relative_attention_num_buckets),
+          relative_attention_max_distance=(
+              self.t5_relative_attention_max_distance), dtype=self.dtype)
+      if self.t5_d_model != self.embed_dim:
+        self.text_proj = unn.dense(self.embed_dim, ("embed", "embed"),
+                                   name="text_proj", **kw)
     self.text_embed = unn.Embedder(self.text_vocab_size, self.embed_dim, **kw)
     self.image_embed = unn.Embedder(self.image_vocab_size + 1, self.embed_dim,
                                     **kw)
@@ -119,6 +157,11 @@ class Parti(nn.Module):
   def encode(self, text_ids, deterministic=True):
     """text_ids [B, S] (0 = padding) -> (encoded [B, S, D], mask [B, S])."""
     mask = text_ids != 0
+    if self.text_encoder == "t5":
+      x = self.t5(text_ids, mask)  # [B, S, t5_d_model]
+      if self.t5_d_model != self.embed_dim:
+        x = self.text_proj(x)
+      return x, mask
     x = self.text_embed.encode(text_ids)
     if self.positions != "rope":
       x = self.text_positions(x)
@@ -177,6 +220,30 @@ class Parti(nn.Module):
                            self.num_kv_heads, self.head_dim, self.dtype,
                            cross_len=text_mask.shape[1])
     return dict(cache, text_mask=text_mask)
+
+
+def load_t5_into(params, checkpoint: str):
+  """params of a Parti with text_encoder='t5', with the encoder's weights
+  replaced by the T5 checkpoint's (boxes and shardings are kept)."""
+  _, t5_params = t5_lib.load_t5_encoder(checkpoint)
+  inner = params["params"]
+  if "t5" not in inner:
+    raise ValueError("These Parti params have no T5 encoder; set "
+                     "config.model.text_encoder='t5' (config arg t5=PATH).")
+
+  def put(box, value):
+    old = box.value if isinstance(box, nn.Partitioned) else box
+    if old.shape != value.shape:
+      raise ValueError(f"T5 weight of shape {value.shape} does not fit the "
+                       f"model's {old.shape}; build the model from the same "
+                       "checkpoint's config.json.")
+    value = jnp.asarray(value, old.dtype)
+    return box.replace(value=value) if isinstance(box, nn.Partitioned) else (
+        value)
+
+  t5 = jax.tree.map(put, inner["t5"], t5_params,
+                    is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return dict(params, params=dict(inner, t5=t5))
 
 
 def sample_image_ids(model: Parti, params, text_ids, rng, sampling,

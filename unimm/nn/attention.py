@@ -34,17 +34,25 @@ def apply_rope(x, positions, max_wavelength: float = 10_000.0):
   return out.astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, mask):
+def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
   """Grouped-query attention core.
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; mask: bool [B, T, S]
-  (True = may attend) or None. Softmax in float32. Returns [B, T, N, H].
+  (True = may attend) or None. bias: additive logits [B or 1, N, T, S] (T5's
+  relative position bias) or None; scale: logit scale (default 1/sqrt(H);
+  T5 uses 1). Softmax in float32. Returns [B, T, N, H].
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
-  logits = logits / jnp.sqrt(h).astype(jnp.float32)
+  if scale is None:
+    logits = logits / jnp.sqrt(h).astype(jnp.float32)
+  elif scale != 1:
+    logits = logits * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32).reshape(
+        bias.shape[0], kv_heads, n // kv_heads, t, k.shape[1])
   if mask is not None:
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]

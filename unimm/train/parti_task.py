@@ -240,6 +240,9 @@ class ParTask:
     # jit: op-by-op init is slow; inside the trainer's jit this is a no-op.
     variables = jax.jit(m.init)({"params": rng, "dropout": rng}, text_ids,
                                 image_ids)
+    checkpoint = self.config.get("t5_checkpoint") or ""
+    if checkpoint:  # Parti §2.2: start the text encoder from a trained T5.
+      variables = parti.load_t5_into(variables, checkpoint)
     return variables["params"], {}
 
   def logits(self, params, text_ids, image_ids, *, rng=None):
