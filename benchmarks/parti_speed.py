@@ -1,0 +1,257 @@
+r"""Parti sampling and training speed against baselines, side by side.
+
+  python benchmarks/parti_speed.py [--image_length 256] [--size tiny]
+
+Prints, from one run on this machine:
+- sampler tokens/s of unimm's compiled scan + KV-cache sampler
+  (parti.sample_image_ids) against (a) the same model recomputing the whole
+  prefix every step (a jitted full forward over the padded sequence,
+  compiled once) and (b) Hugging Face transformers `generate` with its KV
+  cache on a same-size T5 encoder-decoder in PyTorch (greedy, CPU), at
+  batch 1 and 8; compile time separately;
+- training tokens/s of the real unimm train step (unimm.train.trainer's
+  program for the Parti task: forward, backward, AdamW) against the same HF
+  model in PyTorch eager (forward, backward, AdamW);
+- model FLOP/s of the train step as a fraction of the measured f32 matmul
+  peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
+  maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device).
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+from unimm import config_lib
+from unimm import parallel
+from unimm.models import parti
+from unimm.sampling.sampler import SamplingParams
+from unimm.train import parti_task
+from unimm.train import trainer
+
+_SIZE = flags.DEFINE_string("size", "tiny", "Parti size (models.parti.SIZES).")
+_IMAGE_LENGTH = flags.DEFINE_integer("image_length", 256,
+                                     "Image tokens per sample (h * w).")
+_TEXT_LENGTH = flags.DEFINE_integer("text_length", 24, "Text tokens.")
+_IMAGE_VOCAB = flags.DEFINE_integer("image_vocab", 512, "Image codes.")
+_TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 256, "Text vocabulary.")
+_SAMPLE_BATCHES = flags.DEFINE_list("sample_batches", ["1", "8"],
+                                    "Sampling batch sizes.")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 8, "Training batch.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed train steps.")
+_RECOMPUTE_TOKENS = flags.DEFINE_integer(
+    "recompute_tokens", 64, "Tokens timed for the recompute baseline (its "
+    "per-token cost is extrapolated to image_length: each of its steps "
+    "costs the same full forward).")
+_TORCH = flags.DEFINE_bool("torch", True, "Run the PyTorch baselines.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "nn.scan over layers (one "
+                          "compiled layer body; False unrolls them).")
+
+
+def parti_config(size: str, image_length: int):
+  """The shapes Parti config at this benchmark's lengths and vocabularies."""
+  config = config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), "..", "configs",
+                   "parti_shapes.py") + f":size={size},positions=learned")
+  config.model.update(image_length=image_length,
+                      text_length=_TEXT_LENGTH.value,
+                      image_vocab_size=_IMAGE_VOCAB.value,
+                      text_vocab_size=_TEXT_VOCAB.value,
+                      scan_layers=_SCAN.value)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  return config
+
+
+def training_flops(m: parti.Parti, batch: int) -> float:
+  """MaxText-style training FLOPs of one step (forward + backward = 3x)."""
+  d, f, t, s = m.embed_dim, m.mlp_dim, m.image_length, m.text_length
+  qkvo = 2 * d * m.num_heads * m.head_dim + 2 * d * m.num_kv_heads * m.head_dim
+  enc = m.encoder_layers * (qkvo + 2 * d * f)
+  dec = m.decoder_layers * (qkvo + d * m.num_heads * m.head_dim * 2 + 2 * d * f)
+  cross_kv = m.decoder_layers * 2 * d * m.num_kv_heads * m.head_dim
+  matmul = 6 * batch * (enc * s + dec * t + cross_kv * s +
+                        d * m.image_vocab_size * t)
+  hd = m.num_heads * m.head_dim
+  attention = 12 * batch * hd * (m.encoder_layers * s * s +
+                                 m.decoder_layers * (t * t + t * s))
+  return float(matmul + attention)
+
+
+def unimm_sampler(model, params, text, sampling):
+  fn = jax.jit(lambda p, x, r: parti.sample_image_ids(model, p, x, r,
+                                                      sampling))
+  start = time.perf_counter()
+  compiled = fn.lower(params, text, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+  run_s = common.timed(compiled, params, text, jax.random.key(0), repeats=3)
+  return compile_s, run_s
+
+
+def recompute_sampler(model, params, text, n_tokens):
+  """Greedy decoding that reruns the full forward over the prefix."""
+  b, t = text.shape[0], model.image_length
+
+  @jax.jit
+  def step(params, text, ids, i):
+    logits = model.apply(params, text, ids)  # [B, T, V]: the whole prefix
+    token = jnp.argmax(logits[:, i], axis=-1)
+    return ids.at[:, i].set(token)
+
+  ids = jnp.zeros((b, t), jnp.int32)
+  jax.block_until_ready(step(params, text, ids, 0))  # compile
+  start = time.perf_counter()
+  for i in range(n_tokens):
+    ids = step(params, text, ids, i)
+  jax.block_until_ready(ids)
+  return (time.perf_counter() - start) / n_tokens  # seconds per token step
+
+
+def torch_model(m: parti.Parti):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  config = transformers.T5Config(
+      vocab_size=max(m.text_vocab_size, m.image_vocab_size + 1),
+      d_model=m.embed_dim, d_kv=m.head_dim, d_ff=m.mlp_dim,
+      num_layers=m.encoder_layers, num_decoder_layers=m.decoder_layers,
+      num_heads=m.num_heads, dropout_rate=0.0, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)
+  return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def torch_generate_s(model, batch: int, m: parti.Parti) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import cache_utils  # pylint: disable=g-import-not-at-top
+  ids = torch.randint(2, m.text_vocab_size, (batch, m.text_length))
+
+  def kw():
+    # A cache sized from the config would take the encoder's layer count
+    # (transformers 5 with num_decoder_layers != num_layers): grow lazily.
+    cache = cache_utils.EncoderDecoderCache(cache_utils.DynamicCache(),
+                                            cache_utils.DynamicCache())
+    return dict(max_new_tokens=m.image_length, min_new_tokens=m.image_length,
+                do_sample=False, use_cache=True, past_key_values=cache)
+
+  with torch.no_grad():
+    for _ in range(2):  # warm-up: oneDNN sets up each new KV length once
+      model.generate(ids, **kw())
+    start = time.perf_counter()
+    out = model.generate(ids, **kw())
+  assert out.shape[1] == m.image_length + 1, out.shape
+  return time.perf_counter() - start
+
+
+def torch_train_s(model, batch: int, m: parti.Parti, steps: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  ids = torch.randint(2, m.text_vocab_size, (batch, m.text_length))
+  labels = torch.randint(0, m.image_vocab_size, (batch, m.image_length))
+
+  def step():
+    opt.zero_grad()
+    model(input_ids=ids, labels=labels).loss.backward()
+    opt.step()
+
+  step()
+  step()  # warm-up (oneDNN primitives)
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return (time.perf_counter() - start) / steps
+
+
+def main(_):
+  run()
+
+
+def run() -> list[tuple[str, str]]:
+  """Measures and prints every row; returns them as (name, value)."""
+  m_cfg = parti_config(_SIZE.value, _IMAGE_LENGTH.value)
+  task = parti_task.ParTask(m_cfg)
+  model = task.model
+  row = parti_task.unconditional_text_ids(1, model.text_length)
+  task.unconditional_row = lambda: row  # no text tokenizer file needed
+  rng = np.random.default_rng(0)
+  peak = common.matmul_peak_flops()
+  print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
+        f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s; Parti {_SIZE.value}, "
+        f"{model.image_length} image tokens, text {model.text_length}")
+
+  # ---- training: the real trainer program vs PyTorch eager.
+  b = _TRAIN_BATCH.value
+  batch = {"text_ids": rng.integers(2, model.text_vocab_size,
+                                    (b, model.text_length)).astype(np.int32),
+           "image_ids": rng.integers(0, model.image_vocab_size,
+                                     (b, model.image_length)).astype(np.int32)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          batch)
+  mesh = parallel.make_mesh(dict(data=1), jax.devices()[:1])
+  program = trainer.build_program(m_cfg, task, abstract, mesh=mesh)
+  with jax.set_mesh(program.mesh):
+    state = program.jit_init(jax.random.PRNGKey(0), batch)
+    device_batch = parallel.host_batch_to_global(batch,
+                                                 program.batch_sharding)
+    start = time.perf_counter()
+    compiled = program.train_step.lower(program.abstract_state,
+                                        program.abstract_batch).compile()
+    train_compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(_TRAIN_STEPS.value):
+      state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(metrics)
+    train_s = (time.perf_counter() - start) / _TRAIN_STEPS.value
+    params = {"params": parallel.unbox(jax.device_get(state.params))}
+  tokens = b * model.image_length
+  flops = training_flops(model, b)
+  rows = [("train step compile (unimm)", f"{train_compile_s:.1f} s"),
+          ("train tokens/s (unimm)", f"{tokens / train_s:,.0f}"),
+          ("train model FLOP/s (MaxText formula)",
+           f"{flops / train_s / 1e9:.1f} GFLOP/s = "
+           f"{flops / train_s / peak:.1%} of the matmul peak")]
+  torch_ref = torch_model(model) if _TORCH.value else None
+  if torch_ref is not None:
+    t_train = torch_train_s(torch_ref, b, model, _TRAIN_STEPS.value)
+    rows.append(("train tokens/s (PyTorch eager, HF T5 same size)",
+                 f"{tokens / t_train:,.0f}  -> unimm {t_train / train_s:.2f}x"))
+    torch_ref.eval()
+
+  # ---- sampling.
+  greedy = SamplingParams(temperature=0.0)
+  for sb in (int(x) for x in _SAMPLE_BATCHES.value):
+    text = jnp.asarray(rng.integers(2, model.text_vocab_size,
+                                    (sb, model.text_length)), jnp.int32)
+    compile_s, run_s = unimm_sampler(model, params, text, greedy)
+    ours = sb * model.image_length / run_s
+    rows.append((f"[batch {sb}] sampler compile (unimm)", f"{compile_s:.1f} s"))
+    rows.append((f"[batch {sb}] sampler tokens/s (unimm scan + KV cache)",
+                 f"{ours:,.0f}"))
+    per_token = recompute_sampler(model, params, text,
+                                  min(_RECOMPUTE_TOKENS.value,
+                                      model.image_length))
+    rows.append((f"[batch {sb}] tokens/s recomputing the prefix",
+                 f"{sb / per_token:,.0f}  -> unimm {ours * per_token / sb:.1f}x"))
+    if torch_ref is not None:
+      gen_s = torch_generate_s(torch_ref, sb, model)
+      theirs = sb * model.image_length / gen_s
+      rows.append((f"[batch {sb}] tokens/s HF generate (KV cache, PyTorch)",
+                   f"{theirs:,.0f}  -> unimm {ours / theirs:.1f}x"))
+  width = max(len(r[0]) for r in rows)
+  for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+  return rows
+
+
+if __name__ == "__main__":
+  app.run(main)
