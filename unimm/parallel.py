@@ -36,12 +36,21 @@ STANDARD_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    # Fallbacks: a later rule for the same name is used when the earlier one
+    # does not divide the dimension (see logical_shardings). Parti's image
+    # embedding has codes + 1 rows (BOS) and MQA/GQA may have fewer kv heads
+    # than tensor shards: those dimensions stay replicated over "tensor".
+    ("vocab", None),
+    ("kv_heads", None),
     ("head_dim", None),
     ("layers", None),
     ("codes", None),
     ("code_dim", None),
-    ("conv_in", None),
+    # Convolutions (the StyleGAN discriminator): output channels over FSDP,
+    # replicated where they do not divide.
+    ("conv_out", "fsdp"),
     ("conv_out", None),
+    ("conv_in", None),
     ("patch", None),
     ("norm", None),
     # KV cache: [layers, batch, max_len, kv_heads, head_dim].
@@ -222,15 +231,41 @@ def logical_shardings(boxed_abstract_tree: Any, mesh: jax.sharding.Mesh,
                       rules: Iterable[tuple[str, Any]]) -> Any:
   """NamedSharding tree (of the *unboxed* structure) for a boxed tree.
 
-  Boxed leaves (nn.LogicallyPartitioned) are mapped through `rules`; plain
-  leaves are replicated. Every dimension is checked to divide the mesh axes
+  Boxed leaves (nn.LogicallyPartitioned) are mapped through `rules` (flax's
+  order of precedence; a later rule for the same name is the fallback when
+  an earlier one does not divide the dimension); plain leaves are
+  replicated. Every dimension is checked to divide the mesh axes
   it is sharded over (ValueError naming the parameter) before any compile.
   """
   rules = validate_rules(rules, mesh)
   names = logical_specs(boxed_abstract_tree)
-  shardings = nn.logical_to_mesh_sharding(names, mesh, rules)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+  shardings = jax.tree.map(
+      lambda n, x: jax.sharding.NamedSharding(
+          mesh, _leaf_spec(tuple(n), tuple(x.shape), rules, mesh)),
+      names, unbox(boxed_abstract_tree), is_leaf=is_spec)
   check_divisible(unbox(boxed_abstract_tree), shardings, names)
   return shardings
+
+
+def _leaf_spec(names: tuple[Any, ...], shape: tuple[int, ...],
+               rules: tuple[tuple[str, Any], ...], mesh: jax.sharding.Mesh
+               ) -> jax.sharding.PartitionSpec:
+  """flax's first-free-rule resolution, made shape-aware.
+
+  A rule whose mesh axes do not divide the dimension is skipped when a later
+  rule for the same logical name exists (a fallback such as ("vocab",
+  None)); without a fallback it is kept, and check_divisible names it.
+  """
+  kept = []
+  for i, (name, target) in enumerate(rules):
+    if name in names:
+      size = math.prod(mesh.shape[a] for a in _mesh_axes_of(target))
+      has_fallback = any(n == name for n, _ in rules[i + 1:])
+      if shape[names.index(name)] % size and has_fallback:
+        continue
+    kept.append((name, target))
+  return nn.logical_to_mesh_axes(names, kept)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""Sharding modes by config on the 8-device CPU mesh: data parallel, FSDP,
+tensor parallel and their combination give the same train step; every
+parameter's logical names resolve; FSDP stores 1/N of the state per device;
+the sampler's KV cache is split over batch (data) and heads (tensor)."""
+import concurrent.futures
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm import config_lib
+from unimm import nn as unn
+from unimm import parallel
+from unimm import plan
+from unimm.models import parti
+from unimm.nn import CACHE_LOGICAL_AXES
+from unimm.train import trainer
+
+P = jax.sharding.PartitionSpec
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs")
+# (data, fsdp, tensor); None = one device.
+MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "data_fsdp_tensor": (2, 2, 2),
+          "single": None}
+# Fast XLA:CPU code is not needed to compare losses: without LLVM
+# optimizations and the new fusion emitters a step compiles ~2x faster.
+FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                "xla_cpu_use_fusion_emitters": False}
+BATCH = 8
+
+
+def parti_config():
+  # 16 codes: the image embedding has 17 rows (codes + BOS), which the
+  # ("vocab", None) fallback rule keeps replicated over "tensor".
+  config = config_lib.load_config(
+      f"{CONFIG_DIR}/parti_shapes.py:size=tiny,batch=8,text_vocab=64,codes=16,"
+      "grid=4,text_length=8")
+  config.model.update(embed_dim=32, num_heads=4, num_kv_heads=4, head_dim=8,
+                      mlp_dim=64, encoder_layers=1, decoder_layers=2)
+  config.optimizer.warmup_steps = 0
+  return config
+
+
+def vit_vqgan_config():
+  config = config_lib.load_config(
+      f"{CONFIG_DIR}/vit_vqgan_shapes.py:size=tiny,batch=8")
+  config.model.update(image_size=16, patch_size=4, num_codes=16, code_dim=4,
+                      encoder_num_layers=1, decoder_num_layers=1,
+                      encoder_embed_dim=32, decoder_embed_dim=32,
+                      encoder_num_heads=4, decoder_num_heads=4,
+                      encoder_mlp_dim=64, decoder_mlp_dim=64)
+  config.data.image_size = 16
+  config.discriminator.update(channel_multiplier=4, max_channels=8)
+  config.loss.update(latent_buffer_size=32, restart_every=0)
+  config.optimizer.warmup_steps = 0
+  return config
+
+
+CONFIGS = {"parti": parti_config, "vit_vqgan": vit_vqgan_config}
+
+
+def _batch(config):
+  rng = np.random.default_rng(0)
+  abstract = plan.abstract_batch(config, BATCH)
+  return {k: rng.integers(0, 16, x.shape).astype(x.dtype)
+          for k, x in abstract.items()}
+
+
+def _mesh(shape):
+  if shape is None:
+    return parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  return parallel.make_mesh(dict(zip(parallel.MESH_AXES, shape)))
+
+
+def _program(config, task, mesh):
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          plan.abstract_batch(config, BATCH))
+  return trainer.build_program(config, task, abstract, mesh=mesh)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def runs(request):
+  """{mesh name: (state before the step on that mesh, metrics, program,
+  params after the step on the host)}."""
+  config = CONFIGS[request.param]()
+  task = plan.planning_task(config)
+  batch = _batch(config)
+  programs = {name: _program(config, task, _mesh(shape))
+              for name, shape in MESHES.items()}
+  # One initial state for every mesh (op by op: no compile).
+  host_state = jax.device_get(parallel.unbox(programs["single"].init_fn(
+      jax.random.PRNGKey(0), batch)))
+  placed = {name: jax.device_put(host_state, p.state_shardings)
+            for name, p in programs.items()}
+  # Lower one after the other, compile side by side (XLA drops the GIL).
+  steps = {}
+  for name, program in programs.items():
+    with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+      steps[name] = program.train_step.lower(placed[name],
+                                             program.abstract_batch)
+  with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
+    compiled = dict(zip(steps, pool.map(
+        lambda lowered: lowered.compile(FAST_COMPILE), steps.values())))
+  out = {}
+  for name, program in programs.items():
+    state = jax.device_put(host_state, program.state_shardings)
+    new_state, metrics = compiled[name](state, jax.device_put(
+        batch, program.batch_sharding))
+    out[name] = (placed[name], jax.device_get(metrics), program,
+                 jax.device_get(new_state.params))
+  return request.param, out
+
+
+def test_one_train_step_gives_the_same_loss_under_every_mesh(runs):
+  name, out = runs
+  reference = out["single"][1]
+  assert np.isfinite(reference["loss"])
+  for mesh_name, (_, metrics, _, params) in out.items():
+    assert metrics["loss"] == pytest.approx(reference["loss"], abs=1e-5), (
+        name, mesh_name)
+    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"],
+                                                 rel=1e-4), (name, mesh_name)
+    assert metrics["finite"] == 1.0
+    # The sharded AdamW update moves every parameter as on one device.
+    for a, b in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(out["single"][3]), strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=mesh_name)
+
+
+def _state_bytes_per_device(tree):
+  """Bytes each device holds, measured from the arrays' addressable shards."""
+  per_device = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + (
+          shard.data.nbytes)
+  return per_device
+
+
+def test_fsdp_holds_one_eighth_of_params_and_optimizer_state(runs):
+  name, out = runs
+  replicated, fsdp = out["data"][0], out["fsdp"][0]
+  for part in ("params", "opt_state"):
+    full = _state_bytes_per_device(getattr(replicated, part))
+    split = _state_bytes_per_device(getattr(fsdp, part))
+    assert len(full) == len(split) == 8
+    assert len(set(full.values())) == 1  # data parallel: all replicated
+    leaves = jax.tree.leaves(getattr(fsdp, part))
+    total = sum(x.nbytes for x in leaves)
+    assert next(iter(full.values())) == total
+    # What stays whole on every device: norm scales, biases, the codebook,
+    # convolutions whose channels do not divide 8 (tiny models only).
+    kept = sum(x.nbytes for x in leaves if x.sharding.is_fully_replicated)
+    assert kept < 0.15 * total, (name, part, kept, total)
+    for nbytes in split.values():
+      assert nbytes == (total - kept) / 8 + kept, (name, part)
+      assert nbytes < 1.35 * total / 8, (name, part, nbytes, total)
+
+
+def test_every_parameter_is_named_and_every_name_resolves():
+  rule_names = {n for n, _ in parallel.STANDARD_RULES}
+  for name, make_config in CONFIGS.items():
+    config = make_config()
+    task = plan.planning_task(config)
+    abstract = plan.abstract_batch(config, BATCH)
+    boxed, _ = jax.eval_shape(task.init, jax.random.PRNGKey(0), abstract)
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=is_box)[0]:
+      where = (name, jax.tree_util.keystr(path))
+      assert is_box(leaf), where  # every parameter carries logical names
+      assert set(leaf.names) - {None} <= rule_names, (where, leaf.names)
+    shardings = parallel.logical_shardings(
+        boxed, _mesh((2, 2, 2)), parallel.STANDARD_RULES)
+    assert all(isinstance(s, jax.sharding.NamedSharding)
+               for s in jax.tree.leaves(shardings))
+
+
+def test_parti_weights_split_over_fsdp_and_tensor(runs):
+  name, out = runs
+  if name != "parti":
+    pytest.skip("Parti's layout")
+  params = out["data_fsdp_tensor"][0].params
+  layer = params["decoder"]["layers"]
+  specs = {
+      "query": layer["self_attention"]["query"]["kernel"],  # [L, D, N, H]
+      "out": layer["self_attention"]["out"]["kernel"],  # [L, N, H, D]
+      "wi": layer["mlp"]["wi"]["kernel"],  # [L, D, F]
+      "logits": params["logits"]["kernel"],  # [D, V]
+      "image_embed": params["image_embed"]["embedding"],  # [V + 1, D]
+      "text_embed": params["text_embed"]["embedding"],  # [V_text, D]
+  }
+  specs = {k: v.sharding.spec for k, v in specs.items()}
+  assert specs["query"] == P(None, "fsdp", "tensor", None)
+  assert specs["out"] == P(None, "tensor", None, "fsdp")
+  assert specs["wi"] == P(None, "fsdp", "tensor")
+  assert specs["logits"] == P("fsdp", "tensor")
+  assert specs["text_embed"] == P("tensor", "fsdp")
+  # 17 rows do not divide "tensor": the fallback rule replicates them.
+  assert specs["image_embed"] == P(None, "fsdp")
+
+
+def test_activations_are_constrained_at_block_boundaries(runs):
+  name, out = runs
+  program = out["data_fsdp_tensor"][2]
+  state = out["data_fsdp_tensor"][0]
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
+  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+    text = program.train_step.lower(abstract,
+                                    program.abstract_batch).as_text()
+  # The residual stream [B, T, D] is split over the batch axes only.
+  assert text.count("sharding_constraint") >= 2, name
+  assert '{"data", "fsdp"}' in text, name
+
+
+def test_kv_cache_splits_batch_over_data_and_heads_over_tensor():
+  config = parti_config()
+  task = plan.planning_task(config)
+  model = task.model
+  mesh = _mesh((2, 2, 2))
+  rules = parallel.STANDARD_RULES
+  cache_spec = nn.logical_to_mesh_axes(CACHE_LOGICAL_AXES, rules)
+  assert cache_spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  batch = _batch(config)
+  boxed = task.init(jax.random.PRNGKey(0), batch)[0]
+  params = parallel.unbox(boxed)
+
+  @jax.jit
+  def prefill(params, text_ids):
+    """The sampler's first step: the cache after BOS (self and cross K/V)."""
+    encoded, mask = model.apply({"params": params}, text_ids,
+                                method=parti.Parti.encode)
+    cache = model.init_cache(text_ids.shape[0], mask)
+    bos = jnp.full((text_ids.shape[0], 1), model.bos_id, jnp.int32)
+    logits, cache = model.apply({"params": params}, bos, cache, 0, encoded,
+                                method=parti.Parti.decode_step)
+    return logits, cache
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    sharded = jax.device_put(params, parallel.logical_shardings(
+        boxed, mesh, rules))
+    text_ids = jax.device_put(batch["text_ids"],
+                              parallel.batch_sharding(mesh, rules))
+    logits, cache = prefill(sharded, text_ids)
+  for name in ("k", "v", "cross_k", "cross_v"):  # [L, B, T, K, H]
+    x = cache[name]
+    assert x.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, cache_spec), x.ndim), name
+    assert {s.data.shape for s in x.addressable_shards} == {
+        (model.decoder_layers, BATCH // 4, x.shape[2],
+         model.num_kv_heads // 2, model.head_dim)}, name
+  # The sharded cache holds what one device computes.
+  single_logits, single_cache = prefill(params, batch["text_ids"])
+  np.testing.assert_allclose(logits, single_logits, atol=1e-5)
+  for name in ("k", "v", "cross_k", "cross_v"):
+    np.testing.assert_allclose(cache[name], single_cache[name], atol=1e-5)
+
+
+def test_fallback_rules_replicate_only_what_does_not_divide():
+  mesh = _mesh((2, 2, 2))
+  # Multi-query attention: 1 kv head cannot be split over tensor=2.
+  attention = unn.Attention(num_heads=4, num_kv_heads=1, head_dim=8,
+                            embed_dim=32)
+  boxed = jax.eval_shape(attention.init, jax.random.PRNGKey(0),
+                         jnp.zeros((2, 3, 32)))
+  shardings = parallel.logical_shardings(boxed, mesh, parallel.STANDARD_RULES)
+  params = shardings["params"]
+  assert params["query"]["kernel"].spec == P("fsdp", "tensor", None)
+  assert params["key"]["kernel"].spec == P("fsdp", None, None)
+  # Without the ("kv_heads", None) fallback the mesh is refused by name.
+  strict = tuple(r for r in parallel.STANDARD_RULES if r != ("kv_heads", None))
+  with pytest.raises(ValueError, match=r"key/kernel has shape \(32, 1, 8\).*"
+                     r"'kv_heads'.*'tensor' of size 2"):
+    parallel.logical_shardings(boxed, mesh, strict)
