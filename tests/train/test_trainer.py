@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from unimm import parallel
 from unimm.train import optim
 from unimm.train import trainer
 from unimm.train import writers
@@ -174,3 +176,46 @@ def test_task_optimizer_and_update_params_hook(tmp_path):
   assert not jax.tree.leaves(state.opt_state)  # Plain SGD keeps no state.
   record = [r for r in writers.read_metrics(str(tmp_path)) if "loss" in r][-1]
   assert "learning_rate" not in record  # Unknown for a task's optimizer.
+
+
+def test_restore_onto_another_mesh_and_one_device(tmp_path):
+  """Saved on data=2,fsdp=2,tensor=2; restored on fsdp=8 and on one device
+  with equal values; training resumes on tensor=8 and ends where a run that
+  never changed mesh ends (up to the reduction order of the new layout)."""
+  config = toy_task.make_config(total_steps=6, checkpoint_every_steps=6)
+  saved = trainer.train(config, str(tmp_path), toy_task.ToyTask(config))
+  assert saved.params["Dense_0"]["kernel"].sharding.mesh.shape == {
+      "data": 2, "fsdp": 2, "tensor": 2}
+
+  meshes = {
+      "fsdp=8": parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}),
+      "one device": parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                       devices=jax.devices()[:1]),
+  }
+  for name, mesh in meshes.items():
+    restored = trainer.restore(config, str(tmp_path), toy_task.ToyTask(config),
+                               mesh=mesh)
+    kernel = restored.params["Dense_0"]["kernel"]
+    assert kernel.sharding.mesh.shape == mesh.shape, name
+    assert len(kernel.sharding.device_set) == mesh.size, name
+    _assert_trees_equal(restored.params, saved.params)
+
+  # Continue training (optimizer state and data position restored too) on
+  # another mesh, against continuing on the original one.
+  more = dict(total_steps=9, checkpoint_every_steps=9)
+  other = toy_task.make_config(**more, **{"mesh.data": 1, "mesh.fsdp": 1,
+                                          "mesh.tensor": 8})
+  moved = trainer.train(other, str(tmp_path),
+                        toy_task.ToyTask(other))
+  assert moved.params["Dense_0"]["kernel"].sharding.mesh.shape == {
+      "data": 1, "fsdp": 1, "tensor": 8}
+  # The same schedule (the learning rate depends on total_steps) without the
+  # change of mesh.
+  shutil.copytree(tmp_path / "checkpoints" / "6",
+                  tmp_path / "ref" / "checkpoints" / "6")
+  reference = toy_task.make_config(**more)
+  uninterrupted = trainer.train(reference, str(tmp_path / "ref"),
+                                toy_task.ToyTask(reference))
+  for x, y in zip(_leaves(moved.params), _leaves(uninterrupted.params),
+                  strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -89,10 +89,18 @@ class ToyTask:
     self.recorded = {}
 
   def train_data(self, process_index, process_count):
-    del process_index, process_count  # One process in tests.
+    # Each host reads its slice of every global batch, so a run on several
+    # processes sees the same global batches as a run on one.
+    batch_size = self.config.data.batch_size
+    if batch_size % process_count:
+      raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
+                       f"by the {process_count} processes.")
+    local = batch_size // process_count
+    start = process_index * local
     return (grain.MapDataset.range(self.config.data.size)
             .map(_example)
-            .batch(self.config.data.batch_size, drop_remainder=True)
+            .batch(batch_size, drop_remainder=True)
+            .map(lambda b: {k: v[start:start + local] for k, v in b.items()})
             .repeat(None)
             .to_iter_dataset())
 
