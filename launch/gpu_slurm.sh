@@ -3,7 +3,7 @@
 # per GPU, all joined by jax.distributed (it reads SLURM's environment).
 #
 #   launch/gpu_slurm.sh --nodes 4 --gpus_per_node 8 --partition a100 \
-#       -- --config configs/parti_plan.py:size=3b --workdir /shared/runs/parti3b
+#       -- --config configs/parti_shapes.py:size=350m --workdir /shared/runs/parti350m
 #
 # Writes the batch script to <logs>/unimm-<time>.sbatch and submits it with
 # sbatch; the job runs `srun python -m unimm.main ARGS` with

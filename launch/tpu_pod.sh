@@ -2,7 +2,7 @@
 # Trains / evaluates / samples with unimm on a Cloud TPU pod slice.
 #
 #   launch/tpu_pod.sh --name unimm-v4 --zone us-central2-b --accelerator v4-32 \
-#       -- --config configs/parti_plan.py:size=350m --workdir gs://BUCKET/parti350m
+#       -- --config configs/parti_shapes.py:size=350m --workdir gs://BUCKET/parti350m
 #
 # Steps (each printed before it runs; --dry-run prints them and runs nothing):
 #   1. reuse the TPU VM NAME if it exists, else create it (directly, or as a
