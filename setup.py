@@ -1,7 +1,7 @@
 """unimm: autoregressive text-to-image and interleaved generation in JAX/Flax."""
 import setuptools
 
-TORCH_REF = ["torch==2.13.0", "transformers", "safetensors"]
+TORCH_REF = ["torch==2.13.0", "transformers"]
 
 setuptools.setup(
     name="unimm",
@@ -24,6 +24,8 @@ setuptools.setup(
         "clu",
         "ml-collections",
         "sentencepiece",
+        # Local Hugging Face checkpoints (T5 encoder, CLIP).
+        "safetensors",
         "pillow",
         "numpy",
         "scipy",
