@@ -16,6 +16,10 @@ from unimm import experiments
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "train"))
 import test_parti_task  # noqa: E402  pylint: disable=g-import-not-at-top
+import test_upsampler_task  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from unimm.train import trainer  # noqa: E402
+from unimm.train.upsampler_task import UpsamplerTask  # noqa: E402
 
 DEMO = os.path.join(HERE, "..", "configs", "shapes_demo.py")
 
@@ -81,6 +85,33 @@ def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
   written = experiments.sample(
       paths.parti, prompts=["a green square"], seed=0, cfg_scale=2.0)
   assert len(written) == 1 and os.path.exists(written[0])
+
+  # Parti's super-resolution stage: an upsampler trained on the recipe's
+  # tokenizer in workdir/upsampler_x4 is found and used by upscale=4.
+  with pytest.raises(ValueError, match="upscale=4 but this model has "
+                     "upsamplers for no factors"):
+    model.sample(["a blue star"], upscale=4)
+  up_config = test_upsampler_task.tiny_config(paths.tokenizer,
+                                              str(tmp_path / "tfds"))
+  up_dir = os.path.join(workdir, "upsampler_x4")
+  trainer.train(up_config, up_dir, UpsamplerTask(up_config))
+  model = api.load_model(workdir)
+  prompts = ["a big red circle at the top left", "a blue star"]
+  base, high = model.sample(prompts, seed=3, temperature=1.0, upscale=4,
+                            return_base=True)
+  np.testing.assert_array_equal(base, first)  # The same samples, upscaled.
+  assert high.shape == (2, 128, 128, 3) and high.dtype == np.uint8
+  np.testing.assert_array_equal(
+      high, model.sample(prompts, seed=3, temperature=1.0, upscale=4))
+  with pytest.raises(ValueError, match=r"upscale=2 .*upsamplers for \[4\]"):
+    model.sample(prompts, upscale=2)
+  written = experiments.sample(paths.parti, prompts=["a green square"],
+                               upscale=4)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(written[0]).size == (128, 128)
+  # The grid shows each base sample beside its upscaling.
+  grid = Image.open(os.path.join(paths.parti, "samples", "grid.png"))
+  assert grid.size[0] > 2 * 128
 
 
 def test_parti_config_points_at_the_workdir_stages():

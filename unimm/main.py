@@ -36,6 +36,14 @@ _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "--mode sample: "
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--mode sample.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "--mode sample (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode sample (1 = off).")
+_UPSCALE = flags.DEFINE_integer(
+    "upscale", 1, "--mode sample: 1 (the tokenizer's resolution), or 2 / 4 "
+    "through a trained upsampler (Parti's super-resolution stage). --mode "
+    "eval --upscale F: probe accuracy of base vs upscaled samples.")
+_UPSAMPLER_WORKDIR = flags.DEFINE_multi_string(
+    "upsampler_workdir", None, "--mode sample --upscale F: the workdir of an "
+    "upsampler trained for F (configs/upsampler_shapes.py); by default an "
+    "end-to-end recipe's upsampler_x{F}/ stage.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,6 +73,9 @@ def main(argv):
     workdir = end_to_end.Paths(workdir).parti
   if _MODE.value == "train":
     experiments.train_and_evaluate(config, workdir)
+  elif _MODE.value == "eval" and _UPSCALE.value != 1:
+    experiments.evaluate_upscaled(workdir, _UPSCALE.value,
+                                  _UPSAMPLER_WORKDIR.value)
   elif _MODE.value == "eval":
     experiments.evaluate(config, workdir)
   else:
@@ -72,7 +83,8 @@ def main(argv):
                        prompts_file=_PROMPTS_FILE.value, seed=_SEED.value,
                        cfg_scale=_CFG_SCALE.value,
                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                       top_p=_TOP_P.value)
+                       top_p=_TOP_P.value, upscale=_UPSCALE.value,
+                       upsamplers=_UPSAMPLER_WORKDIR.value)
 
 
 if __name__ == "__main__":

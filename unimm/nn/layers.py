@@ -96,6 +96,22 @@ def norm_layer(kind: str, *, dtype="float32", param_dtype="float32",
       "(set config.model.norm).")
 
 
+CONV_AXES = (None, None, "conv_in", "conv_out")  # [kh, kw, C_in, C_out]
+
+
+def conv(features: int, kernel: int, name: str, *, dtype: Dtype = "float32",
+         param_dtype: Dtype = "float32", strides: int = 1,
+         padding: str = "SAME", use_bias: bool = True, kernel_init=None):
+  """A square nn.Conv whose kernel and bias carry logical axis names."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=padding, use_bias=use_bias, dtype=jnp.dtype(dtype),
+                 param_dtype=jnp.dtype(param_dtype),
+                 kernel_init=partitioned(
+                     kernel_init or nn.initializers.lecun_normal(), CONV_AXES),
+                 bias_init=partitioned(nn.initializers.zeros, ("conv_out",)),
+                 name=name)
+
+
 class Mlp(nn.Module):
   """Feed-forward block: 'gelu' (ViT/T5 style) or gated 'swiglu'/'geglu'."""
   embed_dim: int

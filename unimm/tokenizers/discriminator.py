@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm.nn.layers import conv
 from unimm.nn.layers import partitioned
 
-CONV_AXES = (None, None, "conv_in", "conv_out")
 
 
 def leaky_relu(x):
@@ -57,13 +57,8 @@ def minibatch_stddev(x, group_size: int = 4):
 
 def _conv(features, kernel, name, dtype, param_dtype, strides=1,
           padding="SAME", use_bias=True):
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=padding, use_bias=use_bias, dtype=jnp.dtype(dtype),
-                 param_dtype=jnp.dtype(param_dtype),
-                 kernel_init=partitioned(nn.initializers.lecun_normal(),
-                                         CONV_AXES),
-                 bias_init=partitioned(nn.initializers.zeros, ("conv_out",)),
-                 name=name)
+  return conv(features, kernel, name, dtype=dtype, param_dtype=param_dtype,
+              strides=strides, padding=padding, use_bias=use_bias)
 
 
 class ResidualDownBlock(nn.Module):

@@ -217,10 +217,16 @@ class ViTVQGAN(nn.Module):
 
   def decode(self, ids):
     """ids [B, h, w] -> images float32 [B, H, W, C] in [0, 1]."""
+    return self.decode_with_codes(ids)[0]
+
+  def decode_with_codes(self, ids):
+    """ids [B, h, w] -> (images [B, H, W, C] in [0, 1], the ids' code
+    vectors as the decoder sees them [B, h, w, D_dec]); the upsampler's
+    conditioning."""
     b = ids.shape[0]
     x = self.quantizer.embed_ids(ids.reshape(b, -1))  # [B, T, D_dec]
     mu, _ = self._decode_tokens(x, deterministic=True)
-    return losses_lib.logit_laplace_mean(mu)
+    return losses_lib.logit_laplace_mean(mu), x.reshape(*ids.shape, -1)
 
 
 # ----------------------------------------------------------------------------

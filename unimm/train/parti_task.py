@@ -511,25 +511,28 @@ class ParTask:
 def save_sample_grid(images, captions: Sequence[str], path: str,
                      columns: int = 8, cell: int = 128,
                      text_lines: int = 4) -> None:
-  """PNG grid: each sample upscaled to `cell` px with its prompt beneath."""
+  """PNG grid: each sample scaled to `cell` px high (nearest, keeping its
+  aspect) with its prompt beneath."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top,g-multiple-import
   font = ImageFont.load_default()
   line_height = 12
   pad = 4
+  images = [np.asarray(image, np.uint8) for image in images]
+  cell_w = max(cell * image.shape[1] // image.shape[0] for image in images)
   cell_h = cell + text_lines * line_height + 2 * pad
   n = len(images)
   columns = max(1, min(columns, n))
   rows = max(1, -(-n // columns))
-  canvas = Image.new("RGB", (columns * (cell + pad) + pad,
+  canvas = Image.new("RGB", (columns * (cell_w + pad) + pad,
                              rows * cell_h + pad), "white")
   draw = ImageDraw.Draw(canvas)
   for i, (image, caption) in enumerate(zip(images, captions)):
-    x = pad + (i % columns) * (cell + pad)
+    x = pad + (i % columns) * (cell_w + pad)
     y = pad + (i // columns) * cell_h
-    tile = Image.fromarray(np.asarray(image, np.uint8)).resize(
-        (cell, cell), Image.NEAREST)
+    tile = Image.fromarray(image).resize(
+        (cell * image.shape[1] // image.shape[0], cell), Image.NEAREST)
     canvas.paste(tile, (x, y))
-    for j, line in enumerate(_wrap(draw, caption, font, cell)[:text_lines]):
+    for j, line in enumerate(_wrap(draw, caption, font, cell_w)[:text_lines]):
       draw.text((x, y + cell + pad // 2 + j * line_height), line, fill="black",
                 font=font)
   canvas.save(path)

@@ -12,9 +12,15 @@ def _parti(config):
   return ParTask(config)
 
 
+def _upsampler(config):
+  from unimm.train.upsampler_task import UpsamplerTask  # pylint: disable=g-import-not-at-top
+  return UpsamplerTask(config)
+
+
 TASKS = {
     "vit_vqgan": _vit_vqgan,
     "parti": _parti,
+    "upsampler": _upsampler,
 }
 
 
