@@ -1,0 +1,152 @@
+"""The decoder-only interleaved model: cached = full forward, packed
+documents are isolated, PAD is invisible, sizes match their names."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm.models import interleaved as il
+
+VOCAB, BOI, SIDE = 40, 3, 2
+
+
+def _model(**kw):
+  args = dict(vocab_size=VOCAB, max_len=32, embed_dim=32, num_heads=4,
+              num_kv_heads=1, head_dim=8, mlp_dim=64, num_layers=2,
+              boi_id=BOI, image_length=SIDE * SIDE, image_positions="2d",
+              qk_norm=True)
+  args.update(kw)
+  return il.InterleavedLM(**args)
+
+
+def _doc(rng, n):
+  """A document with text, one image span [BOI, 4 codes, EOI], more text."""
+  text = list(rng.integers(5, VOCAB, size=n))
+  return np.array([1] + text[:n // 2] + [BOI] + list(rng.integers(
+      20, VOCAB, size=SIDE * SIDE)) + [4] + text[n // 2:] + [2], np.int32)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = _model()
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))
+  return model, params
+
+
+def test_cached_decoding_equals_full_forward_with_left_padding(
+    model_and_params):
+  model, params = model_and_params
+  rng = np.random.default_rng(0)
+  docs = [_doc(rng, 6), _doc(rng, 3)]  # lengths 14 and 11
+  full = [np.asarray(model.apply(params, d[None]))[0] for d in docs]
+  # Left-pad row 1 so both rows end at the same slot; prefill 5 slots, then
+  # one token per step.
+  length = max(len(d) for d in docs)
+  rows = np.stack([np.pad(d, (length - len(d), 0)) for d in docs])
+  cache = model.init_cache(2)
+  step = jax.jit(lambda p, c, t, s: model.apply(
+      p, t, c, s, method=il.InterleavedLM.decode_step))
+  prefill = 5
+  logits, cache = step(params, cache, jnp.asarray(rows[:, :prefill]), 0)
+  got = [logits]
+  for s in range(prefill, length):
+    logits, cache = step(params, cache, jnp.asarray(rows[:, s:s + 1]), s)
+    got.append(logits)
+  got = np.stack([np.asarray(g) for g in got], axis=1)  # [2, steps, V]
+  for r, d in enumerate(docs):
+    pad = length - len(d)
+    # got[:, j] are the logits after slot prefill - 1 + j.
+    for j in range(got.shape[1]):
+      slot = prefill - 1 + j
+      if slot >= pad:
+        np.testing.assert_allclose(got[r, j], full[r][slot - pad], atol=1e-5,
+                                   rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cache["length"]),
+                                [len(d) for d in docs])
+
+
+def test_pad_tokens_are_invisible_mid_stream(model_and_params):
+  model, params = model_and_params
+  doc = _doc(np.random.default_rng(1), 4)
+  with_pads = np.concatenate([doc[:4], [0, 0, 0], doc[4:]])
+  step = jax.jit(lambda p, c, t, s: model.apply(
+      p, t, c, s, method=il.InterleavedLM.decode_step))
+  plain, cache = step(params, model.init_cache(1), jnp.asarray(doc[None]), 0)
+  idled, cache2 = step(params, model.init_cache(1),
+                       jnp.asarray(with_pads[None]), 0)
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(idled), atol=1e-5)
+  assert int(cache2["length"][0]) == len(doc)
+
+
+def test_packed_documents_do_not_see_each_other(model_and_params):
+  model, params = model_and_params
+  rng = np.random.default_rng(2)
+  a, b = _doc(rng, 4), _doc(rng, 6)
+  row = np.concatenate([a, b, [0, 0]])[None]
+  segments = np.concatenate([np.full(len(a), 1), np.full(len(b), 2),
+                             [0, 0]])[None]
+  positions = np.concatenate([np.arange(len(a)), np.arange(len(b)),
+                              [0, 0]])[None]
+  packed = np.asarray(model.apply(params, jnp.asarray(row),
+                                  jnp.asarray(segments),
+                                  jnp.asarray(positions)))[0]
+  alone_a = np.asarray(model.apply(params, jnp.asarray(a[None])))[0]
+  alone_b = np.asarray(model.apply(params, jnp.asarray(b[None])))[0]
+  np.testing.assert_allclose(packed[:len(a)], alone_a, atol=1e-5)
+  np.testing.assert_allclose(packed[len(a):len(a) + len(b)], alone_b,
+                             atol=1e-5)
+
+
+def test_image_span_index_counts_from_begin_of_image():
+  tokens = jnp.asarray([[1, 7, BOI, 20, 21, 22, 23, 4, 9]])
+  positions = jnp.arange(9)[None]
+  span, last = il.image_span_index(tokens, positions, BOI)
+  np.testing.assert_array_equal(np.asarray(span)[0],
+                                [-1, -1, -1, 0, 1, 2, 3, 4, 5])
+  assert int(last[0]) == 2
+  # Continuing in a later chunk keeps counting from the earlier BOI.
+  span2, _ = il.image_span_index(jnp.asarray([[21]]), jnp.asarray([[4]]),
+                                 BOI, last)
+  assert int(span2[0, 0]) == 1
+  # In a packed row the next document (positions restart) has no span
+  # until its own BOI.
+  packed = jnp.asarray([[1, BOI, 20, 21, 2, 1, 7, 8, 9, BOI, 30]])
+  positions = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]])
+  span, _ = il.image_span_index(packed, positions, BOI)
+  np.testing.assert_array_equal(np.asarray(span)[0],
+                                [-1, -1, 0, 1, 2, -1, -1, -1, -1, -1, 0])
+
+
+def test_the_2d_table_changes_image_tokens_only(model_and_params):
+  model, params = model_and_params
+  one_d = _model(image_positions="1d")
+  doc = jnp.asarray(_doc(np.random.default_rng(3), 4)[None])
+  # Same weights without the row/col tables: text before the image agrees.
+  inner = {k: v for k, v in params["params"].items()
+           if k not in ("image_rows", "image_cols")}
+  a = np.asarray(model.apply(params, doc))[0]
+  b = np.asarray(one_d.apply({"params": inner}, doc))[0]
+  first_image = int(np.argmax(np.asarray(doc)[0] == BOI)) + 1
+  np.testing.assert_allclose(a[:first_image], b[:first_image], atol=1e-5)
+  assert np.abs(a[first_image:] - b[first_image:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("size,low,high", [("1b", 0.8e9, 1.3e9),
+                                           ("7b", 6.0e9, 8.0e9)])
+def test_size_table(size, low, high):
+  model = il.InterleavedLM(vocab_size=65536 + 8192 + 5, max_len=4096,
+                           **il.interleaved_config(size))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.ones((1, 8), jnp.int32))
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  assert low < count < high, count
+  assert model.num_kv_heads == 1  # Multi-query attention, as Gemini.
+
+
+def test_bad_settings_name_the_field():
+  with pytest.raises(ValueError, match="config.model.image_positions"):
+    _model(image_positions="3d").init(jax.random.PRNGKey(0),
+                                      jnp.ones((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match="square image grid"):
+    _model(image_length=6).init(jax.random.PRNGKey(0),
+                                jnp.ones((1, 4), jnp.int32))

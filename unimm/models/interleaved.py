@@ -1,0 +1,197 @@
+"""A Gemini/Chameleon-style decoder-only model over one stream of text and
+image tokens (Team Gemini 2023; Chameleon Team 2024), from the shared stack.
+
+One causal transformer and one embedding table over the joint vocabulary
+(unimm.models.vocab.VocabLayout: specials, text ids, image codes), tied to
+the read-out. Multi-query attention by default (Gemini), QK-norm available
+(Chameleon §2.3 found it necessary for stable mixed-modal training), RoPE
+positions over the stream, and optionally a learned 2-D (row, column)
+embedding added to the tokens of each image span ("image_positions='2d'"):
+a token's place in its image is its distance from the span's begin-of-image
+token, so no side input is needed and packed rows work unchanged.
+
+Padding is the PAD id (0): PAD tokens are invisible (attention never reads
+them) and do not advance positions, in training (segment id 0) and in
+decoding (the cache marks their slots invalid), so a row can be left-padded
+or can idle while other rows of the batch decode.
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from unimm import nn as unn
+
+PAD_ID = 0  # = VocabLayout.PAD
+
+# CPU sizes for the shapes world, and Gemini/Chameleon-like 1B and 7B shapes
+# (multi-query attention, gated MLPs at the larger sizes).
+SIZES = {
+    "tiny": dict(num_layers=4, embed_dim=128, mlp_dim=512, num_heads=4),
+    "small": dict(num_layers=8, embed_dim=256, mlp_dim=1024, num_heads=8),
+    "1b": dict(num_layers=24, embed_dim=2048, mlp_dim=5632, num_heads=16,
+               mlp_activation="geglu"),
+    "7b": dict(num_layers=32, embed_dim=4096, mlp_dim=14336, num_heads=32,
+               mlp_activation="swiglu"),
+}
+
+
+def interleaved_config(size: str, **overrides) -> dict:
+  """InterleavedLM kwargs for a row of SIZES (MQA: one KV head)."""
+  if size not in SIZES:
+    raise ValueError(f"Unknown interleaved model size {size!r}; expected one "
+                     f"of {list(SIZES)} (config arg size=...).")
+  kw = dict(SIZES[size])
+  kw["head_dim"] = kw["embed_dim"] // kw["num_heads"]
+  kw.setdefault("num_kv_heads", 1)
+  kw.update(overrides)
+  return kw
+
+
+def image_span_index(tokens, positions, boi_id: int, last_boi=None):
+  """Each token's index inside its image span (-1 where there is none).
+
+  tokens, positions [B, T]: positions count a document's real tokens from
+  0 (PAD slots do not count; a packed row restarts them per document, and
+  a BOI never reaches across that restart). last_boi [B]: the position of
+  the current document's latest BOI before this chunk (-1 if none), for
+  decoding chunk by chunk. Returns (span_index [B, T], new last_boi [B]).
+  Index 0 is the first image token after BOI; the caller keeps indices
+  < h*w (EOI and later text are at h*w and beyond).
+  """
+  b, t = tokens.shape
+  if last_boi is None:
+    last_boi = jnp.full((b,), -1, jnp.int32)
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  boi_slot = jax.lax.cummax(jnp.where(tokens == boi_id, slots, -1), axis=1)
+  start_slot = jax.lax.cummax(jnp.where(
+      (positions == 0) & (tokens != PAD_ID), slots, -1), axis=1)
+  in_chunk = (boi_slot >= 0) & (boi_slot >= start_slot)
+  boi_in_chunk = jnp.take_along_axis(positions, jnp.maximum(boi_slot, 0),
+                                     axis=1)
+  carried = jnp.where(start_slot >= 0, -1, last_boi[:, None])
+  boi = jnp.where(in_chunk, boi_in_chunk, carried)  # [B, T]
+  span = jnp.where((boi >= 0) & (positions > boi), positions - boi - 1, -1)
+  return span, boi[:, -1]
+
+
+class InterleavedLM(nn.Module):
+  """tokens [B, T] over the joint vocabulary -> next-token logits [B, T, V]."""
+  vocab_size: int
+  max_len: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_layers: int
+  boi_id: int = 3
+  image_length: int = 0  # h * w tokens per image; needed for '2d'
+  image_positions: str = "1d"  # "1d": RoPE only; "2d": + row/col tables
+  qk_norm: bool = False
+  mlp_activation: str = "gelu"
+  norm: str = "rmsnorm"
+  dropout_rate: float = 0.0
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def setup(self):
+    if self.image_positions not in ("1d", "2d"):
+      raise ValueError(
+          f"image_positions must be '1d' or '2d', got "
+          f"{self.image_positions!r} (config.model.image_positions).")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+          f"{self.num_kv_heads} (config.model.num_kv_heads).")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed = unn.Embedder(self.vocab_size, self.embed_dim, **kw)
+    self.stack = unn.TransformerStack(
+        num_layers=self.num_layers, embed_dim=self.embed_dim,
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=True,
+        use_rope=True, qk_norm=self.qk_norm,
+        mlp_activation=self.mlp_activation, norm=self.norm,
+        dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy, **kw)
+    if self.image_positions == "2d":
+      side = int(round(self.image_length ** 0.5))
+      if side * side != self.image_length or side == 0:
+        raise ValueError(
+            f"image_positions='2d' needs a square image grid, got "
+            f"image_length={self.image_length} (config.model.image_length).")
+      self.image_rows = unn.LearnedPositions(side, self.embed_dim,
+                                             self.param_dtype)
+      self.image_cols = unn.LearnedPositions(side, self.embed_dim,
+                                             self.param_dtype)
+
+  def _embed(self, tokens, span_index):
+    x = self.embed.encode(tokens)  # [B, T, D]
+    if self.image_positions == "2d":
+      side = int(round(self.image_length ** 0.5))
+      inside = (span_index >= 0) & (span_index < self.image_length)
+      index = jnp.where(inside, span_index, 0)
+      with_2d = self.image_cols(self.image_rows(x, index // side),
+                                index % side)
+      x = jnp.where(inside[..., None], with_2d, x)
+    return x
+
+  def __call__(self, tokens, segment_ids=None, positions=None,
+               deterministic=True):
+    """Teacher forcing over packed rows.
+
+    tokens [B, T]; segment_ids [B, T] (one id per document, 0 = padding;
+    default: PAD tokens are 0, others 1); positions [B, T] (restarting per
+    document; default arange). Returns logits [B, T, V]: position t
+    predicts token t + 1.
+    """
+    b, t = tokens.shape
+    if segment_ids is None:
+      segment_ids = (tokens != PAD_ID).astype(jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    span, _ = image_span_index(tokens, positions, self.boi_id)
+    x = self._embed(tokens, span)
+    x = self.stack(x, segment_ids=segment_ids, positions=positions,
+                   deterministic=deterministic)
+    return self.embed.decode(x)  # [B, T, V]
+
+  # ------------------------------------------------------------ decoding
+
+  def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:
+    """Zeroed cache: k, v [L, B, S, K, H]; valid [B, S] (slots holding real
+    tokens); length [B] (real tokens so far = the next position); last_boi
+    [B] (position of the latest begin-of-image, -1 if none)."""
+    s = max_len or self.max_len
+    cache = unn.init_cache(self.num_layers, batch_size, s, self.num_kv_heads,
+                           self.head_dim, self.dtype)
+    return dict(cache, valid=jnp.zeros((batch_size, s), bool),
+                length=jnp.zeros((batch_size,), jnp.int32),
+                last_boi=jnp.full((batch_size,), -1, jnp.int32))
+
+  def decode_step(self, tokens, cache, slot):
+    """Feeds tokens [B, T] into cache slots slot..slot+T-1.
+
+    PAD tokens fill a slot without being seen or advancing the position
+    (left padding; rows idling while others decode). Returns (logits
+    [B, V] after the last token, cache). T > 1 is the prefill.
+    """
+    b, t = tokens.shape
+    slot = jnp.asarray(slot, jnp.int32)
+    slots = slot + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    real = tokens != PAD_ID  # [B, T]
+    positions = cache["length"][:, None] + jnp.cumsum(real, axis=1) - 1
+    positions = jnp.maximum(positions, 0).astype(jnp.int32)
+    valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, slot))
+    span, last_boi = image_span_index(tokens, positions, self.boi_id,
+                                      cache["last_boi"])
+    x = self._embed(tokens, span)
+    layers = {k: cache[k] for k in ("k", "v")}
+    x, layers = self.stack(x, segment_ids=real.astype(jnp.int32),
+                           positions=positions, cache=layers,
+                           cache_index=slot, cache_valid=valid)
+    logits = self.embed.decode(x[:, -1:])[:, 0]  # [B, V]
+    return logits, dict(layers, valid=valid,
+                        length=cache["length"] + real.sum(axis=1),
+                        last_boi=last_boi)
