@@ -150,3 +150,69 @@ def test_bad_settings_name_the_field():
   with pytest.raises(ValueError, match="square image grid"):
     _model(image_length=6).init(jax.random.PRNGKey(0),
                                 jnp.ones((1, 4), jnp.int32))
+
+
+def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
+                        eos, eoi, max_text, max_images):
+  """The same rules, greedy, with a full forward pass per token."""
+  seq, out, images = list(prompt), [], 0
+  mode = "image" if prompt[-1] == BOI else "text"
+
+  forward = jax.jit(model.apply)
+
+  def greedy(mask):
+    # Right padding (PAD) keeps one compiled shape; causal attention never
+    # lets the last real token see it.
+    row = np.zeros((1, model.max_len), np.int32)
+    row[0, :len(seq)] = seq
+    logits = np.asarray(forward(params, jnp.asarray(row)))[0, len(seq) - 1]
+    return int(np.argmax(np.where(mask, logits, -np.inf)))
+
+  while True:
+    if mode == "image":
+      if images >= max_images:
+        break
+      for _ in range(SIDE * SIDE):
+        seq.append(greedy(image_mask))
+        out.append(seq[-1])
+      seq.append(eoi)
+      out.append(eoi)
+      images += 1
+    stop = None
+    for _ in range(max_text):
+      seq.append(greedy(text_mask | np.isin(np.arange(VOCAB), [BOI, eos])))
+      out.append(seq[-1])
+      if seq[-1] in (BOI, eos):
+        stop = seq[-1]
+        break
+    if stop != BOI:
+      break
+    mode = "image"
+  return out
+
+
+def test_continue_documents_follows_the_rules_like_naive_decoding():
+  from unimm.sampling.sampler import SamplingParams
+  model = _model(max_len=96)
+  params = model.init(jax.random.PRNGKey(4), jnp.ones((1, 8), jnp.int32))
+  eos, eoi = 2, 4
+  image_mask = np.arange(VOCAB) >= 20
+  text_mask = (np.arange(VOCAB) >= 5) & ~image_mask
+  prompts = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
+  width = max(len(p) for p in prompts)
+  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+  greedy = SamplingParams(temperature=0.0)
+  kw = dict(eos=eos, eoi=eoi, max_text=6, max_images=2)
+  out = il.continue_documents(
+      model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
+      image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
+      text_sampling=greedy, image_sampling=greedy, max_new_tokens=60,
+      max_text_tokens=kw["max_text"], max_images=kw["max_images"])
+  for row, prompt in zip(out, prompts):
+    got = [int(t) for t in row if t != 0]
+    assert got == _naive_continuation(model, params, prompt, image_mask,
+                                       text_mask, **kw)
+  # Row 0 asked for an image: exactly h*w image codes, then EOI.
+  row0 = [int(t) for t in out[0] if t != 0]
+  assert all(image_mask[t] for t in row0[:SIDE * SIDE])
+  assert row0[SIDE * SIDE] == eoi

@@ -195,3 +195,121 @@ class InterleavedLM(nn.Module):
     return logits, dict(layers, valid=valid,
                         length=cache["length"] + real.sum(axis=1),
                         last_boi=last_boi)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
+                   max_text_tokens: int, stop_ids, text_allowed, image_allowed,
+                   pad_id: int):
+  """The compiled pieces of continue_documents (one program each)."""
+  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
+
+  def step(params, cache, tokens, slot):
+    return model.apply(params, tokens, cache, slot,
+                       method=InterleavedLM.decode_step)
+
+  def prefill(params, cache, tokens):
+    return step(params, cache, tokens, 0)[1]
+
+  def text(params, cache, first, slot, rng, done):
+    out, lengths, cache, steps = samp.while_decode(
+        step, params, cache, first, slot, max_text_tokens, rng, text_sampling,
+        stop_ids, allowed=text_allowed, pad_id=pad_id, done=done)
+    return out, lengths, cache, steps
+
+  def image(params, cache, first, slot, rng, active):
+    codes, cache = samp.scan_decode(
+        step, params, cache, first, slot, model.image_length, rng,
+        image_sampling, allowed=image_allowed, active=active, pad_id=pad_id)
+    # Feed the last code: the text phase that follows feeds the forced EOI.
+    last = jnp.where(active, codes[:, -1], pad_id)[:, None]
+    _, cache = step(params, cache, last, slot + model.image_length)
+    return codes, cache
+
+  return (jax.jit(prefill), jax.jit(text), jax.jit(image))
+
+
+def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
+                       text_ids, image_ids, eos_id: int, boi_id: int,
+                       eoi_id: int, text_sampling, image_sampling,
+                       max_new_tokens: int, max_text_tokens: int = 64,
+                       max_images: int = 4):
+  """Continues each prompt row until EOS (or a budget), mixing modalities.
+
+  prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
+  with an image. The model writes text (ids restricted to text_ids, BOI and
+  EOS) until it emits BOI; then exactly
+  model.image_length image tokens restricted to image_ids, decoded by one
+  lax.scan of the shared sampler; then EOI is forced and text resumes. Rows
+  that finished idle on PAD (which the model ignores) while others go on.
+  Each phase is one compiled program over the preallocated cache. A row
+  stops at EOS, after max_text_tokens of text without BOI or EOS, or when
+  it asks for more than max_images images; the batch stops once
+  max_new_tokens are made.
+
+  text_ids / image_ids: bool [V] masks of the two vocabularies. Returns
+  int32 [B, N] new tokens (PAD after a row's EOS; N <= max_new_tokens +
+  the last phase's overshoot).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
+  prompts = jnp.asarray(prompts, jnp.int32)
+  b, p = prompts.shape
+  v = model.vocab_size
+  text_allowed = jnp.asarray(text_ids).at[jnp.array([boi_id, eos_id])].set(
+      True)
+  capacity = p + max_new_tokens + max_text_tokens + model.image_length + 2
+  if capacity > model.max_len:
+    raise ValueError(
+        f"Prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) + one more "
+        f"phase needs {capacity} cache slots but the model's context is "
+        f"{model.max_len} (config.model.max_len); shorten the document or "
+        "lower max_new_tokens.")
+  del v
+  prefill, text, image = _jitted_phases(
+      model, text_sampling, image_sampling, max_text_tokens,
+      (boi_id, eos_id), text_allowed, jnp.asarray(image_ids), PAD_ID)
+  cache = model.init_cache(b, capacity)
+  cache = prefill(params, cache, prompts[:, :-1])
+  # Each row's next token to feed; a prompt ending in BOI starts an image.
+  first, slot = np.asarray(prompts[:, -1]), p - 1
+  wants_image = first == boi_id
+  done = np.zeros((b,), bool)
+  pieces, made = [], 0
+  images = np.zeros((b,), np.int32)  # per row: at most max_images each
+  while True:
+    rng, text_rng, image_rng = jax.random.split(rng, 3)
+    done |= wants_image & (images >= max_images)
+    wants_image &= images < max_images
+    if wants_image.any():
+      codes, cache = image(params, cache, jnp.asarray(first), slot,
+                           image_rng, jnp.asarray(wants_image))
+      pieces.append(np.asarray(codes))
+      pieces.append(np.where(wants_image, eoi_id, PAD_ID)[:, None])
+      slot += model.image_length + 1
+      made += model.image_length + 1
+      images += wants_image
+      # EOI is forced; rows that did not draw idle and keep their token.
+      first = np.where(wants_image, eoi_id, first)
+      wants_image = np.zeros((b,), bool)
+    if done.all() or made >= max_new_tokens:
+      break
+    out, lengths, cache, steps = text(params, cache, jnp.asarray(first), slot,
+                                      text_rng, jnp.asarray(done))
+    steps = int(steps)
+    out = np.asarray(out)[:, :steps]
+    pieces.append(out)
+    made += steps
+    slot += steps
+    lengths = np.asarray(lengths)
+    last = out[np.arange(b), np.maximum(lengths - 1, 0)] if steps else (
+        np.full((b,), PAD_ID))
+    wants_image = ~done & (lengths > 0) & (last == boi_id)
+    done |= ~wants_image  # EOS, or this phase's text budget ran out
+    first = np.where(wants_image, boi_id, PAD_ID)
+    if not wants_image.any():
+      break
+  del samp
+  return np.concatenate(pieces, axis=1).astype(np.int32)

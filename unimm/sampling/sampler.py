@@ -91,12 +91,15 @@ def _both_halves(tokens, sampling):
 
 
 def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
-                num_tokens: int, rng, sampling: SamplingParams, allowed=None):
+                num_tokens: int, rng, sampling: SamplingParams, allowed=None,
+                active=None, pad_id: int = 0):
   """Decodes exactly `num_tokens` tokens with one lax.scan.
 
   first_tokens [B]: the token at `start_position` (e.g. BOS or the last
   prompt token); each scan step feeds one token and samples the next.
-  With CFG the cache holds 2B rows ([cond; uncond]). Returns (tokens
+  With CFG the cache holds 2B rows ([cond; uncond]). active [B] bool
+  (optional): inactive rows are fed and emit pad_id (for steps that, like
+  the interleaved model's, ignore pad tokens). Returns (tokens
   [B, num_tokens] int32, cache).
   """
 
@@ -105,7 +108,12 @@ def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
     logits, cache = step(params, cache, _both_halves(tokens, sampling)[:, None],
                          start_position + i)
     tokens = next_token(logits, jax.random.fold_in(rng, i), sampling, allowed)
+    if active is not None:
+      tokens = jnp.where(active, tokens, pad_id)
     return (cache, tokens), tokens
+
+  if active is not None:
+    first_tokens = jnp.where(active, first_tokens, pad_id)
 
   (cache, _), tokens = jax.lax.scan(
       body, (cache, first_tokens.astype(jnp.int32)),
@@ -125,11 +133,12 @@ class _WhileState:
 
 def while_decode(step: StepFn, params, cache, first_tokens, start_position,
                  max_tokens: int, rng, sampling: SamplingParams, stop_tokens,
-                 allowed=None, pad_id: int = 0):
+                 allowed=None, pad_id: int = 0, done=None):
   """Decodes until every row emitted a stop token or max_tokens were made.
 
   The same step and logits processing as scan_decode, in lax.while_loop.
-  Rows that stopped keep receiving pad_id (their outputs are masked).
+  Rows that stopped keep receiving pad_id (their outputs are masked); done
+  [B] bool (optional) marks rows that are finished from the start.
   Returns (tokens [B, max_tokens], lengths [B], cache, steps taken).
   """
   b = first_tokens.shape[0]
@@ -149,9 +158,11 @@ def while_decode(step: StepFn, params, cache, first_tokens, start_position,
     return _WhileState(cache, tokens, output, s.done | stopped, length,
                        s.i + 1)
 
-  init = _WhileState(cache, first_tokens.astype(jnp.int32),
+  done = jnp.zeros((b,), bool) if done is None else done.astype(bool)
+  init = _WhileState(cache,
+                     jnp.where(done, pad_id, first_tokens).astype(jnp.int32),
                      jnp.full((b, max_tokens), pad_id, jnp.int32),
-                     jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+                     done, jnp.zeros((b,), jnp.int32),
                      jnp.zeros((), jnp.int32))
   s = jax.lax.while_loop(cond, body, init)
   return s.output, s.length, s.cache, s.i
