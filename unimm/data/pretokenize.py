@@ -64,25 +64,27 @@ def parse_example(record: bytes) -> dict[str, Any]:
           "caption": str(example["caption"])}
 
 
-class _Progress:
+class Progress:
   """Logs done/total, rate and ETA at most every `every_seconds`."""
 
-  def __init__(self, total: int, every_seconds: float = 5.0):
-    self.total, self.every = total, every_seconds
+  def __init__(self, total: int, every_seconds: float = 5.0,
+               what: str = "examples"):
+    self.total, self.every, self.what = total, every_seconds, what
     self.start = self.last = time.monotonic()
+    self.logged = -1  # the count last logged
 
   def update(self, done: int, force: bool = False) -> None:
     now = time.monotonic()
-    if not force and now - self.last < self.every:
+    if done == self.logged or (not force and now - self.last < self.every):
       return
-    self.last = now
+    self.last, self.logged = now, done
     elapsed = max(now - self.start, 1e-9)
     rate = done / elapsed
     eta = (self.total - done) / rate if rate > 0 else float("inf")
-    logging.info("Pre-tokenized %d/%d examples (%.1f%%), %.1f examples/s, "
-                 "elapsed %s, ETA %s.", done, self.total,
-                 100.0 * done / max(self.total, 1), rate, _hms(elapsed),
-                 _hms(eta))
+    logging.info("Pre-tokenized %d/%d %s (%.1f%%), %.1f %s/s, elapsed %s, "
+                 "ETA %s.", done, self.total, self.what,
+                 100.0 * done / max(self.total, 1), rate, self.what,
+                 _hms(elapsed), _hms(eta))
 
 
 def _hms(seconds: float) -> str:
@@ -90,6 +92,95 @@ def _hms(seconds: float) -> str:
     return "?"
   seconds = int(round(seconds))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ShardWriter:
+  """Writes records in order into ArrayRecord shards of `records_per_shard`.
+
+  Shards are written under OUT_DIR/.tmp-SPLIT; `commit()` names them
+  SPLIT-0000i-of-0000N (N known only then, so the record count need not be
+  known in advance) and only then replaces the split's old shards. Used as
+  a context manager, an exception discards the partial shards.
+  """
+
+  def __init__(self, out_dir: str, split: str,
+               records_per_shard: int = RECORDS_PER_SHARD):
+    if records_per_shard <= 0:
+      raise ValueError(f"records_per_shard={records_per_shard}; expected > 0 "
+                       "(--records_per_shard).")
+    self.out_dir, self.split = out_dir, split
+    self.records_per_shard = records_per_shard
+    self.tmp_dir = os.path.join(out_dir, f".tmp-{split}")
+    self.num_records = 0
+    self._writer = None
+    # Imported here: reading shards does not need the writer.
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self._array_record = array_record_module
+    self._tmp_names: list[str] = []
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+    os.makedirs(self.tmp_dir)
+
+  def write(self, record: bytes) -> None:
+    if self.num_records % self.records_per_shard == 0:
+      self._close_shard()
+      name = f"{len(self._tmp_names):05d}.array_record"
+      self._tmp_names.append(name)
+      self._writer = self._array_record.ArrayRecordWriter(
+          os.path.join(self.tmp_dir, name), "group_size:1")
+    self._writer.write(record)
+    self.num_records += 1
+
+  def _close_shard(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def commit(self) -> list[str]:
+    """Moves the shards into place; returns their names (in order)."""
+    self._close_shard()
+    num_shards = len(self._tmp_names)
+    names = [shard_name(self.split, i, num_shards) for i in range(num_shards)]
+    for name in os.listdir(self.out_dir):
+      if name.startswith(f"{self.split}-") and name.endswith(".array_record"):
+        os.remove(os.path.join(self.out_dir, name))
+    for tmp_name, name in zip(self._tmp_names, names):
+      os.replace(os.path.join(self.tmp_dir, tmp_name),
+                 os.path.join(self.out_dir, name))
+    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+    return names
+
+  def abort(self) -> None:
+    self._close_shard()
+    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+  def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      self.abort()
+    else:
+      self._close_shard()
+
+
+def encode_images(tokenizer, images: np.ndarray, batch_size: int
+                  ) -> np.ndarray:
+  """uint8 [N, S, S, 3] -> int32 ids [N, h, w], in encoder calls of exactly
+  `batch_size` images (the last one zero-padded), so one compiled encoder
+  serves every call."""
+  images = np.asarray(images)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros(
+          (batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(tokenizer.encode(chunk))[:n])
+  if not out:
+    return np.zeros((0,) + tuple(tokenizer.grid), np.int32)
+  return np.concatenate(out).astype(np.int32)
 
 
 def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
@@ -120,7 +211,6 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
     The metadata dict (also written to out_dir/SPLIT.json).
   """
   # Imported here: reading shards needs neither jax models nor tfds.
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from unimm import api  # pylint: disable=g-import-not-at-top
   from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
@@ -157,57 +247,34 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
       drop_remainder=False)
 
   num_shards = max(1, -(-total // records_per_shard))
-  os.makedirs(out_dir, exist_ok=True)
-  tmp_dir = os.path.join(out_dir, f".tmp-{split}")
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  os.makedirs(tmp_dir)
-  names = [shard_name(split, i, num_shards) for i in range(num_shards)]
-  writer, shard, done, num_truncated = None, -1, 0, 0
+  done, num_truncated = 0, 0
   counts = np.zeros(tokenizer.num_codes, np.int64)
-  progress = _Progress(total)
+  progress = Progress(total)
   logging.info("Pre-tokenizing %d examples of %s/%s into %s (%d shards).",
                total, source, split, out_dir, num_shards)
-  try:
+  with ShardWriter(out_dir, split, records_per_shard) as writer:
     for batch in dataset:
       images = batch["image"][:total - done]  # uint8 [B, H, W, 3]
       captions = list(batch["caption"][:total - done])
       n = len(images)
-      if n < batch_size:  # Pad: one compiled encoder for every batch.
-        images = np.concatenate([images, np.zeros(
-            (batch_size - n,) + images.shape[1:], images.dtype)])
-      image_ids = tokenizer.encode(images)[:n].reshape(n, -1)  # [B, h*w]
+      image_ids = encode_images(tokenizer, images, batch_size).reshape(
+          n, -1)  # [B, h*w]
       encoded = text_tokenizer.encode(captions, text_length)
       num_truncated += encoded.num_truncated
       counts += np.bincount(image_ids.reshape(-1),
                             minlength=tokenizer.num_codes)
       for i in range(n):
-        if (done + i) // records_per_shard != shard:
-          if writer is not None:
-            writer.close()
-          shard = (done + i) // records_per_shard
-          writer = array_record_module.ArrayRecordWriter(
-              os.path.join(tmp_dir, names[shard]), "group_size:1")
         writer.write(serialize_example(image_ids[i], encoded.ids[i],
                                        captions[i]))
       done += n
       progress.update(done)
       if done >= total:
         break
-  finally:
-    if writer is not None:
-      writer.close()
-  progress.update(done, force=True)
-  if done == 0:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    raise ValueError(f"{source}/{split} has no examples to pre-tokenize.")
-
+    progress.update(done, force=True)
+    if done == 0:
+      raise ValueError(f"{source}/{split} has no examples to pre-tokenize.")
   # Replace this split's old files only once the new ones are complete.
-  for name in os.listdir(out_dir):
-    if name.startswith(f"{split}-") and name.endswith(".array_record"):
-      os.remove(os.path.join(out_dir, name))
-  for name in names:
-    os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
-  shutil.rmtree(tmp_dir, ignore_errors=True)
+  names = writer.commit()
   with open(os.path.join(out_dir, TEXT_TOKENIZER_FILE), "wb") as f:
     f.write(text_tokenizer.model_proto)
 
@@ -241,18 +308,38 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
   return metadata
 
 
-def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
-  """The metadata of a pre-tokenized split; ValueError naming the fix."""
+def load_metadata(out_dir: str, split: str = "train",
+                  command: str = "unimm.data.pretokenize") -> dict[str, Any]:
+  """The metadata of a pre-tokenized split; ValueError naming the fix
+  (`command` is the module that writes such splits)."""
   path = metadata_path(out_dir, split)
   if not os.path.isfile(path):
     have = sorted(n[:-5] for n in os.listdir(out_dir)
                   if n.endswith(".json")) if os.path.isdir(out_dir) else []
     raise ValueError(
         f"No pre-tokenized split {split!r} in {out_dir!r} (found splits "
-        f"{have}); run `python -m unimm.data.pretokenize --split {split} "
+        f"{have}); run `python -m {command} --split {split} "
         f"--out {out_dir} ...` first (config.data.pretokenized_dir).")
   with open(path) as f:
     return json.load(f)
+
+
+def shard_source(out_dir: str, split: str, metadata: dict[str, Any],
+                 num_records: int, command: str = "unimm.data.pretokenize"
+                 ) -> grain.sources.ArrayRecordDataSource:
+  """Random access over the shards metadata["shards"], checked to exist and
+  to hold `num_records` records."""
+  paths = [os.path.join(out_dir, name) for name in metadata["shards"]]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f"Pre-tokenized shards are missing: {missing[:3]}; "
+                     f"re-run {command} for this split.")
+  source = grain.sources.ArrayRecordDataSource(paths)
+  if len(source) != num_records:
+    raise ValueError(
+        f"{out_dir!r} split {split!r} holds {len(source)} records but its "
+        f"metadata says {num_records}; re-run {command}.")
+  return source
 
 
 def _as_batch_arrays(record: bytes) -> dict[str, np.ndarray]:
@@ -264,17 +351,7 @@ def pretokenized_source(out_dir: str, split: str = "train"
                         ) -> grain.sources.ArrayRecordDataSource:
   """Random access over a split's records (bytes; see parse_example)."""
   metadata = load_metadata(out_dir, split)
-  paths = [os.path.join(out_dir, name) for name in metadata["shards"]]
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise ValueError(f"Pre-tokenized shards are missing: {missing[:3]}; "
-                     "re-run unimm.data.pretokenize for this split.")
-  source = grain.sources.ArrayRecordDataSource(paths)
-  if len(source) != metadata["num_examples"]:
-    raise ValueError(
-        f"{out_dir!r} split {split!r} holds {len(source)} records but its "
-        f"metadata says {metadata['num_examples']}; re-run pre-tokenization.")
-  return source
+  return shard_source(out_dir, split, metadata, metadata["num_examples"])
 
 
 def pretokenized_dataset(out_dir: str, *, batch_size: int, shuffle: bool,

@@ -1,0 +1,868 @@
+r"""Interleaved text+image documents from the shapes world, tokenized, packed.
+
+A document is a list of segments, each a text or a scene (an image to be
+rendered), plus its ground truth. Three kinds:
+
+  caption_image   [caption, scene]            text-to-image
+  image_caption   [scene, caption]            image-to-text
+  edit            [scene0, instruction1, scene1, ..., instructionK, sceneK]
+                  with K = 1..3 edits, each legal for the scene it edits
+
+`make_document(seed, index)` depends only on (seed, index, kinds, weights):
+np.random.default_rng([seed, index, 0x1EAF]) draws it.
+
+Edit instructions follow a small regular grammar (`parse_instruction` reads
+it, `instruction` writes it, `apply_edit` applies an Edit):
+
+  ref      := "it"                   (one-object scenes)
+            | "the" [COLOR] SHAPE    (two objects: COLOR only when both
+                                      objects share the shape)
+  move     := "move" ref ("to the left" | "to the right" | "up" | "down")
+  recolor  := "make" ref COLOR
+  resize   := "make" ref SIZE
+  reshape  := "turn" ref "into" ("a" | "an") SHAPE
+  add      := "add" ("a" | "an") SIZE COLOR SHAPE
+              ("to the left of" | "to the right of" | "above" | "below") "it"
+  remove   := "remove" "the" [COLOR] SHAPE
+
+e.g. "move it to the right", "make the circle blue", "turn the red square
+into a star", "add a small green triangle below it", "remove the circle".
+Edits keep every scene valid (shapes.Scene) and referable: a move goes one
+cell within the grid, to a free cell, keeping the scene's relation true
+and the dominant direction; "add" puts the new object in the adjacent
+cell in the stated direction (one-object scenes only) as the second object;
+two objects never share both shape and colour. At each step an operation is
+drawn uniformly among those with a legal edit, then an edit uniformly
+among that operation's legal edits.
+
+Tokens: `tokenize_documents` maps documents to joint ids
+(unimm.models.vocab.VocabLayout): [BOS] + text ids | [BOI, codes, EOI] per
+segment + [EOS], calling `image_ids_fn` once per batch of documents.
+
+Packing: `pack` puts documents into rows of `length` tokens (greedy
+first-fit, in order) with segment ids (1, 2, ... per document in the row,
+0 = padding) and positions restarting at 0 per document. The model attends
+only within one non-zero segment, causally
+(unimm.nn.transformer.attention_mask(segment_ids, segment_ids, positions,
+positions, causal=True)), so no token sees another document, and RoPE sees
+each document's own positions. `loss_mask` marks prediction targets: tokens
+that are neither padding nor a document's first token (BOS), so with logits
+at t predicting token t + 1 the loss uses loss_mask[:, 1:]; this also drops
+the pair (last token of a document, BOS of the next).
+
+Pre-tokenize (one ArrayRecord record per packed row, SPLIT.json metadata):
+
+  python -m unimm.data.interleaved --tokenizer_workdir WORKDIRS/tokenizer \
+      --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
+      --split train --num_documents 100000 --length 512
+
+and read batches with `packed_dataset(out_dir, split, batch_size=...)`.
+The text tokenizer should be trained on these documents' texts (captions
+and instructions: `document_texts`); unknown pieces are counted in the
+metadata.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import logging
+from flax import serialization
+import numpy as np
+
+from unimm.data import pretokenize
+from unimm.data import shapes
+from unimm.models import vocab as vocab_lib
+
+KINDS = ("caption_image", "image_caption", "edit")
+EDIT_OPS = ("move", "recolor", "reshape", "resize", "add", "remove")
+MAX_EDITS = 3
+# Move direction -> (d_row, d_col) and its phrase.
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0),
+              "down": (1, 0)}
+DIRECTION_PHRASES = {"left": "to the left", "right": "to the right",
+                     "up": "up", "down": "down"}
+# The new object's relation to the existing one -> the new cell's offset.
+ADD_OFFSETS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0),
+               "below": (1, 0)}
+INVERSE_RELATIONS = {"left of": "right of", "right of": "left of",
+                     "above": "below", "below": "above"}
+IMAGE_SIZE = 32
+FORMAT = ("unimm_interleaved/v1 (msgpack: tokens, segment_ids int32 [L], "
+          "documents int32 [k])")
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+_RNG_TAG = 0x1EAF  # keeps documents apart from shapes.generate's examples
+
+
+# ---------------------------------------------------------------------------
+# Edits.
+
+
+def _check_choice(setting: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"Unknown {setting} {value!r}; expected one of "
+                     f"{tuple(choices)}.")
+
+
+def _article(word: str) -> str:
+  return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectRef:
+  """How an instruction names an object: "the [color] shape"."""
+  shape: str
+  color: str | None = None
+
+  def __post_init__(self):
+    _check_choice("shape", self.shape, shapes.SHAPES)
+    if self.color is not None:
+      _check_choice("color", self.color, shapes.COLORS)
+
+  def matches(self, obj: shapes.Object) -> bool:
+    return obj.shape == self.shape and self.color in (None, obj.color)
+
+
+# Which Edit fields each operation needs.
+_OP_FIELDS = {"move": ("direction",), "recolor": ("color",),
+              "reshape": ("shape",), "resize": ("size",),
+              "add": ("shape", "color", "size", "relation"), "remove": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+  """One edit, as its instruction states it.
+
+  target: the object acted on; None means "it" (the only object). For
+  "add" it is None and shape/color/size/relation describe the new object
+  (relation: the new object's relation to the existing one). `offset` is
+  the new object's jitter inside its cell (not said in the instruction,
+  not compared).
+  """
+  op: str
+  target: ObjectRef | None = None
+  direction: str | None = None
+  color: str | None = None
+  shape: str | None = None
+  size: str | None = None
+  relation: str | None = None
+  offset: tuple[float, float] = dataclasses.field(default=(0.0, 0.0),
+                                                  compare=False)
+
+  def __post_init__(self):
+    _check_choice("edit op", self.op, EDIT_OPS)
+    choices = {"direction": tuple(DIRECTIONS), "color": shapes.COLORS,
+               "shape": shapes.SHAPES, "size": shapes.SIZES,
+               "relation": shapes.RELATIONS}
+    for name, allowed in choices.items():
+      value = getattr(self, name)
+      if name in _OP_FIELDS[self.op]:
+        _check_choice(f"{self.op} {name}", value, allowed)
+      elif value is not None:
+        raise ValueError(f"A {self.op!r} edit has no {name}; got {value!r}.")
+    if self.op == "add" and self.target is not None:
+      raise ValueError(f"An 'add' edit places the new object relative to "
+                       f"'it' (target None); got target {self.target!r}.")
+    if self.op == "remove" and self.target is None:
+      raise ValueError("A 'remove' edit names its object (two-object scenes "
+                       "only); got target None ('it').")
+
+
+def object_ref(scene: shapes.Scene, index: int) -> ObjectRef | None:
+  """The shortest unambiguous name of scene.objects[index]: None ("it")
+  alone, the shape if the shapes differ, else colour and shape."""
+  if len(scene.objects) == 1:
+    return None
+  obj, other = scene.objects[index], scene.objects[1 - index]
+  return ObjectRef(obj.shape, obj.color if obj.shape == other.shape else None)
+
+
+def _ref_text(ref: ObjectRef | None) -> str:
+  if ref is None:
+    return "it"
+  return f"the {ref.color} {ref.shape}" if ref.color else f"the {ref.shape}"
+
+
+def instruction(edit: Edit) -> str:
+  """The instruction text of an edit (the grammar in the module doc)."""
+  ref = _ref_text(edit.target)
+  if edit.op == "move":
+    return f"move {ref} {DIRECTION_PHRASES[edit.direction]}"
+  if edit.op == "recolor":
+    return f"make {ref} {edit.color}"
+  if edit.op == "resize":
+    return f"make {ref} {edit.size}"
+  if edit.op == "reshape":
+    return f"turn {ref} into {_article(edit.shape)} {edit.shape}"
+  if edit.op == "add":
+    return (f"add {_article(edit.size)} {edit.size} {edit.color} "
+            f"{edit.shape} {shapes.RELATION_PHRASES[edit.relation]} it")
+  return f"remove {ref}"
+
+
+def _words(words) -> str:
+  # Longest first, so "to the left of" wins over "to the left".
+  return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+_REF = (rf"(?:it|the (?:(?P<ref_color>{_words(shapes.COLORS)}) )?"
+        rf"(?P<ref_shape>{_words(shapes.SHAPES)}))")
+_INSTRUCTIONS = tuple((op, re.compile(pattern)) for op, pattern in (
+    ("move", rf"move {_REF} "
+             rf"(?P<direction>{_words(DIRECTION_PHRASES.values())})"),
+    ("recolor", rf"make {_REF} (?P<color>{_words(shapes.COLORS)})"),
+    ("resize", rf"make {_REF} (?P<size>{_words(shapes.SIZES)})"),
+    ("reshape", rf"turn {_REF} into an? (?P<shape>{_words(shapes.SHAPES)})"),
+    ("add", rf"add an? (?P<size>{_words(shapes.SIZES)}) "
+            rf"(?P<color>{_words(shapes.COLORS)}) "
+            rf"(?P<shape>{_words(shapes.SHAPES)}) "
+            rf"(?P<relation>{_words(shapes.RELATION_PHRASES.values())}) it"),
+    ("remove", rf"remove {_REF}"),
+))
+_DIRECTION_OF_PHRASE = {p: d for d, p in DIRECTION_PHRASES.items()}
+_RELATION_OF_PHRASE = {p: r for r, p in shapes.RELATION_PHRASES.items()}
+
+
+def parse_instruction(text: str) -> Edit:
+  """Reads an instruction back into an Edit (offset (0, 0)).
+
+  Case, surrounding whitespace, repeated spaces and a final period are
+  ignored. Raises ValueError for text outside the grammar.
+  """
+  normal = " ".join(str(text).lower().split()).rstrip(".").strip()
+  for op, regex in _INSTRUCTIONS:
+    match = regex.fullmatch(normal)
+    if match is None:
+      continue
+    found = match.groupdict()
+    target = (ObjectRef(found["ref_shape"], found["ref_color"])
+              if found.get("ref_shape") else None)
+    if op == "remove" and target is None:
+      break  # "remove it" is outside the grammar.
+    fields = {"direction": _DIRECTION_OF_PHRASE.get(found.get("direction")),
+              "relation": _RELATION_OF_PHRASE.get(found.get("relation"))}
+    fields.update({k: found.get(k) for k in ("color", "shape", "size")})
+    return Edit(op, target, **{k: v for k, v in fields.items()
+                               if k in _OP_FIELDS[op]})
+  raise ValueError(
+      f"Cannot parse edit instruction {text!r}; expected e.g. 'move it to "
+      "the left', 'make the circle blue', 'make it small', 'turn it into a "
+      "star', 'add a big red square below it' or 'remove the circle' (see "
+      "unimm.data.interleaved's grammar).")
+
+
+def _in_grid(cell: tuple[int, int]) -> bool:
+  return 0 <= cell[0] < shapes.GRID and 0 <= cell[1] < shapes.GRID
+
+
+def _dominant(relation: str, cell0, cell1) -> bool:
+  """relation holds along the axis of larger separation (as the relations
+  of shapes.scene_from_rng do)."""
+  d_row, d_col = abs(cell0[0] - cell1[0]), abs(cell0[1] - cell1[1])
+  major, minor = ((d_col, d_row) if relation in ("left of", "right of")
+                  else (d_row, d_col))
+  return shapes.relation_holds(relation, cell0, cell1) and minor < major
+
+
+def _step(cell, delta) -> tuple[int, int]:
+  return (cell[0] + delta[0], cell[1] + delta[1])
+
+
+def _resolve(scene: shapes.Scene, ref: ObjectRef | None, text: str) -> int:
+  if ref is None:
+    if len(scene.objects) != 1:
+      raise ValueError(f"{text!r} says 'it' but the scene has two objects; "
+                       "name the object ('the [color] shape').")
+    return 0
+  found = [k for k, obj in enumerate(scene.objects) if ref.matches(obj)]
+  if len(found) != 1:
+    have = [f"{o.color} {o.shape}" for o in scene.objects]
+    raise ValueError(
+        f"{text!r} names {'no' if not found else 'more than one'} object in "
+        f"a scene with {have}; name exactly one ('the [color] shape').")
+  return found[0]
+
+
+def apply_edit(scene: shapes.Scene, edit: Edit) -> shapes.Scene:
+  """The scene after `edit`; ValueError if the edit is not legal for it.
+
+  Offsets are kept (clipped to a resized object's limit); the background
+  never changes; an added object becomes the second object.
+  """
+  text = instruction(edit)
+  objects = list(scene.objects)
+  if edit.op == "add":
+    if len(objects) != 1:
+      raise ValueError(f"{text!r}: 'add' needs a one-object scene; this one "
+                       "has two.")
+    (obj,) = objects
+    cell = _step(obj.cell, ADD_OFFSETS[edit.relation])
+    if not _in_grid(cell):
+      raise ValueError(f"{text!r}: there is no cell {edit.relation} "
+                       f"{obj.cell} in the {shapes.GRID}x{shapes.GRID} grid.")
+    if (edit.shape, edit.color) == (obj.shape, obj.color):
+      raise ValueError(f"{text!r}: the new object must differ from the "
+                       "existing one in shape or colour.")
+    new = shapes.Object(edit.shape, edit.color, edit.size, cell, edit.offset)
+    return shapes.Scene((obj, new), INVERSE_RELATIONS[edit.relation],
+                        scene.background)
+  k = _resolve(scene, edit.target, text)
+  obj = objects[k]
+  if edit.op == "remove":
+    if len(objects) != 2:
+      raise ValueError(f"{text!r}: 'remove' needs a two-object scene.")
+    return shapes.Scene((objects[1 - k],), None, scene.background)
+  if edit.op == "move":
+    cell = _step(obj.cell, DIRECTIONS[edit.direction])
+    if not _in_grid(cell):
+      raise ValueError(f"{text!r}: cell {obj.cell} has no neighbour "
+                       f"{edit.direction} in the grid.")
+    new = dataclasses.replace(obj, cell=cell)
+  elif edit.op == "recolor":
+    if edit.color == obj.color:
+      raise ValueError(f"{text!r}: the object is {obj.color} already.")
+    new = dataclasses.replace(obj, color=edit.color)
+  elif edit.op == "reshape":
+    if edit.shape == obj.shape:
+      raise ValueError(f"{text!r}: the object is a {obj.shape} already.")
+    new = dataclasses.replace(obj, shape=edit.shape)
+  else:  # resize
+    if edit.size == obj.size:
+      raise ValueError(f"{text!r}: the object is {obj.size} already.")
+    limit = shapes.SIZE_MAX_OFFSET[edit.size]
+    offset = tuple(float(np.clip(v, -limit, limit)) for v in obj.offset)
+    new = dataclasses.replace(obj, size=edit.size, offset=offset)
+  objects[k] = new
+  if len(objects) == 2:
+    other = objects[1 - k]
+    if (new.shape, new.color) == (other.shape, other.color):
+      raise ValueError(f"{text!r} would make both objects {new.color} "
+                       f"{new.shape}s, which no instruction could tell apart.")
+    if edit.op == "move" and not _dominant(
+        scene.relation, objects[0].cell, objects[1].cell):
+      raise ValueError(
+          f"{text!r} would break the scene's relation {scene.relation!r} "
+          f"(cells {objects[0].cell}, {objects[1].cell}): moves keep it "
+          "true along the axis of larger separation.")
+  return shapes.Scene(tuple(objects), scene.relation, scene.background)
+
+
+def legal_edits(scene: shapes.Scene) -> dict[str, list[Edit]]:
+  """Every legal edit of `scene` by operation (offsets (0, 0)), each naming
+  its object by `object_ref`. Operations without one are left out."""
+  edits: dict[str, list[Edit]] = collections.defaultdict(list)
+  objects = scene.objects
+  for k, obj in enumerate(objects):
+    ref = object_ref(scene, k)
+    other = objects[1 - k] if len(objects) == 2 else None
+    clash = lambda shape, color: (  # noqa: E731
+        other is not None and (shape, color) == (other.shape, other.color))
+    for direction, delta in DIRECTIONS.items():
+      cell = _step(obj.cell, delta)
+      if not _in_grid(cell):
+        continue
+      if other is not None:
+        cells = (cell, other.cell) if k == 0 else (other.cell, cell)
+        if not _dominant(scene.relation, *cells):
+          continue
+      edits["move"].append(Edit("move", ref, direction=direction))
+    edits["recolor"] += [Edit("recolor", ref, color=c) for c in shapes.COLORS
+                         if c != obj.color and not clash(obj.shape, c)]
+    edits["reshape"] += [Edit("reshape", ref, shape=s) for s in shapes.SHAPES
+                         if s != obj.shape and not clash(s, obj.color)]
+    edits["resize"] += [Edit("resize", ref, size=z) for z in shapes.SIZES
+                        if z != obj.size]
+    if other is not None:
+      edits["remove"].append(Edit("remove", ref))
+  if len(objects) == 1:
+    (obj,) = objects
+    for relation, delta in ADD_OFFSETS.items():
+      if not _in_grid(_step(obj.cell, delta)):
+        continue
+      edits["add"] += [
+          Edit("add", None, shape=s, color=c, size=z, relation=relation)
+          for s in shapes.SHAPES for c in shapes.COLORS for z in shapes.SIZES
+          if (s, c) != (obj.shape, obj.color)]
+  return {op: edits[op] for op in EDIT_OPS if edits[op]}
+
+
+def random_edit(scene: shapes.Scene, rng: np.random.Generator) -> Edit:
+  """An operation uniformly among those with a legal edit, then one of its
+  legal edits uniformly; an added object gets a random offset."""
+  edits = legal_edits(scene)
+  ops = list(edits)
+  candidates = edits[ops[rng.integers(len(ops))]]
+  edit = candidates[rng.integers(len(candidates))]
+  if edit.op == "add":
+    limit = shapes.SIZE_MAX_OFFSET[edit.size]
+    offset = tuple(round(float(v), 4) for v in rng.uniform(-limit, limit, 2))
+    edit = dataclasses.replace(edit, offset=offset)
+  return edit
+
+
+# ---------------------------------------------------------------------------
+# Documents.
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One interleaved document and its ground truth.
+
+  segments: texts and scenes (images to render) in order. scenes: the
+  scenes in order; caption: the caption (caption kinds, else None); edits
+  and instructions: the edit story (edit kind, else empty), instructions[i]
+  turning scenes[i] into scenes[i + 1].
+  """
+  kind: str
+  segments: list[str | shapes.Scene]
+  scenes: tuple[shapes.Scene, ...]
+  caption: str | None
+  edits: tuple[Edit, ...]
+  instructions: tuple[str, ...]
+  seed: int
+  index: int
+
+  @property
+  def texts(self) -> list[str]:
+    return [s for s in self.segments if isinstance(s, str)]
+
+
+def _check_kinds(kinds: Sequence[str], weights: Sequence[float] | None
+                 ) -> tuple[tuple[str, ...], np.ndarray]:
+  kinds = tuple(kinds)
+  if not kinds or any(k not in KINDS for k in kinds):
+    raise ValueError(f"kinds={kinds!r}; expected a non-empty subset of "
+                     f"{KINDS} (--kinds).")
+  if weights is None:
+    return kinds, np.full(len(kinds), 1.0 / len(kinds))
+  p = np.asarray(weights, np.float64)
+  if p.shape != (len(kinds),) or (p < 0).any() or p.sum() <= 0:
+    raise ValueError(f"weights={tuple(weights)!r} for kinds {kinds}; expected "
+                     f"{len(kinds)} non-negative weights with a positive sum "
+                     "(--weights).")
+  return kinds, p / p.sum()
+
+
+def make_document(seed: int, index: int, kinds: Sequence[str] = KINDS,
+                  weights: Sequence[float] | None = None) -> Document:
+  """Document `index` of the stream `seed` (kinds drawn with `weights`,
+  uniform by default). Depends only on (seed, index, kinds, weights)."""
+  kinds, p = _check_kinds(kinds, weights)
+  if (not isinstance(seed, (int, np.integer)) or seed < 0
+      or not isinstance(index, (int, np.integer)) or index < 0):
+    raise ValueError(f"seed={seed!r}, index={index!r}; expected non-negative "
+                     "ints.")
+  rng = np.random.default_rng([int(seed), int(index), _RNG_TAG])
+  kind = kinds[int(rng.choice(len(kinds), p=p))]
+  scene = shapes.scene_from_rng(rng)
+  if kind in ("caption_image", "image_caption"):
+    templates = shapes.TEMPLATES[len(scene.objects)]
+    text = shapes.caption(scene, int(rng.integers(len(templates))))
+    segments = [text, scene] if kind == "caption_image" else [scene, text]
+    return Document(kind, segments, (scene,), text, (), (), int(seed),
+                    int(index))
+  scenes, edits, texts = [scene], [], []
+  segments: list[str | shapes.Scene] = [scene]
+  for _ in range(int(rng.integers(1, MAX_EDITS + 1))):
+    edit = random_edit(scenes[-1], rng)
+    scenes.append(apply_edit(scenes[-1], edit))
+    edits.append(edit)
+    texts.append(instruction(edit))
+    segments += [texts[-1], scenes[-1]]
+  return Document(kind, segments, tuple(scenes), None, tuple(edits),
+                  tuple(texts), int(seed), int(index))
+
+
+def document_texts(num_documents: int, seed: int = 0,
+                   kinds: Sequence[str] = KINDS,
+                   weights: Sequence[float] | None = None) -> list[str]:
+  """The texts (captions, instructions) of documents 0..N-1: a corpus for
+  training the text tokenizer (unimm.tokenizers.text.train_sentencepiece)."""
+  return [text for i in range(num_documents)
+          for text in make_document(seed, i, kinds, weights).texts]
+
+
+# ---------------------------------------------------------------------------
+# Tokens.
+
+
+ImageIdsFn = Callable[[np.ndarray], np.ndarray]
+
+
+def tokenize_documents(documents: Sequence[Document], text_tokenizer,
+                       image_ids_fn: ImageIdsFn,
+                       layout: vocab_lib.VocabLayout,
+                       image_size: int = IMAGE_SIZE) -> list[np.ndarray]:
+  """Documents -> joint ids, each int32 [L_i]: [BOS] + per segment (text ids
+  without EOS | image_span(codes)) + [EOS].
+
+  image_ids_fn(uint8 [N, S, S, 3]) -> int [N, h, w] is called once, on every
+  scene of the batch rendered at image_size.
+  """
+  if text_tokenizer.vocab_size > layout.text_vocab_size:
+    raise ValueError(
+        f"The text tokenizer has {text_tokenizer.vocab_size} ids but the "
+        f"layout holds {layout.text_vocab_size}; build the layout from the "
+        "tokenizer (VocabLayout(text_tokenizer.vocab_size, num_codes)).")
+  texts = [s for d in documents for s in d.segments if isinstance(s, str)]
+  scenes = [s for d in documents for s in d.segments
+            if not isinstance(s, str)]
+  text_ids: list[np.ndarray] = []
+  if texts:
+    lengths = text_tokenizer.count_tokens(texts)  # [T]
+    encoded = text_tokenizer.encode(texts, max(int(lengths.max()), 1),
+                                    add_eos=False)
+    text_ids = [row[:n] for row, n in zip(encoded.ids, encoded.lengths)]
+  spans: list[np.ndarray] = []
+  if scenes:
+    images = np.stack([shapes.render(s, image_size) for s in scenes])
+    codes = np.asarray(image_ids_fn(images))  # [N, h, w]
+    if codes.ndim != 3 or len(codes) != len(scenes):
+      raise ValueError(
+          f"image_ids_fn returned shape {codes.shape} for {len(scenes)} "
+          "images; expected [N, h, w] ids (e.g. Tokenizer.encode).")
+    spans = [layout.image_span(c) for c in codes]
+  texts_iter, spans_iter = iter(text_ids), iter(spans)
+  tokens = []
+  for document in documents:
+    parts = [np.array([vocab_lib.BOS], np.int32)]
+    for segment in document.segments:
+      if isinstance(segment, str):
+        parts.append(layout.text_to_joint(next(texts_iter)))
+      else:
+        parts.append(next(spans_iter))
+    parts.append(np.array([vocab_lib.EOS], np.int32))
+    tokens.append(np.concatenate(parts))
+  return tokens
+
+
+def tokenize_document(document: Document, text_tokenizer,
+                      image_ids_fn: ImageIdsFn,
+                      layout: vocab_lib.VocabLayout,
+                      image_size: int = IMAGE_SIZE) -> np.ndarray:
+  """One document -> joint ids int32 [L] (see tokenize_documents)."""
+  return tokenize_documents([document], text_tokenizer, image_ids_fn,
+                            layout, image_size)[0]
+
+
+# ---------------------------------------------------------------------------
+# Packing.
+
+
+def packed_features(segment_ids: np.ndarray) -> dict[str, np.ndarray]:
+  """positions and loss_mask (int32 [N, L]) of packed rows' segment_ids."""
+  segment_ids = np.asarray(segment_ids)
+  n, length = segment_ids.shape
+  slots = np.broadcast_to(np.arange(length), (n, length))
+  starts = np.ones((n, length), bool)
+  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+  first = np.maximum.accumulate(np.where(starts, slots, 0), axis=1)
+  real = segment_ids != 0
+  positions = np.where(real, slots - first, 0).astype(np.int32)
+  return {"positions": positions,
+          "loss_mask": (real & (positions > 0)).astype(np.int32)}
+
+
+def _first_fit(lengths: Sequence[int], length: int) -> list[list[int]]:
+  """Rows of document indices: each document in turn goes into the first
+  row with room, else a new row."""
+  free = np.zeros(len(lengths), np.int64)
+  rows: list[list[int]] = []
+  for index, n in enumerate(lengths):
+    fits = free[:len(rows)] >= n
+    row = int(np.argmax(fits)) if fits.any() else len(rows)
+    if row == len(rows):
+      rows.append([])
+      free[row] = length
+    rows[row].append(index)
+    free[row] -= n
+  return rows
+
+
+def _pack(documents: Sequence[np.ndarray], length: int
+          ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+  if not isinstance(length, (int, np.integer)) or length <= 0:
+    raise ValueError(f"length={length!r}; expected a positive int "
+                     "(config.model.max_len / --length).")
+  lengths = [len(d) for d in documents]
+  for index, n in enumerate(lengths):
+    if n > length:
+      raise ValueError(
+          f"Document {index} has {n} tokens, more than the context length "
+          f"{length}; raise config.model.max_len (--length) to at least {n} "
+          "or use shorter documents (fewer edits, smaller image grids).")
+    if n == 0:
+      raise ValueError(f"Document {index} is empty; expected at least "
+                       "[BOS, EOS].")
+  rows = _first_fit(lengths, length)
+  tokens = np.zeros((len(rows), length), np.int32)  # [N, L], 0 = PAD
+  segment_ids = np.zeros((len(rows), length), np.int32)  # [N, L]
+  for r, row in enumerate(rows):
+    start = 0
+    for segment, index in enumerate(row, start=1):
+      stop = start + lengths[index]
+      tokens[r, start:stop] = documents[index]
+      segment_ids[r, start:stop] = segment
+      start = stop
+  return dict(tokens=tokens, segment_ids=segment_ids,
+              **packed_features(segment_ids)), rows
+
+
+def pack(documents: Sequence[np.ndarray], length: int
+         ) -> dict[str, np.ndarray]:
+  """Packs documents (joint ids [L_i]) into rows of `length`, greedy
+  first-fit in order: each document whole, in the first row with room.
+
+  Returns int32 [N, length] arrays: tokens (PAD-filled), segment_ids (1, 2,
+  ... per document in its row, 0 = padding), positions (0.. per document)
+  and loss_mask (1 on targets: not padding, not a document's BOS). The
+  model attends only within one non-zero segment, causally.
+  """
+  return _pack(documents, length)[0]
+
+
+# ---------------------------------------------------------------------------
+# Pre-tokenized shards.
+
+
+def serialize_row(tokens, segment_ids, documents) -> bytes:
+  """One record: tokens, segment_ids int32 [L]; documents int32 [k] (the
+  indices of the row's documents, for make_document)."""
+  return serialization.msgpack_serialize({
+      "tokens": np.asarray(tokens, np.int32),
+      "segment_ids": np.asarray(segment_ids, np.int32),
+      "documents": np.asarray(documents, np.int32)})
+
+
+def parse_row(record: bytes) -> dict[str, np.ndarray]:
+  """Inverse of serialize_row (msgpack; never unpickles)."""
+  row = serialization.msgpack_restore(record)
+  return {k: np.asarray(row[k], np.int32)
+          for k in ("tokens", "segment_ids", "documents")}
+
+
+def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
+                      out_dir: str, split: str, num_documents: int,
+                      length: int, *, seed: int | None = None,
+                      kinds: Sequence[str] = KINDS,
+                      weights: Sequence[float] | None = None,
+                      documents_per_batch: int = 1024,
+                      encode_batch_size: int = 256,
+                      records_per_shard: int = pretokenize.RECORDS_PER_SHARD
+                      ) -> dict[str, Any]:
+  """Writes documents 0..N-1 of `split`, tokenized and packed, to out_dir.
+
+  Args:
+    tokenizer_workdir: a trained ViT-VQGAN workdir (unimm.load_tokenizer).
+    text_tokenizer_path: a SentencePiece .model (trained on document_texts).
+    out_dir: output directory (this split's shards and SPLIT.json replaced).
+    split: split name; its documents are stream `seed`.
+    num_documents: documents to write.
+    length: tokens per packed row (config.model.max_len).
+    seed: the document stream; default SPLIT_SEEDS[split].
+    kinds, weights: document kinds and their weights (make_document).
+    documents_per_batch: documents tokenized (one image encoding) and
+      packed together; rows never span two batches.
+    encode_batch_size: images per encoder call (fixed: one compile).
+    records_per_shard: packed rows per ArrayRecord shard.
+
+  Returns:
+    The metadata (also written to out_dir/SPLIT.json).
+  """
+  from unimm import api  # pylint: disable=g-import-not-at-top
+  from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
+
+  if seed is None:
+    if split not in SPLIT_SEEDS:
+      raise ValueError(f"Split {split!r} has no default seed (those are "
+                       f"{SPLIT_SEEDS}); pass --seed.")
+    seed = SPLIT_SEEDS[split]
+  for name, value in (("num_documents", num_documents),
+                      ("documents_per_batch", documents_per_batch),
+                      ("encode_batch_size", encode_batch_size)):
+    if value <= 0:
+      raise ValueError(f"{name}={value}; expected > 0 (--{name}).")
+  kinds, p = _check_kinds(kinds, weights)
+  weights = None if weights is None else [float(w) for w in weights]
+  text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
+  tokenizer = api.load_tokenizer(tokenizer_workdir)
+  layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
+                                 tokenizer.num_codes)
+  image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
+      tokenizer, images, encode_batch_size)
+
+  progress = pretokenize.Progress(num_documents, what="documents")
+  kind_counts = collections.Counter()
+  num_tokens = max_document_length = num_unknown = num_rows = 0
+  logging.info("Writing %d interleaved documents (%s) of %s into %s, rows of "
+               "%d tokens.", num_documents, ", ".join(kinds), split, out_dir,
+               length)
+  with pretokenize.ShardWriter(out_dir, split, records_per_shard) as writer:
+    for start in range(0, num_documents, documents_per_batch):
+      indices = range(start, min(start + documents_per_batch, num_documents))
+      documents = [make_document(seed, i, kinds, weights) for i in indices]
+      tokens = tokenize_documents(documents, text_tokenizer, image_ids_fn,
+                                  layout, tokenizer.image_size)
+      packed, rows = _pack(tokens, length)
+      for r, row in enumerate(rows):
+        writer.write(serialize_row(packed["tokens"][r],
+                                   packed["segment_ids"][r],
+                                   [indices[i] for i in row]))
+      num_rows += len(rows)
+      kind_counts.update(d.kind for d in documents)
+      num_tokens += sum(len(t) for t in tokens)
+      max_document_length = max([max_document_length]
+                                + [len(t) for t in tokens])
+      num_unknown += sum(int((t == layout.text_offset
+                              + text_tokenizer.unk_id).sum()) for t in tokens)
+      progress.update(indices.stop)
+  progress.update(num_documents, force=True)
+  names = writer.commit()
+  with open(os.path.join(out_dir, pretokenize.TEXT_TOKENIZER_FILE), "wb") as f:
+    f.write(text_tokenizer.model_proto)
+  if num_unknown:
+    logging.warning(
+        "%d text tokens are SentencePiece's unk: train the text tokenizer on "
+        "interleaved.document_texts(...) so instructions are covered.",
+        num_unknown)
+  metadata = {
+      "format": FORMAT,
+      "split": split,
+      "seed": int(seed),
+      "num_documents": int(num_documents),
+      "num_rows": int(num_rows),
+      "length": int(length),
+      "shards": names,
+      "kinds": list(kinds),
+      "weights": weights,  # as given (None = uniform), for make_document
+      "probabilities": [float(w) for w in p],
+      "kind_counts": {k: int(kind_counts[k]) for k in kinds},
+      "num_tokens": int(num_tokens),
+      "fill": round(num_tokens / max(num_rows * length, 1), 4),
+      "max_document_length": int(max_document_length),
+      "documents_per_batch": int(documents_per_batch),
+      "num_unknown_text_tokens": int(num_unknown),
+      "layout": {"text_vocab_size": layout.text_vocab_size,
+                 "image_vocab_size": layout.image_vocab_size,
+                 "size": layout.size,
+                 "specials": dict(zip(vocab_lib.SPECIAL_NAMES,
+                                      range(vocab_lib.NUM_SPECIALS)))},
+      "grid": list(tokenizer.grid),
+      "image_length": int(np.prod(tokenizer.grid)),
+      "image_size": int(tokenizer.image_size),
+      "text_tokenizer": os.path.abspath(text_tokenizer_path),
+      "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
+      "tokenizer_workdir": os.path.abspath(tokenizer_workdir),
+      "tokenizer_step": int(tokenizer.step),
+      "seconds": round(time.monotonic() - progress.start, 3),
+  }
+  with open(pretokenize.metadata_path(out_dir, split), "w") as f:
+    json.dump(metadata, f, indent=2)
+  logging.info("Wrote %d documents in %d rows of %d tokens (fill %.3f) to "
+               "%s.", num_documents, num_rows, length, metadata["fill"],
+               out_dir)
+  return metadata
+
+
+def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
+  """The metadata of a split written by write_interleaved."""
+  metadata = pretokenize.load_metadata(out_dir, split,
+                                       command="unimm.data.interleaved")
+  if metadata.get("format") != FORMAT:
+    raise ValueError(
+        f"{pretokenize.metadata_path(out_dir, split)!r} has format "
+        f"{metadata.get('format')!r}, not interleaved rows ({FORMAT!r}); "
+        "point config.data.pretokenized_dir at a directory written by "
+        "`python -m unimm.data.interleaved`.")
+  return metadata
+
+
+def _as_batch_arrays(record: bytes) -> dict[str, np.ndarray]:
+  row = parse_row(record)
+  features = packed_features(row["segment_ids"][None])
+  return {"tokens": row["tokens"], "segment_ids": row["segment_ids"],
+          **{k: v[0] for k, v in features.items()}}
+
+
+def packed_dataset(out_dir: str, split: str = "train", *, batch_size: int,
+                   shuffle: bool, seed: int, num_epochs: int | None = None,
+                   process_index: int = 0, process_count: int = 1,
+                   worker_count: int = 0, drop_remainder: bool = True):
+  """Batches of packed rows: tokens, segment_ids, positions, loss_mask, each
+  int32 [B, length] (see pack).
+
+  Sharded per host, shuffled per epoch and checkpointable, through
+  unimm.data.pipeline.batched_dataset; see it for the arguments.
+  """
+  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
+  metadata = load_metadata(out_dir, split)
+  source = pretokenize.shard_source(out_dir, split, metadata,
+                                    metadata["num_rows"],
+                                    command="unimm.data.interleaved")
+  return pipeline.batched_dataset(
+      source, batch_size=batch_size, shuffle=shuffle, seed=seed,
+      num_epochs=num_epochs, process_index=process_index,
+      process_count=process_count, transform=_as_batch_arrays,
+      drop_remainder=drop_remainder, worker_count=worker_count)
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags(flag_values=None):
+  """The CLI's flags, in flag_values (default: absl's global FLAGS)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  kw = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
+  flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained "
+                      "ViT-VQGAN (config.task vit_vqgan).", required=True,
+                      **kw)
+  flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
+                      required=True, **kw)
+  flags.DEFINE_string("out", None, "Output directory.", required=True, **kw)
+  flags.DEFINE_string("split", "train", "Split name.", **kw)
+  flags.DEFINE_integer("num_documents", None, "Documents to write.",
+                       required=True, **kw)
+  flags.DEFINE_integer("length", None, "Tokens per packed row "
+                       "(config.model.max_len).", required=True, **kw)
+  flags.DEFINE_integer("seed", None, "Document stream (default: train 0, "
+                       "validation 1, test 2).", **kw)
+  flags.DEFINE_list("kinds", list(KINDS), "Document kinds.", **kw)
+  flags.DEFINE_list("weights", None, "Weights of --kinds (default uniform).",
+                    **kw)
+  flags.DEFINE_integer("documents_per_batch", 1024, "Documents tokenized and "
+                       "packed together.", **kw)
+  flags.DEFINE_integer("encode_batch_size", 256, "Images per encoder call.",
+                       **kw)
+  flags.DEFINE_integer("records_per_shard", pretokenize.RECORDS_PER_SHARD,
+                       "Packed rows per ArrayRecord shard.", **kw)
+
+
+def main(argv, flag_values=None):
+  """Runs write_interleaved from parsed flags (default: absl's FLAGS)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  f = flags.FLAGS if flag_values is None else flag_values
+  weights = None if f.weights is None else [float(w) for w in f.weights]
+  metadata = write_interleaved(
+      f.tokenizer_workdir, f.text_tokenizer, f.out, f.split,
+      f.num_documents, f.length, seed=f.seed, kinds=f.kinds,
+      weights=weights, documents_per_batch=f.documents_per_batch,
+      encode_batch_size=f.encode_batch_size,
+      records_per_shard=f.records_per_shard)
+  print(json.dumps(metadata, indent=1))
+  return metadata
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,197 @@
+"""The joint vocabulary of the decoder-only (interleaved) model.
+
+One id space holds five specials, the SentencePiece text ids and the image
+codes of the frozen ViT-VQGAN, in that order (Chameleon §2.1 and Gemini
+share one vocabulary the same way). With T text ids and C image codes:
+
+  | joint ids              | meaning                                   |
+  |------------------------|-------------------------------------------|
+  | 0                      | PAD: padding, never attended to           |
+  | 1                      | BOS: begins a document                    |
+  | 2                      | EOS: ends a document                      |
+  | 3                      | BOI: begins an image span                 |
+  | 4                      | EOI: ends an image span                   |
+  | 5 ... 5 + T - 1        | text id t (SentencePiece) as 5 + t        |
+  | 5 + T ... 5 + T + C - 1| image code c as 5 + T + c                 |
+
+  size = 5 + T + C.
+
+SentencePiece's own pad and eos (ids 0 and 1 in the T5 layout) are never
+used inside a document: documents are delimited by BOS/EOS and text spans
+end where an image or the document begins, so joint ids 5 + pad and
+5 + eos stay unused. An image span is always [BOI, h*w codes (row-major),
+EOI], so its length is static and the sampler can decode it with one scan.
+
+  layout = VocabLayout(text_vocab_size=64, image_vocab_size=512)
+  layout.text_to_joint(text_ids)       # int32, same shape, + 5
+  layout.image_span(codes)             # [h, w] -> [BOI, ..., EOI]
+  layout.segments(document)            # back to ("text"/"image", ids) runs
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
+NUM_SPECIALS = 5
+SPECIAL_NAMES = ("PAD", "BOS", "EOS", "BOI", "EOI")
+
+
+def _as_int_array(ids: Any, what: str) -> np.ndarray:
+  ids = np.asarray(ids)
+  if ids.size and not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{what} must be integers; got dtype {ids.dtype} and "
+                     f"shape {ids.shape}.")
+  return ids.astype(np.int64)
+
+
+def _check_range(ids: np.ndarray, low: int, high: int, what: str,
+                 expected: str) -> None:
+  if ids.size and (ids.min() < low or ids.max() >= high):
+    bad = ids[(ids < low) | (ids >= high)]
+    raise ValueError(
+        f"{what} range over [{ids.min()}, {ids.max()}] ({bad.size} outside, "
+        f"e.g. {bad.reshape(-1)[0]}); expected ids in [{low}, {high}) "
+        f"({expected}).")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabLayout:
+  """Specials, then text ids, then image codes (see the module table)."""
+  text_vocab_size: int
+  image_vocab_size: int
+
+  PAD = PAD
+  BOS = BOS
+  EOS = EOS
+  BOI = BOI
+  EOI = EOI
+  num_specials = NUM_SPECIALS
+
+  def __post_init__(self):
+    for name in ("text_vocab_size", "image_vocab_size"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        source = ("the SentencePiece vocab_size" if name.startswith("text")
+                  else "the image tokenizer's num_codes")
+        raise ValueError(f"VocabLayout {name}={value!r}; expected a positive "
+                         f"int ({source}).")
+      object.__setattr__(self, name, int(value))
+
+  @property
+  def text_offset(self) -> int:
+    return NUM_SPECIALS
+
+  @property
+  def image_offset(self) -> int:
+    return NUM_SPECIALS + self.text_vocab_size
+
+  @property
+  def size(self) -> int:
+    """Total joint vocabulary (config.model.vocab_size)."""
+    return NUM_SPECIALS + self.text_vocab_size + self.image_vocab_size
+
+  # ------------------------------------------------------------ conversions
+
+  def text_to_joint(self, ids) -> np.ndarray:
+    """SentencePiece ids in [0, text_vocab_size) -> joint ids (int32)."""
+    ids = _as_int_array(ids, "Text ids")
+    _check_range(ids, 0, self.text_vocab_size, "Text ids",
+                 f"text_vocab_size={self.text_vocab_size}")
+    return (ids + self.text_offset).astype(np.int32)
+
+  def joint_to_text(self, ids) -> np.ndarray:
+    """Joint ids of text tokens -> SentencePiece ids (int32)."""
+    ids = _as_int_array(ids, "Joint ids")
+    _check_range(ids, self.text_offset, self.image_offset,
+                 "Joint ids given as text", "the text block of "
+                 f"{self}; specials are [0, {NUM_SPECIALS}), image codes "
+                 f"[{self.image_offset}, {self.size})")
+    return (ids - self.text_offset).astype(np.int32)
+
+  def image_to_joint(self, codes) -> np.ndarray:
+    """Image codes in [0, image_vocab_size) -> joint ids (int32)."""
+    codes = _as_int_array(codes, "Image codes")
+    _check_range(codes, 0, self.image_vocab_size, "Image codes",
+                 f"image_vocab_size={self.image_vocab_size}, the tokenizer's "
+                 "num_codes")
+    return (codes + self.image_offset).astype(np.int32)
+
+  def joint_to_image(self, ids) -> np.ndarray:
+    """Joint ids of image tokens -> image codes (int32)."""
+    ids = _as_int_array(ids, "Joint ids")
+    _check_range(ids, self.image_offset, self.size,
+                 "Joint ids given as image codes", "the image block of "
+                 f"{self}; specials are [0, {NUM_SPECIALS}), text "
+                 f"[{self.text_offset}, {self.image_offset})")
+    return (ids - self.image_offset).astype(np.int32)
+
+  def is_text(self, ids):
+    """bool mask of text ids (numpy or jax arrays alike)."""
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
+    return (ids >= self.text_offset) & (ids < self.image_offset)
+
+  def is_image(self, ids):
+    """bool mask of image ids (numpy or jax arrays alike)."""
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
+    return (ids >= self.image_offset) & (ids < self.size)
+
+  def image_span(self, codes) -> np.ndarray:
+    """codes [h, w] -> int32 [h*w + 2]: BOI, the codes row-major, EOI."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+      raise ValueError(f"image_span expects one image's codes [h, w]; got "
+                       f"shape {codes.shape}.")
+    span = np.empty(codes.size + 2, np.int32)
+    span[0], span[-1] = BOI, EOI
+    span[1:-1] = self.image_to_joint(codes.reshape(-1))
+    return span
+
+  # ------------------------------------------------------------ decoding
+
+  def segments(self, ids) -> list[tuple[str, np.ndarray]]:
+    """Splits one document's joint ids into its text and image runs.
+
+    PAD, BOS and EOS are skipped (they delimit documents, not segments).
+    Returns [("text", SentencePiece ids [n]) | ("image", codes [h*w])] in
+    order. Raises ValueError naming the position of a malformed stream: an
+    image id outside a BOI..EOI span, a text/special id inside one, an EOI
+    without BOI or a span never closed.
+    """
+    ids = _as_int_array(ids, "Joint ids").reshape(-1)
+    _check_range(ids, 0, self.size, "Joint ids", f"the joint vocabulary of "
+                 f"{self}, size {self.size}")
+    runs: list[tuple[str, list[int]]] = []
+    in_image = False
+    for position, token in enumerate(ids.tolist()):
+      if in_image:
+        if token == EOI:
+          in_image = False
+        elif self.image_offset <= token:
+          runs[-1][1].append(token)
+        else:
+          raise ValueError(
+              f"Joint id {token} at position {position} is inside an image "
+              "span (after BOI, before EOI), where only image codes "
+              f"[{self.image_offset}, {self.size}) may appear.")
+      elif token == BOI:
+        in_image = True
+        runs.append(("image", []))
+      elif token in (PAD, BOS, EOS):
+        continue
+      elif token == EOI:
+        raise ValueError(f"EOI at position {position} closes no image span.")
+      elif token >= self.image_offset:
+        raise ValueError(f"Image id {token} at position {position} is outside "
+                         "an image span; image codes must sit between BOI "
+                         "and EOI.")
+      else:
+        if not runs or runs[-1][0] != "text":
+          runs.append(("text", []))
+        runs[-1][1].append(token)
+    if in_image:
+      raise ValueError("The last image span (BOI) is never closed by EOI.")
+    return [(kind, self.joint_to_text(run) if kind == "text"
+             else self.joint_to_image(run)) for kind, run in runs]
