@@ -31,6 +31,25 @@ are scattered over the canvas: count accuracy ~0.03); 1.5 at temperature
 layout sooner than one table over the 64 positions.
 Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
 prompt_accuracy_pair >= 0.7.
+
+FID and CLIP score (unimm.evaluation.generation_metrics), added to
+eval/report.json by --mode eval when set (all off by default):
+  config.eval.inception_weights  pytorch-fid's .pth (or its .npz)
+  config.eval.fid_reference      reference statistics: a pytorch-fid .npz of
+      mu/sigma, a folder of images, or SOURCE:SPLIT of a data source (e.g.
+      "shapes:test"; cached as workdir/eval/fid_reference_*.npz)
+  config.eval.clip_dir           a Hugging Face CLIP directory
+  config.eval.metrics_prompts    a prompts file (one a line, or a TSV with a
+      Prompt column, e.g. PartiPrompts.tsv) or SOURCE:SPLIT; "" = captions of
+      the test split (fid_reference's split if it is SOURCE:SPLIT), as in
+      the COCO-30k protocol
+  config.eval.metrics_num_images the first N prompts (default 1000)
+FID needs inception_weights and fid_reference; CLIP score needs clip_dir.
+  python -m unimm.main --config configs/parti_shapes.py --mode eval \
+      --workdir workdirs/parti_shapes \
+      --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+      --config.eval.fid_reference=shapes:test \
+      --config.eval.clip_dir=clip-vit-base-patch32
 """
 import os
 
@@ -92,7 +111,10 @@ def get_config(arg=None):
       num_single=200, num_pair=200, prompt_seed=None, seed=0, batch_size=100,
       cfg_scale=1.5, temperature=0.7, top_k=0, top_p=1.0,
       loss_split="validation", num_loss_examples=2000,
-      num_grid_samples=32))
+      num_grid_samples=32,
+      # FID and CLIP score in --mode eval (off while these are empty).
+      inception_weights="", fid_reference="", clip_dir="",
+      metrics_prompts="", metrics_num_images=1000))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -45,6 +45,7 @@ import optax
 import scipy.linalg
 
 from unimm.data import shapes
+from unimm.evaluation import fid
 
 # Bump when the architecture, labels or training recipe change: cached
 # probes of another version are not reused.
@@ -669,11 +670,11 @@ def frechet_distance(features_a: Any, features_b: Any,
                      eps: float = 1e-6) -> float:
   """Frechet distance between Gaussians fit to two feature sets [N, F].
 
-  d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Heusel et al.
-  2017, eq. 6), in float64 with scipy.linalg.sqrtm. As pytorch-fid does,
-  when the square root fails (not finite, or scipy warns that the product
-  is singular) the covariances get eps*I added, and the numerically
-  imaginary part of the root is dropped.
+  fid.frechet_distance (pytorch-fid's: float64, scipy.linalg.sqrtm, eps*I
+  added when the root is not finite) of the two sets' means and
+  covariances, clamped at 0 (rounding makes identical sets come out a
+  little negative). Singular covariances (fewer samples than features, dead
+  features) are common here, so scipy's LinAlgWarning is silenced.
   """
   a = np.asarray(features_a, np.float64)
   b = np.asarray(features_b, np.float64)
@@ -683,23 +684,12 @@ def frechet_distance(features_a: Any, features_b: Any,
   if len(a) < 2 or len(b) < 2:
     raise ValueError(f"Feature sets have {len(a)} and {len(b)} rows; a "
                      "covariance needs at least 2 (use more images).")
-  mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-  sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
-  sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
-    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
-  if caught or not np.isfinite(covmean).all():
-    # Singular product (fewer samples than dimensions, dead features).
-    offset = np.eye(len(sigma_a)) * eps
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-      covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-  covmean = np.real(covmean)
-  diff = mu_a - mu_b
-  distance = (diff @ diff + np.trace(sigma_a) + np.trace(sigma_b)
-              - 2.0 * np.trace(covmean))
-  return float(max(distance, 0.0))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    distance = fid.frechet_distance(
+        a.mean(axis=0), np.cov(a, rowvar=False), b.mean(axis=0),
+        np.cov(b, rowvar=False), eps=eps)
+  return max(distance, 0.0)
 
 
 def probe_fd(real_images: Any, generated_images: Any,

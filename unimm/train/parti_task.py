@@ -47,6 +47,12 @@ EVAL_DEFAULTS = dict(
     loss_split="validation",  # held-out pre-tokenized split ("" = skip)
     num_loss_examples=2048,
     num_grid_samples=32,
+    # FID / CLIP score (unimm.evaluation.generation_metrics; off if empty).
+    inception_weights="",
+    fid_reference="",
+    clip_dir="",
+    metrics_prompts="",
+    metrics_num_images=1000,
 )
 
 
@@ -462,12 +468,18 @@ class ParTask:
                            int(self.eval_config["num_loss_examples"]))
 
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
-    """Probe prompt accuracy + Fréchet distance of samples; eval/ files."""
+    """Probe prompt accuracy + Fréchet distance of samples; eval/ files.
+
+    With config.eval.inception_weights / clip_dir set, also FID / CLIP score
+    over config.eval.metrics_prompts (unimm.evaluation.generation_metrics).
+    """
     del model_state
     from unimm.data import shapes  # pylint: disable=g-import-not-at-top
+    from unimm.evaluation import generation_metrics  # pylint: disable=g-import-not-at-top
     from unimm.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
     cfg = self.eval_config
     start = time.time()
+    metrics_on = generation_metrics.check_eval_config(cfg)  # before sampling
     seed_kw = {} if cfg["prompt_seed"] is None else {
         "seed": int(cfg["prompt_seed"])}
     prompt_set = probe_lib.fixed_prompt_set(
@@ -475,11 +487,11 @@ class ParTask:
     captions = [caption for caption, _ in prompt_set]
     cfg_scale = cfg["cfg_scale"]
     cfg_scale = None if cfg_scale in (None, "") else float(cfg_scale)
-    images = self.sample(params, captions, seed=int(cfg["seed"]),
-                         cfg_scale=cfg_scale,
-                         temperature=float(cfg["temperature"]),
-                         top_k=int(cfg["top_k"]), top_p=float(cfg["top_p"]),
-                         batch_size=int(cfg["batch_size"]))
+    sample_kw = dict(cfg_scale=cfg_scale,
+                     temperature=float(cfg["temperature"]),
+                     top_k=int(cfg["top_k"]), top_p=float(cfg["top_p"]),
+                     batch_size=int(cfg["batch_size"]))
+    images = self.sample(params, captions, seed=int(cfg["seed"]), **sample_kw)
     image_size = images.shape[1]
     probe = probe_lib.get_probe(image_size)
     result = dict(probe_lib.prompt_accuracy(captions, images, probe=probe))
@@ -488,6 +500,17 @@ class ParTask:
                      for _, scene in prompt_set])
     result["probe_fd"] = float(probe_lib.probe_fd(real, images, probe=probe))
     result.update(self._heldout_loss(params))
+    if metrics_on:  # FID / CLIP score; batch i samples with seed + 1 + i
+      source = ""
+      if self.pretokenized_dir and os.path.isfile(
+          pretokenize.metadata_path(self.pretokenized_dir, "train")):
+        source = pretokenize.load_metadata(self.pretokenized_dir).get(
+            "source", "")
+      result.update(generation_metrics.from_eval_config(
+          cfg, lambda prompts, i: self.sample(
+              params, prompts, seed=int(cfg["seed"]) + 1 + i, **sample_kw),
+          workdir=workdir, image_size=image_size, default_source=source,
+          data_dir=self.config.data.get("data_dir")))
     result.update(num_prompts=len(captions), steps=int(step),
                   cfg_scale=cfg_scale, eval_seconds=time.time() - start)
     result = {k: (v.item() if isinstance(v, np.generic) else v)
