@@ -12,6 +12,11 @@ def _parti(config):
   return ParTask(config)
 
 
+def _interleaved(config):
+  from unimm.train.interleaved_task import InterleavedTask  # pylint: disable=g-import-not-at-top
+  return InterleavedTask(config)
+
+
 def _upsampler(config):
   from unimm.train.upsampler_task import UpsamplerTask  # pylint: disable=g-import-not-at-top
   return UpsamplerTask(config)
@@ -21,6 +26,7 @@ TASKS = {
     "vit_vqgan": _vit_vqgan,
     "parti": _parti,
     "upsampler": _upsampler,
+    "interleaved": _interleaved,
 }
 
 

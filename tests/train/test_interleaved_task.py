@@ -1,0 +1,117 @@
+"""The interleaved task: the loss falls on packed documents; the trainer
+trains and evaluates it."""
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from unimm.data import interleaved as il_data
+from unimm.tokenizers import text as text_lib
+from unimm.train import trainer
+from unimm.train.interleaved_task import InterleavedTask
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "configs")))
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "data")))
+import interleaved_shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LENGTH, TEXT_VOCAB, CODES, GRID = 160, 64, 16, 4
+
+
+def tiny_config(packed_dir, **kw):
+  config = interleaved_shapes.get_config(
+      f"size=tiny,steps=2,batch=4,length={LENGTH},text_vocab={TEXT_VOCAB},"
+      f"codes={CODES},grid={GRID},packed_dir={packed_dir}")
+  config.model.update(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                      num_layers=2)
+  config.eval.update(batch_size=4, num_batches=2)
+  config.log_every_steps = 1
+  for key, value in kw.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("interleaved_task")
+  workdir = test_pretokenize.make_tokenizer_workdir(str(root / "tok"),
+                                                    str(root / "tfds"))
+  spiece = text_lib.train_sentencepiece(il_data.document_texts(300),
+                                        TEXT_VOCAB, str(root / "spiece"))
+  out = str(root / "packed")
+  for split, num in (("train", 40), ("validation", 12)):
+    il_data.write_interleaved(workdir, spiece, out, split, num, LENGTH,
+                              documents_per_batch=20, encode_batch_size=16)
+  return out
+
+
+def test_loss_falls_on_a_fixed_batch(packed_dir):
+  task = InterleavedTask(tiny_config(packed_dir))
+  batch = next(iter(task.train_data(0, 1)))
+  assert batch["tokens"].shape == (4, LENGTH)
+  params, state = task.init(jax.random.PRNGKey(0), batch)
+  params = nn.unbox(params)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  @jax.jit
+  def step(params, opt_state):
+    (loss, (metrics, _)), grads = jax.value_and_grad(
+        task.loss, has_aux=True)(params, state, batch, None)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+  losses = []
+  for _ in range(12):
+    params, opt_state, loss, metrics = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0], losses
+  # Both modalities are in the batch and are learned.
+  assert metrics["text_loss"] > 0 and metrics["image_loss"] > 0
+  assert set(metrics) == {"text_loss", "image_loss", "text_accuracy",
+                          "image_accuracy", "tokens_per_row"}
+
+
+def test_loss_weights_move_the_total_between_modalities(packed_dir):
+  task = InterleavedTask(tiny_config(packed_dir))
+  batch = {k: jnp.asarray(v) for k, v in next(iter(
+      task.train_data(0, 1))).items()}
+  params, state = task.init(jax.random.PRNGKey(1), batch)
+  _, (metrics, _) = task.loss(params, state, batch, None)
+  for text_weight, image_weight, expected in (
+      (1.0, 0.0, "text_loss"), (0.0, 1.0, "image_loss")):
+    config = tiny_config(packed_dir)
+    config.loss.update(text_weight=text_weight, image_weight=image_weight)
+    loss, _ = InterleavedTask(config).loss(params, state, batch, None)
+    np.testing.assert_allclose(float(loss), float(metrics[expected]),
+                               rtol=1e-5)
+
+
+def test_trainer_trains_and_evaluates(packed_dir, tmp_path):
+  config = tiny_config(packed_dir)
+  config.data.batch_size = 8  # the 8 test devices each take a row
+  workdir = str(tmp_path / "run")
+  state = trainer.train(config, workdir, InterleavedTask(config))
+  assert int(state.step) == 2
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert report["steps"] == 2 and report["eval_loss"] > 0
+
+
+def test_mismatched_vocabulary_is_a_clear_error(packed_dir):
+  config = tiny_config(packed_dir)
+  config.vocab.text_vocab_size = TEXT_VOCAB + 1
+  config.model.vocab_size = 5 + TEXT_VOCAB + 1 + CODES
+  with pytest.raises(ValueError, match="config.model.vocab_size"):
+    InterleavedTask(config).train_data(0, 1)
+  config.model.vocab_size = 7
+  with pytest.raises(ValueError, match="set vocab_size = 5"):
+    InterleavedTask(config)

@@ -1,0 +1,164 @@
+"""The interleaved decoder-only task: next-token loss over packed documents.
+
+Data: packed rows written by `python -m unimm.data.interleaved`
+(config.data.packed_dir): tokens, segment_ids, positions, loss_mask [B, L].
+The logits at t predict token t + 1 within the same document
+(loss_mask[:, 1:] is 0 on padding and on each document's BOS, so nothing is
+predicted across documents). Text and image targets are weighted by
+config.loss.text_weight / image_weight (Chameleon and Gemini weigh them
+alike; a lower image weight trades image quality for text), specials count
+as text. Metrics report both losses and accuracies separately.
+"""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unimm import config_lib
+from unimm.models import interleaved as il
+from unimm.models import vocab as vocab_lib
+
+LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0)
+
+
+class InterleavedTask:
+  """Task for unimm.train.trainer: the decoder-only interleaved model."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = config_lib.build_module(il.InterleavedLM, config.model)
+    self.layout = vocab_lib.VocabLayout(
+        text_vocab_size=int(config.vocab.text_vocab_size),
+        image_vocab_size=int(config.vocab.image_vocab_size))
+    if self.layout.size != self.model.vocab_size:
+      raise ValueError(
+          f"config.model.vocab_size={self.model.vocab_size} but the layout "
+          f"(config.vocab) has {self.layout.size} ids; set vocab_size = 5 + "
+          "text_vocab_size + image_vocab_size.")
+    self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+
+  # ------------------------------------------------------------------ data
+
+  @property
+  def packed_dir(self) -> str:
+    return self.config.data.get("packed_dir", "") or ""
+
+  def _check_metadata(self, split: str) -> None:
+    from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+    metadata = interleaved.load_metadata(self.packed_dir, split)
+    layout = metadata["layout"]
+    size = 5 + layout["text_vocab_size"] + layout["image_vocab_size"]
+    if size != self.model.vocab_size:
+      raise ValueError(
+          f"Packed data in {self.packed_dir!r} uses a joint vocabulary of "
+          f"{size} ids (text {layout['text_vocab_size']} + image "
+          f"{layout['image_vocab_size']} + 5 specials) but "
+          f"config.model.vocab_size={self.model.vocab_size}; make them match "
+          "(config args text_vocab=..., codes=...).")
+    if metadata["length"] > self.model.max_len:
+      raise ValueError(
+          f"Packed rows are {metadata['length']} tokens long but "
+          f"config.model.max_len={self.model.max_len}; raise max_len or "
+          "re-pack with --length.")
+
+  def _dataset(self, split, batch_size, *, shuffle, num_epochs,
+               process_index=0, process_count=1, drop_remainder=True):
+    from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+    if not self.packed_dir:
+      raise ValueError("config.data.packed_dir is empty; write packed "
+                       "documents with `python -m unimm.data.interleaved`.")
+    self._check_metadata(split)
+    return interleaved.packed_dataset(
+        self.packed_dir, split, batch_size=batch_size, shuffle=shuffle,
+        seed=self.config.seed, num_epochs=num_epochs,
+        process_index=process_index, process_count=process_count,
+        drop_remainder=drop_remainder)
+
+  def train_data(self, process_index: int, process_count: int):
+    batch_size = self.config.data.batch_size
+    if batch_size % process_count:
+      raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
+                       f"by the {process_count} processes.")
+    return self._dataset("train", batch_size // process_count, shuffle=True,
+                         num_epochs=None, process_index=process_index,
+                         process_count=process_count)
+
+  # ------------------------------------------------------------------ model
+
+  def init(self, rng, batch):
+    tokens = jnp.asarray(batch["tokens"])
+    params = jax.jit(self.model.init)(rng, tokens)["params"]
+    return params, {}
+
+  def image_target_mask(self, targets):
+    """bool: which joint ids are image codes (the rest count as text)."""
+    return targets >= vocab_lib.NUM_SPECIALS + self.layout.text_vocab_size
+
+  def loss(self, params, model_state, batch, rng):
+    del rng
+    cfg = self.loss_config
+    tokens = batch["tokens"]  # [B, L]
+    logits = self.model.apply({"params": params}, tokens,
+                              batch["segment_ids"], batch["positions"])
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, L-1, V]
+    targets = tokens[:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
+                               axis=-1)[..., 0]  # [B, L-1]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    is_image = self.image_target_mask(targets).astype(jnp.float32)
+    image_mask, text_mask = mask * is_image, mask * (1.0 - is_image)
+    weights = (cfg["text_weight"] * text_mask +
+               cfg["image_weight"] * image_mask)
+    loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def mean(x, m):
+      return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+    metrics = {
+        "text_loss": mean(nll, text_mask),
+        "image_loss": mean(nll, image_mask),
+        "text_accuracy": mean(correct, text_mask),
+        "image_accuracy": mean(correct, image_mask),
+        "tokens_per_row": jnp.sum(mask) / tokens.shape[0],
+    }
+    return loss, (metrics, model_state)
+
+  def optimizer(self):
+    return None  # the trainer's AdamW from config.optimizer
+
+  # ------------------------------------------------------------------ eval
+
+  def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
+    """Held-out losses and accuracies on config.eval.split (packed rows)."""
+    import json  # pylint: disable=g-import-not-at-top
+    eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
+    split = eval_cfg.get("split", "validation")
+    batch_size = int(eval_cfg.get("batch_size", self.config.data.batch_size))
+    max_batches = int(eval_cfg.get("num_batches", 8))
+    fn = jax.jit(lambda p, b: self.loss(p, model_state, b, None))
+    totals, count = {}, 0
+    for i, batch in enumerate(self._dataset(split, batch_size, shuffle=False,
+                                            num_epochs=1,
+                                            drop_remainder=False)):
+      if i >= max_batches:
+        break
+      loss, (metrics, _) = fn(nn.unbox(params),
+                              {k: jnp.asarray(v) for k, v in batch.items()})
+      for key, value in dict(metrics, loss=loss).items():
+        totals[key] = totals.get(key, 0.0) + float(value)
+      count += 1
+    if not count:
+      raise ValueError(f"No packed rows in split {split!r} of "
+                       f"{self.packed_dir!r} (config.eval.split).")
+    result = {f"eval_{k}": v / count for k, v in totals.items()}
+    result.update(steps=int(step))
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+      json.dump({k: float(v) if isinstance(v, (float, np.floating)) else v
+                 for k, v in result.items()}, f, indent=2)
+    return result
