@@ -53,6 +53,16 @@ def test_fsdp_8_holds_one_eighth_of_the_parameters(plans):
   assert "optimizer state" in text and "ratio" in text
 
 
+def test_interleaved_model_plans_with_fsdp_and_its_flops_match():
+  config = _config("configs/interleaved_plan.py:size=tiny,batch=8,"
+                   "length=128,text_vocab=64,codes=64,grid=4")
+  result = plan.plan(config, {"data": 1, "fsdp": 8, "tensor": 1},
+                     sampler=False, log=lambda *a: 0)
+  assert result["num_devices"] == 8
+  assert result["params_bytes_per_device"] < 2 * result["num_params"] / 4
+  assert 0.95 < result["flops_ratio"] < 1.05
+
+
 def test_cli_json_on_a_mixed_mesh():
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(

@@ -50,6 +50,7 @@ SLICE_CHIPS = {
 TABLE_CONFIGS = (
     ("configs/vit_vqgan_plan.py", ("small", "base", "large")),
     ("configs/parti_plan.py", ("350m", "750m", "3b", "20b")),
+    ("configs/interleaved_plan.py", ("1b", "7b")),
 )
 MESH_AXES = ("data", "fsdp", "tensor")
 JSON_KEYS = ("params_bytes_per_device", "opt_state_bytes_per_device",
@@ -175,8 +176,12 @@ def abstract_batch(config, batch_size: int | None = None) -> dict[str, Any]:
   if config.task == "vit_vqgan":
     s = m.image_size
     return {"image": jax.ShapeDtypeStruct((b, s, s, 3), np.uint8)}
-  raise ValueError(f"The planner knows tasks 'parti' and 'vit_vqgan', got "
-                   f"config.task={config.task!r}.")
+  if config.task == "interleaved":
+    row = jax.ShapeDtypeStruct((b, m.max_len), np.int32)
+    return {"tokens": row, "segment_ids": row, "positions": row,
+            "loss_mask": row}
+  raise ValueError(f"The planner knows tasks 'parti', 'vit_vqgan' and "
+                   f"'interleaved', got config.task={config.task!r}.")
 
 
 # ----------------------------------------------------------------------------
@@ -185,16 +190,19 @@ def abstract_batch(config, batch_size: int | None = None) -> dict[str, Any]:
 
 
 def _stack_flops(layers, tokens, d, f, heads_dim, kv_tokens=None,
-                 cross_tokens=None):
+                 cross_tokens=None, kv_dim=None, mlp_matrices=2):
   """Forward matmul FLOPs of a transformer stack on `tokens` per example.
 
-  Per layer: q, k, v, o projections 4 D (N H), the MLP 2 D F (2 FLOPs per
-  multiply-add), self-attention scores and values 2 * 2 T^2 (N H) (the full
+  Per layer: q, o projections 2 D (N H) and k, v 2 D (K H) (kv_dim = K H,
+  default N H), the MLP mlp_matrices D F (3 when gated), 2 FLOPs per
+  multiply-add; self-attention scores and values 2 * 2 T^2 (N H) (the full
   T x T square: the causal mask is applied to a dense product), and with
   cross-attention q, o on T, k, v on the S encoder tokens and 2 * 2 T S (N H).
   """
   t = tokens
-  per_layer = 2 * t * (4 * d * heads_dim + 2 * d * f) + 4 * t * t * heads_dim
+  kv_dim = heads_dim if kv_dim is None else kv_dim
+  per_layer = (2 * t * (2 * d * heads_dim + 2 * d * kv_dim +
+                        mlp_matrices * d * f) + 4 * t * t * heads_dim)
   if cross_tokens:
     s = cross_tokens
     per_layer += (2 * t * 2 * d * heads_dim + 2 * s * 2 * d * heads_dim +
@@ -210,6 +218,24 @@ def analytic_flops(config, batch_size: int) -> float:
   are not in the formula).
   """
   m = config.model
+  if config.task == "interleaved":
+    gated = m.get("mlp_activation", "gelu") in ("swiglu", "geglu")
+    t = m.max_len
+    forward = (_stack_flops(m.num_layers, t, m.embed_dim, m.mlp_dim,
+                            m.num_heads * m.head_dim,
+                            kv_dim=m.num_kv_heads * m.head_dim,
+                            mlp_matrices=3 if gated else 2) +
+               2 * t * m.embed_dim * m.vocab_size)  # tied read-out
+    return 3.0 * forward * batch_size
+  if config.task == "interleaved":
+    gated = m.get("mlp_activation", "gelu") in ("swiglu", "geglu")
+    t = m.max_len
+    forward = (_stack_flops(m.num_layers, t, m.embed_dim, m.mlp_dim,
+                            m.num_heads * m.head_dim,
+                            kv_dim=m.num_kv_heads * m.head_dim,
+                            mlp_matrices=3 if gated else 2) +
+               2 * t * m.embed_dim * m.vocab_size)  # tied read-out
+    return 3.0 * forward * batch_size
   if config.task == "parti":
     hd = m.num_heads * m.head_dim
     s, t = m.text_length, m.image_length
@@ -489,7 +515,8 @@ def _table_markdown(rows, batch_per_device) -> str:
           " |")
   lines = [head, "|---|---|" + "---|" * len(HBM_GIB)]
   for size, path, results in rows:
-    name = ("ViT-VQGAN " if "vit_vqgan" in path else "Parti ") + size
+    name = ("ViT-VQGAN " if "vit_vqgan" in path else
+            "Interleaved " if "interleaved" in path else "Parti ") + size
     num_params = next(iter(results.values()))["num_params"] if results else 0
     cells = []
     for family, hbm in HBM_GIB.items():
