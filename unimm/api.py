@@ -196,6 +196,177 @@ class TextToImageModel:
     return cache[factor]
 
 
+@dataclasses.dataclass
+class InterleavedModel:
+  """A trained decoder-only interleaved model: documents of text and images.
+
+  A segment is a str or a uint8 image [H, W, 3] at the tokenizer's
+  resolution. Image spans are sampled without guidance for now.
+  """
+  task: Any
+  params: Any
+  config: ml_collections.ConfigDict
+  step: int
+  tokenizer: Tokenizer
+  text_tokenizer: Any
+
+  @property
+  def layout(self):
+    return self.task.layout
+
+  def _encode(self, documents) -> list[Any]:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    s = self.tokenizer.image_size
+    rows = []
+    for d, segments in enumerate(documents):
+      if isinstance(segments, (str, np.ndarray)):
+        segments = [segments]
+      parts = [np.array([vocab.BOS])]
+      for i, segment in enumerate(segments):
+        if isinstance(segment, str):
+          if not segment.strip():
+            raise ValueError(f"Document {d}, segment {i} is empty text.")
+          ids = np.asarray(self.text_tokenizer._sp.encode(  # pylint: disable=protected-access
+              segment, out_type=int), np.int64)
+          parts.append(self.layout.text_to_joint(ids))
+        else:
+          image = np.asarray(segment)
+          if image.dtype != np.uint8 or image.shape != (s, s, 3):
+            raise ValueError(
+                f"Document {d}, segment {i}: an image of shape {image.shape} "
+                f"and dtype {image.dtype}; expected uint8 [{s}, {s}, 3], the "
+                f"tokenizer's resolution (resize it to {s}x{s}).")
+          codes = self.tokenizer.encode(image[None])[0]
+          parts.append(self.layout.image_span(codes))
+      rows.append(np.concatenate(parts).astype(np.int32))
+    return rows
+
+  def _continue(self, rows, *, seed, temperature, top_k, top_p,
+                max_new_tokens, max_images, max_text_tokens=64):
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    from unimm.sampling.sampler import SamplingParams  # pylint: disable=g-import-not-at-top
+    model = self.task.model
+    longest = max(len(r) for r in rows)
+    room = max_new_tokens + max_text_tokens + model.image_length + 2
+    if longest + room > model.max_len:
+      raise ValueError(
+          f"A document of {longest} tokens plus room to continue it "
+          f"({room}) exceeds the model's context of {model.max_len} tokens "
+          "(config.model.max_len); shorten the document or lower "
+          "max_new_tokens.")
+    prompts = np.stack([np.pad(r, (longest - len(r), 0)) for r in rows])
+    ids = np.arange(self.layout.size)
+    # Text the model may write: SentencePiece pieces except its pad / eos
+    # (documents end with the joint EOS).
+    text_ids = np.asarray(self.layout.is_text(ids)) & ~np.isin(
+        ids, self.layout.text_to_joint(np.array(
+            [self.text_tokenizer.pad_id, self.text_tokenizer.eos_id])))
+    sampling = SamplingParams(float(temperature), int(top_k),
+                              float(top_p)).validate(self.layout.size)
+    out = interleaved.continue_documents(
+        model, {"params": self.params}, prompts, jax.random.PRNGKey(seed),
+        text_ids=text_ids,
+        image_ids=np.asarray(self.layout.is_image(ids)),
+        eos_id=vocab.EOS, boi_id=vocab.BOI, eoi_id=vocab.EOI,
+        text_sampling=sampling, image_sampling=sampling,
+        max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
+        max_images=max_images)
+    return out
+
+  def _segments(self, row) -> list[Any]:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    row = [int(t) for t in row if t != vocab.PAD]
+    if vocab.EOS in row:
+      row = row[:row.index(vocab.EOS)]
+    if vocab.BOI in row and vocab.EOI not in row[row.index(vocab.BOI):]:
+      row = row[:len(row) - row[::-1].index(vocab.BOI) - 1]  # unfinished span
+    h, w = self.tokenizer.grid
+    segments = []
+    for kind, ids in self.layout.segments(np.asarray(row, np.int64)):
+      if kind == "text":
+        segments.append(self.text_tokenizer.decode(
+            np.asarray(ids, np.int32)[None])[0])
+      else:
+        segments.append(self.tokenizer.decode(
+            np.asarray(ids, np.int32).reshape(1, h, w))[0])
+    return segments
+
+  def generate(self, segments, *, seed: int = 0, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
+               max_images: int = 2) -> list[Any]:
+    """Continues one document: text, then an image when the model opens one
+    (exactly h*w codes, EOI forced), until EOS or the budget. Returns the
+    new segments (str or uint8 [H, W, 3])."""
+    rows = self._encode([segments])
+    out = self._continue(rows, seed=seed, temperature=temperature,
+                         top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens, max_images=max_images)
+    return self._segments(out[0])
+
+  def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
+              max_new_tokens: int = 48) -> list[str]:
+    """Captions for uint8 images [N, H, W, 3] (greedy by default)."""
+    rows = self._encode([[image] for image in images])
+    out = self._continue(rows, seed=seed, temperature=temperature, top_k=0,
+                         top_p=1.0, max_new_tokens=max_new_tokens,
+                         max_images=0, max_text_tokens=max_new_tokens)
+    texts = []
+    for row in out:
+      text = [s for s in self._segments(row) if isinstance(s, str)]
+      texts.append(" ".join(t.strip() for t in text))
+    return texts
+
+  def sample(self, prompts, *, seed: int = 0, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0):
+    """uint8 images [N, H, W, 3] for N prompts (text, then one image)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    if isinstance(prompts, str):
+      raise ValueError("prompts must be a list of strings; wrap it in a list.")
+    rows = [np.concatenate([r, [vocab.BOI]]).astype(np.int32)
+            for r in self._encode([[p] for p in prompts])]
+    image_length = self.task.model.image_length
+    out = self._continue(rows, seed=seed, temperature=temperature,
+                         top_k=top_k, top_p=top_p,
+                         max_new_tokens=image_length + 1, max_images=1)
+    h, w = self.tokenizer.grid
+    codes = out[:, :image_length] - self.layout.image_offset
+    return self.tokenizer.decode(codes.reshape(-1, h, w))
+
+
+def load_interleaved(workdir: str, step: int | None = None
+                     ) -> InterleavedModel:
+  """Loads an interleaved run with its image and text tokenizers."""
+  from unimm.tokenizers import text  # pylint: disable=g-import-not-at-top
+  config = _local_mesh_config(saved_config(workdir, step))
+  if config.get("task") != "interleaved":
+    raise ValueError(f"{workdir!r} holds a {config.get('task')!r} run, not "
+                     "an interleaved one.")
+  tokenizer_workdir = config.get("tokenizer_workdir") or ""
+  if not tokenizer_workdir or not os.path.isdir(
+      os.path.join(tokenizer_workdir, trainer.CHECKPOINT_DIR)):
+    raise ValueError(
+        f"The interleaved run in {workdir!r} names tokenizer_workdir="
+        f"{tokenizer_workdir!r}, which holds no trained ViT-VQGAN; train it "
+        "(configs/vit_vqgan_shapes.py) or set config.tokenizer_workdir.")
+  text_path = config.get("text_tokenizer") or ""
+  if not os.path.isfile(text_path):
+    raise ValueError(
+        f"The interleaved run in {workdir!r} names text_tokenizer="
+        f"{text_path!r}, which does not exist; set config.text_tokenizer to "
+        "its SentencePiece .model.")
+  task = tasks.get_task(config)
+  restored = trainer.restore(config, workdir, task, step)
+  return InterleavedModel(task, jax.device_get(restored.params), config,
+                          int(restored.step), load_tokenizer(tokenizer_workdir),
+                          text.TextTokenizer.load(text_path))
+
+
 def _find_upsamplers(workdir: str, given) -> dict[int, str]:
   """factor -> workdir: the given ones, else a recipe's upsampler_x{f}/."""
   found = {}
@@ -236,6 +407,8 @@ def load_model(workdir: str, step: int | None = None, *,
   """
   workdir = model_workdir(workdir)
   config = _local_mesh_config(saved_config(workdir, step))
+  if config.get("task") == "interleaved":
+    return load_interleaved(workdir, step)
   if config.get("task") != "parti":
     raise ValueError(f"{workdir!r} holds a {config.get('task')!r} run; "
                      "load_model expects a text-to-image run (config.task "

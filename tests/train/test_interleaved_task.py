@@ -39,7 +39,7 @@ def tiny_config(packed_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def packed_dir(tmp_path_factory):
+def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("interleaved_task")
   workdir = test_pretokenize.make_tokenizer_workdir(str(root / "tok"),
                                                     str(root / "tfds"))
@@ -49,7 +49,12 @@ def packed_dir(tmp_path_factory):
   for split, num in (("train", 40), ("validation", 12)):
     il_data.write_interleaved(workdir, spiece, out, split, num, LENGTH,
                               documents_per_batch=20, encode_batch_size=16)
-  return out
+  return dict(packed_dir=out, tokenizer_workdir=workdir, text_tokenizer=spiece)
+
+
+@pytest.fixture(scope="module")
+def packed_dir(files):
+  return files["packed_dir"]
 
 
 def test_loss_falls_on_a_fixed_batch(packed_dir):
@@ -95,8 +100,10 @@ def test_loss_weights_move_the_total_between_modalities(packed_dir):
                                rtol=1e-5)
 
 
-def test_trainer_trains_and_evaluates(packed_dir, tmp_path):
-  config = tiny_config(packed_dir)
+def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path):
+  config = tiny_config(files["packed_dir"],
+                       tokenizer_workdir=files["tokenizer_workdir"],
+                       text_tokenizer=files["text_tokenizer"])
   config.data.batch_size = 8  # the 8 test devices each take a row
   workdir = str(tmp_path / "run")
   state = trainer.train(config, workdir, InterleavedTask(config))
@@ -104,6 +111,24 @@ def test_trainer_trains_and_evaluates(packed_dir, tmp_path):
   with open(os.path.join(workdir, "eval", "report.json")) as f:
     report = json.load(f)
   assert report["steps"] == 2 and report["eval_loss"] > 0
+
+  from unimm import api  # pylint: disable=g-import-not-at-top
+  model = api.load_model(workdir)
+  assert isinstance(model, api.InterleavedModel)
+  images = model.sample(["a big red circle", "a small blue star"], seed=0)
+  assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(
+      images, model.sample(["a big red circle", "a small blue star"], seed=0))
+  captions = model.caption(images)
+  assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+  new = model.generate(["a big red circle", images[0], "make it blue"],
+                       seed=1, max_new_tokens=24, max_images=1)
+  for segment in new:
+    assert isinstance(segment, str) or segment.shape == (32, 32, 3)
+  with pytest.raises(ValueError, match=r"expected uint8 \[32, 32, 3\]"):
+    model.generate([np.zeros((64, 64, 3), np.uint8)])
+  with pytest.raises(ValueError, match="config.model.max_len"):
+    model.generate(["a big red circle " * 200])
 
 
 def test_mismatched_vocabulary_is_a_clear_error(packed_dir):
