@@ -53,7 +53,8 @@ def get_config(arg=None):
   config.data = ml_collections.ConfigDict(dict(
       packed_dir=arg.packed_dir, batch_size=arg.batch))
   config.eval = ml_collections.ConfigDict(dict(
-      split="validation", batch_size=arg.batch, num_batches=8))
+      split="validation", batch_size=arg.batch, num_batches=8,
+      num_generation=200, generation_batch_size=50, temperature=0.0))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -298,15 +298,28 @@ class InterleavedModel:
 
   def generate(self, segments, *, seed: int = 0, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
-               max_images: int = 2) -> list[Any]:
+               max_images: int = 2, max_text_tokens: int = 64) -> list[Any]:
     """Continues one document: text, then an image when the model opens one
     (exactly h*w codes, EOI forced), until EOS or the budget. Returns the
     new segments (str or uint8 [H, W, 3])."""
-    rows = self._encode([segments])
+    return self.generate_batch(
+        [segments], seed=seed, temperature=temperature, top_k=top_k,
+        top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
+        max_text_tokens=max_text_tokens)[0]
+
+  def generate_batch(self, documents, *, seed: int = 0,
+                     temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, max_new_tokens: int = 128,
+                     max_images: int = 2, max_text_tokens: int = 64
+                     ) -> list[list[Any]]:
+    """generate() for several documents at once (one batch); a text run
+    without BOI or EOS stops after max_text_tokens."""
+    rows = self._encode(documents)
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
-                         max_new_tokens=max_new_tokens, max_images=max_images)
-    return self._segments(out[0])
+                         max_new_tokens=max_new_tokens, max_images=max_images,
+                         max_text_tokens=max_text_tokens)
+    return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
               max_new_tokens: int = 48) -> list[str]:
@@ -342,7 +355,6 @@ class InterleavedModel:
 def load_interleaved(workdir: str, step: int | None = None
                      ) -> InterleavedModel:
   """Loads an interleaved run with its image and text tokenizers."""
-  from unimm.tokenizers import text  # pylint: disable=g-import-not-at-top
   config = _local_mesh_config(saved_config(workdir, step))
   if config.get("task") != "interleaved":
     raise ValueError(f"{workdir!r} holds a {config.get('task')!r} run, not "
@@ -362,9 +374,16 @@ def load_interleaved(workdir: str, step: int | None = None
         "its SentencePiece .model.")
   task = tasks.get_task(config)
   restored = trainer.restore(config, workdir, task, step)
-  return InterleavedModel(task, jax.device_get(restored.params), config,
-                          int(restored.step), load_tokenizer(tokenizer_workdir),
-                          text.TextTokenizer.load(text_path))
+  return interleaved_model(task, restored.params, config, int(restored.step))
+
+
+def interleaved_model(task, params, config, step: int) -> InterleavedModel:
+  """An InterleavedModel over trained params, with config's tokenizers."""
+  from unimm.tokenizers import text  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return InterleavedModel(task, jax.device_get(nn.unbox(params)), config,
+                          step, load_tokenizer(config.tokenizer_workdir),
+                          text.TextTokenizer.load(config.text_tokenizer))
 
 
 def _find_upsamplers(workdir: str, given) -> dict[int, str]:

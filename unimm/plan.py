@@ -227,15 +227,6 @@ def analytic_flops(config, batch_size: int) -> float:
                             mlp_matrices=3 if gated else 2) +
                2 * t * m.embed_dim * m.vocab_size)  # tied read-out
     return 3.0 * forward * batch_size
-  if config.task == "interleaved":
-    gated = m.get("mlp_activation", "gelu") in ("swiglu", "geglu")
-    t = m.max_len
-    forward = (_stack_flops(m.num_layers, t, m.embed_dim, m.mlp_dim,
-                            m.num_heads * m.head_dim,
-                            kv_dim=m.num_kv_heads * m.head_dim,
-                            mlp_matrices=3 if gated else 2) +
-               2 * t * m.embed_dim * m.vocab_size)  # tied read-out
-    return 3.0 * forward * batch_size
   if config.task == "parti":
     hd = m.num_heads * m.head_dim
     s, t = m.text_length, m.image_length

@@ -31,7 +31,7 @@ def tiny_config(packed_dir, **kw):
       f"codes={CODES},grid={GRID},packed_dir={packed_dir}")
   config.model.update(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                       num_layers=2)
-  config.eval.update(batch_size=4, num_batches=2)
+  config.eval.update(batch_size=4, num_batches=2, num_generation=0)
   config.log_every_steps = 1
   for key, value in kw.items():
     config[key] = value
@@ -100,17 +100,24 @@ def test_loss_weights_move_the_total_between_modalities(packed_dir):
                                rtol=1e-5)
 
 
-def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path):
+def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
+                                                         monkeypatch):
+  import test_parti_task  # pylint: disable=g-import-not-at-top
+  test_parti_task.use_pixel_probe(monkeypatch)  # no probe training here
   config = tiny_config(files["packed_dir"],
                        tokenizer_workdir=files["tokenizer_workdir"],
                        text_tokenizer=files["text_tokenizer"])
   config.data.batch_size = 8  # the 8 test devices each take a row
+  config.eval.update(num_generation=3, generation_batch_size=3)
   workdir = str(tmp_path / "run")
   state = trainer.train(config, workdir, InterleavedTask(config))
   assert int(state.step) == 2
   with open(os.path.join(workdir, "eval", "report.json")) as f:
     report = json.load(f)
   assert report["steps"] == 2 and report["eval_loss"] > 0
+  for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy"):
+    assert 0.0 <= report[key] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "eval", "documents.png"))
 
   from unimm import api  # pylint: disable=g-import-not-at-top
   model = api.load_model(workdir)

@@ -63,6 +63,13 @@ def logit_laplace_mean(mu, eps: float = LOGIT_LAPLACE_EPS):
   return unmap_pixels(jax.nn.sigmoid(mu.astype(jnp.float32)), eps)
 
 
+def psnr_uint8(a, b) -> np.ndarray:
+  """Per-image PSNR (dB) of uint8 images [N, H, W, C] (host side)."""
+  err = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+  mse = err.reshape(len(err), -1).mean(axis=1)
+  return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
 def l2_loss(recon, target):
   """Mean squared error; both in [0, 1]."""
   return jnp.mean(jnp.square(recon.astype(jnp.float32) -

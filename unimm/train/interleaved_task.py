@@ -78,11 +78,9 @@ class InterleavedTask:
         drop_remainder=drop_remainder)
 
   def train_data(self, process_index: int, process_count: int):
-    batch_size = self.config.data.batch_size
-    if batch_size % process_count:
-      raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
-                       f"by the {process_count} processes.")
-    return self._dataset("train", batch_size // process_count, shuffle=True,
+    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
+    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    return self._dataset("train", batch_size, shuffle=True,
                          num_epochs=None, process_index=process_index,
                          process_count=process_count)
 
@@ -133,7 +131,9 @@ class InterleavedTask:
   # ------------------------------------------------------------------ eval
 
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
-    """Held-out losses and accuracies on config.eval.split (packed rows)."""
+    """Held-out losses on config.eval.split (packed rows) and, with
+    config.eval.num_generation > 0, prompt / caption / edit accuracy of
+    generated documents (unimm.evaluation.interleaved_eval)."""
     import json  # pylint: disable=g-import-not-at-top
     eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
     split = eval_cfg.get("split", "validation")
@@ -157,6 +157,16 @@ class InterleavedTask:
     result = {f"eval_{k}": v / count for k, v in totals.items()}
     result.update(steps=int(step))
     out_dir = os.path.join(workdir, "eval")
+    if int(eval_cfg.get("num_generation", 0)) > 0:
+      # Generation read back by the shapes probe (needs both tokenizers).
+      from unimm import api  # pylint: disable=g-import-not-at-top
+      from unimm.evaluation import interleaved_eval  # pylint: disable=g-import-not-at-top
+      n = int(eval_cfg["num_generation"])
+      model = api.interleaved_model(self, params, self.config, int(step))
+      result.update(interleaved_eval.evaluate_generation(
+          model, out_dir, num_prompts=n, num_captions=n, num_edits=n,
+          temperature=float(eval_cfg.get("temperature", 0.0)),
+          batch_size=int(eval_cfg.get("generation_batch_size", 32))))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
       json.dump({k: float(v) if isinstance(v, (float, np.floating)) else v

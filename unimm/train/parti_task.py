@@ -222,11 +222,9 @@ class ParTask:
         drop_remainder=drop_remainder)
 
   def train_data(self, process_index: int, process_count: int):
-    batch_size = self.config.data.batch_size
-    if batch_size % process_count:
-      raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
-                       f"by the {process_count} processes.")
-    return self._dataset("train", batch_size // process_count, shuffle=True,
+    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
+    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    return self._dataset("train", batch_size, shuffle=True,
                          seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
                          process_count=process_count)

@@ -30,6 +30,16 @@ TASKS = {
 }
 
 
+def per_host_batch_size(config: ml_collections.ConfigDict,
+                        process_count: int) -> int:
+  """config.data.batch_size (global) split over the hosts, or a ValueError."""
+  batch_size = config.data.batch_size
+  if batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
+                     f"by the {process_count} processes.")
+  return batch_size // process_count
+
+
 def get_task(config: ml_collections.ConfigDict):
   """Builds the task named by config.task."""
   name = config.get("task")

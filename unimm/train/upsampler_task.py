@@ -40,13 +40,6 @@ LOSS_DEFAULTS = dict(
 )
 
 
-def psnr(a, b) -> np.ndarray:
-  """Per-image PSNR (dB) of uint8 images [N, H, W, C]."""
-  err = (a.astype(np.float64) - b.astype(np.float64)) ** 2
-  mse = err.reshape(len(a), -1).mean(axis=1)
-  return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
-
-
 def to_uint8(x) -> jax.Array:
   return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
@@ -141,11 +134,9 @@ class UpsamplerTask:
         worker_count=data.get("worker_count", 0))
 
   def train_data(self, process_index: int, process_count: int):
-    batch_size = self.config.data.batch_size
-    if batch_size % process_count:
-      raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
-                       f"by the {process_count} processes.")
-    return self._dataset("train", batch_size // process_count, shuffle=True,
+    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
+    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    return self._dataset("train", batch_size, shuffle=True,
                          num_epochs=None, process_index=process_index,
                          process_count=process_count)
 
@@ -290,9 +281,10 @@ class UpsamplerTask:
           jnp.asarray(decoded, jnp.float32) / 255.0, self.factor)))
       true_bicubic = np.asarray(to_uint8(upsampler_lib.bicubic(
           jnp.asarray(images, jnp.float32) / 255.0, self.factor)))
-      up_psnr.append(psnr(high, target))
-      bicubic_psnr.append(psnr(bicubic, target))
-      true_bicubic_psnr.append(psnr(true_bicubic, target))
+      up_psnr.append(losses_lib.psnr_uint8(high, target))
+      bicubic_psnr.append(losses_lib.psnr_uint8(bicubic, target))
+      true_bicubic_psnr.append(losses_lib.psnr_uint8(true_bicubic,
+                                                        target))
       if shown is None:
         shown = (target[:8], bicubic[:8], high[:8])
       seen += len(images)

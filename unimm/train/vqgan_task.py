@@ -117,11 +117,9 @@ class ViTVQGANTask:
         drop_remainder=drop_remainder)
 
   def train_data(self, process_index: int, process_count: int):
-    data = self.config.data
-    if data.batch_size % process_count:
-      raise ValueError(f"config.data.batch_size={data.batch_size} is not "
-                       f"divisible by the {process_count} processes.")
-    return self._dataset("train", data.batch_size // process_count,
+    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
+    return self._dataset("train",
+                         tasks.per_host_batch_size(self.config, process_count),
                          shuffle=True, seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
                          process_count=process_count)
@@ -329,9 +327,7 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
   for batch in batches:
     images = np.asarray(batch["image"])[:num_images - seen]
     ids, recon = task.reconstruct(params, images)
-    err = (recon.astype(np.float64) - images.astype(np.float64)) ** 2
-    mse = err.reshape(len(images), -1).mean(axis=1)
-    psnrs.append(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
+    psnrs.append(losses_lib.psnr_uint8(recon, images))
     counts += np.bincount(ids.reshape(-1), minlength=task.model.num_codes)
     if seen < 32:
       originals.append(images[:32 - seen])
