@@ -498,12 +498,30 @@ def padded_batches(images: np.ndarray, batch_size: int):
     yield batch, count
 
 
+def batch_sharding(batch_size: int) -> jax.sharding.NamedSharding:
+  """Splits a batch over this host's devices (the most that divide it)."""
+  devices = jax.local_devices()
+  n = len(devices)
+  while n > 1 and batch_size % n:
+    n -= 1
+  mesh = jax.sharding.Mesh(np.array(devices[:n]), ("batch",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+
 def iter_features(net: Inception, batches, progress: Progress | None = None):
   """Yields pool3 features [count, 2048] (float32, numpy) of each (batch,
-  count) pair, keeping one batch in flight ahead of the host."""
-  pending, done = None, 0
+  count) pair, keeping one batch in flight ahead of the host. Each batch is
+  split over the host's devices (weights replicated)."""
+  pending, done, placed = None, 0, None
   for batch, count in batches:
-    features = _pool3(net.module, net.variables, batch)  # async dispatch
+    if placed is None or placed[0] != len(batch):
+      sharding = batch_sharding(len(batch))
+      replicated = jax.sharding.NamedSharding(sharding.mesh,
+                                              jax.sharding.PartitionSpec())
+      placed = (len(batch), sharding,
+                jax.device_put(net.variables, replicated))
+    batch = jax.device_put(batch, placed[1])
+    features = _pool3(net.module, placed[2], batch)  # async dispatch
     if pending is not None:
       yield np.asarray(pending[0])[:pending[1]]
       done += pending[1]
@@ -523,8 +541,8 @@ def inception_features(net: Inception, images: Any, batch_size: int = 50
 
   C is 3 (RGB), 4 (RGBA: alpha dropped) or 1 / absent (grayscale: repeated);
   any H, W (resized to 299x299 inside the network). Runs jitted batches of
-  min(batch_size, N) images (the last one zero-padded), logging progress
-  and ETA every 10 s.
+  min(batch_size, N) images (the last one zero-padded), split over the
+  host's devices, logging progress and ETA every 10 s.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size is {batch_size}; expected >= 1.")
