@@ -34,6 +34,7 @@ import dataclasses
 import io
 import json
 import multiprocessing
+import fcntl
 import os
 import time
 from typing import Any, Iterator
@@ -232,14 +233,23 @@ def build_shapes(image_size: int, data_dir: str | None = None, *,
   """
   builder = shapes_builder(image_size, data_dir, small=small)
   if not builder.is_prepared():
-    start = time.time()
-    logging.info("Building %s/%s into %s ...", NAME, builder.builder_config.name,
-                 builder.data_dir_root)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False))
-    logging.info("Built %s/%s in %.1fs.", NAME, builder.builder_config.name,
-                 time.time() - start)
+    # Several processes on one machine (launch/local.sh --processes N) share
+    # the directory: one builds, the others wait on the lock and reuse it.
+    root = os.fspath(builder.data_dir_root)
+    os.makedirs(root, exist_ok=True)
+    lock_path = os.path.join(root, f".{NAME}_{builder.builder_config.name}.lock")
+    with open(lock_path, "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = shapes_builder(image_size, data_dir, small=small)
+      if not builder.is_prepared():
+        start = time.time()
+        logging.info("Building %s/%s into %s ...", NAME,
+                     builder.builder_config.name, builder.data_dir_root)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False))
+        logging.info("Built %s/%s in %.1fs.", NAME,
+                     builder.builder_config.name, time.time() - start)
   return os.fspath(builder.data_dir_root)
 
 
