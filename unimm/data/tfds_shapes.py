@@ -31,10 +31,10 @@ is small, so an individual scene may still repeat by chance).
 """
 import concurrent.futures
 import dataclasses
+import fcntl
 import io
 import json
 import multiprocessing
-import fcntl
 import os
 import time
 from typing import Any, Iterator
