@@ -183,15 +183,17 @@ class TextToImageModel:
       tokenizer = self.task.image_tokenizer
       if (upsampler.tokenizer.grid != tokenizer.grid or
           upsampler.tokenizer.num_codes != tokenizer.num_codes or
-          upsampler.base_size != tokenizer.image_size):
+          upsampler.base_size != tokenizer.image_size or
+          not _same_params(upsampler.tokenizer.params, tokenizer.params)):
         raise ValueError(
             f"The upsampler in {self.upsamplers[factor]!r} was trained on a "
             f"tokenizer with a {upsampler.tokenizer.grid} grid of "
             f"{upsampler.tokenizer.num_codes} codes at "
             f"{upsampler.base_size}px; this model's tokenizer has "
             f"{tokenizer.grid} / {tokenizer.num_codes} / "
-            f"{tokenizer.image_size}px. Train the upsampler with "
-            "tokenizer_workdir= this model's tokenizer_workdir.")
+            f"{tokenizer.image_size}px (or the same shapes with other "
+            "weights). Train the upsampler with tokenizer_workdir= this "
+            "model's tokenizer_workdir.")
       cache[factor] = upsampler
     return cache[factor]
 
@@ -384,6 +386,15 @@ def interleaved_model(task, params, config, step: int) -> InterleavedModel:
   return InterleavedModel(task, jax.device_get(nn.unbox(params)), config,
                           step, load_tokenizer(config.tokenizer_workdir),
                           text.TextTokenizer.load(config.text_tokenizer))
+
+
+def _same_params(a, b) -> bool:
+  """Whether two parameter trees hold the same values (same tokenizer)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(a) == len(b) and all(
+      x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(a, b))
 
 
 def _find_upsamplers(workdir: str, given) -> dict[int, str]:
