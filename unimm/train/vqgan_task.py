@@ -299,7 +299,13 @@ class ViTVQGANTask:
         out = self.model.apply({"params": generator_params}, images)
         recon = jnp.round(out["recon"] * 255.0).astype(jnp.uint8)
         return out["ids"], recon
-      self._reconstruct_fn = jax.jit(fn)
+      # Every host evaluates the same images; replicated outputs can be
+      # read on each host even when the parameters span several hosts.
+      sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+      out = (jax.sharding.NamedSharding(sharding.mesh,
+                                        jax.sharding.PartitionSpec())
+             if isinstance(sharding, jax.sharding.NamedSharding) else None)
+      self._reconstruct_fn = jax.jit(fn, out_shardings=out)
     ids, recon = self._reconstruct_fn(_unboxed(params)["generator"], images)
     return np.asarray(ids), np.asarray(recon)
 
