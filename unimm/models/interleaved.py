@@ -177,9 +177,7 @@ class InterleavedLM(nn.Module):
     (left padding; rows idling while others decode). Returns (logits
     [B, V] after the last token, cache). T > 1 is the prefill.
     """
-    b, t = tokens.shape
     slot = jnp.asarray(slot, jnp.int32)
-    slots = slot + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     real = tokens != PAD_ID  # [B, T]
     positions = cache["length"][:, None] + jnp.cumsum(real, axis=1) - 1
     positions = jnp.maximum(positions, 0).astype(jnp.int32)
@@ -254,10 +252,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   the last phase's overshoot).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
   prompts = jnp.asarray(prompts, jnp.int32)
   b, p = prompts.shape
-  v = model.vocab_size
   text_allowed = jnp.asarray(text_ids).at[jnp.array([boi_id, eos_id])].set(
       True)
   capacity = p + max_new_tokens + max_text_tokens + model.image_length + 2
@@ -267,7 +263,6 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
         f"phase needs {capacity} cache slots but the model's context is "
         f"{model.max_len} (config.model.max_len); shorten the document or "
         "lower max_new_tokens.")
-  del v
   prefill, text, image = _jitted_phases(
       model, text_sampling, image_sampling, max_text_tokens,
       (boi_id, eos_id), text_allowed, jnp.asarray(image_ids), PAD_ID)
@@ -311,5 +306,4 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
     first = np.where(wants_image, boi_id, PAD_ID)
     if not wants_image.any():
       break
-  del samp
   return np.concatenate(pieces, axis=1).astype(np.int32)

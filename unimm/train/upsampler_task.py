@@ -16,6 +16,7 @@ logit_laplace_weight * logit-Laplace NLL (model.predict_scale) +
 perceptual_weight * LPIPS (local weights). There is no adversarial term: the
 PSNR target does not call for it, and at these sizes a GAN only costs time.
 """
+import functools
 import json
 import os
 import time
@@ -118,7 +119,6 @@ class UpsamplerTask:
 
   def _dataset(self, split, batch_size, *, shuffle, num_epochs,
                process_index=0, process_count=1, drop_remainder=True):
-    import functools  # pylint: disable=g-import-not-at-top
     from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
     data = self.config.data
     source, _ = pipeline.image_text_source(
