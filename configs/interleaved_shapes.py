@@ -4,7 +4,7 @@ training task, ahead of its generation and evaluation CLI).
   python -m unimm.data.interleaved --tokenizer_workdir workdirs/tokenizer \\
       --text_tokenizer workdirs/interleaved_text/spiece.model \\
       --out workdirs/interleaved_data --split train --num_documents 50000 \\
-      --length 256
+      --length 320
   (and --split validation --num_documents 2000)
   python -m unimm.main --config configs/interleaved_shapes.py \\
       --workdir workdirs/interleaved
@@ -18,7 +18,9 @@ Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | small | 1b | 7b), steps, batch, length (= config.model.max_len),
 text_vocab, codes, grid (image tokens per side), packed_dir,
 tokenizer_workdir, text_tokenizer, lr, image_positions (1d | 2d), qk_norm,
-text_weight, image_weight, dtype, remat.
+text_weight, image_weight, drop_text (the rate of documents trained
+without their text, for classifier-free guidance), cfg (the eval's guidance
+scale for generated images; 1 = none), dtype, remat.
 """
 import ml_collections
 
@@ -29,12 +31,12 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny", steps=3000, batch=16, length=256, text_vocab=128,
+      arg, size="tiny", steps=3000, batch=16, length=320, text_vocab=128,
       codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=3e-3,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
-      dtype="float32", remat="none")
+      drop_text=0.1, cfg=1.0, dtype="float32", remat="none")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -46,7 +48,8 @@ def get_config(arg=None):
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat))
   config.loss = ml_collections.ConfigDict(dict(
-      text_weight=arg.text_weight, image_weight=arg.image_weight))
+      text_weight=arg.text_weight, image_weight=arg.image_weight,
+      drop_text_rate=arg.drop_text))
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0))
@@ -54,7 +57,8 @@ def get_config(arg=None):
       packed_dir=arg.packed_dir, batch_size=arg.batch))
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=arg.batch, num_batches=8,
-      num_generation=200, generation_batch_size=50, temperature=0.0))
+      num_generation=200, generation_batch_size=50, temperature=0.0,
+      cfg_scale=float(arg.cfg)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 
@@ -203,7 +204,9 @@ class InterleavedModel:
   """A trained decoder-only interleaved model: documents of text and images.
 
   A segment is a str or a uint8 image [H, W, 3] at the tokenizer's
-  resolution. Image spans are sampled without guidance for now.
+  resolution. cfg_scale guides image spans by the same document with its
+  text dropped (trained with config.loss.drop_text_rate); None or 1 is
+  plain sampling.
   """
   task: Any
   params: Any
@@ -245,7 +248,8 @@ class InterleavedModel:
     return rows
 
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
-                max_new_tokens, max_images, max_text_tokens=64):
+                max_new_tokens, max_images, max_text_tokens=64,
+                cfg_scale=None):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
@@ -269,14 +273,23 @@ class InterleavedModel:
             [self.text_tokenizer.pad_id, self.text_tokenizer.eos_id])))
     sampling = SamplingParams(float(temperature), int(top_k),
                               float(top_p)).validate(self.layout.size)
+    image_sampling = dataclasses.replace(
+        sampling, cfg_scale=None if cfg_scale is None else float(cfg_scale)
+    ).validate(self.layout.size)
+    if (cfg_scale is not None and not self.config.get("loss", {}).get(
+        "drop_text_rate", 0.0)):
+      logging.warning(
+          "cfg_scale=%s but this run was trained without dropped text "
+          "(config.loss.drop_text_rate = 0): its unconditional half is a "
+          "document the model never saw.", cfg_scale)
     out = interleaved.continue_documents(
         model, {"params": self.params}, prompts, jax.random.PRNGKey(seed),
         text_ids=text_ids,
         image_ids=np.asarray(self.layout.is_image(ids)),
         eos_id=vocab.EOS, boi_id=vocab.BOI, eoi_id=vocab.EOI,
-        text_sampling=sampling, image_sampling=sampling,
+        text_sampling=sampling, image_sampling=image_sampling,
         max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
-        max_images=max_images)
+        max_images=max_images, drop_ids=np.asarray(self.layout.is_text(ids)))
     return out
 
   def _segments(self, row) -> list[Any]:
@@ -300,27 +313,28 @@ class InterleavedModel:
 
   def generate(self, segments, *, seed: int = 0, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
-               max_images: int = 2, max_text_tokens: int = 64) -> list[Any]:
+               max_images: int = 2, max_text_tokens: int = 64,
+               cfg_scale: float | None = None) -> list[Any]:
     """Continues one document: text, then an image when the model opens one
-    (exactly h*w codes, EOI forced), until EOS or the budget. Returns the
-    new segments (str or uint8 [H, W, 3])."""
+    (exactly h*w codes, EOI forced, guided by cfg_scale), until EOS or the
+    budget. Returns the new segments (str or uint8 [H, W, 3])."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
-        max_text_tokens=max_text_tokens)[0]
+        max_text_tokens=max_text_tokens, cfg_scale=cfg_scale)[0]
 
   def generate_batch(self, documents, *, seed: int = 0,
                      temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, max_new_tokens: int = 128,
-                     max_images: int = 2, max_text_tokens: int = 64
-                     ) -> list[list[Any]]:
+                     max_images: int = 2, max_text_tokens: int = 64,
+                     cfg_scale: float | None = None) -> list[list[Any]]:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
     rows = self._encode(documents)
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=max_new_tokens, max_images=max_images,
-                         max_text_tokens=max_text_tokens)
+                         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale)
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
@@ -337,7 +351,8 @@ class InterleavedModel:
     return texts
 
   def sample(self, prompts, *, seed: int = 0, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0):
+             top_k: int = 0, top_p: float = 1.0,
+             cfg_scale: float | None = None):
     """uint8 images [N, H, W, 3] for N prompts (text, then one image)."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     from unimm.models import vocab  # pylint: disable=g-import-not-at-top
@@ -348,7 +363,8 @@ class InterleavedModel:
     image_length = self.task.model.image_length
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
-                         max_new_tokens=image_length + 1, max_images=1)
+                         max_new_tokens=image_length + 1, max_images=1,
+                         cfg_scale=cfg_scale)
     h, w = self.tokenizer.grid
     codes = out[:, :image_length] - self.layout.image_offset
     return self.tokenizer.decode(codes.reshape(-1, h, w))

@@ -153,19 +153,26 @@ def test_bad_settings_name_the_field():
 
 
 def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
-                        eos, eoi, max_text, max_images):
-  """The same rules, greedy, with a full forward pass per token."""
+                        eos, eoi, max_text, max_images, cfg_scale=None):
+  """The same rules, greedy, with a full forward pass per token; image
+  tokens guided by the document with its text removed when cfg_scale."""
   seq, out, images = list(prompt), [], 0
   mode = "image" if prompt[-1] == BOI else "text"
 
   forward = jax.jit(model.apply)
 
-  def greedy(mask):
+  def last_logits(tokens):
     # Right padding (PAD) keeps one compiled shape; causal attention never
     # lets the last real token see it.
     row = np.zeros((1, model.max_len), np.int32)
-    row[0, :len(seq)] = seq
-    logits = np.asarray(forward(params, jnp.asarray(row)))[0, len(seq) - 1]
+    row[0, :len(tokens)] = tokens
+    return np.asarray(forward(params, jnp.asarray(row)))[0, len(tokens) - 1]
+
+  def greedy(mask):
+    logits = last_logits(seq)
+    if cfg_scale is not None and mask is image_mask:
+      uncond = last_logits([t for t in seq if not text_mask[t]])
+      logits = uncond + cfg_scale * (logits - uncond)
     return int(np.argmax(np.where(mask, logits, -np.inf)))
 
   while True:
@@ -216,3 +223,45 @@ def test_continue_documents_follows_the_rules_like_naive_decoding():
   row0 = [int(t) for t in out[0] if t != 0]
   assert all(image_mask[t] for t in row0[:SIDE * SIDE])
   assert row0[SIDE * SIDE] == eoi
+
+
+@pytest.mark.parametrize("cfg_scale", [8.0, 1.0])
+def test_guided_image_spans_equal_naive_guidance(cfg_scale):
+  """CFG: the unconditional half is the document with its text dropped;
+  guided greedy decoding equals mixing full-forward logits by hand, and
+  scale 1 equals unguided decoding."""
+  from unimm.sampling.sampler import SamplingParams
+  model = _model(max_len=96)
+  params = model.init(jax.random.PRNGKey(5), jnp.ones((1, 8), jnp.int32))
+  eos, eoi = 2, 4
+  image_mask = np.arange(VOCAB) >= 20
+  text_mask = (np.arange(VOCAB) >= 5) & ~image_mask
+  prompts = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
+  width = max(len(p) for p in prompts)
+  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+  greedy = SamplingParams(temperature=0.0)
+  kw = dict(eos=eos, eoi=eoi, max_text=6, max_images=2)
+
+  def run(image_sampling):
+    return il.continue_documents(
+        model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
+        image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
+        text_sampling=greedy, image_sampling=image_sampling,
+        max_new_tokens=60, max_text_tokens=kw["max_text"],
+        max_images=kw["max_images"])
+
+  out = run(SamplingParams(temperature=0.0, cfg_scale=cfg_scale))
+  for row, prompt in zip(out, prompts):
+    got = [int(t) for t in row if t != 0]
+    assert got == _naive_continuation(model, params, prompt, image_mask,
+                                       text_mask, cfg_scale=cfg_scale, **kw)
+  if cfg_scale == 1.0:
+    np.testing.assert_array_equal(out, run(greedy))
+  else:  # guidance changes some image token (else the test proves nothing)
+    assert not np.array_equal(out, run(greedy))
+  with pytest.raises(ValueError, match="image spans only"):
+    il.continue_documents(
+        model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
+        image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
+        text_sampling=SamplingParams(cfg_scale=2.0), image_sampling=greedy,
+        max_new_tokens=60)

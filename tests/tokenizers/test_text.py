@@ -251,3 +251,22 @@ def test_cli_trains_from_shapes(tmp_path):
   assert result.returncode == 0, result.stderr
   tokenizer = text_lib.TextTokenizer.load(str(prefix) + ".model")
   assert 3 < tokenizer.vocab_size <= 64
+
+
+def test_cli_trains_on_interleaved_document_texts(tmp_path):
+  """--source interleaved covers the edit instructions' words too."""
+  from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+  prefix = tmp_path / "spiece"
+  result = subprocess.run(
+      [sys.executable, "-m", "unimm.tokenizers.text", f"--output={prefix}",
+       "--vocab_size=96", "--source=interleaved", "--num_captions=300"],
+      capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 0, result.stderr
+  tokenizer = text_lib.TextTokenizer.load(str(prefix) + ".model")
+  texts = interleaved.document_texts(300)
+  instructions = [t for t in texts if t.split()[0] in ("move", "make",
+                                                        "turn", "add",
+                                                        "remove")]
+  assert instructions
+  assert tokenizer.decode(tokenizer.encode(instructions, 64).ids) == (
+      instructions)

@@ -15,6 +15,7 @@ from unimm.data import interleaved as il_data
 from unimm.tokenizers import text as text_lib
 from unimm.train import trainer
 from unimm.train.interleaved_task import InterleavedTask
+from unimm.train.interleaved_task import drop_text
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "configs")))
@@ -108,13 +109,15 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
                        tokenizer_workdir=files["tokenizer_workdir"],
                        text_tokenizer=files["text_tokenizer"])
   config.data.batch_size = 8  # the 8 test devices each take a row
-  config.eval.update(num_generation=3, generation_batch_size=3)
+  config.eval.update(num_generation=3, generation_batch_size=3,
+                     cfg_scale=2.0)
   workdir = str(tmp_path / "run")
   state = trainer.train(config, workdir, InterleavedTask(config))
   assert int(state.step) == 2
   with open(os.path.join(workdir, "eval", "report.json")) as f:
     report = json.load(f)
   assert report["steps"] == 2 and report["eval_loss"] > 0
+  assert report["cfg_scale"] == 2.0
   for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy"):
     assert 0.0 <= report[key] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "documents.png"))
@@ -126,6 +129,13 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(
       images, model.sample(["a big red circle", "a small blue star"], seed=0))
+  guided = model.sample(["a big red circle", "a small blue star"], seed=0,
+                        cfg_scale=3.0)
+  assert guided.shape == images.shape
+  np.testing.assert_array_equal(images, model.sample(
+      ["a big red circle", "a small blue star"], seed=0, cfg_scale=1.0))
+  with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
+    model.sample(["a big red circle"], cfg_scale=-1.0)
   captions = model.caption(images)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
   new = model.generate(["a big red circle", images[0], "make it blue"],
@@ -147,3 +157,46 @@ def test_mismatched_vocabulary_is_a_clear_error(packed_dir):
   config.model.vocab_size = 7
   with pytest.raises(ValueError, match="set vocab_size = 5"):
     InterleavedTask(config)
+
+
+def test_text_dropout_is_what_the_unconditional_sampler_sees(packed_dir):
+  """drop_text removes a document's text and compacts its row; the model's
+  logits on it equal a cached prefill of the document with its text as PAD
+  (the CFG unconditional half), and rate 0 changes nothing."""
+  config = tiny_config(packed_dir)
+  task = InterleavedTask(config)
+  batch = {k: jnp.asarray(v) for k, v in next(iter(
+      task.train_data(0, 1))).items()}
+  rng = jax.random.PRNGKey(3)
+  same = drop_text(batch, rng, 0.0, task.is_text)
+  for key in batch:
+    np.testing.assert_array_equal(same[key], batch[key])
+  dropped = drop_text(batch, rng, 1.0, task.is_text)
+  tokens, segments = np.asarray(batch["tokens"]), np.asarray(
+      batch["segment_ids"])
+  is_text = np.asarray(task.is_text(batch["tokens"]))
+  assert is_text.any()
+  for row in range(tokens.shape[0]):
+    keep = (segments[row] > 0) & ~is_text[row]
+    n = int(keep.sum())
+    np.testing.assert_array_equal(dropped["tokens"][row, :n],
+                                  tokens[row][keep])
+    np.testing.assert_array_equal(dropped["segment_ids"][row, :n],
+                                  segments[row][keep])
+    assert not np.asarray(dropped["segment_ids"][row, n:]).any()
+    np.testing.assert_array_equal(
+        np.asarray(dropped["positions"][row]),
+        il_data.packed_features(np.asarray(dropped["segment_ids"][row:row + 1]
+                                           ))["positions"][0])
+  params, _ = task.init(jax.random.PRNGKey(0), batch)
+  params = {"params": nn.unbox(params)}
+  model = task.model
+  logits = model.apply(params, dropped["tokens"], dropped["segment_ids"],
+                       dropped["positions"])
+  doc = tokens[0][segments[0] == 1]
+  as_pad = np.where(np.asarray(task.is_text(jnp.asarray(doc))), 0, doc)
+  cache = model.init_cache(1, len(doc))
+  cached, _ = model.apply(params, jnp.asarray(as_pad)[None], cache, 0,
+                          method=type(model).decode_step)
+  last = int((np.asarray(dropped["segment_ids"][0]) == 1).sum()) - 1
+  np.testing.assert_allclose(cached[0], logits[0, last], atol=1e-5, rtol=1e-5)

@@ -865,4 +865,4 @@ def main(argv, flag_values=None):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(lambda argv: main(argv) and None)  # exit status 0, not the dict

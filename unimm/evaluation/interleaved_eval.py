@@ -43,9 +43,11 @@ def _held_out(kind: str, num: int) -> list[documents_lib.Document]:
 def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         num_captions: int = 100, num_edits: int = 100,
                         seed: int = 0, temperature: float = 0.0,
-                        batch_size: int = 32) -> dict:
+                        batch_size: int = 32,
+                        cfg_scale: float | None = None) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
-  out_dir/report.json entries' values and out_dir/documents.png."""
+  out_dir/report.json entries' values and out_dir/documents.png. cfg_scale
+  guides the generated images (prompts and edits; None: unguided)."""
   size = model.tokenizer.image_size
   probe = probe_lib.get_probe(size)
   result = {}
@@ -53,7 +55,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   prompts = [c for c, _ in probe_lib.fixed_prompt_set(num_prompts, 0)]
   samples = np.concatenate([
       model.sample(prompts[i:i + batch_size], seed=seed + i,
-                   temperature=temperature)
+                   temperature=temperature, cfg_scale=cfg_scale)
       for i in range(0, len(prompts), batch_size)])
   result["prompt_accuracy_single"] = float(probe_lib.prompt_accuracy(
       prompts, samples, probe=probe)["prompt_accuracy_single"])
@@ -75,6 +77,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
         [[source, d.instructions[0]] for source, d in
          zip(sources[i:i + batch_size], edits[i:i + batch_size])],
         seed=seed + i, temperature=temperature, max_images=1,
+        cfg_scale=cfg_scale,
         # After the instruction the model should open the image at once.
         max_new_tokens=model.task.model.image_length + 8, max_text_tokens=8)
   generated = [next((s for s in out if not isinstance(s, str)), None)

@@ -15,9 +15,12 @@ them) and do not advance positions, in training (segment id 0) and in
 decoding (the cache marks their slots invalid), so a row can be left-padded
 or can idle while other rows of the batch decode.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from unimm import nn as unn
 
@@ -106,7 +109,9 @@ class InterleavedLM(nn.Module):
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
           f"{self.num_kv_heads} (config.model.num_kv_heads).")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.embed = unn.Embedder(self.vocab_size, self.embed_dim, **kw)
+    # Tied read-out: a 1/sqrt(D) init keeps the first logits O(1).
+    self.embed = unn.Embedder(self.vocab_size, self.embed_dim,
+                              stddev=self.embed_dim ** -0.5, **kw)
     self.stack = unn.TransformerStack(
         num_layers=self.num_layers, embed_dim=self.embed_dim,
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -198,23 +203,46 @@ class InterleavedLM(nn.Module):
 # ---------------------------------------------------------------- sampling
 
 
+@functools.lru_cache(maxsize=16)
 def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
                    max_text_tokens: int, stop_ids, text_allowed, image_allowed,
-                   pad_id: int):
-  """The compiled pieces of continue_documents (one program each)."""
+                   pad_id: int, drop_ids):
+  """The compiled pieces of continue_documents (one program each), cached
+  per model, sampling settings and vocabulary masks (tuples of bools).
+
+  With guidance (image_sampling.cfg_scale set) the cache holds 2B rows,
+  [cond; uncond]: the unconditional half is fed the same tokens with text
+  turned into PAD (invisible, no position), i.e. the document with its
+  text dropped, as trained (config.loss.drop_text_rate). Text phases sample
+  from the conditional half only; image phases mix both halves' logits.
+  """
   from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
+  guided = image_sampling.cfg_scale is not None
+  text_allowed, image_allowed, drop_ids = (
+      jnp.asarray(m, bool) for m in (text_allowed, image_allowed, drop_ids))
 
   def step(params, cache, tokens, slot):
     return model.apply(params, tokens, cache, slot,
                        method=InterleavedLM.decode_step)
 
+  def both(tokens):  # [B, T] -> [2B, T] (cond; text dropped) when guided
+    if not guided:
+      return tokens
+    return jnp.concatenate(
+        [tokens, jnp.where(drop_ids[tokens], pad_id, tokens)], axis=0)
+
+  def text_step(params, cache, tokens, slot):
+    logits, cache = step(params, cache, both(tokens), slot)
+    return logits[:tokens.shape[0]], cache
+
   def prefill(params, cache, tokens):
-    return step(params, cache, tokens, 0)[1]
+    return step(params, cache, both(tokens), 0)[1]
 
   def text(params, cache, first, slot, rng, done):
     out, lengths, cache, steps = samp.while_decode(
-        step, params, cache, first, slot, max_text_tokens, rng, text_sampling,
-        stop_ids, allowed=text_allowed, pad_id=pad_id, done=done)
+        text_step, params, cache, first, slot, max_text_tokens, rng,
+        text_sampling, stop_ids, allowed=text_allowed, pad_id=pad_id,
+        done=done)
     return out, lengths, cache, steps
 
   def image(params, cache, first, slot, rng, active):
@@ -223,7 +251,7 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
         image_sampling, allowed=image_allowed, active=active, pad_id=pad_id)
     # Feed the last code: the text phase that follows feeds the forced EOI.
     last = jnp.where(active, codes[:, -1], pad_id)[:, None]
-    _, cache = step(params, cache, last, slot + model.image_length)
+    _, cache = step(params, cache, both(last), slot + model.image_length)
     return codes, cache
 
   return (jax.jit(prefill), jax.jit(text), jax.jit(image))
@@ -233,7 +261,7 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
                        text_ids, image_ids, eos_id: int, boi_id: int,
                        eoi_id: int, text_sampling, image_sampling,
                        max_new_tokens: int, max_text_tokens: int = 64,
-                       max_images: int = 4):
+                       max_images: int = 4, drop_ids=None):
   """Continues each prompt row until EOS (or a budget), mixing modalities.
 
   prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
@@ -245,18 +273,32 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   Each phase is one compiled program over the preallocated cache. A row
   stops at EOS, after max_text_tokens of text without BOI or EOS, or when
   it asks for more than max_images images; the batch stops once
-  max_new_tokens are made.
+  max_new_tokens are made. image_sampling.cfg_scale guides image spans
+  by the same document with its text dropped (see _jitted_phases); text
+  is sampled with text_sampling (no guidance).
 
-  text_ids / image_ids: bool [V] masks of the two vocabularies. Returns
+  text_ids / image_ids: bool [V] masks of the two vocabularies (text_ids:
+  the pieces the model may write). drop_ids: bool [V], the ids the
+  unconditional half drops (default text_ids; all text pieces). Returns
   int32 [B, N] new tokens (PAD after a row's EOS; N <= max_new_tokens +
   the last phase's overshoot).
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  prompts = jnp.asarray(prompts, jnp.int32)
+  if text_sampling.cfg_scale is not None:
+    raise ValueError("Guidance applies to image spans only; pass cfg_scale "
+                     "in image_sampling, not text_sampling.")
+  prompts = np.asarray(prompts, np.int32)
+  room = max_new_tokens + max_text_tokens + model.image_length + 2
+  # Left-pad (PAD is invisible) to a multiple of 16 where it fits: fewer
+  # distinct shapes to compile across calls.
+  extra = min(-prompts.shape[1] % 16,
+              max(model.max_len - room - prompts.shape[1], 0))
+  prompts = np.pad(prompts, ((0, 0), (extra, 0)))
   b, p = prompts.shape
-  text_allowed = jnp.asarray(text_ids).at[jnp.array([boi_id, eos_id])].set(
-      True)
-  capacity = p + max_new_tokens + max_text_tokens + model.image_length + 2
+  text_allowed = np.asarray(text_ids, bool).copy()
+  text_allowed[[boi_id, eos_id]] = True
+  drop_ids = text_ids if drop_ids is None else drop_ids
+  as_key = lambda mask: tuple(np.asarray(mask, bool).tolist())  # noqa: E731
+  capacity = p + room
   if capacity > model.max_len:
     raise ValueError(
         f"Prompt ({p} tokens) + max_new_tokens ({max_new_tokens}) + one more "
@@ -265,8 +307,10 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
         "lower max_new_tokens.")
   prefill, text, image = _jitted_phases(
       model, text_sampling, image_sampling, max_text_tokens,
-      (boi_id, eos_id), text_allowed, jnp.asarray(image_ids), PAD_ID)
-  cache = model.init_cache(b, capacity)
+      (boi_id, eos_id), as_key(text_allowed), as_key(image_ids), PAD_ID,
+      as_key(drop_ids))
+  guided = image_sampling.cfg_scale is not None
+  cache = model.init_cache(2 * b if guided else b, capacity)
   cache = prefill(params, cache, prompts[:, :-1])
   # Each row's next token to feed; a prompt ending in BOI starts an image.
   first, slot = np.asarray(prompts[:, -1]), p - 1

@@ -223,15 +223,21 @@ def embed_init(stddev: float = 1.0):
 
 
 class Embedder(nn.Module):
-  """Token embedding with an optional tied read-out (logits = x @ E^T)."""
+  """Token embedding with an optional tied read-out (logits = x @ E^T).
+
+  Inputs are scaled by sqrt(embed_dim). A tied read-out wants stddev =
+  embed_dim ** -0.5 (Gemma-like: unit-scale inputs and logits of unit scale
+  at init); stddev 1 suits an embedding used only for input.
+  """
   vocab_size: int
   embed_dim: int
   dtype: Dtype = "float32"
   param_dtype: Dtype = "float32"
+  stddev: float = 1.0
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", partitioned(embed_init(1.0), ("vocab", "embed")),
+        "embedding", partitioned(embed_init(self.stddev), ("vocab", "embed")),
         (self.vocab_size, self.embed_dim), jnp.dtype(self.param_dtype))
 
   def encode(self, ids):  # ids: [B, T] -> [B, T, D]

@@ -137,7 +137,8 @@ def while_decode(step: StepFn, params, cache, first_tokens, start_position,
   """Decodes until every row emitted a stop token or max_tokens were made.
 
   The same step and logits processing as scan_decode, in lax.while_loop.
-  Rows that stopped keep receiving pad_id (their outputs are masked); done
+  A row's stop token is not fed (the cache ends before it); rows that
+  stopped then receive pad_id (their outputs are masked); done
   [B] bool (optional) marks rows that are finished from the start.
   Returns (tokens [B, max_tokens], lengths [B], cache, steps taken).
   """
@@ -155,7 +156,10 @@ def while_decode(step: StepFn, params, cache, first_tokens, start_position,
     output = s.output.at[:, s.i].set(tokens)
     stopped = jnp.isin(tokens, stop_tokens) & ~s.done
     length = jnp.where(s.done, s.length, s.i + 1)
-    return _WhileState(cache, tokens, output, s.done | stopped, length,
+    # A stop token is emitted but not fed: the caller decides what follows
+    # it (e.g. feeds BOI to start an image span).
+    fed = jnp.where(stopped, pad_id, tokens)
+    return _WhileState(cache, fed, output, s.done | stopped, length,
                        s.i + 1)
 
   done = jnp.zeros((b,), bool) if done is None else done.astype(bool)

@@ -386,15 +386,24 @@ def _shapes_captions(num_captions: int, seed: int) -> list[str]:
   return [str(c) for c in captions]
 
 
+def _interleaved_texts(num_documents: int, seed: int) -> list[str]:
+  from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+  return interleaved.document_texts(num_documents, seed)
+
+
 def _define_flags():
   """CLI flags; defined only when run as a script (no global clashes)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("output", None, "Output prefix; writes PREFIX.model.",
                       required=True)
   flags.DEFINE_integer("vocab_size", 256, "Pieces in the vocabulary.")
-  flags.DEFINE_enum("source", None, ["shapes"],
-                    "Built-in caption source (or use --captions_file).")
-  flags.DEFINE_integer("num_captions", 20000, "Captions drawn from --source.")
+  flags.DEFINE_enum("source", None, ["shapes", "interleaved"],
+                    "Built-in text source (or use --captions_file): shapes "
+                    "captions, or the texts (captions and edit "
+                    "instructions) of interleaved documents.")
+  flags.DEFINE_integer("num_captions", 20000,
+                       "Captions (shapes) or documents (interleaved) drawn "
+                       "from --source.")
   flags.DEFINE_string("captions_file", None,
                       "One caption per line, or a TSV with a Prompt column.")
   flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"],
@@ -412,10 +421,12 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   flag = flags.FLAGS
   if (flag.source is None) == (flag.captions_file is None):
-    raise ValueError("Pass exactly one of --source=shapes or "
+    raise ValueError("Pass exactly one of --source=shapes|interleaved or "
                      "--captions_file=FILE.")
   if flag.captions_file:
     captions = read_prompts(flag.captions_file)
+  elif flag.source == "interleaved":
+    captions = _interleaved_texts(flag.num_captions, flag.seed)
   else:
     captions = _shapes_captions(flag.num_captions, flag.seed)
   logging.info("Training a %s SentencePiece model (vocab_size=%d) on %d "
