@@ -216,7 +216,7 @@ class InterleavedTask:
           temperature=float(eval_cfg.get("temperature", 0.0)),
           batch_size=int(eval_cfg.get("generation_batch_size", 32)),
           cfg_scale=cfg_scale))
-      result["cfg_scale"] = cfg_scale
+      result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
       json.dump({k: float(v) if isinstance(v, (float, np.floating)) else v
