@@ -1,6 +1,7 @@
 r"""Parti sampling and training speed against baselines, side by side.
 
   python benchmarks/parti_speed.py [--image_length 256] [--size tiny]
+      [--models parti,interleaved]
 
 Prints, from one run on this machine:
 - sampler tokens/s of unimm's compiled scan + KV-cache sampler
@@ -14,7 +15,12 @@ Prints, from one run on this machine:
   model in PyTorch eager (forward, backward, AdamW);
 - model FLOP/s of the train step as a fraction of the measured f32 matmul
   peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
-  maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device).
+  maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device);
+- the interleaved decoder-only model's sampler (continue_documents drawing
+  one image after a text prompt: prefill, then the scan over the KV cache)
+  against the same model recomputing the prefix and against HF `generate`
+  on a same-size Llama (multi-query attention, RoPE; its SwiGLU hidden
+  width is 2/3 of ours so the MLP parameters match), at batch 1 and 8.
 """
 import os
 import sys
@@ -54,6 +60,10 @@ _RECOMPUTE_TOKENS = flags.DEFINE_integer(
 _TORCH = flags.DEFINE_bool("torch", True, "Run the PyTorch baselines.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "nn.scan over layers (one "
                           "compiled layer body; False unrolls them).")
+_MODELS = flags.DEFINE_list("models", ["parti", "interleaved"],
+                            "Which models to measure.")
+_PROMPT_LENGTH = flags.DEFINE_integer(
+    "prompt_length", 16, "Interleaved model: prompt tokens before BOI.")
 
 
 def parti_config(size: str, image_length: int):
@@ -170,18 +180,154 @@ def torch_train_s(model, batch: int, m: parti.Parti, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
+def interleaved_model(size: str, image_length: int, prompt_length: int):
+  from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
+  return interleaved.InterleavedLM(**interleaved.interleaved_config(
+      size, vocab_size=5 + _TEXT_VOCAB.value + _IMAGE_VOCAB.value,
+      max_len=prompt_length + 2 * image_length + 8, image_length=image_length,
+      image_positions="2d", qk_norm=True, scan_layers=_SCAN.value))
+
+
+def interleaved_sampler_s(model, params, prompts):
+  """(first call s, timed call s) of continue_documents drawing one image
+  after each prompt (which ends in BOI): the first call compiles."""
+  from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
+  ids = np.arange(model.vocab_size)
+  text_ids = (ids >= 5) & (ids < 5 + _TEXT_VOCAB.value)
+  greedy = SamplingParams(temperature=0.0)
+
+  def run():
+    out = interleaved.continue_documents(
+        model, params, prompts, jax.random.key(0), text_ids=text_ids,
+        image_ids=ids >= 5 + _TEXT_VOCAB.value, eos_id=2, boi_id=3,
+        eoi_id=4, text_sampling=greedy, image_sampling=greedy,
+        max_new_tokens=model.image_length + 1, max_text_tokens=1,
+        max_images=1)
+    assert out.shape[1] >= model.image_length, out.shape
+    return out
+
+  start = time.perf_counter()
+  run()
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - start)
+  return first, best
+
+
+def interleaved_recompute_s(model, params, prompts, n_tokens):
+  """Greedy decoding that reruns the full forward over the padded row (the
+  prompt and the image: one compiled shape)."""
+  b, p = prompts.shape
+
+  @jax.jit
+  def step(params, row, i):
+    logits = model.apply(params, row)  # [B, T, V]: the whole prefix
+    return row.at[:, p + i].set(jnp.argmax(logits[:, p + i - 1], axis=-1))
+
+  row = jnp.zeros((b, p + model.image_length), jnp.int32).at[:, :p].set(
+      prompts)
+  jax.block_until_ready(step(params, row, 0))  # compile
+  start = time.perf_counter()
+  for i in range(n_tokens):
+    row = step(params, row, i)
+  jax.block_until_ready(row)
+  return (time.perf_counter() - start) / n_tokens
+
+
+def torch_llama(model):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=model.vocab_size, hidden_size=model.embed_dim,
+      intermediate_size=2 * model.mlp_dim // 3,
+      num_hidden_layers=model.num_layers,
+      num_attention_heads=model.num_heads,
+      num_key_value_heads=model.num_kv_heads, head_dim=model.head_dim,
+      max_position_embeddings=model.max_len, tie_word_embeddings=True,
+      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+  return transformers.LlamaForCausalLM(config).eval()
+
+
+def torch_llama_generate_s(llama, prompts, new_tokens: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  ids = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, use_cache=True,
+            attention_mask=torch.ones_like(ids))
+  with torch.no_grad():
+    for _ in range(2):  # warm-up
+      llama.generate(ids, **kw)
+    start = time.perf_counter()
+    out = llama.generate(ids, **kw)
+  assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+  return time.perf_counter() - start
+
+
+def run_interleaved(rng) -> list[tuple[str, str]]:
+  """The interleaved model's sampler rows."""
+  model = interleaved_model(_SIZE.value, _IMAGE_LENGTH.value,
+                            _PROMPT_LENGTH.value)
+  n = model.image_length
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))
+  llama = torch_llama(model) if _TORCH.value else None
+  rows = []
+  for sb in (int(x) for x in _SAMPLE_BATCHES.value):
+    prompts = np.concatenate([
+        np.ones((sb, 1), np.int32),  # BOS
+        rng.integers(5, 5 + _TEXT_VOCAB.value,
+                     (sb, _PROMPT_LENGTH.value - 2)).astype(np.int32),
+        np.full((sb, 1), 3, np.int32)], axis=1)  # BOI
+    first, run_s = interleaved_sampler_s(model, params, prompts)
+    ours = sb * n / run_s
+    rows.append((f"[interleaved, batch {sb}] sampler compile (unimm)",
+                 f"{first - run_s:.1f} s"))
+    rows.append((f"[interleaved, batch {sb}] sampler tokens/s (unimm)",
+                 f"{ours:,.0f}"))
+    per_token = interleaved_recompute_s(model, params, prompts,
+                                        min(_RECOMPUTE_TOKENS.value, n))
+    rows.append((f"[interleaved, batch {sb}] tokens/s recomputing the prefix",
+                 f"{sb / per_token:,.0f}  -> unimm "
+                 f"{ours * per_token / sb:.1f}x"))
+    if llama is not None:
+      theirs = sb * n / torch_llama_generate_s(llama, prompts, n)
+      rows.append((f"[interleaved, batch {sb}] tokens/s HF generate "
+                   "(Llama MQA, KV cache)",
+                   f"{theirs:,.0f}  -> unimm {ours / theirs:.1f}x"))
+  return rows
+
+
 def main(_):
   run()
 
 
 def run() -> list[tuple[str, str]]:
   """Measures and prints every row; returns them as (name, value)."""
+  rows = []
+  rng = np.random.default_rng(0)
+  if "parti" in _MODELS.value:
+    rows += run_parti(rng)
+  if "interleaved" in _MODELS.value:
+    print(f"Interleaved {_SIZE.value}: prompt {_PROMPT_LENGTH.value} tokens "
+          f"(ending in BOI), then {_IMAGE_LENGTH.value} image tokens")
+    rows += run_interleaved(rng)
+  width = max(len(r[0]) for r in rows)
+  for name, value in rows:
+    print(f"{name:<{width}}  {value}")
+  return rows
+
+
+def run_parti(rng) -> list[tuple[str, str]]:
+  """The Parti rows: training and sampling."""
   m_cfg = parti_config(_SIZE.value, _IMAGE_LENGTH.value)
   task = parti_task.ParTask(m_cfg)
   model = task.model
   row = parti_task.unconditional_text_ids(1, model.text_length)
   task.unconditional_row = lambda: row  # no text tokenizer file needed
-  rng = np.random.default_rng(0)
   peak = common.matmul_peak_flops()
   print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
         f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s; Parti {_SIZE.value}, "
@@ -247,9 +393,6 @@ def run() -> list[tuple[str, str]]:
       theirs = sb * model.image_length / gen_s
       rows.append((f"[batch {sb}] tokens/s HF generate (KV cache, PyTorch)",
                    f"{theirs:,.0f}  -> unimm {ours / theirs:.1f}x"))
-  width = max(len(r[0]) for r in rows)
-  for name, value in rows:
-    print(f"{name:<{width}}  {value}")
   return rows
 
 
