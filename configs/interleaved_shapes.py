@@ -20,7 +20,8 @@ text_vocab, codes, grid (image tokens per side), packed_dir,
 tokenizer_workdir, text_tokenizer, lr, image_positions (1d | 2d), qk_norm,
 text_weight, image_weight, drop_text (the rate of documents trained
 without their text, for classifier-free guidance), cfg (the eval's guidance
-scale for generated images; 1 = none), dtype, remat.
+scale for generated images; 1 = none), image_temp (the eval's sampling
+temperature for images; its text is greedy), dtype, remat.
 """
 import ml_collections
 
@@ -36,7 +37,8 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=3e-3,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
-      drop_text=0.1, cfg=1.0, dtype="float32", remat="none")
+      drop_text=0.1, cfg=1.0, image_temp=1.0, dtype="float32",
+      remat="none")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -58,7 +60,7 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=arg.batch, num_batches=8,
       num_generation=200, generation_batch_size=50, temperature=0.0,
-      cfg_scale=float(arg.cfg)))
+      image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

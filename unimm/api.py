@@ -249,7 +249,7 @@ class InterleavedModel:
 
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
                 max_new_tokens, max_images, max_text_tokens=64,
-                cfg_scale=None):
+                cfg_scale=None, image_temperature=None):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
@@ -274,7 +274,9 @@ class InterleavedModel:
     sampling = SamplingParams(float(temperature), int(top_k),
                               float(top_p)).validate(self.layout.size)
     image_sampling = dataclasses.replace(
-        sampling, cfg_scale=None if cfg_scale is None else float(cfg_scale)
+        sampling, cfg_scale=None if cfg_scale is None else float(cfg_scale),
+        temperature=(sampling.temperature if image_temperature is None
+                     else float(image_temperature))
     ).validate(self.layout.size)
     if (cfg_scale is not None and not self.config.get("loss", {}).get(
         "drop_text_rate", 0.0)):
@@ -298,8 +300,10 @@ class InterleavedModel:
     row = [int(t) for t in row if t != vocab.PAD]
     if vocab.EOS in row:
       row = row[:row.index(vocab.EOS)]
-    if vocab.BOI in row and vocab.EOI not in row[row.index(vocab.BOI):]:
-      row = row[:len(row) - row[::-1].index(vocab.BOI) - 1]  # unfinished span
+    if vocab.BOI in row:
+      last_boi = len(row) - row[::-1].index(vocab.BOI) - 1
+      if vocab.EOI not in row[last_boi:]:  # an unfinished (unbudgeted) span
+        row = row[:last_boi]
     h, w = self.tokenizer.grid
     segments = []
     for kind, ids in self.layout.segments(np.asarray(row, np.int64)):
@@ -314,27 +318,33 @@ class InterleavedModel:
   def generate(self, segments, *, seed: int = 0, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
                max_images: int = 2, max_text_tokens: int = 64,
-               cfg_scale: float | None = None) -> list[Any]:
+               cfg_scale: float | None = None,
+               image_temperature: float | None = None) -> list[Any]:
     """Continues one document: text, then an image when the model opens one
-    (exactly h*w codes, EOI forced, guided by cfg_scale), until EOS or the
-    budget. Returns the new segments (str or uint8 [H, W, 3])."""
+    (exactly h*w codes, EOI forced, guided by cfg_scale, sampled at
+    image_temperature, default `temperature`), until EOS or the budget.
+    Returns the new segments (str or uint8 [H, W, 3])."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
-        max_text_tokens=max_text_tokens, cfg_scale=cfg_scale)[0]
+        max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
+        image_temperature=image_temperature)[0]
 
   def generate_batch(self, documents, *, seed: int = 0,
                      temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, max_new_tokens: int = 128,
                      max_images: int = 2, max_text_tokens: int = 64,
-                     cfg_scale: float | None = None) -> list[list[Any]]:
+                     cfg_scale: float | None = None,
+                     image_temperature: float | None = None
+                     ) -> list[list[Any]]:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
     rows = self._encode(documents)
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=max_new_tokens, max_images=max_images,
-                         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale)
+                         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
+                         image_temperature=image_temperature)
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,

@@ -136,6 +136,15 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
       ["a big red circle", "a small blue star"], seed=0, cfg_scale=1.0))
   with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
     model.sample(["a big red circle"], cfg_scale=-1.0)
+  # A row that ends asking for one image too many (BOI past max_images):
+  # the unfinished span is dropped, the finished one kept.
+  layout = model.layout
+  codes = layout.image_span(  # BOI, codes, EOI
+      (np.arange(GRID * GRID) % CODES).reshape(GRID, GRID))
+  row = np.concatenate([layout.text_to_joint(np.array([7, 8])), codes,
+                        [3], [0, 0]])
+  kinds = [type(s).__name__ for s in model._segments(row)]  # pylint: disable=protected-access
+  assert kinds == ["str", "ndarray"], kinds
   captions = model.caption(images)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
   new = model.generate(["a big red circle", images[0], "make it blue"],

@@ -44,10 +44,15 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         num_captions: int = 100, num_edits: int = 100,
                         seed: int = 0, temperature: float = 0.0,
                         batch_size: int = 32,
-                        cfg_scale: float | None = None) -> dict:
+                        cfg_scale: float | None = None,
+                        image_temperature: float | None = None) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
-  out_dir/report.json entries' values and out_dir/documents.png. cfg_scale
-  guides the generated images (prompts and edits; None: unguided)."""
+  out_dir/report.json entries' values and out_dir/documents.png. Text is
+  sampled at `temperature`; generated images (prompts and edits) at
+  image_temperature (default: temperature), guided by cfg_scale (None:
+  unguided)."""
+  if image_temperature is None:
+    image_temperature = temperature
   size = model.tokenizer.image_size
   probe = probe_lib.get_probe(size)
   result = {}
@@ -55,7 +60,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   prompts = [c for c, _ in probe_lib.fixed_prompt_set(num_prompts, 0)]
   samples = np.concatenate([
       model.sample(prompts[i:i + batch_size], seed=seed + i,
-                   temperature=temperature, cfg_scale=cfg_scale)
+                   temperature=image_temperature, cfg_scale=cfg_scale)
       for i in range(0, len(prompts), batch_size)])
   result["prompt_accuracy_single"] = float(probe_lib.prompt_accuracy(
       prompts, samples, probe=probe)["prompt_accuracy_single"])
@@ -77,7 +82,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
         [[source, d.instructions[0]] for source, d in
          zip(sources[i:i + batch_size], edits[i:i + batch_size])],
         seed=seed + i, temperature=temperature, max_images=1,
-        cfg_scale=cfg_scale,
+        cfg_scale=cfg_scale, image_temperature=image_temperature,
         # After the instruction the model should open the image at once.
         max_new_tokens=model.task.model.image_length + 8, max_text_tokens=8)
   generated = [next((s for s in out if not isinstance(s, str)), None)
