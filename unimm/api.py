@@ -232,8 +232,7 @@ class InterleavedModel:
         if isinstance(segment, str):
           if not segment.strip():
             raise ValueError(f"Document {d}, segment {i} is empty text.")
-          ids = np.asarray(self.text_tokenizer._sp.encode(  # pylint: disable=protected-access
-              segment, out_type=int), np.int64)
+          ids = self.text_tokenizer.pieces([segment])[0]
           parts.append(self.layout.text_to_joint(ids))
         else:
           image = np.asarray(segment)

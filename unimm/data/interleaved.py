@@ -513,12 +513,7 @@ def tokenize_documents(documents: Sequence[Document], text_tokenizer,
   texts = [s for d in documents for s in d.segments if isinstance(s, str)]
   scenes = [s for d in documents for s in d.segments
             if not isinstance(s, str)]
-  text_ids: list[np.ndarray] = []
-  if texts:
-    lengths = text_tokenizer.count_tokens(texts)  # [T]
-    encoded = text_tokenizer.encode(texts, max(int(lengths.max()), 1),
-                                    add_eos=False)
-    text_ids = [row[:n] for row, n in zip(encoded.ids, encoded.lengths)]
+  text_ids = text_tokenizer.pieces(texts) if texts else []
   spans: list[np.ndarray] = []
   if scenes:
     images = np.stack([shapes.render(s, image_size) for s in scenes])

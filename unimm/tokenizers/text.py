@@ -175,6 +175,11 @@ class TextTokenizer:
           "whole.", num_truncated, len(texts), max_len)
     return EncodedText(ids=ids, lengths=lengths, num_truncated=num_truncated)
 
+  def pieces(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+    """Each text's ids, unpadded and without EOS: int32 [L_i] per text."""
+    return [np.asarray(p, np.int32)
+            for p in self._sp.encode(_check_texts(texts), out_type=int)]
+
   def count_tokens(self, texts: Sequence[str | bytes]) -> np.ndarray:
     """Tokens per text, EOS not counted: int32 [N] (to pick text_length)."""
     pieces = self._sp.encode(_check_texts(texts), out_type=int)
