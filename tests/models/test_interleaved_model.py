@@ -198,31 +198,44 @@ def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
   return out
 
 
+EOS, EOI = 2, 4
+IMAGE_MASK = np.arange(VOCAB) >= 20
+TEXT_MASK = (np.arange(VOCAB) >= 5) & ~IMAGE_MASK
+# Row 0 opens an image at once; row 1 writes text first.
+PROMPTS = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
+RULES = dict(eos=EOS, eoi=EOI, max_text=6, max_images=2)
+
+
+def _continue(model, params, image_sampling, text_sampling=None):
+  """continue_documents on PROMPTS (left-padded) under RULES."""
+  from unimm.sampling.sampler import SamplingParams
+  width = max(len(p) for p in PROMPTS)
+  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in PROMPTS])
+  return il.continue_documents(
+      model, params, padded, jax.random.PRNGKey(0), text_ids=TEXT_MASK,
+      image_ids=IMAGE_MASK, eos_id=EOS, boi_id=BOI, eoi_id=EOI,
+      text_sampling=text_sampling or SamplingParams(temperature=0.0),
+      image_sampling=image_sampling, max_new_tokens=60,
+      max_text_tokens=RULES["max_text"], max_images=RULES["max_images"])
+
+
+def _assert_naive(model, params, out, cfg_scale=None):
+  for row, prompt in zip(out, PROMPTS):
+    got = [int(t) for t in row if t != 0]
+    assert got == _naive_continuation(model, params, prompt, IMAGE_MASK,
+                                       TEXT_MASK, cfg_scale=cfg_scale, **RULES)
+
+
 def test_continue_documents_follows_the_rules_like_naive_decoding():
   from unimm.sampling.sampler import SamplingParams
   model = _model(max_len=96)
   params = model.init(jax.random.PRNGKey(4), jnp.ones((1, 8), jnp.int32))
-  eos, eoi = 2, 4
-  image_mask = np.arange(VOCAB) >= 20
-  text_mask = (np.arange(VOCAB) >= 5) & ~image_mask
-  prompts = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
-  width = max(len(p) for p in prompts)
-  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
-  greedy = SamplingParams(temperature=0.0)
-  kw = dict(eos=eos, eoi=eoi, max_text=6, max_images=2)
-  out = il.continue_documents(
-      model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
-      image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
-      text_sampling=greedy, image_sampling=greedy, max_new_tokens=60,
-      max_text_tokens=kw["max_text"], max_images=kw["max_images"])
-  for row, prompt in zip(out, prompts):
-    got = [int(t) for t in row if t != 0]
-    assert got == _naive_continuation(model, params, prompt, image_mask,
-                                       text_mask, **kw)
+  out = _continue(model, params, SamplingParams(temperature=0.0))
+  _assert_naive(model, params, out)
   # Row 0 asked for an image: exactly h*w image codes, then EOI.
   row0 = [int(t) for t in out[0] if t != 0]
-  assert all(image_mask[t] for t in row0[:SIDE * SIDE])
-  assert row0[SIDE * SIDE] == eoi
+  assert all(IMAGE_MASK[t] for t in row0[:SIDE * SIDE])
+  assert row0[SIDE * SIDE] == EOI
 
 
 @pytest.mark.parametrize("cfg_scale", [8.0, 1.0])
@@ -233,35 +246,13 @@ def test_guided_image_spans_equal_naive_guidance(cfg_scale):
   from unimm.sampling.sampler import SamplingParams
   model = _model(max_len=96)
   params = model.init(jax.random.PRNGKey(5), jnp.ones((1, 8), jnp.int32))
-  eos, eoi = 2, 4
-  image_mask = np.arange(VOCAB) >= 20
-  text_mask = (np.arange(VOCAB) >= 5) & ~image_mask
-  prompts = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
-  width = max(len(p) for p in prompts)
-  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
   greedy = SamplingParams(temperature=0.0)
-  kw = dict(eos=eos, eoi=eoi, max_text=6, max_images=2)
-
-  def run(image_sampling):
-    return il.continue_documents(
-        model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
-        image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
-        text_sampling=greedy, image_sampling=image_sampling,
-        max_new_tokens=60, max_text_tokens=kw["max_text"],
-        max_images=kw["max_images"])
-
-  out = run(SamplingParams(temperature=0.0, cfg_scale=cfg_scale))
-  for row, prompt in zip(out, prompts):
-    got = [int(t) for t in row if t != 0]
-    assert got == _naive_continuation(model, params, prompt, image_mask,
-                                       text_mask, cfg_scale=cfg_scale, **kw)
+  out = _continue(model, params,
+                  SamplingParams(temperature=0.0, cfg_scale=cfg_scale))
+  _assert_naive(model, params, out, cfg_scale)
   if cfg_scale == 1.0:
-    np.testing.assert_array_equal(out, run(greedy))
+    np.testing.assert_array_equal(out, _continue(model, params, greedy))
   else:  # guidance changes some image token (else the test proves nothing)
-    assert not np.array_equal(out, run(greedy))
+    assert not np.array_equal(out, _continue(model, params, greedy))
   with pytest.raises(ValueError, match="image spans only"):
-    il.continue_documents(
-        model, params, padded, jax.random.PRNGKey(0), text_ids=text_mask,
-        image_ids=image_mask, eos_id=eos, boi_id=BOI, eoi_id=eoi,
-        text_sampling=SamplingParams(cfg_scale=2.0), image_sampling=greedy,
-        max_new_tokens=60)
+    _continue(model, params, greedy, SamplingParams(cfg_scale=2.0))
