@@ -151,6 +151,15 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
                        seed=1, max_new_tokens=24, max_images=1)
   for segment in new:
     assert isinstance(segment, str) or segment.shape == (32, 32, 3)
+  # Its tokenizers gone: the error names the setting to fix.
+  for path, setting in ((files["tokenizer_workdir"], "tokenizer_workdir"),
+                        (files["text_tokenizer"], "text_tokenizer")):
+    os.rename(path, path + ".moved")
+    try:
+      with pytest.raises(ValueError, match=f"config.{setting}"):
+        api.load_model(workdir)
+    finally:
+      os.rename(path + ".moved", path)
   with pytest.raises(ValueError, match=r"expected uint8 \[32, 32, 3\]"):
     model.generate([np.zeros((64, 64, 3), np.uint8)])
   with pytest.raises(ValueError, match="config.model.max_len"):
