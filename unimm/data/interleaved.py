@@ -550,16 +550,20 @@ def tokenize_document(document: Document, text_tokenizer,
 # Packing.
 
 
-def packed_features(segment_ids: np.ndarray) -> dict[str, np.ndarray]:
-  """positions and loss_mask (int32 [N, L]) of packed rows' segment_ids."""
-  segment_ids = np.asarray(segment_ids)
+def packed_features(segment_ids, xp=np) -> dict[str, Any]:
+  """positions and loss_mask (int32 [N, L]) of packed rows' segment_ids.
+
+  xp: the array module, numpy (data pipeline) or jax.numpy (inside a
+  compiled step, e.g. after interleaved_task.drop_text compacts rows).
+  """
+  segment_ids = xp.asarray(segment_ids)
   n, length = segment_ids.shape
-  slots = np.broadcast_to(np.arange(length), (n, length))
-  starts = np.ones((n, length), bool)
-  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-  first = np.maximum.accumulate(np.where(starts, slots, 0), axis=1)
+  slots = xp.broadcast_to(xp.arange(length, dtype=np.int32), (n, length))
+  starts = xp.concatenate([xp.ones((n, 1), bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  first = xp.maximum.accumulate(xp.where(starts, slots, 0), axis=1)
   real = segment_ids != 0
-  positions = np.where(real, slots - first, 0).astype(np.int32)
+  positions = xp.where(real, slots - first, 0).astype(np.int32)
   return {"positions": positions,
           "loss_mask": (real & (positions > 0)).astype(np.int32)}
 

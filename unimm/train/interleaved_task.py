@@ -24,23 +24,11 @@ import ml_collections
 import numpy as np
 
 from unimm import config_lib
+from unimm.data import interleaved as il_data
 from unimm.models import interleaved as il
 from unimm.models import vocab as vocab_lib
 
 LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0, drop_text_rate=0.0)
-
-
-def packed_features(segment_ids):
-  """jnp twin of unimm.data.interleaved.packed_features: positions (0.. per
-  document) and loss_mask (real tokens but each document's first)."""
-  b, l = segment_ids.shape
-  slots = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  starts = jnp.concatenate([jnp.ones((b, 1), bool),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  first = jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
-  real = segment_ids != 0
-  positions = jnp.where(real, slots - first, 0).astype(jnp.int32)
-  return positions, (real & (positions > 0)).astype(jnp.int32)
 
 
 def drop_text(batch, rng, rate: float, is_text):
@@ -57,9 +45,8 @@ def drop_text(batch, rng, rate: float, is_text):
   tokens = jnp.where(gone, il.PAD_ID, jnp.take_along_axis(tokens, order, 1))
   segment_ids = jnp.where(gone, 0,
                           jnp.take_along_axis(segment_ids, order, 1))
-  positions, loss_mask = packed_features(segment_ids)
   return dict(batch, tokens=tokens, segment_ids=segment_ids,
-              positions=positions, loss_mask=loss_mask)
+              **il_data.packed_features(segment_ids, xp=jnp))
 
 
 class InterleavedTask:
@@ -85,8 +72,7 @@ class InterleavedTask:
     return self.config.data.get("packed_dir", "") or ""
 
   def _check_metadata(self, split: str) -> None:
-    from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
-    metadata = interleaved.load_metadata(self.packed_dir, split)
+    metadata = il_data.load_metadata(self.packed_dir, split)
     layout = metadata["layout"]
     size = 5 + layout["text_vocab_size"] + layout["image_vocab_size"]
     if size != self.model.vocab_size:
@@ -104,12 +90,11 @@ class InterleavedTask:
 
   def _dataset(self, split, batch_size, *, shuffle, num_epochs,
                process_index=0, process_count=1, drop_remainder=True):
-    from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
     if not self.packed_dir:
       raise ValueError("config.data.packed_dir is empty; write packed "
                        "documents with `python -m unimm.data.interleaved`.")
     self._check_metadata(split)
-    return interleaved.packed_dataset(
+    return il_data.packed_dataset(
         self.packed_dir, split, batch_size=batch_size, shuffle=shuffle,
         seed=self.config.seed, num_epochs=num_epochs,
         process_index=process_index, process_count=process_count,
