@@ -85,7 +85,10 @@ def get_config(arg=None):
       source="shapes", image_size=config.model.image_size,
       batch_size=arg.batch, data_dir=None, worker_count=0))
   config.eval = ml_collections.ConfigDict(dict(
-      split="validation", num_images=1024, batch_size=128))
+      split="validation", num_images=1024, batch_size=128,
+      # The probe read on reconstructions of the fixed prompt set (the
+      # ceiling of a text-to-image model on this tokenizer); 0 = off.
+      probe_prompts=200))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -27,11 +27,15 @@ def _text(nb):
 
 
 def test_tokenizer_colab(tmp_path):
+  data_dir = str(tmp_path / "data")
+  _seed_untrained_probe(data_dir)
   nb = _run("tokenizer.ipynb", tmp_path,
             UNIMM_TOKENIZER_WORKDIR=str(tmp_path / "tok"),
-            UNIMM_COLAB_STEPS="3", UNIMM_COLAB_SOURCE="shapes_small")
+            UNIMM_COLAB_STEPS="3", UNIMM_COLAB_SOURCE="shapes_small",
+            UNIMM_DATA_DIR=data_dir)
   text = _text(nb)
   assert "PSNR:" in text and "codes used on 64 images" in text
+  assert "probe on reconstructions: single" in text
   images = [out for cell in nb.cells if cell.cell_type == "code"
             for out in cell.outputs if "image/png" in out.get("data", {})]
   assert len(images) >= 2  # the data grid and the reconstructions

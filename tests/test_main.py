@@ -22,7 +22,7 @@ def tokenizer_workdir(tmp_path_factory):
   config = config_lib.load_config(
       CONFIG + ":steps=3,batch=8", log_every_steps=1,
       **{"data.source": "shapes_small", "eval.num_images": 32,
-         "eval.batch_size": 32})
+         "eval.batch_size": 32, "eval.probe_prompts": 0})
   experiments.train_and_evaluate(config, workdir)
   return workdir
 

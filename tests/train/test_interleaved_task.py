@@ -118,7 +118,8 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
     report = json.load(f)
   assert report["steps"] == 2 and report["eval_loss"] > 0
   assert report["cfg_scale"] == 2.0
-  for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy"):
+  for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy",
+              "reconstructed_prompt_accuracy_single"):
     assert 0.0 <= report[key] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "documents.png"))
 

@@ -306,6 +306,11 @@ def test_evaluate_writes_report_and_grid(task, params, tmp_path,
   assert report["prompt_accuracy_pair"] == 0.0
   right = [s.objects[0].shape == "circle" for _, s in prompt_set[:8]]
   assert report["prompt_accuracy_single"] <= np.mean(right)
+  # The tokenizer's ceiling is scored on the same prompts (this probe's
+  # answer does not depend on the image, so the two must agree).
+  assert (report["reconstructed_prompt_accuracy_single"] ==
+          report["prompt_accuracy_single"])
+  assert report["reconstructed_prompt_accuracy_pair"] == 0.0
   from PIL import Image  # pylint: disable=g-import-not-at-top
   grid = Image.open(os.path.join(workdir, "eval", "samples.png"))
   assert grid.width == 6 * 132 + 4  # 6 cells of 128 px + 4 px gutters

@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from unimm.data import shapes
+from unimm.evaluation import probe as probe_lib
 from unimm.train import vqgan_task
 from unimm.train.vqgan_task import ViTVQGANTask
 
@@ -176,7 +178,9 @@ def test_evaluate_writes_report_and_grid(initialized, tmp_path,
   monkeypatch.setattr(task, "_dataset", lambda *a, **k: [
       _batch(8, seed=s) for s in range(3)])
   task.config.eval.num_images = 20
+  task.config.eval.probe_prompts = 0
   result = task.evaluate(params, state, str(tmp_path), step=7)
+  assert "reconstructed_prompt_accuracy_single" not in result
   assert result["num_images"] == 20 and result["steps"] == 7
   assert result["num_codes"] == 16
   assert 0 < result["codebook_usage"] <= 1
@@ -186,6 +190,47 @@ def test_evaluate_writes_report_and_grid(initialized, tmp_path,
   from PIL import Image
   grid = Image.open(tmp_path / "eval" / "reconstructions.png")
   assert grid.width > grid.height > 0
+
+
+class OracleProbe(probe_lib.Probe):
+  """Knows the true scene of every exact render of the fixed prompt set
+  and finds nothing in any other image."""
+
+  def __init__(self, image_size, num):
+    super().__init__(probe_lib.ProbeNet(image_size=image_size), None)
+    self.truth = {}
+    for _, scene in probe_lib.fixed_prompt_set(num, num):
+      found = tuple(probe_lib.PredictedObject(o.shape, o.color, o.size, o.cell)
+                    for o in sorted(scene.objects, key=lambda o: o.cell))
+      self.truth[shapes.render(scene, image_size).tobytes()] = found
+
+  def predict(self, images):
+    return [probe_lib.PredictedScene(self.truth.get(im.tobytes(), ()))
+            for im in np.asarray(images)]
+
+
+def test_evaluate_reads_reconstructions_with_the_probe(initialized, tmp_path,
+                                                       monkeypatch):
+  """The ceiling is the probe's score on what the tokenizer gives back:
+  perfect for a lossless round trip, zero for this untrained one."""
+  task = ViTVQGANTask(tiny_config())
+  params, state = _init(initialized)
+  monkeypatch.setattr(task, "_dataset", lambda *a, **k: [_batch(8)])
+  task.config.eval.update(num_images=8, probe_prompts=3)
+  oracle = OracleProbe(16, 3)
+  monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: oracle)
+  untrained = task.evaluate(params, state, str(tmp_path), step=1)
+  assert untrained["reconstructed_prompt_accuracy_single"] == 0.0
+  assert untrained["reconstructed_prompt_accuracy_pair"] == 0.0
+  real = task.reconstruct
+  monkeypatch.setattr(task, "reconstruct",
+                      lambda p, images: (real(p, images)[0], images))
+  lossless = task.evaluate(params, state, str(tmp_path), step=1)
+  for key in ("prompt_accuracy_single", "prompt_accuracy_pair",
+              "shape_accuracy", "color_accuracy"):
+    assert lossless[f"reconstructed_{key}"] == 1.0
+  with open(tmp_path / "eval" / "report.json") as f:
+    assert json.load(f)["reconstructed_prompt_accuracy_single"] == 1.0
 
 
 def test_bad_settings_raise_before_compiling():

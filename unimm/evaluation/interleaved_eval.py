@@ -64,6 +64,12 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       for i in range(0, len(prompts), batch_size)])
   result["prompt_accuracy_single"] = float(probe_lib.prompt_accuracy(
       prompts, samples, probe=probe)["prompt_accuracy_single"])
+  # The ceiling: the probe on the tokenizer's reconstructions of the same
+  # prompts' true scenes.
+  result["reconstructed_prompt_accuracy_single"] = float(
+      probe_lib.reconstruction_accuracy(
+          lambda x: model.tokenizer.decode(model.tokenizer.encode(x)),
+          num_prompts, 0, size, probe=probe)["prompt_accuracy_single"])
 
   docs = _held_out("image_caption", num_captions)
   images = np.stack([shapes.render(d.scenes[0], size) for d in docs])

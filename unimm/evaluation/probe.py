@@ -662,6 +662,27 @@ def fixed_prompt_set(num_single: int = 500, num_pair: int = 500,
   return prompts
 
 
+def reconstruction_accuracy(reconstruct, num_single: int = 200,
+                            num_pair: int = 200, image_size: int = 32,
+                            probe: Probe | None = None,
+                            batch_size: int = 100,
+                            seed: int = PROMPT_SEED) -> dict[str, Any]:
+  """prompt_accuracy of an image tokenizer's reconstructions of the fixed
+  prompt set's true renders: the most a text-to-image model that writes
+  this tokenizer's codes can score (its "ceiling"), since its images are
+  decoded by the same decoder.
+
+  reconstruct: uint8 [N, H, W, 3] -> uint8 [N, H, W, 3] (encode + decode).
+  Returns prompt_accuracy's keys (see prompt_accuracy) for
+  fixed_prompt_set(num_single, num_pair, seed).
+  """
+  pairs = fixed_prompt_set(num_single, num_pair, seed)
+  real = np.stack([shapes.render(scene, image_size) for _, scene in pairs])
+  recon = np.concatenate([np.asarray(reconstruct(real[i:i + batch_size]))
+                          for i in range(0, len(real), batch_size)])
+  return prompt_accuracy([p for p, _ in pairs], recon, probe)
+
+
 # ---------------------------------------------------------------------------
 # Frechet distance.
 

@@ -497,6 +497,15 @@ class ParTask:
     real = np.stack([shapes.render(scene, image_size)
                      for _, scene in prompt_set])
     result["probe_fd"] = float(probe_lib.probe_fd(real, images, probe=probe))
+    # The same prompts' true scenes through the tokenizer: this model's
+    # ceiling (its samples are decoded by the same decoder).
+    tokenizer = self.image_tokenizer
+    ceiling = probe_lib.reconstruction_accuracy(
+        lambda x: tokenizer.decode(tokenizer.encode(x)),
+        int(cfg["num_single"]), int(cfg["num_pair"]), image_size,
+        probe=probe, **seed_kw)
+    for key in ("prompt_accuracy_single", "prompt_accuracy_pair"):
+      result[f"reconstructed_{key}"] = ceiling[key]
     result.update(self._heldout_loss(params))
     if metrics_on:  # FID / CLIP score; batch i samples with seed + 1 + i
       source = ""

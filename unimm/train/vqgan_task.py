@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from unimm import config_lib
+from unimm.evaluation import probe as probe_lib
 from unimm.tokenizers import losses as losses_lib
 from unimm.tokenizers import quantizer as quantizer_lib
 from unimm.tokenizers.discriminator import StyleGANDiscriminator
@@ -319,13 +320,21 @@ class ViTVQGANTask:
     data = self._dataset(split, batch_size, shuffle=False,
                          seed=self.config.seed, num_epochs=1,
                          drop_remainder=False)
-    return evaluate_reconstructions(self, params, iter(data), num_images,
-                                    workdir, step)
+    return evaluate_reconstructions(
+        self, params, iter(data), num_images, workdir, step,
+        probe_prompts=int(eval_cfg.get("probe_prompts", 0)))
 
 
 def evaluate_reconstructions(task, params, batches, num_images, workdir,
-                             step):
-  """Shared by evaluate(): consumes batches of {"image"} up to num_images."""
+                             step, probe_prompts: int = 0):
+  """Shared by evaluate(): consumes batches of {"image"} up to num_images.
+
+  probe_prompts > 0 (config.eval.probe_prompts; shapes world only) adds
+  reconstructed_prompt_accuracy_single / _pair and reconstructed_{shape,
+  color}_accuracy: the shapes probe read on reconstructions of
+  probe_prompts one-object and as many two-object scenes of the fixed
+  prompt set, the ceiling of any text-to-image model on this tokenizer.
+  """
   start = time.time()
   psnrs, counts = [], np.zeros(task.model.num_codes, np.int64)
   originals, recons = [], []
@@ -352,8 +361,15 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
       "num_codes": int(task.model.num_codes),
       "num_images": int(seen),
       "steps": int(step),
-      "eval_seconds": float(time.time() - start),
   }
+  if probe_prompts > 0:
+    ceiling = probe_lib.reconstruction_accuracy(
+        lambda images: task.reconstruct(params, images)[1],
+        probe_prompts, probe_prompts, task.model.image_size)
+    for key in ("prompt_accuracy_single", "prompt_accuracy_pair",
+                "shape_accuracy", "color_accuracy"):
+      result[f"reconstructed_{key}"] = ceiling[key]
+  result["eval_seconds"] = float(time.time() - start)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "report.json"), "w") as f:
