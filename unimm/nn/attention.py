@@ -8,6 +8,10 @@ The cache is an explicit pytree, never a mutable collection. A layer's slice
 is {"k": [B, S, K, H], "v": [B, S, K, H]}; new keys/values for the T input
 tokens are written at `cache_index` with dynamic_update_slice and the queries
 attend over all S slots under the mask the caller gives ([B, T, S]).
+A layer may also get the whole stack's cache, {"k", "v" [L, B, S, K, H],
+"layer": its index} (see cache_read / cache_write): it then writes only its
+new tokens into it, so a decode step updates the cache in place instead of
+slicing out and restacking every layer's copy.
 """
 import flax.linen as nn
 import jax
@@ -17,6 +21,28 @@ from unimm.nn.layers import constrain, dense, dtype_of, partitioned
 
 CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "cache_head_dim")
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
+
+
+def cache_read(cache, name):
+  """This layer's [B, S, K, H] view of cache[name] (module doc)."""
+  if "layer" not in cache:
+    return cache[name]
+  return jax.lax.dynamic_index_in_dim(cache[name], cache["layer"], 0,
+                                      keepdims=False)
+
+
+def cache_write(cache, name, value, index):
+  """cache[name] with value [B, T, K, H] written at slot `index` of this
+  layer (module doc)."""
+  zero = jnp.zeros((), jnp.int32)
+  index = jnp.asarray(index, jnp.int32)
+  value = value.astype(cache[name].dtype)
+  if "layer" not in cache:
+    return jax.lax.dynamic_update_slice(cache[name], value,
+                                        (zero, index, zero, zero))
+  layer = jnp.asarray(cache["layer"], jnp.int32)
+  return jax.lax.dynamic_update_slice(cache[name], value[None],
+                                      (layer, zero, index, zero, zero))
 
 
 def apply_rope(x, positions, max_wavelength: float = 10_000.0):
@@ -114,8 +140,9 @@ class Attention(nn.Module):
     """Attention of x [B, T, D] over itself or over `kv_input` [B, S, D].
 
     mask: bool [B, T, S] over the attended keys (cache slots when a cache is
-    given). cache: {"k", "v"} of [B, S, K, H]; new keys are written at
-    cache_index and the updated cache is returned. precomputed_kv: (k, v) to
+    given). cache: {"k", "v"} of [B, S, K, H] (or the stack's, with
+    "layer"; module doc); new keys are written at cache_index and the
+    updated {"k", "v"} is returned. precomputed_kv: (k, v) to
     attend to directly (cross-attention K/V computed once by the sampler).
     Returns (out [B, T, D], new_cache or None).
     """
@@ -134,13 +161,12 @@ class Attention(nn.Module):
       source_positions = positions if kv_input is None else kv_positions
       k, v = self.project_kv(source, source_positions)  # [B, S, K, H]
       if cache is not None:
-        zero = jnp.zeros((), jnp.int32)
-        start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-        k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-        v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-        k = constrain(k, CACHE_AXES)
-        v = constrain(v, CACHE_AXES)
-        new_cache = {"k": k, "v": v}
+        new_cache = {"k": cache_write(cache, "k", k, cache_index),
+                     "v": cache_write(cache, "v", v, cache_index)}
+        view = dict(new_cache, layer=cache["layer"]) if "layer" in cache \
+            else new_cache
+        k = constrain(cache_read(view, "k"), CACHE_AXES)
+        v = constrain(cache_read(view, "v"), CACHE_AXES)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     out = self.dropout(out, deterministic=self.deterministic)
     return self.out(out), new_cache  # [B, T, D]

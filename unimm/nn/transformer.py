@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unimm.nn.attention import Attention
+from unimm.nn.attention import Attention, cache_read, cache_write
 from unimm.nn.layers import Mlp, constrain, norm_layer
 
 REMAT_POLICIES = {
@@ -37,9 +37,10 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, layer_cache, mask, positions, encoded, cross_mask,
                cache_index):
-    """x: [B, T, D]; layer_cache: this layer's cache slice or None.
+    """x: [B, T, D]; layer_cache: this layer's cache slice, or the stack's
+    cache with "layer" (attention.cache_read), or None.
 
-    Returns (x, new_layer_cache) so the block is an nn.scan body.
+    Returns (x, the updated cache without "layer"), an nn.scan body.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_kw = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -52,7 +53,8 @@ class TransformerBlock(nn.Module):
     h = norm_layer(self.norm, name="pre_attention_norm", **kw)(x)
     self_cache = None
     if layer_cache is not None:
-      self_cache = {"k": layer_cache["k"], "v": layer_cache["v"]}
+      self_cache = {k: v for k, v in layer_cache.items()
+                    if k in ("k", "v", "layer")}
     h, updated = Attention(use_rope=self.use_rope, name="self_attention",
                            **attn_kw)(h, mask=mask, positions=positions,
                                       cache=self_cache,
@@ -68,14 +70,16 @@ class TransformerBlock(nn.Module):
       if encoded is not None:
         if has_cross_cache:  # prefill: compute the encoder K/V once, keep them.
           k, v = cross.project_kv(encoded)
-          new_cache["cross_k"] = k.astype(layer_cache["cross_k"].dtype)
-          new_cache["cross_v"] = v.astype(layer_cache["cross_v"].dtype)
+          new_cache["cross_k"] = cache_write(layer_cache, "cross_k", k, 0)
+          new_cache["cross_v"] = cache_write(layer_cache, "cross_v", v, 0)
           h, _ = cross(h, mask=cross_mask, precomputed_kv=(k, v))
         else:
           h, _ = cross(h, encoded, mask=cross_mask)
       elif has_cross_cache:  # decode step: reuse the cached encoder K/V.
-        kv = (layer_cache["cross_k"], layer_cache["cross_v"])
-        new_cache["cross_k"], new_cache["cross_v"] = kv
+        new_cache["cross_k"] = layer_cache["cross_k"]
+        new_cache["cross_v"] = layer_cache["cross_v"]
+        kv = (cache_read(layer_cache, "cross_k"),
+              cache_read(layer_cache, "cross_v"))
         h, _ = cross(h, mask=cross_mask, precomputed_kv=kv)
       else:
         raise ValueError("cross_attention needs `encoded` or a cache holding "
@@ -197,7 +201,31 @@ class TransformerStack(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan_layers,
                        policy=None if policy == "full" else policy)
     kwargs = self._block_kwargs(deterministic)
-    if self.scan_layers:
+    if cache is not None:
+      # Decoding: each layer writes its new K/V straight into the stacked
+      # cache, which is carried from layer to layer (updated in place)
+      # rather than sliced out and restacked (attention.cache_read).
+      args = (mask, positions, encoded, cross_mask, cache_index)
+      if self.scan_layers:
+        def body(layer_block, carry, layer, *args):
+          x, cache = carry
+          x, cache = layer_block(x, dict(cache, layer=layer), *args)
+          return (x, cache), None
+        (x, new_cache), _ = nn.scan(
+            body,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0,) + (nn.broadcast,) * len(args),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(block(name="layers", **kwargs), (x, cache),
+          jnp.arange(self.num_layers, dtype=jnp.int32), *args)
+      else:
+        new_cache = cache
+        for i in range(self.num_layers):
+          x, new_cache = block(name=f"layers_{i}", **kwargs)(
+              x, dict(new_cache, layer=jnp.int32(i)), *args)
+    elif self.scan_layers:
       layers = nn.scan(
           block,
           variable_axes={"params": 0},
@@ -207,18 +235,12 @@ class TransformerStack(nn.Module):
           length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(name="layers", **kwargs)
-      x, new_cache = layers(x, cache, mask, positions, encoded, cross_mask,
-                            cache_index)
+      x, _ = layers(x, None, mask, positions, encoded, cross_mask,
+                    cache_index)
     else:
-      new_layers = []
       for i in range(self.num_layers):
-        layer_cache = (None if cache is None else
-                       jax.tree.map(lambda c, i=i: c[i], cache))
-        x, layer_new = block(name=f"layers_{i}", **kwargs)(
-            x, layer_cache, mask, positions, encoded, cross_mask, cache_index)
-        new_layers.append(layer_new)
-      new_cache = (None if cache is None else
-                   jax.tree.map(lambda *c: jnp.stack(c), *new_layers))
+        x, _ = block(name=f"layers_{i}", **kwargs)(
+            x, None, mask, positions, encoded, cross_mask, cache_index)
 
     if self.final_norm:
       x = norm_layer(self.norm, name="final_norm", dtype=self.dtype,
