@@ -178,6 +178,16 @@ def test_mismatched_vocabulary_is_a_clear_error(packed_dir):
     InterleavedTask(config)
 
 
+def test_a_context_too_short_for_the_eval_fails_at_construction(packed_dir):
+  config = tiny_config(packed_dir)
+  config.eval.num_generation = 4
+  config.model.max_len = 3 * GRID * GRID + 39
+  with pytest.raises(ValueError, match="length=.*num_generation=0"):
+    InterleavedTask(config)
+  config.model.max_len += 1
+  InterleavedTask(config)
+
+
 def test_text_dropout_is_what_the_unconditional_sampler_sees(packed_dir):
   """drop_text removes a document's text and compacts its row; the model's
   logits on it equal a cached prefill of the document with its text as PAD

@@ -64,6 +64,16 @@ class InterleavedTask:
           f"(config.vocab) has {self.layout.size} ids; set vocab_size = 5 + "
           "text_vocab_size + image_vocab_size.")
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+    # The eval continues held-out edit documents (a source image and its
+    # instruction) by one more image: about 3 images' worth of context.
+    eval_cfg = config.get("eval", {})
+    need = 3 * self.model.image_length + 40
+    if eval_cfg.get("num_generation", 0) and self.model.max_len < need:
+      raise ValueError(
+          f"config.model.max_len={self.model.max_len} leaves the eval no "
+          f"room to generate: its edit documents need about {need} tokens "
+          f"({self.model.image_length} per image). Raise max_len (config "
+          "arg length=...) or set config.eval.num_generation=0.")
 
   # ------------------------------------------------------------------ data
 
