@@ -207,10 +207,10 @@ class TransformerStack(nn.Module):
       # rather than sliced out and restacked (attention.cache_read).
       args = (mask, positions, encoded, cross_mask, cache_index)
       if self.scan_layers:
-        def body(layer_block, carry, layer, *args):
-          x, cache = carry
-          x, cache = layer_block(x, dict(cache, layer=layer), *args)
-          return (x, cache), None
+        def body(layer_block, carry, layer, *block_args):
+          h, stacked = carry
+          h, stacked = layer_block(h, dict(stacked, layer=layer), *block_args)
+          return (h, stacked), None
         (x, new_cache), _ = nn.scan(
             body,
             variable_axes={"params": 0},
