@@ -226,6 +226,9 @@ def test_parti_eval_adds_clip_score_to_the_report(clip_dir, clip_model,
   monkeypatch.setattr(probe, "prompt_accuracy", lambda *args, **kwargs: {
       "prompt_accuracy_single": 0.5})
   monkeypatch.setattr(probe, "probe_fd", lambda *args, **kwargs: 1.0)
+  monkeypatch.setattr(probe, "reconstruction_accuracy",  # no tokenizer here
+                      lambda *args, **kwargs: {"prompt_accuracy_single": 0.8,
+                                               "prompt_accuracy_pair": 0.6})
   task.evaluate(None, {}, str(tmp_path), step=3)
   report = json.load(open(tmp_path / "eval" / "report.json"))
   sampling = dict(cfg_scale=1.5, temperature=0.7, top_k=0, top_p=1.0,

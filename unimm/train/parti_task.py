@@ -499,9 +499,8 @@ class ParTask:
     result["probe_fd"] = float(probe_lib.probe_fd(real, images, probe=probe))
     # The same prompts' true scenes through the tokenizer: this model's
     # ceiling (its samples are decoded by the same decoder).
-    tokenizer = self.image_tokenizer
     ceiling = probe_lib.reconstruction_accuracy(
-        lambda x: tokenizer.decode(tokenizer.encode(x)),
+        lambda x: self.image_tokenizer.decode(self.image_tokenizer.encode(x)),
         int(cfg["num_single"]), int(cfg["num_pair"]), image_size,
         probe=probe, **seed_kw)
     for key in ("prompt_accuracy_single", "prompt_accuracy_pair"):
