@@ -163,8 +163,7 @@ class Attention(nn.Module):
       if cache is not None:
         new_cache = {"k": cache_write(cache, "k", k, cache_index),
                      "v": cache_write(cache, "v", v, cache_index)}
-        view = dict(new_cache, layer=cache["layer"]) if "layer" in cache \
-            else new_cache
+        view = {**cache, **new_cache}  # keeps "layer" when given
         k = constrain(cache_read(view, "k"), CACHE_AXES)
         v = constrain(cache_read(view, "v"), CACHE_AXES)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)

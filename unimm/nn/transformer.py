@@ -201,6 +201,10 @@ class TransformerStack(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan_layers,
                        policy=None if policy == "full" else policy)
     kwargs = self._block_kwargs(deterministic)
+    scan_kw = dict(variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   length=self.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
     if cache is not None:
       # Decoding: each layer writes its new K/V straight into the stacked
       # cache, which is carried from layer to layer (updated in place)
@@ -212,12 +216,7 @@ class TransformerStack(nn.Module):
           h, stacked = layer_block(h, dict(stacked, layer=layer), *block_args)
           return (h, stacked), None
         (x, new_cache), _ = nn.scan(
-            body,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0,) + (nn.broadcast,) * len(args),
-            length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
+            body, in_axes=(0,) + (nn.broadcast,) * len(args), **scan_kw,
         )(block(name="layers", **kwargs), (x, cache),
           jnp.arange(self.num_layers, dtype=jnp.int32), *args)
       else:
@@ -227,13 +226,7 @@ class TransformerStack(nn.Module):
               x, dict(new_cache, layer=jnp.int32(i)), *args)
     elif self.scan_layers:
       layers = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                   nn.broadcast),
-          length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
+          block, in_axes=(0,) + (nn.broadcast,) * 5, **scan_kw,
       )(name="layers", **kwargs)
       x, _ = layers(x, None, mask, positions, encoded, cross_mask,
                     cache_index)
