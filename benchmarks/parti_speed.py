@@ -95,6 +95,31 @@ def training_flops(m: parti.Parti, batch: int) -> float:
   return float(matmul + attention)
 
 
+def unimm_train_s(m_cfg, task, batch):
+  """(compile s, s per step, params) of the real trainer program."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          batch)
+  mesh = parallel.make_mesh(dict(data=1), jax.devices()[:1])
+  program = trainer.build_program(m_cfg, task, abstract, mesh=mesh)
+  with jax.set_mesh(program.mesh):
+    state = program.jit_init(jax.random.PRNGKey(0), batch)
+    device_batch = parallel.host_batch_to_global(batch,
+                                                 program.batch_sharding)
+    start = time.perf_counter()
+    compiled = program.train_step.lower(program.abstract_state,
+                                        program.abstract_batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(_TRAIN_STEPS.value):
+      state, metrics = compiled(state, device_batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / _TRAIN_STEPS.value
+    params = {"params": parallel.unbox(jax.device_get(state.params))}
+  return compile_s, step_s, params
+
+
 def unimm_sampler(model, params, text, sampling):
   fn = jax.jit(lambda p, x, r: parti.sample_image_ids(model, p, x, r,
                                                       sampling))
@@ -333,32 +358,14 @@ def run_parti(rng) -> list[tuple[str, str]]:
         f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s; Parti {_SIZE.value}, "
         f"{model.image_length} image tokens, text {model.text_length}")
 
-  # ---- training: the real trainer program vs PyTorch eager.
+  # ---- training: the real trainer program vs PyTorch eager, with the
+  # layers scanned (--scan_layers) and, for comparison, unrolled.
   b = _TRAIN_BATCH.value
   batch = {"text_ids": rng.integers(2, model.text_vocab_size,
                                     (b, model.text_length)).astype(np.int32),
            "image_ids": rng.integers(0, model.image_vocab_size,
                                      (b, model.image_length)).astype(np.int32)}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          batch)
-  mesh = parallel.make_mesh(dict(data=1), jax.devices()[:1])
-  program = trainer.build_program(m_cfg, task, abstract, mesh=mesh)
-  with jax.set_mesh(program.mesh):
-    state = program.jit_init(jax.random.PRNGKey(0), batch)
-    device_batch = parallel.host_batch_to_global(batch,
-                                                 program.batch_sharding)
-    start = time.perf_counter()
-    compiled = program.train_step.lower(program.abstract_state,
-                                        program.abstract_batch).compile()
-    train_compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(_TRAIN_STEPS.value):
-      state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics)
-    train_s = (time.perf_counter() - start) / _TRAIN_STEPS.value
-    params = {"params": parallel.unbox(jax.device_get(state.params))}
+  train_compile_s, train_s, params = unimm_train_s(m_cfg, task, batch)
   tokens = b * model.image_length
   flops = training_flops(model, b)
   rows = [("train step compile (unimm)", f"{train_compile_s:.1f} s"),
@@ -366,11 +373,20 @@ def run_parti(rng) -> list[tuple[str, str]]:
           ("train model FLOP/s (MaxText formula)",
            f"{flops / train_s / 1e9:.1f} GFLOP/s = "
            f"{flops / train_s / peak:.1%} of the matmul peak")]
+  other = m_cfg.copy_and_resolve_references()
+  other.model.scan_layers = not _SCAN.value
+  other_task = parti_task.ParTask(other)
+  other_task.unconditional_row = lambda: row
+  _, other_s, _ = unimm_train_s(other, other_task, batch)
+  layout = "unrolled" if _SCAN.value else "scanned"
+  rows.append((f"train tokens/s (unimm, layers {layout})",
+               f"{tokens / other_s:,.0f}"))
   torch_ref = torch_model(model) if _TORCH.value else None
   if torch_ref is not None:
     t_train = torch_train_s(torch_ref, b, model, _TRAIN_STEPS.value)
     rows.append(("train tokens/s (PyTorch eager, HF T5 same size)",
-                 f"{tokens / t_train:,.0f}  -> unimm {t_train / train_s:.2f}x"))
+                 f"{tokens / t_train:,.0f}  -> unimm {t_train / train_s:.2f}x"
+                 f" ({layout} {t_train / other_s:.2f}x)"))
     torch_ref.eval()
 
   # ---- sampling.

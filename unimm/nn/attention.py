@@ -16,6 +16,7 @@ slicing out and restacking every layer's copy.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unimm.nn.layers import constrain, dense, dtype_of, partitioned
 
@@ -69,20 +70,29 @@ def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
   T5 uses 1). Softmax in float32. Returns [B, T, N, H].
   """
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
-  if scale is None:
-    logits = logits / jnp.sqrt(h).astype(jnp.float32)
-  elif scale != 1:
-    logits = logits * scale
-  if bias is not None:
+  kv_heads, s = k.shape[2], k.shape[1]
+  g = n // kv_heads
+  # Heads-major layout with each kv head's g query heads folded into the
+  # query length: [B, K, G*T, H] x [B, K, S, H]. Plain batched matmuls over
+  # (B, K) and 4-D elementwise ops, which XLA:CPU runs ~2x faster (forward
+  # and backward) than a 5-D grouped einsum. Scale q, not the [T, S] logits.
+  scale = 1.0 / np.sqrt(h) if scale is None else scale
+  if scale != 1:
+    q = q * jnp.asarray(scale, q.dtype)
+  q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(b, kv_heads, g * t, h)
+  k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+  v = v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32)
+  if bias is not None:  # [B', N, T, S] -> [B', K, G*T, S]: N = (K, G)
     logits = logits + bias.astype(jnp.float32).reshape(
-        bias.shape[0], kv_heads, n // kv_heads, t, k.shape[1])
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        bias.shape[0], kv_heads, g * t, s)
+  if mask is not None:  # [B', T, S] -> [B', 1, G*T, S]
+    mask = jnp.tile(mask, (1, g, 1)) if g > 1 else mask
+    logits = jnp.where(mask[:, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G*T, S]
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+  out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
   return out.reshape(b, t, n, h)
 
 
