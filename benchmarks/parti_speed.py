@@ -11,7 +11,8 @@ Prints, from one run on this machine:
   cache on a same-size T5 encoder-decoder in PyTorch (greedy, CPU), at
   batch 1 and 8; compile time separately;
 - training tokens/s of the real unimm train step (unimm.train.trainer's
-  program for the Parti task: forward, backward, AdamW) against the same HF
+  program for the Parti task: forward, backward, AdamW), with the layers
+  scanned (--scan_layers, the default) and unrolled, against the same HF
   model in PyTorch eager (forward, backward, AdamW);
 - model FLOP/s of the train step as a fraction of the measured f32 matmul
   peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
