@@ -15,13 +15,14 @@ Documents: caption then image, image then caption, and edit stories
 tokenizer must be trained on interleaved.document_texts (instructions have
 words that captions lack).
 
-Measured (2 CPU cores, README results): these defaults (1,200 steps at
-batch 32, lr 1e-2; 44 min on cores shared with other work) give
-prompt_accuracy_single 0.165, caption_accuracy 0.265, edit_accuracy 0.085
-on held-out documents, far below the targets (0.95 / 0.9 / 0.7); the
-earlier recipe (batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00 after 6,000
-steps. Trained on caption-then-image documents alone (batch 32, lr 1e-2)
-the model reaches prompt_accuracy_single 0.745 in 1,500 steps, near its
+Measured (2 CPU cores, README results): these defaults (2,000 steps at
+batch 32, lr 1e-2; 44 min on a quiet machine at 0.8 steps/s) give
+prompt_accuracy_single 0.30, caption_accuracy 0.44, edit_accuracy 0.25 on
+held-out documents (tokenizer ceiling 0.765), far below the targets
+(0.9 / 0.95 / 0.7); 1,200 steps gave 0.165 / 0.265 / 0.085, and the
+earlier recipe (batch=16,lr=3e-3) 0.01 / 0.09 / 0.00 after 6,000 steps.
+Trained on caption-then-image documents alone (batch 32, lr 1e-2) the
+model reaches prompt_accuracy_single 0.745 in 1,500 steps, near its
 tokenizer's ceiling (reconstructions score 0.79).
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
@@ -42,7 +43,7 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny", steps=1200, batch=32, length=320, text_vocab=128,
+      arg, size="tiny", steps=2000, batch=32, length=320, text_vocab=128,
       codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
