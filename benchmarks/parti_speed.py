@@ -96,6 +96,15 @@ def training_flops(m: parti.Parti, batch: int) -> float:
   return float(matmul + attention)
 
 
+def parti_train_task(m_cfg) -> parti_task.ParTask:
+  """The Parti task of m_cfg, its unconditional text row built directly (no
+  text tokenizer file needed)."""
+  task = parti_task.ParTask(m_cfg)
+  row = parti_task.unconditional_text_ids(1, task.model.text_length)
+  task.unconditional_row = lambda: row
+  return task
+
+
 def unimm_train_s(m_cfg, task, batch):
   """(compile s, s per step, params) of the real trainer program."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -350,10 +359,8 @@ def run() -> list[tuple[str, str]]:
 def run_parti(rng) -> list[tuple[str, str]]:
   """The Parti rows: training and sampling."""
   m_cfg = parti_config(_SIZE.value, _IMAGE_LENGTH.value)
-  task = parti_task.ParTask(m_cfg)
+  task = parti_train_task(m_cfg)
   model = task.model
-  row = parti_task.unconditional_text_ids(1, model.text_length)
-  task.unconditional_row = lambda: row  # no text tokenizer file needed
   peak = common.matmul_peak_flops()
   print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
         f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s; Parti {_SIZE.value}, "
@@ -376,9 +383,7 @@ def run_parti(rng) -> list[tuple[str, str]]:
            f"{flops / train_s / peak:.1%} of the matmul peak")]
   other = m_cfg.copy_and_resolve_references()
   other.model.scan_layers = not _SCAN.value
-  other_task = parti_task.ParTask(other)
-  other_task.unconditional_row = lambda: row
-  _, other_s, _ = unimm_train_s(other, other_task, batch)
+  _, other_s, _ = unimm_train_s(other, parti_train_task(other), batch)
   layout = "unrolled" if _SCAN.value else "scanned"
   rows.append((f"train tokens/s (unimm, layers {layout})",
                f"{tokens / other_s:,.0f}"))

@@ -88,8 +88,7 @@ def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
     logits = logits + bias.astype(jnp.float32).reshape(
         bias.shape[0], kv_heads, g * t, s)
   if mask is not None:  # [B', T, S] -> [B', 1, G*T, S]
-    mask = jnp.tile(mask, (1, g, 1)) if g > 1 else mask
-    logits = jnp.where(mask[:, None], logits, NEG_INF)
+    logits = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G*T, S]
   out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
   out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
