@@ -83,16 +83,72 @@ def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
   q = q.reshape(b, kv_heads, g * t, h)
   k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
   v = v.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32)
   if bias is not None:  # [B', N, T, S] -> [B', K, G*T, S]: N = (K, G)
-    logits = logits + bias.astype(jnp.float32).reshape(
-        bias.shape[0], kv_heads, g * t, s)
+    bias = bias.reshape(bias.shape[0], kv_heads, g * t, s)
   if mask is not None:  # [B', T, S] -> [B', 1, G*T, S]
-    logits = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, K, G*T, S]
-  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)
+    mask = jnp.tile(mask, (1, g, 1))[:, None]
+  out = _softmax_attention(q, k, v, mask, bias)  # [B, K, G*T, H]
   out = out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
   return out.reshape(b, t, n, h)
+
+
+def _masked_logits(q, k, mask, bias):
+  """float32 logits [B, K, Q, S] of the heads-major q and k, plus bias, with
+  masked entries set to NEG_INF."""
+  logits = jnp.einsum("bkqh,bksh->bkqs", q, k).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, NEG_INF)
+  return logits
+
+
+@jax.custom_vjp
+def _softmax_attention(q, k, v, mask, bias):
+  """softmax(q k^T + bias, masked) v in the heads-major layout: q [B, K, Q,
+  H], k and v [B, K, S, H], mask bool and bias broadcastable to [B, K, Q, S]
+  (either may be None). Returns [B, K, Q, H]."""
+  return _softmax_attention_fwd(q, k, v, mask, bias)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, bias):
+  logits = _masked_logits(q, k, mask, bias)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  unnormalized = jnp.exp(logits - row_max)
+  row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+  out = jnp.einsum("bkqs,bksh->bkqh", (unnormalized / row_sum).astype(
+      v.dtype), v)
+  # Keep the row statistics, not the [Q, S] probabilities: the backward
+  # recomputes them with one matmul (FlashAttention's trade), which on CPU
+  # is cheaper than stacking them per layer under nn.scan.
+  return out, (q, k, v, mask, bias, out, row_max, row_sum)
+
+
+def _softmax_attention_bwd(residuals, d_out):
+  q, k, v, mask, bias, out, row_max, row_sum = residuals
+  # The forward's probabilities, recomputed exactly.
+  probs = jnp.exp(_masked_logits(q, k, mask, bias) - row_max) / row_sum
+  d_v = jnp.einsum("bkqs,bkqh->bksh", probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum("bkqh,bksh->bkqs", d_out, v).astype(jnp.float32)
+  # Softmax backward with the row sum of p * dp taken as (d_out . out) over
+  # H instead of over the S keys (FlashAttention-2, Dao 2023, eq. 4).
+  row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
+                    axis=-1, keepdims=True)
+  d_logits = probs * (d_probs - row_dot)
+  if mask is not None:  # masked logits were constants (fully masked rows)
+    d_logits = jnp.where(mask, d_logits, 0.0)
+  d_bias = None
+  if bias is not None:
+    summed = tuple(i for i, (n_b, n_d) in enumerate(
+        zip(bias.shape, d_logits.shape)) if n_b == 1 and n_d != 1)
+    d_bias = jnp.sum(d_logits, axis=summed, keepdims=True).astype(bias.dtype)
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("bkqs,bksh->bkqh", d_logits, k)
+  d_k = jnp.einsum("bkqs,bkqh->bksh", d_logits, q)
+  return d_q, d_k, d_v, None, d_bias
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class Attention(nn.Module):
