@@ -11,8 +11,9 @@ Rerunning resumes; --mode sample / eval act on the Parti stage:
   python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo \\
       --mode sample --prompts "a big red circle at the top left"
 
-Sized for 2 CPU cores in about 20 minutes (the README has the measured
-time and accuracy). Variants (arg "key=value,..."): tokenizer_steps,
+Sized for 2 CPU cores in about 20 minutes: measured 18 min 7 s on a quiet
+machine, prompt_accuracy_single 0.635 with a tokenizer ceiling of 0.895
+(README results). Variants (arg "key=value,..."): tokenizer_steps,
 parti_steps, num_train (pre-tokenized training examples), batch, size and
 lr (Parti).
 """
@@ -37,7 +38,7 @@ PROMPTS = (
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, tokenizer_steps=2000, parti_steps=1500,
+  arg = config_lib.parse_arg(arg, tokenizer_steps=8000, parti_steps=1500,
                              num_train=50000, batch=64, size="tiny", lr=1e-2)
   config = ml_collections.ConfigDict()
   config.task = "end_to_end"
