@@ -60,7 +60,9 @@ def test_interleaved_model_plans_with_fsdp_and_its_flops_match():
                      sampler=False, log=lambda *a: 0)
   assert result["num_devices"] == 8
   assert result["params_bytes_per_device"] < 2 * result["num_params"] / 4
-  assert 0.95 < result["flops_ratio"] < 1.05
+  # XLA counts executed FLOPs: attention's backward recomputes the q k^T
+  # logits, one matmul more than the formula's six per attention product.
+  assert 0.95 < result["flops_ratio"] < 1.1
 
 
 def test_cli_json_on_a_mixed_mesh():
