@@ -12,8 +12,8 @@ Prints, from one run on this machine:
   batch 1 and 8; compile time separately;
 - training tokens/s of the real unimm train step (unimm.train.trainer's
   program for the Parti task: forward, backward, AdamW), with the layers
-  scanned (--scan_layers, the default) and unrolled, against the same HF
-  model in PyTorch eager (forward, backward, AdamW);
+  as the config lays them out (--scan; tiny: unrolled) and the other way,
+  against the same HF model in PyTorch eager (forward, backward, AdamW);
 - model FLOP/s of the train step as a fraction of the measured f32 matmul
   peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
   maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device);
@@ -59,8 +59,10 @@ _RECOMPUTE_TOKENS = flags.DEFINE_integer(
     "per-token cost is extrapolated to image_length: each of its steps "
     "costs the same full forward).")
 _TORCH = flags.DEFINE_bool("torch", True, "Run the PyTorch baselines.")
-_SCAN = flags.DEFINE_bool("scan_layers", True, "nn.scan over layers (one "
-                          "compiled layer body; False unrolls them).")
+_SCAN = flags.DEFINE_enum(
+    "scan", "auto", ["auto", "true", "false"], "nn.scan over layers (one "
+    "compiled layer body) or unrolled; auto as the shapes configs: unrolled "
+    "at the CPU sizes (unimm.config_lib.scan_layers).")
 _MODELS = flags.DEFINE_list("models", ["parti", "interleaved"],
                             "Which models to measure.")
 _PROMPT_LENGTH = flags.DEFINE_integer(
@@ -76,7 +78,7 @@ def parti_config(size: str, image_length: int):
                       text_length=_TEXT_LENGTH.value,
                       image_vocab_size=_IMAGE_VOCAB.value,
                       text_vocab_size=_TEXT_VOCAB.value,
-                      scan_layers=_SCAN.value)
+                      scan_layers=config_lib.scan_layers(_SCAN.value, size))
   config.mesh.update(data=1, fsdp=1, tensor=1)
   return config
 
@@ -220,7 +222,8 @@ def interleaved_model(size: str, image_length: int, prompt_length: int):
   return interleaved.InterleavedLM(**interleaved.interleaved_config(
       size, vocab_size=5 + _TEXT_VOCAB.value + _IMAGE_VOCAB.value,
       max_len=prompt_length + 2 * image_length + 8, image_length=image_length,
-      image_positions="2d", qk_norm=True, scan_layers=_SCAN.value))
+      image_positions="2d", qk_norm=True,
+      scan_layers=config_lib.scan_layers(_SCAN.value, size)))
 
 
 def interleaved_sampler_s(model, params, prompts):
@@ -367,7 +370,8 @@ def run_parti(rng) -> list[tuple[str, str]]:
         f"{model.image_length} image tokens, text {model.text_length}")
 
   # ---- training: the real trainer program vs PyTorch eager, with the
-  # layers scanned (--scan_layers) and, for comparison, unrolled.
+  # layers laid out as configured (--scan) and, for comparison, the other
+  # way.
   b = _TRAIN_BATCH.value
   batch = {"text_ids": rng.integers(2, model.text_vocab_size,
                                     (b, model.text_length)).astype(np.int32),
@@ -382,9 +386,9 @@ def run_parti(rng) -> list[tuple[str, str]]:
            f"{flops / train_s / 1e9:.1f} GFLOP/s = "
            f"{flops / train_s / peak:.1%} of the matmul peak")]
   other = m_cfg.copy_and_resolve_references()
-  other.model.scan_layers = not _SCAN.value
+  other.model.scan_layers = not m_cfg.model.scan_layers
   _, other_s, _ = unimm_train_s(other, parti_train_task(other), batch)
-  layout = "unrolled" if _SCAN.value else "scanned"
+  layout = "scanned" if other.model.scan_layers else "unrolled"
   rows.append((f"train tokens/s (unimm, layers {layout})",
                f"{tokens / other_s:,.0f}"))
   torch_ref = torch_model(model) if _TORCH.value else None

@@ -33,7 +33,9 @@ tokenizer_workdir, text_tokenizer, lr, image_positions (1d | 2d), qk_norm,
 text_weight, image_weight, drop_text (the rate of documents trained
 without their text, for classifier-free guidance), cfg (the eval's guidance
 scale for generated images; 1 = none), image_temp (the eval's sampling
-temperature for images; its text is greedy), dtype, remat.
+temperature for images; its text is greedy), dtype, remat, scan (auto |
+true | false: nn.scan over layers; auto unrolls them at the CPU sizes,
+unimm.config_lib.scan_layers).
 """
 import ml_collections
 
@@ -50,7 +52,7 @@ def get_config(arg=None):
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, dtype="float32",
-      remat="none")
+      remat="none", scan="auto")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -60,7 +62,8 @@ def get_config(arg=None):
       arg.size, vocab_size=5 + arg.text_vocab + arg.codes, max_len=arg.length,
       image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
-      remat_policy=arg.remat))
+      remat_policy=arg.remat,
+      scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
   config.loss = ml_collections.ConfigDict(dict(
       text_weight=arg.text_weight, image_weight=arg.image_weight,
       drop_text_rate=arg.drop_text))

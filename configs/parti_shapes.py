@@ -19,7 +19,8 @@ text_tokenizer ("" = the copy in pretokenized_dir), pretokenized_dir,
 text_vocab (>= the SentencePiece vocabulary), codes and grid (the
 tokenizer's num_codes and h = w of its token grid), text_length, lr (tiny
 and small; the paper sizes use 4.5e-4), positions (learned_2d | learned |
-rope), t5 (a local Hugging Face T5 directory: Parti's text encoder becomes
+rope), scan (auto | true | false: nn.scan over layers; auto unrolls them at
+the CPU sizes, unimm.config_lib.scan_layers), t5 (a local Hugging Face T5 directory: Parti's text encoder becomes
 that T5 encoder, initialised from its weights).
 
 Sampling for the eval: cfg_scale 1.5, temperature 0.7. Measured on shapes
@@ -67,7 +68,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
       codes=512, grid=8, text_length=24, lr=3e-3, positions="learned_2d",
-      t5="")
+      scan="auto", t5="")
   config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
@@ -80,7 +81,8 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(parti_config(
       arg.size, text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
       text_length=arg.text_length, image_length=arg.grid * arg.grid,
-      positions=arg.positions))
+      positions=arg.positions,
+      scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
 
   # Optional T5 text encoder (Parti §2.2), loaded from a local Hugging Face
   # directory (config.json + model.safetensors); its spiece.model, if

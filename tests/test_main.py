@@ -88,3 +88,33 @@ def test_bad_config_fails_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="config.mesh"):
     config = config_lib.load_config(CONFIG, **{"mesh.data": 3})
     experiments.train_and_evaluate(config, str(tmp_path))
+
+
+def test_scan_argument_unrolls_the_cpu_sizes():
+  # auto: unrolled at tiny / small (faster on XLA:CPU), scanned at the
+  # larger sizes; true / false force it; anything else names the argument.
+  for name in ("vit_vqgan_shapes", "parti_shapes", "interleaved_shapes"):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    assert not config_lib.load_config(path).model.scan_layers
+    assert config_lib.load_config(path + ":scan=true").model.scan_layers
+  big = os.path.join(REPO, "configs", "parti_shapes.py:size=350m")
+  assert config_lib.load_config(big).model.scan_layers
+  assert not config_lib.load_config(big + ",scan=false").model.scan_layers
+  with pytest.raises(ValueError, match="scan='sometimes'"):
+    config_lib.load_config(CONFIG + ":scan=sometimes")
+
+
+def test_a_checkpoint_of_another_layout_is_named_not_dumped(
+    tokenizer_workdir):
+  # The fixture's layers are unrolled; resuming or evaluating its
+  # checkpoint with them scanned fails early and names the cause.
+  config = config_lib.load_config(
+      CONFIG + ":steps=3,batch=8,scan=true",
+      **{"data.source": "shapes_small", "eval.num_images": 32,
+         "eval.batch_size": 32, "eval.probe_prompts": 0})
+  for run in (experiments.train_and_evaluate, experiments.evaluate):
+    with pytest.raises(ValueError, match=r"scan=true\|false") as error:
+      run(config, tokenizer_workdir)
+    message = str(error.value)
+    assert "['layers']" in message and "['layers_0']" in message
+    assert len(message) < 2000

@@ -38,6 +38,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
+# Sizes that train on CPU. XLA:CPU runs their layers unrolled faster than
+# under nn.scan, whose backward stacks every layer's residuals and slices
+# them back out (measured on 2 cores, train step scanned -> unrolled: tiny
+# ViT-VQGAN 51 -> 36 ms, tiny Parti batch 64 380 -> 300 ms, tiny
+# interleaved 907 -> 689 ms); the larger sizes scan, for compile time and
+# memory.
+UNROLLED_SIZES = ("tiny", "small")
+
+
+def scan_layers(value: str, size: str) -> bool:
+  """Config argument scan=auto|true|false -> config.model.scan_layers."""
+  value = str(value).lower()
+  if value == "auto":
+    return size not in UNROLLED_SIZES
+  if value in ("true", "1", "false", "0"):
+    return value in ("true", "1")
+  raise ValueError(f"scan={value!r}; expected auto, true or false (auto "
+                   f"unrolls the layers of sizes {UNROLLED_SIZES}).")
+
+
 def build_module(cls, kwargs: Any, setting: str = "config.model"):
   """cls(**kwargs), with a clear error for keys the module does not take."""
   kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)

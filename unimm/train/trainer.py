@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax
 import flax.linen as nn
 import grain
@@ -198,6 +199,40 @@ def _restore_args(abstract_tree):
   return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
 
 
+def _key_paths(tree) -> set[str]:
+  return {jax.tree_util.keystr(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
+                          abstract: dict, workdir: str) -> None:
+  """A clear error when the checkpoint's parameters are not the config's.
+
+  Orbax would print both trees in full; this names the differing paths and
+  the usual cause (a config that builds another model, such as one layout
+  of the layers scanned and the other unrolled).
+  """
+  saved = ocp.PyTreeCheckpointHandler().metadata(
+      epath.Path(manager.directory) / str(step) / "state")
+  saved = getattr(saved, "tree", saved)
+  saved_paths = _key_paths(saved["params"])
+  wanted = _key_paths(abstract["params"])
+  if saved_paths == wanted:
+    return
+  def show(paths):
+    paths = sorted(paths)
+    return ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)"
+                                   if len(paths) > 4 else "")
+  raise ValueError(
+      f"The checkpoint at step {step} in {workdir} holds other parameters "
+      f"than this config's model builds: only in the checkpoint: "
+      f"{show(saved_paths - wanted) or 'none'}; only in the config: "
+      f"{show(wanted - saved_paths) or 'none'}. It was trained with another "
+      "config.model (for example model.scan_layers, the config argument "
+      "scan=true|false: scanned layers are 'layers', unrolled ones "
+      "'layers_0', ...). Use that run's settings or a fresh --workdir.")
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -209,6 +244,7 @@ class _Checkpointer:
 
   def __init__(self, workdir, config, batch_spec):
     self.manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
+    self._workdir = workdir
     self._config = json.loads(config.to_json_best_effort())
     self._meta = {"batch_spec": batch_spec}
     self._finite = jax.jit(lambda s: _all_finite((s.params, s.model_state)))
@@ -231,6 +267,7 @@ class _Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState, data_iterator):
     abstract = _state_dict(abstract_state)
+    check_checkpoint_tree(self.manager, step, abstract, self._workdir)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=_restore_args(abstract)),
@@ -619,6 +656,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, task,
                                                   shardings)
       abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32,
                                               sharding=parallel.replicated(mesh))
+      check_checkpoint_tree(manager, step, abstract, workdir)
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               item=abstract, restore_args=_restore_args(abstract),
