@@ -7,7 +7,8 @@ Variants (arg "key=value,..."): size (tiny | small | base | large; the
 paper's sizes use 256x256 images, 8x8 patches, 8192 codes of dim 32),
 decoder (a different decoder size, e.g. size=small,decoder=large is the
 paper's ViT-VQGAN-SL), steps, batch, and for size=tiny patch (4 -> 8x8
-tokens, 8 -> 4x4 tokens) and codes.
+tokens, 8 -> 4x4 tokens) and codes, scan (auto | true | false: nn.scan over
+layers; auto unrolls them at the CPU sizes, unimm.config_lib.scan_layers).
 Target for size=tiny on 2 CPU cores in <= 15 min: held-out PSNR >= 30 dB,
 codebook_usage >= 0.9.
 
@@ -32,8 +33,8 @@ of per-image PSNR), codebook_usage 1.0, and the shapes probe reads
 reconstructions of the eval prompts' scenes at 0.89 single / 0.685 pair
 (the ceiling of a text-to-image model on this tokenizer; two more runs:
 0.905 / 0.725 and 0.895 / 0.715); 3,000 steps gave 31.5 dB and 0.765 /
-0.615. About 8 min for 8,000 steps alone (17-18 steps/s, the demo's
-tokenizer stage).
+0.615. 8,000 steps take about 6-8 min (17-21 steps/s in the demo's
+tokenizer stage with the layers unrolled; this machine's speed varies).
 """
 import ml_collections
 
@@ -44,11 +45,13 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=8000,
-                             batch=32, patch=4, codes=512)
+                             batch=32, patch=4, codes=512, scan="auto")
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
-  model = vit_vqgan_config(arg.size, decoder=arg.decoder or None)
+  model = vit_vqgan_config(arg.size, decoder=arg.decoder or None,
+                           scan_layers=config_lib.scan_layers(arg.scan,
+                                                              arg.size))
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.
@@ -88,7 +91,10 @@ def get_config(arg=None):
 
   config.data = ml_collections.ConfigDict(dict(
       source="shapes", image_size=config.model.image_size,
-      batch_size=arg.batch, data_dir=None, worker_count=0))
+      batch_size=arg.batch, data_dir=None, worker_count=0,
+      # 32x32: the training split is decoded once into memory (~150 MB)
+      # instead of every step (unimm.data.pipeline.InMemorySource).
+      in_memory=tiny))
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", num_images=1024, batch_size=128,
       # The probe read on reconstructions of the fixed prompt set (the

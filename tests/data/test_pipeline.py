@@ -153,6 +153,31 @@ def test_shapes_checkpoint_round_trip(shapes_dir):
     assert list(got["caption"]) == list(want["caption"])
 
 
+def test_in_memory_source_gives_the_same_batches_and_resumes(shapes_dir):
+  # Read once into memory (the tokenizer's training split): the same
+  # batches as decoding every step, across epochs, and the same iterator
+  # state; records are read in chunks smaller than the split here.
+  kwargs = dict(process_index=1, process_count=2, batch_size=48)
+  plain = iter(_shapes(shapes_dir, **kwargs))
+  cached = iter(_shapes(shapes_dir, in_memory=True, **kwargs))
+  for _ in range(8):  # 256 records per host: past one epoch
+    want, got = next(plain), next(cached)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    assert list(got["caption"]) == list(want["caption"])
+    assert list(got["scene"]) == list(want["scene"])
+  state = cached.get_state()
+  expected = next(plain)
+  restored = iter(_shapes(shapes_dir, in_memory=True, **kwargs))
+  restored.set_state(state)
+  np.testing.assert_array_equal(next(restored)["image"], expected["image"])
+  source, _ = pipeline.image_text_source("shapes_small", "train",
+                                         image_size=32, data_dir=shapes_dir)
+  memory = pipeline.InMemorySource(source, chunk=100)
+  assert len(memory) == len(source)
+  np.testing.assert_array_equal(memory[len(source) - 1]["image"],
+                                source[len(source) - 1]["image"])
+
+
 def test_shapes_bad_settings_name_the_fix(shapes_dir, tmp_path):
   with pytest.raises(ValueError, match="config.data.image_size"):
     _shapes(shapes_dir, image_size=48)

@@ -106,7 +106,8 @@ class ViTVQGANTask:
   # ------------------------------------------------------------------ data
 
   def _dataset(self, split, batch_size, *, shuffle, seed, num_epochs,
-               process_index=0, process_count=1, drop_remainder=True):
+               process_index=0, process_count=1, drop_remainder=True,
+               in_memory=False):
     from unimm.data import pipeline  # written concurrently; imported lazily
     data = self.config.data
     return pipeline.image_text_dataset(
@@ -115,7 +116,7 @@ class ViTVQGANTask:
         num_epochs=num_epochs, process_index=process_index,
         process_count=process_count, data_dir=data.get("data_dir"),
         worker_count=data.get("worker_count", 0),
-        drop_remainder=drop_remainder)
+        drop_remainder=drop_remainder, in_memory=in_memory)
 
   def train_data(self, process_index: int, process_count: int):
     from unimm.train import tasks  # pylint: disable=g-import-not-at-top
@@ -123,7 +124,8 @@ class ViTVQGANTask:
                          tasks.per_host_batch_size(self.config, process_count),
                          shuffle=True, seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count,
+                         in_memory=self.config.data.get("in_memory", False))
 
   # ------------------------------------------------------------------ init
 
