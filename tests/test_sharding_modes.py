@@ -30,6 +30,8 @@ MESHES = {"data": (8, 1, 1), "fsdp": (1, 8, 1), "data_fsdp_tensor": (2, 2, 2),
 FAST_COMPILE = {"xla_backend_optimization_level": 0,
                 "xla_cpu_use_fusion_emitters": False}
 BATCH = 8
+# The layers scanned, as pod runs lay them out (a leading layer axis in
+# every stacked weight's spec); the CPU sizes default to unrolled.
 
 
 def parti_config():
@@ -37,7 +39,7 @@ def parti_config():
   # ("vocab", None) fallback rule keeps replicated over "tensor".
   config = config_lib.load_config(
       f"{CONFIG_DIR}/parti_shapes.py:size=tiny,batch=8,text_vocab=64,codes=16,"
-      "grid=4,text_length=8")
+      "grid=4,text_length=8,scan=true")
   config.model.update(embed_dim=32, num_heads=4, num_kv_heads=4, head_dim=8,
                       mlp_dim=64, encoder_layers=1, decoder_layers=2)
   config.optimizer.warmup_steps = 0
@@ -46,7 +48,7 @@ def parti_config():
 
 def vit_vqgan_config():
   config = config_lib.load_config(
-      f"{CONFIG_DIR}/vit_vqgan_shapes.py:size=tiny,batch=8")
+      f"{CONFIG_DIR}/vit_vqgan_shapes.py:size=tiny,batch=8,scan=true")
   config.model.update(image_size=16, patch_size=4, num_codes=16, code_dim=4,
                       encoder_num_layers=1, decoder_num_layers=1,
                       encoder_embed_dim=32, decoder_embed_dim=32,

@@ -54,7 +54,7 @@ class InMemorySource:
   For data sets that fit in host memory (the 50,000 32x32 shapes examples:
   about 150 MB of pixels). Decoding a shapes record takes ~0.27 ms, so a
   batch of 32 costs ~9 ms of CPU, which on 2 cores the tiny tokenizer's
-  36 ms train step shares; read once here (~10 s), batches cost only
+  36 ms train step shares; read once here (~6 s), batches cost only
   their stacking. Every host holds the whole source (its shard is taken
   after). Records are the same as the wrapped source's through
   `transform`, so batches and resumption are unchanged.
