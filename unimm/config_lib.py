@@ -10,6 +10,10 @@ from typing import Any
 import ml_collections
 
 
+TRUE_STRINGS = ("1", "true", "yes")  # a bool argument's true spellings
+FALSE_STRINGS = ("0", "false", "no")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses "size=tiny,steps=100" into a ConfigDict over `defaults`.
 
@@ -31,7 +35,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                        f"keys: {sorted(defaults)}.")
     default = defaults[key]
     if isinstance(default, bool):
-      value = value.lower() in ("1", "true", "yes")
+      value = value.lower() in TRUE_STRINGS
     elif default is not None:
       value = type(default)(value)
     result[key] = value
@@ -52,8 +56,8 @@ def scan_layers(value: str, size: str) -> bool:
   value = str(value).lower()
   if value == "auto":
     return size not in UNROLLED_SIZES
-  if value in ("true", "1", "false", "0"):
-    return value in ("true", "1")
+  if value in TRUE_STRINGS + FALSE_STRINGS:
+    return value in TRUE_STRINGS
   raise ValueError(f"scan={value!r}; expected auto, true or false (auto "
                    f"unrolls the layers of sizes {UNROLLED_SIZES}).")
 
