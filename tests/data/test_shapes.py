@@ -170,6 +170,14 @@ def test_parse_caption_round_trips_every_template():
     assert shapes.parse_caption(junk) is None
 
 
+def test_complete_templates_state_every_attribute_of_every_object():
+  for count, index in shapes.COMPLETE_TEMPLATES.items():
+    for scene in random_scenes(20, seed=5, num_objects=count):
+      parsed = shapes.parse_caption(shapes.caption(scene, index))
+      assert [(o.shape, o.color, o.size, o.cell) for o in parsed.objects] == [
+          (o.shape, o.color, o.size, o.cell) for o in scene.objects]
+
+
 def test_rendered_object_has_its_palette_colour():
   for image_size in (32, 128):
     for scene in random_scenes(120, seed=5):

@@ -1,7 +1,13 @@
 """Scoring of interleaved generations against the true scenes."""
+import dataclasses
+import types
+
+import numpy as np
+
 from unimm.data import interleaved as documents_lib
 from unimm.data import shapes
 from unimm.evaluation import interleaved_eval
+from unimm.evaluation import probe as probe_lib
 
 
 def test_a_true_caption_is_correct_and_a_wrong_one_is_not():
@@ -19,3 +25,108 @@ def test_a_true_caption_is_correct_and_a_wrong_one_is_not():
       **{k: v for k, v in scene.__dict__.items() if k != "objects"})
   assert not interleaved_eval.caption_correct(shapes.caption(wrong, 0), scene)
   assert not interleaved_eval.caption_correct("not a caption at all", scene)
+
+
+class _OracleProbe:
+  """Reads back exactly the scenes it was shown rendering (by pixels)."""
+
+  def __init__(self, size):
+    self.size, self.scenes = size, {}
+
+  def render(self, scene):
+    image = shapes.render(scene, self.size)
+    self.scenes[image.tobytes()] = interleaved_eval._truth(scene)  # pylint: disable=protected-access
+    return image
+
+  def predict(self, images):
+    return [self.scenes[np.asarray(i).tobytes()] for i in images]
+
+
+class _FakeModel:
+  """An api.InterleavedModel stand-in that draws the true answers, except
+  that its captions can name a wrong colour and its edits can return the
+  source unchanged."""
+
+  def __init__(self, probe, wrong_colour=False, no_edits=False):
+    self.probe, self.wrong_colour, self.no_edits = probe, wrong_colour, no_edits
+    self.tokenizer = types.SimpleNamespace(
+        image_size=probe.size, encode=lambda x: x, decode=lambda x: x)
+    self.task = types.SimpleNamespace(
+        model=types.SimpleNamespace(image_length=64))
+    self.prompt_scenes = {}
+    for prompt, scene in probe_lib.fixed_prompt_set(20, 0):
+      self.probe.render(scene)
+      self.prompt_scenes[prompt] = scene
+    self.edits = {}
+    for i in range(20):
+      doc = documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
+                                        kinds=("edit",))
+      source = shapes.render(doc.scenes[0], probe.size).tobytes()
+      self.edits[source, doc.instructions[0]] = doc.scenes[1]
+
+  def sample(self, prompts, **unused_kwargs):
+    return np.stack([self.probe.render(self.prompt_scenes[p])
+                     for p in prompts])
+
+  def caption(self, images):
+    captions = []
+    for image in images:
+      obj = self.probe.scenes[image.tobytes()].objects
+      scene = next(s for s in self._all_scenes()
+                   if interleaved_eval._truth(s).objects == obj)  # pylint: disable=protected-access
+      if self.wrong_colour:
+        scene = dataclasses.replace(scene, objects=tuple(
+            dataclasses.replace(o, color=next(
+                c for c in shapes.COLORS if c != o.color))
+            for o in scene.objects))
+      captions.append(shapes.caption(scene, 0))
+    return captions
+
+  def _all_scenes(self):
+    return [documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
+                                        kinds=("image_caption",)).scenes[0]
+            for i in range(20)]
+
+  def generate_batch(self, documents, **unused_kwargs):
+    outputs = []
+    for image, text in documents:
+      if self.no_edits:
+        outputs.append([image])
+      else:
+        outputs.append([self.probe.render(self.edits[image.tobytes(), text])])
+    return outputs
+
+
+def _evaluate(model, tmp_path, monkeypatch):
+  monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: model.probe)
+  for doc in (documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
+                                          kinds=(kind,))
+              for kind in ("image_caption", "edit") for i in range(20)):
+    model.probe.render(doc.scenes[0])
+  return interleaved_eval.evaluate_generation(
+      model, str(tmp_path), num_prompts=20, num_captions=20, num_edits=20,
+      batch_size=8)
+
+
+def test_a_model_that_answers_right_scores_one_everywhere(tmp_path,
+                                                          monkeypatch):
+  report = _evaluate(_FakeModel(_OracleProbe(32)), tmp_path, monkeypatch)
+  accuracies = {k: v for k, v in report.items() if "accuracy" in k}
+  assert {"prompt_accuracy_single", "prompt_color_accuracy",
+          "caption_accuracy", "caption_accuracy_single",
+          "caption_accuracy_pair", "caption_color_accuracy",
+          "edit_accuracy", "edit_accuracy_move"} <= set(accuracies)
+  assert accuracies == {k: 1.0 for k in accuracies}
+  assert (tmp_path / "documents.png").exists()
+
+
+def test_the_breakdown_names_what_is_wrong(tmp_path, monkeypatch):
+  report = _evaluate(_FakeModel(_OracleProbe(32), wrong_colour=True,
+                                no_edits=True), tmp_path, monkeypatch)
+  assert report["caption_accuracy"] == 0.0
+  assert report["caption_color_accuracy"] == 0.0
+  assert report["caption_shape_accuracy"] == 1.0
+  assert report["caption_count_accuracy"] == 1.0
+  assert report["prompt_accuracy_single"] == 1.0
+  ops = [k for k in report if k.startswith("edit_accuracy_")]
+  assert ops and all(report[k] == 0.0 for k in ops + ["edit_accuracy"]), report

@@ -99,6 +99,9 @@ TWO_OBJECT_TEMPLATES = (
     "there is {a0} {c0} {s0} {r} {a1} {c1} {s1}",
 )
 TEMPLATES = {1: ONE_OBJECT_TEMPLATES, 2: TWO_OBJECT_TEMPLATES}
+# Per object count, a template that states every object's size, colour,
+# shape and cell: what to score a whole scene against.
+COMPLETE_TEMPLATES = {1: 0, 2: 3}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,15 @@
                           the true scene: every stated attribute and the
                           object count right (an unparseable caption is wrong);
   edit_accuracy           image + instruction -> image: the probe reads the
-                          generated image, scored against the caption of the
-                          scene the instruction asks for (a missing image is
+                          generated image, scored against a caption of the
+                          scene the instruction asks for that states every
+                          attribute of every object
+                          (shapes.COMPLETE_TEMPLATES; a missing image is
                           wrong).
+Each comes with a breakdown, the first thing to read when it is low:
+prompt_{shape,color,size,position,count}_accuracy; caption_accuracy_single /
+_pair (one- / two-object scenes) and caption_{attribute}_accuracy; and
+edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS).
 Held-out documents are the test split's (unimm.data.interleaved.SPLIT_SEEDS).
 """
 import os
@@ -28,10 +34,34 @@ def _truth(scene: shapes.Scene) -> probe_lib.PredictedScene:
       for o in scene.objects))
 
 
-def caption_correct(text: str, scene: shapes.Scene) -> bool:
+def caption_scores(text: str, scene: shapes.Scene) -> dict[str, bool]:
+  """probe.score_prompt of the caption against the true scene; a caption
+  that does not parse gets shape, color, count and correct wrong."""
   parsed = shapes.parse_caption(text)
-  return parsed is not None and probe_lib.score_prompt(
-      parsed, _truth(scene))["correct"]
+  if parsed is None:
+    return dict(shape=False, color=False, count=False, correct=False)
+  return probe_lib.score_prompt(parsed, _truth(scene))
+
+
+def caption_correct(text: str, scene: shapes.Scene) -> bool:
+  return caption_scores(text, scene)["correct"]
+
+
+def _mean(values) -> float:
+  return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _add_mean(result: dict[str, float], key: str, values) -> None:
+  """result[key] = the mean of values; no key (not NaN) when empty."""
+  if values:
+    result[key] = _mean(values)
+
+
+def _breakdown(prefix: str, scores: list[dict[str, bool]]) -> dict[str, float]:
+  """{prefix}_{attribute}_accuracy over the scores that state it."""
+  return {f"{prefix}_{name}_accuracy": _mean([s[name] for s in scores
+                                              if name in s])
+          for name in probe_lib.ATTRIBUTES if any(name in s for s in scores)}
 
 
 def _held_out(kind: str, num: int) -> list[documents_lib.Document]:
@@ -62,8 +92,11 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       model.sample(prompts[i:i + batch_size], seed=seed + i,
                    temperature=image_temperature, cfg_scale=cfg_scale)
       for i in range(0, len(prompts), batch_size)])
-  result["prompt_accuracy_single"] = float(probe_lib.prompt_accuracy(
-      prompts, samples, probe=probe)["prompt_accuracy_single"])
+  scored = probe_lib.prompt_accuracy(prompts, samples, probe=probe)
+  result["prompt_accuracy_single"] = float(scored["prompt_accuracy_single"])
+  result.update({f"prompt_{name}_accuracy": float(scored[f"{name}_accuracy"])
+                 for name in probe_lib.ATTRIBUTES
+                 if np.isfinite(scored[f"{name}_accuracy"])})
   # The ceiling: the probe on the tokenizer's reconstructions of the same
   # prompts' true scenes.
   result["reconstructed_prompt_accuracy_single"] = float(
@@ -76,12 +109,19 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   captions = []
   for i in range(0, len(docs), batch_size):
     captions += model.caption(images[i:i + batch_size])
-  result["caption_accuracy"] = float(np.mean(
-      [caption_correct(c, d.scenes[0]) for c, d in zip(captions, docs)]))
+  scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
+  result["caption_accuracy"] = _mean([s["correct"] for s in scores])
+  for count, name in ((1, "single"), (2, "pair")):
+    _add_mean(result, f"caption_accuracy_{name}",
+              [s["correct"] for s, d in zip(scores, docs)
+               if len(d.scenes[0].objects) == count])
+  result.update(_breakdown("caption", scores))
 
   edits = _held_out("edit", num_edits)
   sources = np.stack([shapes.render(d.scenes[0], size) for d in edits])
-  expected = [shapes.caption(d.scenes[1], 0) for d in edits]
+  expected = [shapes.caption(d.scenes[1],
+                             shapes.COMPLETE_TEMPLATES[len(d.scenes[1].objects)])
+              for d in edits]
   outputs = []
   for i in range(0, len(edits), batch_size):
     outputs += model.generate_batch(
@@ -99,7 +139,10 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   per_edit = [ok and probe_lib.score_prompt(shapes.parse_caption(e),
                                              p)["correct"]
               for e, p, ok in zip(expected, probe.predict(edited), found)]
-  result["edit_accuracy"] = float(np.mean(per_edit))
+  result["edit_accuracy"] = _mean(per_edit)
+  for op in documents_lib.EDIT_OPS:
+    _add_mean(result, f"edit_accuracy_{op}",
+              [ok for ok, d in zip(per_edit, edits) if d.edits[0].op == op])
   result["edit_image_rate"] = float(np.mean(found))
 
   os.makedirs(out_dir, exist_ok=True)

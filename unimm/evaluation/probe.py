@@ -590,7 +590,8 @@ def _checks(stated: list[dict[str, Any]], found: list[dict[str, Any]],
   return checks
 
 
-_ATTRIBUTES = ("shape", "color", "size", "position", "relation", "count")
+# What score_prompt checks (its keys besides "correct").
+ATTRIBUTES = ("shape", "color", "size", "position", "relation", "count")
 
 
 def score_predictions(prompts: Sequence[str],
@@ -619,7 +620,7 @@ def score_predictions(prompts: Sequence[str],
       "num_single": len(scores[1]),
       "num_pair": len(scores[2]),
   }
-  for name in _ATTRIBUTES:
+  for name in ATTRIBUTES:
     result[f"{name}_accuracy"] = mean([s[name] for s in every if name in s])
   return result
 
