@@ -127,6 +127,7 @@ def test_the_breakdown_names_what_is_wrong(tmp_path, monkeypatch):
   assert report["caption_color_accuracy"] == 0.0
   assert report["caption_shape_accuracy"] == 1.0
   assert report["caption_count_accuracy"] == 1.0
+  assert report["caption_parse_rate"] == 1.0
   assert report["prompt_accuracy_single"] == 1.0
   ops = [k for k in report if k.startswith("edit_accuracy_")]
   assert ops and all(report[k] == 0.0 for k in ops + ["edit_accuracy"]), report

@@ -14,7 +14,8 @@
                           wrong).
 Each comes with a breakdown, the first thing to read when it is low:
 prompt_{shape,color,size,position,count}_accuracy; caption_accuracy_single /
-_pair (one- / two-object scenes) and caption_{attribute}_accuracy; and
+_pair (one- / two-object scenes), caption_{attribute}_accuracy and
+caption_parse_rate (captions that read as a shapes caption at all); and
 edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS).
 Held-out documents are the test split's (unimm.data.interleaved.SPLIT_SEEDS).
 """
@@ -111,6 +112,10 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
     captions += model.caption(images[i:i + batch_size])
   scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
   result["caption_accuracy"] = _mean([s["correct"] for s in scores])
+  # A caption that does not parse is often an edit instruction: after an
+  # image, training documents go on with either.
+  result["caption_parse_rate"] = _mean(
+      [shapes.parse_caption(c) is not None for c in captions])
   for count, name in ((1, "single"), (2, "pair")):
     _add_mean(result, f"caption_accuracy_{name}",
               [s["correct"] for s, d in zip(scores, docs)
