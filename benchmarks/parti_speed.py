@@ -13,7 +13,9 @@ Prints, from one run on this machine:
 - training tokens/s of the real unimm train step (unimm.train.trainer's
   program for the Parti task: forward, backward, AdamW), with the layers
   as the config lays them out (--scan; tiny: unrolled) and the other way,
-  against the same HF model in PyTorch eager (forward, backward, AdamW);
+  against the same HF model in PyTorch eager (forward, backward, AdamW),
+  timed in --train_rounds interleaved rounds (medians; the ratio's range
+  over rounds is printed too);
 - model FLOP/s of the train step as a fraction of the measured f32 matmul
   peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
   maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device);
@@ -53,7 +55,12 @@ _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 256, "Text vocabulary.")
 _SAMPLE_BATCHES = flags.DEFINE_list("sample_batches", ["1", "8"],
                                     "Sampling batch sizes.")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 8, "Training batch.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed train steps.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed train steps "
+                                    "per round.")
+_TRAIN_ROUNDS = flags.DEFINE_integer(
+    "train_rounds", 3, "Rounds of training timings; each round times unimm "
+    "(both layer layouts) and PyTorch in turn, and the medians are "
+    "reported, so a change in the machine's speed hits every side alike.")
 _RECOMPUTE_TOKENS = flags.DEFINE_integer(
     "recompute_tokens", 64, "Tokens timed for the recompute baseline (its "
     "per-token cost is extrapolated to image_length: each of its steps "
@@ -108,7 +115,8 @@ def parti_train_task(m_cfg) -> parti_task.ParTask:
 
 
 def unimm_train_s(m_cfg, task, batch):
-  """(compile s, s per step, params) of the real trainer program."""
+  """(compile s, timer, params) of the real trainer program; timer(steps)
+  returns seconds per step over `steps` more steps."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           batch)
   mesh = parallel.make_mesh(dict(data=1), jax.devices()[:1])
@@ -123,13 +131,20 @@ def unimm_train_s(m_cfg, task, batch):
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(_TRAIN_STEPS.value):
-      state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / _TRAIN_STEPS.value
     params = {"params": parallel.unbox(jax.device_get(state.params))}
-  return compile_s, step_s, params
+  holder = [state]
+
+  def timer(steps: int) -> float:
+    with jax.set_mesh(program.mesh):
+      state = holder[0]
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, device_batch)
+      jax.block_until_ready(metrics)
+      holder[0] = state
+    return (time.perf_counter() - start) / steps
+
+  return compile_s, timer, params
 
 
 def unimm_sampler(model, params, text, sampling):
@@ -197,7 +212,8 @@ def torch_generate_s(model, batch: int, m: parti.Parti) -> float:
   return time.perf_counter() - start
 
 
-def torch_train_s(model, batch: int, m: parti.Parti, steps: int) -> float:
+def torch_train_s(model, batch: int, m: parti.Parti):
+  """A timer: timer(steps) -> seconds per PyTorch eager AdamW step."""
   import torch  # pylint: disable=g-import-not-at-top
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -211,10 +227,14 @@ def torch_train_s(model, batch: int, m: parti.Parti, steps: int) -> float:
 
   step()
   step()  # warm-up (oneDNN primitives)
-  start = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return (time.perf_counter() - start) / steps
+
+  def timer(steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    return (time.perf_counter() - start) / steps
+
+  return timer
 
 
 def interleaved_model(size: str, image_length: int, prompt_length: int):
@@ -377,26 +397,36 @@ def run_parti(rng) -> list[tuple[str, str]]:
                                     (b, model.text_length)).astype(np.int32),
            "image_ids": rng.integers(0, model.image_vocab_size,
                                      (b, model.image_length)).astype(np.int32)}
-  train_compile_s, train_s, params = unimm_train_s(m_cfg, task, batch)
+  train_compile_s, ours_timer, params = unimm_train_s(m_cfg, task, batch)
+  other = m_cfg.copy_and_resolve_references()
+  other.model.scan_layers = not m_cfg.model.scan_layers
+  _, other_timer, _ = unimm_train_s(other, parti_train_task(other), batch)
+  layout = "scanned" if other.model.scan_layers else "unrolled"
+  torch_ref = torch_model(model) if _TORCH.value else None
+  timers = {"ours": ours_timer, "other": other_timer}
+  if torch_ref is not None:
+    timers["torch"] = torch_train_s(torch_ref, b, model)
+  rounds = {name: [] for name in timers}
+  for _ in range(_TRAIN_ROUNDS.value):  # interleaved: drift hits all alike
+    for name, timer in timers.items():
+      rounds[name].append(timer(_TRAIN_STEPS.value))
+  train_s, other_s = (float(np.median(rounds[k])) for k in ("ours", "other"))
   tokens = b * model.image_length
   flops = training_flops(model, b)
   rows = [("train step compile (unimm)", f"{train_compile_s:.1f} s"),
           ("train tokens/s (unimm)", f"{tokens / train_s:,.0f}"),
           ("train model FLOP/s (MaxText formula)",
            f"{flops / train_s / 1e9:.1f} GFLOP/s = "
-           f"{flops / train_s / peak:.1%} of the matmul peak")]
-  other = m_cfg.copy_and_resolve_references()
-  other.model.scan_layers = not m_cfg.model.scan_layers
-  _, other_s, _ = unimm_train_s(other, parti_train_task(other), batch)
-  layout = "scanned" if other.model.scan_layers else "unrolled"
-  rows.append((f"train tokens/s (unimm, layers {layout})",
-               f"{tokens / other_s:,.0f}"))
-  torch_ref = torch_model(model) if _TORCH.value else None
+           f"{flops / train_s / peak:.1%} of the matmul peak"),
+          (f"train tokens/s (unimm, layers {layout})",
+           f"{tokens / other_s:,.0f}")]
   if torch_ref is not None:
-    t_train = torch_train_s(torch_ref, b, model, _TRAIN_STEPS.value)
+    t_train = float(np.median(rounds["torch"]))
+    per_round = [t / o for t, o in zip(rounds["torch"], rounds["ours"])]
     rows.append(("train tokens/s (PyTorch eager, HF T5 same size)",
                  f"{tokens / t_train:,.0f}  -> unimm {t_train / train_s:.2f}x"
-                 f" ({layout} {t_train / other_s:.2f}x)"))
+                 f" ({layout} {t_train / other_s:.2f}x); per round "
+                 f"{min(per_round):.2f}x-{max(per_round):.2f}x"))
     torch_ref.eval()
 
   # ---- sampling.
