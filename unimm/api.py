@@ -347,9 +347,19 @@ class InterleavedModel:
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
-              max_new_tokens: int = 48) -> list[str]:
-    """Captions for uint8 images [N, H, W, 3] (greedy by default)."""
-    rows = self._encode([[image] for image in images])
+              max_new_tokens: int = 48, prompt: str | None = None
+              ) -> list[str]:
+    """Captions for uint8 images [N, H, W, 3] (greedy by default).
+
+    Each image is followed by `prompt` (default
+    unimm.data.interleaved.CAPTION_PROMPT, as in the image-to-text training
+    documents; "" for none), then the model writes the caption.
+    """
+    from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+    if prompt is None:
+      prompt = interleaved.CAPTION_PROMPT
+    rows = self._encode([[image, prompt] if prompt.strip() else [image]
+                         for image in images])
     out = self._continue(rows, seed=seed, temperature=temperature, top_k=0,
                          top_p=1.0, max_new_tokens=max_new_tokens,
                          max_images=0, max_text_tokens=max_new_tokens)

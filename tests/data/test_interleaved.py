@@ -86,7 +86,8 @@ def test_document_structure():
     if d.kind == "caption_image":
       assert kinds == ["text", "scene"] and d.segments[0] == d.caption
     elif d.kind == "image_caption":
-      assert kinds == ["scene", "text"] and d.segments[1] == d.caption
+      assert kinds == ["scene", "text", "text"]
+      assert d.segments[1:] == [il.CAPTION_PROMPT, d.caption]
     else:
       assert 1 <= len(d.edits) <= il.MAX_EDITS and d.caption is None
       assert kinds == ["scene"] + ["text", "scene"] * len(d.edits)
@@ -237,8 +238,16 @@ def test_tokenized_documents_decode_back(text_tokenizer):
     assert not np.isin(layout.joint_to_text(ids[layout.is_text(ids)]),
                        [text_tokenizer.pad_id, text_tokenizer.eos_id]).any()
     runs = layout.segments(ids)
-    assert len(runs) == len(doc.segments)
-    for (kind, run), segment in zip(runs, doc.segments):
+    # Adjacent texts (a caption request and its caption) make one text run.
+    expected = []
+    for segment in doc.segments:
+      if isinstance(segment, str) and expected and isinstance(
+          expected[-1], str):
+        expected[-1] += " " + segment
+      else:
+        expected.append(segment)
+    assert len(runs) == len(expected)
+    for (kind, run), segment in zip(runs, expected):
       if isinstance(segment, str):
         assert kind == "text"
         assert text_tokenizer.decode(run[None]) == [segment]

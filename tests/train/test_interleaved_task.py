@@ -148,6 +148,11 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   assert kinds == ["str", "ndarray"], kinds
   captions = model.caption(images)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+  # caption() asks as the training documents do: image, then the request.
+  asked = model.generate_batch(
+      [[image, il_data.CAPTION_PROMPT] for image in images], temperature=0.0,
+      max_new_tokens=48, max_images=0, max_text_tokens=48)
+  assert captions == [" ".join(s.strip() for s in out) for out in asked]
   new = model.generate(["a big red circle", images[0], "make it blue"],
                        seed=1, max_new_tokens=24, max_images=1)
   for segment in new:

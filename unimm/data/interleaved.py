@@ -4,9 +4,15 @@ A document is a list of segments, each a text or a scene (an image to be
 rendered), plus its ground truth. Three kinds:
 
   caption_image   [caption, scene]            text-to-image
-  image_caption   [scene, caption]            image-to-text
+  image_caption   [scene, CAPTION_PROMPT, caption]
+                                              image-to-text
   edit            [scene0, instruction1, scene1, ..., instructionK, sceneK]
                   with K = 1..3 edits, each legal for the scene it edits
+
+An image at the start of a document goes on with a caption or with an edit
+instruction, so a captioning request is stated: image-to-text documents put
+the text CAPTION_PROMPT between the image and its caption, and
+api.InterleavedModel.caption() writes it after the image it is given.
 
 `make_document(seed, index)` depends only on (seed, index, kinds, weights):
 np.random.default_rng([seed, index, 0x1EAF]) draws it.
@@ -94,7 +100,9 @@ ADD_OFFSETS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0),
 INVERSE_RELATIONS = {"left of": "right of", "right of": "left of",
                      "above": "below", "below": "above"}
 IMAGE_SIZE = 32
-FORMAT = ("unimm_interleaved/v1 (msgpack: tokens, segment_ids int32 [L], "
+# The words that ask for a caption (see the module doc); v2 of FORMAT.
+CAPTION_PROMPT = "describe the image"
+FORMAT = ("unimm_interleaved/v2 (msgpack: tokens, segment_ids int32 [L], "
           "documents int32 [k])")
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 _RNG_TAG = 0x1EAF  # keeps documents apart from shapes.generate's examples
@@ -464,7 +472,8 @@ def make_document(seed: int, index: int, kinds: Sequence[str] = KINDS,
   if kind in ("caption_image", "image_caption"):
     templates = shapes.TEMPLATES[len(scene.objects)]
     text = shapes.caption(scene, int(rng.integers(len(templates))))
-    segments = [text, scene] if kind == "caption_image" else [scene, text]
+    segments = ([text, scene] if kind == "caption_image"
+                else [scene, CAPTION_PROMPT, text])
     return Document(kind, segments, (scene,), text, (), (), int(seed),
                     int(index))
   scenes, edits, texts = [scene], [], []
@@ -732,6 +741,7 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
         num_unknown)
   metadata = {
       "format": FORMAT,
+      "caption_prompt": CAPTION_PROMPT,
       "split": split,
       "seed": int(seed),
       "num_documents": int(num_documents),

@@ -112,8 +112,9 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
     captions += model.caption(images[i:i + batch_size])
   scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
   result["caption_accuracy"] = _mean([s["correct"] for s in scores])
-  # A caption that does not parse is often an edit instruction: after an
-  # image, training documents go on with either.
+  # Captions are asked for with interleaved.CAPTION_PROMPT after the image
+  # (model.caption); without it an image goes on with a caption or an edit
+  # instruction alike, and a caption that does not parse is often the latter.
   result["caption_parse_rate"] = _mean(
       [shapes.parse_caption(c) is not None for c in captions])
   for count, name in ((1, "single"), (2, "pair")):
