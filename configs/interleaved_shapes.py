@@ -18,9 +18,10 @@ words that captions lack).
 Measured (2 CPU cores, README results): these defaults (2,000 steps at
 batch 32, lr 1e-2; 38 min on a quiet machine at 0.8-1.0 steps/s) on the
 8,000-step tokenizer (ceiling 0.89) give prompt_accuracy_single 0.35,
-caption_accuracy 0.415, edit_accuracy 0.265 on held-out documents, far
+caption_accuracy 0.415, edit_accuracy 0.225 on held-out documents, far
 below the targets (0.9 / 0.95 / 0.7); on a 3,000-step tokenizer (ceiling
-0.765) 0.30 / 0.44 / 0.25, and 0.165 / 0.265 / 0.085 at 1,200 steps; the
+0.765) 0.30 / 0.44 / 0.25, and 0.165 / 0.265 / 0.085 at 1,200 steps
+(edits then scored leniently, see README); the
 earlier recipe (batch=16,lr=3e-3) 0.01 / 0.09 / 0.00 after 6,000 steps.
 Trained on caption-then-image documents alone (batch 32, lr 1e-2) the
 model reaches prompt_accuracy_single 0.745 in 1,500 steps, near its
