@@ -15,17 +15,17 @@ Documents: caption then image, image then caption, and edit stories
 tokenizer must be trained on interleaved.document_texts (instructions have
 words that captions lack).
 
-Measured (2 CPU cores, README results): these defaults (2,000 steps at
-batch 32, lr 1e-2; 38 min on a quiet machine at 0.8-1.0 steps/s) on the
-8,000-step tokenizer (ceiling 0.89) give prompt_accuracy_single 0.35,
-caption_accuracy 0.415, edit_accuracy 0.225 on held-out documents, far
-below the targets (0.9 / 0.95 / 0.7); on a 3,000-step tokenizer (ceiling
-0.765) 0.30 / 0.44 / 0.25, and 0.165 / 0.265 / 0.085 at 1,200 steps
-(edits then scored leniently, see README); the
-earlier recipe (batch=16,lr=3e-3) 0.01 / 0.09 / 0.00 after 6,000 steps.
-Trained on caption-then-image documents alone (batch 32, lr 1e-2) the
-model reaches prompt_accuracy_single 0.745 in 1,500 steps, near its
-tokenizer's ceiling (reconstructions score 0.79).
+Measured (2 CPU cores, README results): these defaults (5,000 steps at
+batch 32, lr 1e-2; 72 min with two evals on a quiet machine at 1.1-1.2
+steps/s) on an 8,000-step tokenizer (ceiling 0.865) give
+prompt_accuracy_single 0.73, caption_accuracy 0.59, edit_accuracy 0.36 on
+held-out documents (0.425 / 0.47 / 0.22 at 2,500 steps), below the
+targets (0.9 / 0.95 / 0.7); 2,000 steps gave 0.35 / 0.415 / 0.225 (on
+documents without the caption request). The earlier recipe
+(batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00 after 6,000 steps. Trained on
+caption-then-image documents alone (batch 32, lr 1e-2) the model reaches
+prompt_accuracy_single 0.745 in 1,500 steps (its tokenizer's ceiling
+0.79).
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | small | 1b | 7b), steps, batch, length (= config.model.max_len),
@@ -47,7 +47,7 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny", steps=2000, batch=32, length=320, text_vocab=128,
+      arg, size="tiny", steps=5000, batch=32, length=320, text_vocab=128,
       codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
