@@ -431,3 +431,7 @@ def test_cli_writes_shards_that_packed_dataset_reads(written, text_tokenizer):
     json.dump({"format": pretokenize.FORMAT}, open(os.path.join(
         out, "train.json"), "w"))
     il.packed_dataset(out, "train", batch_size=2, shuffle=False, seed=0)
+  with pytest.raises(ValueError, match="older format.*re-pack"):
+    json.dump({"format": il.FORMAT.replace("/v2", "/v1")}, open(
+        os.path.join(out, "train.json"), "w"))
+    il.packed_dataset(out, "train", batch_size=2, shuffle=False, seed=0)

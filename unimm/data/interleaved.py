@@ -783,11 +783,18 @@ def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
   """The metadata of a split written by write_interleaved."""
   metadata = pretokenize.load_metadata(out_dir, split,
                                        command="unimm.data.interleaved")
-  if metadata.get("format") != FORMAT:
+  found = str(metadata.get("format"))
+  if found != FORMAT and found.startswith("unimm_interleaved/"):
+    raise ValueError(
+        f"{pretokenize.metadata_path(out_dir, split)!r} holds interleaved "
+        f"rows of an older format ({found!r}; this unimm reads {FORMAT!r}: "
+        "image-to-text documents now ask for their caption); re-pack them "
+        "with `python -m unimm.data.interleaved`.")
+  if found != FORMAT:
     raise ValueError(
         f"{pretokenize.metadata_path(out_dir, split)!r} has format "
         f"{metadata.get('format')!r}, not interleaved rows ({FORMAT!r}); "
-        "point config.data.pretokenized_dir at a directory written by "
+        "point config.data.packed_dir at a directory written by "
         "`python -m unimm.data.interleaved`.")
   return metadata
 
