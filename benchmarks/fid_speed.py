@@ -104,4 +104,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from unimm import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()
   app.run(main)

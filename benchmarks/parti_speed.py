@@ -40,6 +40,7 @@ import numpy as np
 
 import common
 from unimm import config_lib
+from unimm import host_memory
 from unimm import parallel
 from unimm.models import parti
 from unimm.sampling.sampler import SamplingParams
@@ -453,4 +454,5 @@ def run_parti(rng) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # both sides allocate through glibc
   app.run(main)

@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 
 import common
+from unimm import host_memory
 from unimm import parallel
 from unimm.train import tasks
 from unimm.train import trainer
@@ -66,4 +67,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()
   app.run(main)

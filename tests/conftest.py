@@ -10,5 +10,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 from absl import flags  # noqa: E402
 
+from unimm import host_memory  # noqa: E402
+
+# As the entry points do: reuse freed host memory (unimm/host_memory.py).
+host_memory.keep_freed_memory()
+
 # grain worker processes read absl flags; tests do not go through app.run.
 flags.FLAGS.mark_as_parsed()

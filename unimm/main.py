@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from unimm import end_to_end
 from unimm import experiments
+from unimm import host_memory
 from unimm import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -88,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.keep_freed_memory()  # before JAX starts its CPU backend
   app.run(main)

@@ -416,5 +416,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+  from unimm import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory()
   _define_flags()
   app.run(main)
