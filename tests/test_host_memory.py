@@ -10,10 +10,11 @@ import pytest
 
 # Runs in a fresh process (malloc options are process-wide and the test
 # process has them set by conftest): one jitted call whose 96 MB output is
-# allocated by XLA:CPU and freed again, repeated; prints minor page faults
-# per call after warm-up calls (XLA frees a buffer a little after its last
-# use, so the heap first grows to hold a few of them; measured here it
-# stops growing within 6 calls).
+# allocated by XLA:CPU and freed again, repeated; prints the minor page
+# faults of each call after warm-up calls. XLA frees a buffer a little after
+# its last use, so the heap first grows to hold a few of them (measured
+# here: it stops growing within 6 calls when the machine is quiet, later
+# when it is busy), and a call that extends the heap still faults.
 _PROBE = textwrap.dedent("""
     import json, resource
     from unimm import host_memory
@@ -23,19 +24,18 @@ _PROBE = textwrap.dedent("""
     f = jax.jit(lambda v: v * 2.0 + 1.0)
     for _ in range(8):  # compile; the heap reaches its size
       f(x).block_until_ready()
-    calls = 10
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
+    faults = []
+    for _ in range(10):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       y = f(x)
       y.block_until_ready()
       del y
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    print(json.dumps({"applied": applied,
-                      "faults_per_call": (after - before) / calls}))
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"applied": applied, "faults": faults}))
 """)
 
 
-def _faults_per_call(keep: str) -> dict:
+def _faults(keep: str) -> dict:
   env = dict(os.environ, UNIMM_KEEP_HOST_MEMORY=keep)
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, check=True,
                        capture_output=True, text=True, timeout=300).stdout
@@ -45,11 +45,12 @@ def _faults_per_call(keep: str) -> dict:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                     reason="the options are glibc's")
 def test_freed_buffers_are_reused_not_refaulted():
-  default = _faults_per_call("0")
-  kept = _faults_per_call("1")
+  default = _faults("0")
+  kept = _faults("1")
   assert not default["applied"] and kept["applied"]
   # 96 MB is 24,576 pages of 4 KiB: without the options glibc maps a new
-  # block for every call and each page faults again.
-  assert default["faults_per_call"] > 10_000, default
-  assert kept["faults_per_call"] < 0.3 * default["faults_per_call"], (
-      default, kept)
+  # block for every call and each page faults again ...
+  assert min(default["faults"]) > 20_000, default
+  # ... with them a call that reuses a freed block faults (almost) nothing.
+  assert min(kept["faults"]) < 0.1 * min(default["faults"]), (default, kept)
+  assert sum(kept["faults"]) < sum(default["faults"]), (default, kept)
