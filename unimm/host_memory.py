@@ -10,9 +10,11 @@ kernel, measured on 2 cores (README, "Host memory").
 
 keep_freed_memory() sets three glibc options (mallopt) for the process:
 one arena (worker threads allocate from the main heap), no mmap for large
-blocks, and a trim threshold of 2 GiB, so a freed buffer stays mapped and
-the next step reuses it. The cost: the process keeps its peak heap (up to
-2 GiB above what is in use) instead of returning it to the system. It must
+blocks, and no trimming of the heap's top, so a freed buffer stays mapped
+and the next step reuses it. (A 2 GiB trim threshold was not enough: the
+interleaved model's step frees about 3 GB at once, and glibc gave it back
+and faulted it in again every step.) The cost: the process keeps its peak
+heap instead of returning it to the system. It must
 run before JAX starts its CPU backend (the backend's threads pick their
 arena on their first allocation); the entry points (unimm.main, the data
 CLIs, benchmarks, the test suite) call it first. Set UNIMM_KEEP_HOST_MEMORY=0
@@ -30,7 +32,7 @@ ENV_VAR = "UNIMM_KEEP_HOST_MEMORY"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+_NEVER = -1  # M_TRIM_THRESHOLD -1: never trim (man mallopt)
 
 
 def keep_freed_memory() -> bool:
@@ -41,7 +43,7 @@ def keep_freed_memory() -> bool:
     return False
   libc = ctypes.CDLL(None)
   options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-             (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+             (_M_TRIM_THRESHOLD, _NEVER))
   applied = all(libc.mallopt(option, value) == 1 for option, value in options)
   if not applied:
     logging.warning("mallopt refused the host-memory options; freed memory "
