@@ -14,11 +14,13 @@ blocks, and no trimming of the heap's top, so a freed buffer stays mapped
 and the next step reuses it. (A 2 GiB trim threshold was not enough: the
 interleaved model's step frees about 3 GB at once, and glibc gave it back
 and faulted it in again every step.) The cost: the process keeps its peak
-heap instead of returning it to the system. It must
-run before JAX starts its CPU backend (the backend's threads pick their
-arena on their first allocation); the entry points (unimm.main, the data
-CLIs, benchmarks, the test suite) call it first. Set UNIMM_KEEP_HOST_MEMORY=0
-to leave malloc as it is. Elsewhere than glibc (macOS, musl) it does nothing.
+heap instead of returning it to the system.
+
+It must run before JAX starts its CPU backend (the backend's threads pick
+their arena on their first allocation); the entry points (unimm.main, the
+data CLIs, benchmarks, the test suite) call it first. Set
+UNIMM_KEEP_HOST_MEMORY=0 to leave malloc as it is. Elsewhere than glibc
+(macOS, musl) it does nothing.
 """
 import ctypes
 import os
