@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from unimm import host_memory
+
 # Runs in a fresh process (malloc options are process-wide and the test
 # process has them set by conftest): one jitted call whose 96 MB output is
 # allocated by XLA:CPU and freed again, repeated; prints the minor page
@@ -36,7 +38,7 @@ _PROBE = textwrap.dedent("""
 
 
 def _faults(keep: str) -> dict:
-  env = dict(os.environ, UNIMM_KEEP_HOST_MEMORY=keep)
+  env = dict(os.environ, **{host_memory.ENV_VAR: keep})
   out = subprocess.run([sys.executable, "-c", _PROBE], env=env, check=True,
                        capture_output=True, text=True, timeout=300).stdout
   return json.loads(out.strip().splitlines()[-1])
