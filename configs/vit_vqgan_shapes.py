@@ -35,10 +35,11 @@ reconstructions of the eval prompts' scenes at 0.89 single / 0.685 pair
 0.905 / 0.725 and 0.895 / 0.715); 3,000 steps gave 31.5 dB and 0.765 /
 0.615. 8,000 steps take about 6-8 min (17-21 steps/s in the demo's
 tokenizer stage with the layers unrolled; this machine's speed varies).
-codes=2048 (8,000 steps, one run): 34.3 dB, usage 0.71, ceiling 0.935 /
-0.815, for a 4x larger output layer in the text-to-image model (README,
-"What limits the ceiling"); batch=64,steps=4000 (the same images in half
-the steps): 32.5 dB, 0.82 / 0.635.
+More codes at 8,000 steps (one run each): codes=1024 33.9 dB, usage 0.93,
+ceiling 0.885 / 0.785; codes=2048 34.3 dB, usage 0.71, 0.935 / 0.815, for a
+larger output layer in the text-to-image model (README, "What limits the
+ceiling"). batch=64,steps=4000 (the same images in half the steps): 32.5
+dB, 0.82 / 0.635.
 """
 import ml_collections
 
