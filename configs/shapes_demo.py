@@ -11,10 +11,11 @@ Rerunning resumes; --mode sample / eval act on the Parti stage:
   python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo \\
       --mode sample --prompts "a big red circle at the top left"
 
-Sized for 2 CPU cores: 22 min 10 s with the data set and probe cached
-(25 min 14 s on a first run, which builds them, before freed host memory
-was kept for reuse: unimm/host_memory.py), prompt_accuracy_single 0.825 with
-a tokenizer ceiling of about 0.9 (README results); the target is 20 min.
+Sized for 2 CPU cores: 18 min 41 s and 22 min 10 s with the data set and
+probe cached, in two sessions on a machine whose speed varies (25 min 14 s
+on a first run, which builds them, before freed host memory was kept for
+reuse: unimm/host_memory.py), prompt_accuracy_single 0.825 with a
+tokenizer ceiling of about 0.9 (README results); the target is 20 min.
 
 Variants (arg "key=value,..."): tokenizer_steps, parti_steps, num_train
 (pre-tokenized training examples), batch, size and lr (Parti).
