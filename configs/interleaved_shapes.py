@@ -29,7 +29,9 @@ restarts warm at 3.5e-3): 0.825 / 0.595 / 0.37, the validation loss flat
 overfit and captions and edits stall. Trained on
 caption-then-image documents alone (batch 32, lr 1e-2) the model reaches
 prompt_accuracy_single 0.745 in 1,500 steps (its tokenizer's ceiling
-0.79).
+0.79). The image accuracies here (prompts, edits, ceilings) are probe v1
+readings; caption_accuracy does not use the probe (README, "The probe's
+share").
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | small | 1b | 7b), steps, batch, length (= config.model.max_len),

@@ -15,7 +15,9 @@ Sized for 2 CPU cores: 18 min 41 s and 22 min 10 s with the data set and
 probe cached, in two sessions on a machine whose speed varies (25 min 14 s
 on a first run, which builds them, before freed host memory was kept for
 reuse: unimm/host_memory.py), prompt_accuracy_single 0.825 with a
-tokenizer ceiling of about 0.9 (README results); the target is 20 min.
+tokenizer ceiling of about 0.9, both read by probe v1 (README results;
+probe v2 reads decoded images more reliably, "The probe's share"); the
+target is 20 min.
 
 Variants (arg "key=value,..."): tokenizer_steps, parti_steps, num_train
 (pre-tokenized training examples), batch, size and lr (Parti).

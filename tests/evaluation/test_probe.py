@@ -210,6 +210,23 @@ def test_preprocess_resizes_and_validates():
     probe_lib.preprocess(small[:, :, :20], 32)
 
 
+def test_blur_crops_per_crop_sigma():
+  """sigma 0 keeps a crop; sigma > 0 spreads an impulse into the separable
+  normalised Gaussian (mass kept, symmetric); constants stay constant."""
+  x = np.zeros((3, 9, 9, 3), np.float32)
+  x[:2, 4, 4] = 1.0
+  x[2] = 0.25
+  out = np.asarray(probe_lib.blur_crops(x, np.array([0.0, 1.0, 1.0])))
+  np.testing.assert_allclose(out[0], x[0], atol=1e-6)
+  taps = np.exp(-np.arange(-2, 3) ** 2 / 2.0)
+  taps /= taps.sum()
+  np.testing.assert_allclose(out[1, 2:7, 2:7, 0], np.outer(taps, taps),
+                             rtol=1e-5)
+  assert abs(out[1].sum() - 3.0) < 1e-5  # one unit per channel
+  np.testing.assert_allclose(out[1], out[1][::-1, ::-1], atol=1e-7)
+  np.testing.assert_allclose(out[2], 0.25, atol=1e-6)  # edges replicated
+
+
 @pytest.fixture(scope="module")
 def brief_probe():
   """A probe trained for a few seconds (tiny width, 200 steps)."""
