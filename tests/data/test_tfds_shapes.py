@@ -17,7 +17,7 @@ def data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(tfds_shapes, "CHUNK_SIZE", CHUNK)
-    assert tfds_shapes.build_shapes(32, data_dir, small=True) == data_dir
+    assert tfds_shapes.build_shapes(32, data_dir, variant="small") == data_dir
   return data_dir
 
 
@@ -64,10 +64,10 @@ def test_splits_are_generated_from_different_seeds(data_dir):
 
 
 def test_build_is_idempotent(data_dir):
-  builder = tfds_shapes.shapes_builder(32, data_dir, small=True)
+  builder = tfds_shapes.shapes_builder(32, data_dir, variant="small")
   files = sorted(os.listdir(builder.data_dir))
   mtimes = [os.path.getmtime(os.path.join(builder.data_dir, f)) for f in files]
-  assert tfds_shapes.build_shapes(32, data_dir, small=True) == data_dir
+  assert tfds_shapes.build_shapes(32, data_dir, variant="small") == data_dir
   assert sorted(os.listdir(builder.data_dir)) == files
   assert [os.path.getmtime(os.path.join(builder.data_dir, f))
           for f in files] == mtimes
@@ -75,9 +75,14 @@ def test_build_is_idempotent(data_dir):
 
 def test_configs_and_default_data_dir(monkeypatch, tmp_path):
   names = {config.name for config in tfds_shapes.UnimmShapes.BUILDER_CONFIGS}
-  assert {"32", "64", "128", "256", "32_small", "256_small"} <= names
+  assert {"32", "64", "128", "256", "32_small", "256_small",
+          "32_large"} <= names
   with pytest.raises(ValueError, match="config.data.image_size"):
     tfds_shapes.config_name(48)
+  with pytest.raises(ValueError, match="large shapes data set has no 64x64"):
+    tfds_shapes.config_name(64, "large")
+  with pytest.raises(ValueError, match="Unknown shapes variant 'huge'"):
+    tfds_shapes.config_name(32, "huge")
   monkeypatch.setenv("UNIMM_DATA_DIR", str(tmp_path))
   assert tfds_shapes.default_data_dir() == str(tmp_path)
   monkeypatch.delenv("UNIMM_DATA_DIR")
@@ -100,3 +105,34 @@ def test_custom_config_rendered_by_worker_processes(tmp_path, monkeypatch):
       5, seed=tfds_shapes.chunk_seed("train", 3), image_size=16)
   for offset in range(5):
     np.testing.assert_array_equal(train[30 + offset]["image"], images[offset])
+
+
+def test_large_train_extends_the_full_one(tmp_path, monkeypatch):
+  """32_large's training split starts with 32's examples (same chunk seeds)
+  and goes on with new ones; its held-out splits are 32's."""
+  monkeypatch.setattr(tfds_shapes, "CHUNK_SIZE", 4)
+  monkeypatch.setattr(tfds_shapes, "_PARALLEL_MIN_EXAMPLES", 10**9)
+  sources = {}
+  # Custom names (TFDS refuses a custom config named like a registered
+  # one); the examples depend on the split and index only.
+  for name, num_train in (("full_8", 8), ("large_16", 16)):
+    config = tfds_shapes.ShapesConfig(
+        name=name, image_size=32, num_train=num_train, num_validation=4,
+        num_test=4)
+    builder = tfds_shapes.UnimmShapes(config=config,
+                                      data_dir=str(tmp_path / name))
+    builder.download_and_prepare()
+    sources[name] = {split: builder.as_data_source(split)
+                     for split in ("train", "validation")}
+  full, large = sources["full_8"], sources["large_16"]
+  assert len(large["train"]) == 2 * len(full["train"])
+  for i in range(8):
+    np.testing.assert_array_equal(large["train"][i]["image"],
+                                  full["train"][i]["image"])
+  for i in range(4):
+    np.testing.assert_array_equal(large["validation"][i]["image"],
+                                  full["validation"][i]["image"])
+  assert len({large["train"][i]["caption"] for i in range(16)}) > 8
+  large_config = {c.name: c for c in tfds_shapes.UnimmShapes.BUILDER_CONFIGS}
+  assert large_config["32_large"].num_train == 500_000
+  assert large_config["32_large"].num_validation == 2_000

@@ -12,7 +12,8 @@ only on (seed, process_index, process_count), never on worker count.
 `image_text_dataset` reads image/caption data sets through TFDS'
 `data_source` (ArrayRecord): source "shapes" (the embedded unimm_shapes
 data set, built offline on first use), "shapes_small" (its 512-example
-variant for tests and smoke runs), or a directory written by
+variant for tests and smoke runs), "shapes_large" (500,000 training
+examples at 32 px, for long text-to-image runs), or a directory written by
 `python -m unimm.data.convert`. `batched_dataset` is the generic part, for
 any random-access source (e.g. pre-tokenised shards).
 """
@@ -29,7 +30,9 @@ import tensorflow_datasets as tfds
 
 from unimm.data import convert
 
-SHAPES_SOURCES = {"shapes": False, "shapes_small": True}  # name -> small
+# Source name -> unimm_shapes variant (tfds_shapes.VARIANTS).
+SHAPES_SOURCES = {"shapes": "", "shapes_small": "small",
+                  "shapes_large": "large"}
 
 
 def stack_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -197,9 +200,9 @@ def image_text_source(source: str, split: str, *, image_size: int,
   if source in SHAPES_SOURCES:
     # Imported here: reading converted data needs no shapes renderer.
     from unimm.data import tfds_shapes  # pylint: disable=g-import-not-at-top
-    small = SHAPES_SOURCES[source]
-    data_dir = tfds_shapes.build_shapes(image_size, data_dir, small=small)
-    name = f"{tfds_shapes.NAME}/{tfds_shapes.config_name(image_size, small)}"
+    variant = SHAPES_SOURCES[source]
+    name = f"{tfds_shapes.NAME}/{tfds_shapes.config_name(image_size, variant)}"
+    data_dir = tfds_shapes.build_shapes(image_size, data_dir, variant=variant)
     builder = tfds.builder(name, data_dir=data_dir)
     _check_split(builder, split, source)
     data_source = tfds.data_source(name, split=split, data_dir=data_dir,

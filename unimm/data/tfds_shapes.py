@@ -16,10 +16,15 @@ Builder configs, one per image size (examples per split):
   "128"        50000   2000         2000
   "256"        20000   2000         2000
   "<S>_small"    512    128          128   (tests, CI, laptop smoke runs)
+  "32_large"  500000   2000         2000   (long text-to-image runs)
 
 Rendering + PNG encoding costs ~0.25 ms per example at 32px and ~1.7 ms at
 256px on one core: "32" builds in ~15-20 s (34 MB) and "256" in ~50 s
 (43 MB) on a busy 2-core machine; 256px keeps 20k examples to bound that.
+"32_large" is "32" with ten times the training examples (its first 50,000
+are "32"'s, and its validation and test splits are the same), for text-to-
+image runs long enough to overfit 50,000 pairs; it built in 149 s (311 MB)
+with a training job sharing the 2 cores.
 
 Example `i` of a split is example `i % CHUNK_SIZE` of
 `shapes.generate(..., seed=chunk_seed(split, i // CHUNK_SIZE))`: splits
@@ -73,30 +78,44 @@ class ShapesConfig(tfds.core.BuilderConfig):
             "test": self.num_test}[split]
 
 
+# Variant -> {image size: (train, validation = test) examples}; "" is the
+# full data set of every size.
+VARIANTS = {
+    "": {32: (50_000, 2_000), 64: (50_000, 2_000), 128: (50_000, 2_000),
+         256: (20_000, 2_000)},
+    "small": {size: (512, 128) for size in IMAGE_SIZES},
+    "large": {32: (500_000, 2_000)},
+}
+
+
 def _configs() -> list[ShapesConfig]:
-  full = {32: (50_000, 2_000), 64: (50_000, 2_000), 128: (50_000, 2_000),
-          256: (20_000, 2_000)}
   configs = []
   for size in IMAGE_SIZES:
-    num_train, num_eval = full[size]
-    configs.append(ShapesConfig(
-        name=str(size), description=f"{size}x{size} shapes scenes.",
-        image_size=size, num_train=num_train, num_validation=num_eval,
-        num_test=num_eval))
-    configs.append(ShapesConfig(
-        name=f"{size}_small",
-        description=f"{size}x{size} shapes scenes, small (tests, smoke runs).",
-        image_size=size, num_train=512, num_validation=128, num_test=128))
+    for variant, sizes in VARIANTS.items():
+      if size in sizes:
+        num_train, num_eval = sizes[size]
+        configs.append(ShapesConfig(
+            name=config_name(size, variant),
+            description=f"{size}x{size} shapes scenes"
+            + (f", {variant}." if variant else "."),
+            image_size=size, num_train=num_train, num_validation=num_eval,
+            num_test=num_eval))
   return configs
 
 
-def config_name(image_size: int, small: bool = False) -> str:
-  """The builder config for `image_size`; ValueError for unsupported sizes."""
-  if image_size not in IMAGE_SIZES:
+def config_name(image_size: int, variant: str = "") -> str:
+  """The builder config for `image_size` and `variant` ("", "small" or
+  "large"); ValueError for an unsupported pair."""
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown shapes variant {variant!r}; expected one of "
+                     f"{sorted(VARIANTS)}.")
+  if image_size not in VARIANTS[variant]:
+    kind = f"{variant} " if variant else ""
     raise ValueError(
-        f"The shapes data set has no {image_size}x{image_size} variant; "
-        f"expected config.data.image_size in {IMAGE_SIZES}.")
-  return f"{image_size}_small" if small else str(image_size)
+        f"The {kind}shapes data set has no {image_size}x{image_size} "
+        f"variant; expected config.data.image_size in "
+        f"{sorted(VARIANTS[variant])}.")
+  return f"{image_size}_{variant}" if variant else str(image_size)
 
 
 def chunk_seed(split: str, chunk_index: int) -> int:
@@ -218,20 +237,20 @@ def default_data_dir() -> str:
 
 
 def shapes_builder(image_size: int, data_dir: str | None = None, *,
-                   small: bool = False) -> UnimmShapes:
-  """The (possibly not yet prepared) builder for `image_size`."""
-  return UnimmShapes(config=config_name(image_size, small),
+                   variant: str = "") -> UnimmShapes:
+  """The (possibly not yet prepared) builder for `image_size`, `variant`."""
+  return UnimmShapes(config=config_name(image_size, variant),
                      data_dir=data_dir or default_data_dir())
 
 
 def build_shapes(image_size: int, data_dir: str | None = None, *,
-                 small: bool = False) -> str:
+                 variant: str = "") -> str:
   """Builds unimm_shapes/<image_size> into `data_dir` unless already there.
 
   Idempotent (a prepared data set is reused) and offline; TFDS shows a
   progress bar per split. Returns the data_dir used.
   """
-  builder = shapes_builder(image_size, data_dir, small=small)
+  builder = shapes_builder(image_size, data_dir, variant=variant)
   if not builder.is_prepared():
     # Several processes on one machine (launch/local.sh --processes N) share
     # the directory: one builds, the others wait on the lock and reuse it.
@@ -240,7 +259,7 @@ def build_shapes(image_size: int, data_dir: str | None = None, *,
     lock_path = os.path.join(root, f".{NAME}_{builder.builder_config.name}.lock")
     with open(lock_path, "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
-      builder = shapes_builder(image_size, data_dir, small=small)
+      builder = shapes_builder(image_size, data_dir, variant=variant)
       if not builder.is_prepared():
         start = time.time()
         logging.info("Building %s/%s into %s ...", NAME,
@@ -262,14 +281,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   for size in flags.FLAGS.image_size:
-    print(build_shapes(size, flags.FLAGS.data_dir, small=flags.FLAGS.small))
+    print(build_shapes(size, flags.FLAGS.data_dir,
+                       variant=flags.FLAGS.variant))
 
 
 def define_flags() -> None:
   flags.DEFINE_multi_integer("image_size", [32], "Sizes to build.")
   flags.DEFINE_string("data_dir", None, "Default: $UNIMM_DATA_DIR or "
                       "~/.cache/unimm/tfds.")
-  flags.DEFINE_bool("small", False, "Build the 512-example variants.")
+  flags.DEFINE_enum("variant", "", list(VARIANTS),
+                    "small: the 512-example variants; large: 500,000 "
+                    "training examples (32 px only).")
 
 
 if __name__ == "__main__":
