@@ -126,10 +126,16 @@ def test_one_train_step_gives_the_same_loss_under_every_mesh(runs):
     assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"],
                                                  rel=1e-4), (name, mesh_name)
     assert metrics["finite"] == 1.0
-    # The sharded AdamW update moves every parameter as on one device.
+    # The sharded AdamW update moves every parameter as on one device. The
+    # first Adam step is lr * g / (|g| + eps), about +-lr for every
+    # gradient entry: where an entry is near eps (1e-8), the rounding of
+    # another reduction order shows as a fraction of lr (measured: 0.4% of
+    # lr on 1 of 4,096 entries), while a sharding error (a shard's gradient
+    # missing or counted twice) flips or scales updates by about lr.
+    lr = CONFIGS[name]().optimizer.lr
     for a, b in zip(jax.tree.leaves(params),
                     jax.tree.leaves(out["single"][3]), strict=True):
-      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=mesh_name)
+      np.testing.assert_allclose(a, b, atol=0.05 * lr, err_msg=mesh_name)
 
 
 def _state_bytes_per_device(tree):
