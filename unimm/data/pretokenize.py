@@ -195,8 +195,8 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
   Args:
     tokenizer_workdir: a trained ViT-VQGAN workdir (unimm.load_tokenizer).
     text_tokenizer_path: a SentencePiece .model (T5 layout: pad 0, eos 1).
-    source: "shapes", "shapes_small", "shapes_large" or a
-    directory from unimm.data.convert.
+    source: "shapes", "shapes_small", "shapes_large" or a directory from
+      unimm.data.convert.
     split: the split to encode (e.g. train, validation).
     out_dir: output directory (created; this split's files are replaced).
     text_length: text ids per example (config.model.text_length); longer
@@ -388,8 +388,7 @@ def _define_flags():
   flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
                       required=True)
   flags.DEFINE_string("source", "shapes", "shapes, shapes_small, "
-                      "shapes_large or a "
-                      "directory from unimm.data.convert.")
+                      "shapes_large or a directory from unimm.data.convert.")
   flags.DEFINE_string("split", "train", "Split to encode.")
   flags.DEFINE_string("out", None, "Output directory.", required=True)
   flags.DEFINE_integer("text_length", 24, "Text ids per caption "
