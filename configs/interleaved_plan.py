@@ -35,8 +35,8 @@ def get_config(arg=None):
                                                image_weight=1.0))
   # Chameleon §3.1: AdamW, beta2 0.95, eps 1e-5, weight decay 0.1, clip 1.
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, warmup_steps=4000, end_lr_fraction=0.1, b1=0.9, b2=0.95,
-      eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0))
+      name="adamw", lr=1e-4, warmup_steps=4000, end_lr_fraction=0.1,
+      b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0))
   config.data = ml_collections.ConfigDict(dict(batch_size=arg.batch))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

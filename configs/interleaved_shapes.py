@@ -42,7 +42,7 @@ without their text, for classifier-free guidance), cfg (the eval's guidance
 scale for generated images; 1 = none), image_temp (the eval's sampling
 temperature for images; its text is greedy), dtype, remat, scan (auto |
 true | false: nn.scan over layers; auto unrolls them at the CPU sizes,
-unimm.config_lib.scan_layers).
+unimm.config_lib.scan_layers), optimizer (adamw | muon: unimm.train.optim).
 """
 import ml_collections
 
@@ -59,7 +59,7 @@ def get_config(arg=None):
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, dtype="float32",
-      remat="none", scan="auto")
+      remat="none", scan="auto", optimizer="adamw")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -75,7 +75,7 @@ def get_config(arg=None):
       text_weight=arg.text_weight, image_weight=arg.image_weight,
       drop_text_rate=arg.drop_text))
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
+      name=arg.optimizer, lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0))
   config.data = ml_collections.ConfigDict(dict(
       packed_dir=arg.packed_dir, batch_size=arg.batch))

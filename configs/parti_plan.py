@@ -37,8 +37,8 @@ def get_config(arg=None):
   # Parti §4.1: Adafactor-like settings on AdamW (lr 4.5e-4, beta2 0.96,
   # decoupled weight decay 0.045), 5000 warm-up steps.
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=4.5e-4, warmup_steps=5000, end_lr_fraction=0.05, b1=0.9, b2=0.96,
-      eps=1e-8, weight_decay=0.045, grad_clip_norm=1.0))
+      name="adamw", lr=4.5e-4, warmup_steps=5000, end_lr_fraction=0.05,
+      b1=0.9, b2=0.96, eps=1e-8, weight_decay=0.045, grad_clip_norm=1.0))
   config.data = ml_collections.ConfigDict(dict(batch_size=arg.batch))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

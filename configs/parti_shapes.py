@@ -18,8 +18,9 @@ tiny | small | 350m | 750m | 3b | 20b), steps, batch, tokenizer_workdir,
 text_tokenizer ("" = the copy in pretokenized_dir), pretokenized_dir,
 text_vocab (>= the SentencePiece vocabulary), codes and grid (the
 tokenizer's num_codes and h = w of its token grid), text_length, lr (tiny
-and small; the paper sizes use 4.5e-4), positions (learned_2d | learned |
-rope), scan (auto | true | false: nn.scan over layers; auto unrolls them at
+and small; the paper sizes use 4.5e-4), optimizer (adamw | muon:
+unimm.train.optim; Muon for the hidden matrices, AdamW for the rest),
+positions (learned_2d | learned | rope), scan (auto | true | false: nn.scan over layers; auto unrolls them at
 the CPU sizes, unimm.config_lib.scan_layers), t5 (a local Hugging Face T5 directory: Parti's text encoder becomes
 that T5 encoder, initialised from its weights).
 
@@ -74,7 +75,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
       codes=512, grid=8, text_length=24, lr=3e-3, positions="learned_2d",
-      scan="auto", t5="")
+      scan="auto", t5="", optimizer="adamw")
   config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
@@ -107,7 +108,7 @@ def get_config(arg=None):
   # decoupled weight decay 0.045); the CPU sizes take a higher rate.
   small_model = arg.size in ("tiny", "small")
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=arg.lr if small_model else 4.5e-4,
+      name=arg.optimizer, lr=arg.lr if small_model else 4.5e-4,
       warmup_steps=min(1000, arg.steps // 10), end_lr_fraction=0.05,
       b1=0.9, b2=0.98 if small_model else 0.96, eps=1e-8,
       weight_decay=0.01 if small_model else 0.045, grad_clip_norm=1.0))

@@ -61,7 +61,16 @@ def vit_vqgan_config():
   return config
 
 
-CONFIGS = {"parti": parti_config, "vit_vqgan": vit_vqgan_config}
+def parti_muon_config():
+  # Muon's Newton-Schulz iterations on FSDP/tensor-split matrices, with the
+  # scanned "layers" axis as a batch axis (unimm.train.optim).
+  config = parti_config()
+  config.optimizer.name = "muon"
+  return config
+
+
+CONFIGS = {"parti": parti_config, "parti_muon": parti_muon_config,
+           "vit_vqgan": vit_vqgan_config}
 
 
 def _batch(config):

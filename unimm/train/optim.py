@@ -1,13 +1,29 @@
-"""The default optimizer: AdamW, linear warm-up + cosine decay, clipping.
+"""The default optimizer: AdamW or Muon, warm-up + cosine decay, clipping.
 
-Built from config.optimizer (lr, warmup_steps, end_lr_fraction, b1, b2, eps,
-weight_decay, grad_clip_norm) and config.total_steps. Weight decay skips
-1-D parameters (biases, norm scales), as in BERT/GPT-2 and big_vision.
+Built from config.optimizer (name, lr, warmup_steps, end_lr_fraction, b1,
+b2, eps, weight_decay, grad_clip_norm; for Muon also muon_beta and
+muon_rms) and config.total_steps. Weight decay skips 1-D parameters
+(biases, norm scales), as in BERT/GPT-2 and big_vision.
+
+name "muon" (Jordan et al. 2024; optax.contrib.muon): the hidden layers'
+matrices -- attention and MLP kernels, found by their logical axis names
+(muon_dimension_numbers) -- step along their orthogonalised momentum
+(Newton-Schulz), scaled to AdamW's update RMS (muon_rms 0.2, as Moonlight
+does, so the same lr serves both halves); embeddings, the output layer,
+position tables, norms and biases keep AdamW. In optax's Muon the AdamW
+half decays every parameter it holds (1-D ones too) and uses Nesterov
+momentum. Measured on the demo's Parti (README, "Optimizer").
 """
 from typing import Any, Mapping
 
 import jax
 import optax
+from optax import contrib
+
+OPTIMIZERS = ("adamw", "muon")
+# Axes of a hidden layer's matrix: the residual stream ("embed") on one side,
+# the layer's own width on the other. "layers" (nn.scan) is a batch axis.
+_HIDDEN_AXES = ("embed", "mlp", "heads", "kv_heads", "head_dim")
 
 
 def _check(opt_config: Mapping[str, Any], total_steps: int) -> None:
@@ -29,6 +45,10 @@ def _check(opt_config: Mapping[str, Any], total_steps: int) -> None:
     value = opt_config.get(name, 0.9)
     if not 0 <= value < 1:
       raise ValueError(f"config.optimizer.{name}={value} must lie in [0, 1).")
+  optimizer = opt_config.get("name", "adamw")
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={optimizer!r}; expected one of "
+                     f"{OPTIMIZERS}.")
   for name in ("weight_decay", "grad_clip_norm"):
     value = opt_config.get(name, 0.0)
     if value < 0:
@@ -55,19 +75,72 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(opt_config: Mapping[str, Any], total_steps: int
-                   ) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW on the warm-up/cosine schedule."""
+def muon_dimension_numbers(names: Any) -> contrib.MuonDimensionNumbers | None:
+  """How Muon treats a parameter with these logical axis names, or None
+  (AdamW).
+
+  A hidden layer's kernel has only _HIDDEN_AXES (besides "layers") with
+  "embed" first (it reads the residual stream: q/k/v, MLP in) or last (it
+  writes it: attention out, MLP out); the other axes form the matrix's
+  other side. Anything else -- a "vocab" axis (embeddings, output layer),
+  an unnamed axis (position tables), patch projections, 1-D parameters --
+  is None.
+  """
+  names = tuple(names or ())
+  matrix = [i for i, n in enumerate(names) if n != "layers"]
+  if len(matrix) < 2 or any(names[i] not in _HIDDEN_AXES for i in matrix):
+    return None
+  if names[matrix[0]] == "embed":
+    return contrib.MuonDimensionNumbers(matrix[0], tuple(matrix[1:]))
+  if names[matrix[-1]] == "embed":
+    return contrib.MuonDimensionNumbers(tuple(matrix[:-1]), matrix[-1])
+  return None
+
+
+def make_optimizer(opt_config: Mapping[str, Any], total_steps: int,
+                   param_names: Any = None) -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW (or Muon) on the warm-up/cosine
+  schedule.
+
+  param_names: the parameters' logical PartitionSpecs (unimm.parallel.
+  logical_specs of the boxed params), which Muon needs to find the hidden
+  matrices; unused by AdamW.
+  """
   schedule = learning_rate_schedule(opt_config, total_steps)
   parts = []
   clip = float(opt_config.get("grad_clip_norm", 0.0))
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
+  weight_decay = float(opt_config.get("weight_decay", 0.0))
+  if opt_config.get("name", "adamw") == "muon":
+    if param_names is None:
+      raise ValueError("config.optimizer.name='muon' needs the parameters' "
+                       "logical axis names (make_optimizer's param_names).")
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    dimension_numbers = jax.tree.map(muon_dimension_numbers, param_names,
+                                     is_leaf=is_spec)
+    if not any(d is not None for d in jax.tree.leaves(
+        dimension_numbers, is_leaf=lambda x: x is None)):
+      raise ValueError(
+          "config.optimizer.name='muon' found no hidden-layer matrix among "
+          "the parameters (kernels named with 'embed' and 'mlp' / 'heads' / "
+          "'head_dim'); use name='adamw'.")
+    parts.append(contrib.muon(
+        learning_rate=schedule,
+        beta=float(opt_config.get("muon_beta", 0.95)),
+        eps=float(opt_config.get("eps", 1e-8)),
+        weight_decay=weight_decay, weight_decay_mask=decay_mask,
+        consistent_rms=float(opt_config.get("muon_rms", 0.2)),
+        adam_b1=float(opt_config.get("b1", 0.9)),
+        adam_b2=float(opt_config.get("b2", 0.999)),
+        adam_weight_decay=weight_decay,
+        muon_weight_dimension_numbers=lambda _: dimension_numbers))
+    return optax.chain(*parts)
   parts.append(optax.adamw(
       learning_rate=schedule,
       b1=float(opt_config.get("b1", 0.9)),
       b2=float(opt_config.get("b2", 0.999)),
       eps=float(opt_config.get("eps", 1e-8)),
-      weight_decay=float(opt_config.get("weight_decay", 0.0)),
+      weight_decay=weight_decay,
       mask=decay_mask))
   return optax.chain(*parts)

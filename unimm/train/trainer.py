@@ -138,9 +138,11 @@ def _global_abstract(local_batch: Any, sharding, process_count: int) -> Any:
 # ----------------------------------------------------------------------------
 
 
-def _optimizer(config, task) -> tuple[optax.GradientTransformation,
-                                      optax.Schedule | None]:
-  """The task's optimizer if it defines one, else AdamW from config.optimizer.
+def _optimizer(config, task, abstract_batch
+               ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+  """The task's optimizer if it defines one, else AdamW / Muon from
+  config.optimizer (Muon reads the parameters' logical axis names from an
+  abstract init on abstract_batch; call under the mesh and rules).
 
   The schedule (for logging the learning rate) is known for the default only.
   """
@@ -148,8 +150,23 @@ def _optimizer(config, task) -> tuple[optax.GradientTransformation,
   tx = make() if callable(make) else None
   if tx is not None:
     return tx, None
-  return (optim.make_optimizer(config.optimizer, config.total_steps),
+  param_names = None
+  if config.optimizer.get("name", "adamw") == "muon":
+    boxed_params, _ = jax.eval_shape(task.init, jax.random.PRNGKey(0),
+                                     abstract_batch)
+    param_names = parallel.logical_specs(boxed_params)
+  return (optim.make_optimizer(config.optimizer, config.total_steps,
+                               param_names),
           optim.learning_rate_schedule(config.optimizer, config.total_steps))
+
+
+def _strip_masked_boxes(tree):
+  """Boxes around optax.MaskedNode (a masked-out parameter's empty state,
+  e.g. Muon's Adam half) become the bare node: it has no array to shard."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+  return jax.tree.map(
+      lambda x: x.value if is_box(x) and isinstance(
+          x.value, optax.MaskedNode) else x, tree, is_leaf=is_box)
 
 
 def _make_init(task, tx):
@@ -166,7 +183,7 @@ def _make_init(task, tx):
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=_strip_masked_boxes(tx.init(params)),
         model_state=model_state,
         rng=train_rng,
         nonfinite_count=jnp.zeros((), jnp.int32),
@@ -476,9 +493,9 @@ def build_program(config: ml_collections.ConfigDict, task, abstract_batch,
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
       abstract_batch)
-  tx, schedule = _optimizer(config, task)
-  init_fn = _make_init(task, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tx, schedule = _optimizer(config, task, abstract_batch)
+    init_fn = _make_init(task, tx)
     boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0), abstract_batch)
   state_shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract_state = parallel.abstract_with_shardings(parallel.unbox(boxed),
