@@ -222,6 +222,16 @@ def unbox(tree: Any) -> Any:
                       is_leaf=_is_box)
 
 
+def drop_empty_boxes(tree: Any) -> Any:
+  """Unboxes boxes that hold no array (e.g. the optax.MaskedNode that a
+  masked optimizer, such as Muon's AdamW half, keeps for a parameter it
+  does not update): there is nothing to shard, and a box would give them a
+  PartitionSpec leaf that the unboxed tree lacks."""
+  return jax.tree.map(
+      lambda x: x.value if _is_box(x) and not jax.tree.leaves(x.value)
+      else x, tree, is_leaf=_is_box)
+
+
 def logical_specs(boxed_tree: Any) -> Any:
   """Logical PartitionSpecs of a tree with nn.Partitioned boxes (P() if plain)."""
   return nn.get_partition_spec(boxed_tree)

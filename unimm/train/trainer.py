@@ -160,15 +160,6 @@ def _optimizer(config, task, abstract_batch
           optim.learning_rate_schedule(config.optimizer, config.total_steps))
 
 
-def _strip_masked_boxes(tree):
-  """Boxes around optax.MaskedNode (a masked-out parameter's empty state,
-  e.g. Muon's Adam half) become the bare node: it has no array to shard."""
-  is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-  return jax.tree.map(
-      lambda x: x.value if is_box(x) and isinstance(
-          x.value, optax.MaskedNode) else x, tree, is_leaf=is_box)
-
-
 def _make_init(task, tx):
   """init(rng, batch) -> TrainState whose params/opt state are still boxed.
 
@@ -183,7 +174,7 @@ def _make_init(task, tx):
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=_strip_masked_boxes(tx.init(params)),
+        opt_state=parallel.drop_empty_boxes(tx.init(params)),
         model_state=model_state,
         rng=train_rng,
         nonfinite_count=jnp.zeros((), jnp.int32),
