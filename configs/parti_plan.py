@@ -5,8 +5,8 @@
       --mesh data=2,fsdp=4
 
 Variants (arg "key=value,..."): size (a row of unimm.models.parti.SIZES:
-tiny | small | 350m | 750m | 3b | 20b), batch (global examples per step),
-remat (none | full | dots | dots_no_batch), dtype (parameters and
+tiny | tiny_deep | small | 350m | 750m | 3b | 20b), batch (global examples
+per step), remat (none | full | dots | dots_no_batch), dtype (parameters and
 activations; bfloat16 as on TPU pods), text_vocab, codes, grid, text_length.
 
 The shapes follow Parti §2-4: text length 128, a 32x32 grid of ViT-VQGAN

@@ -39,7 +39,7 @@ def parti_config():
   # ("vocab", None) fallback rule keeps replicated over "tensor".
   config = config_lib.load_config(
       f"{CONFIG_DIR}/parti_shapes.py:size=tiny,batch=8,text_vocab=64,codes=16,"
-      "grid=4,text_length=8,scan=true")
+      "grid=4,text_length=8,scan=true,optimizer=adamw,lr=3e-3")
   config.model.update(embed_dim=32, num_heads=4, num_kv_heads=4, head_dim=8,
                       mlp_dim=64, encoder_layers=1, decoder_layers=2)
   config.optimizer.warmup_steps = 0

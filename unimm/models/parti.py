@@ -20,6 +20,10 @@ from unimm.models import t5 as t5_lib
 SIZES = {
     "tiny": dict(encoder_layers=2, decoder_layers=4, embed_dim=128,
                  mlp_dim=512, num_heads=4),
+    # The tiny width with twice its decoder layers: configs/parti_shapes.py's
+    # longer run (pairs of objects need the depth; README results).
+    "tiny_deep": dict(encoder_layers=2, decoder_layers=8, embed_dim=128,
+                      mlp_dim=512, num_heads=4),
     "small": dict(encoder_layers=4, decoder_layers=8, embed_dim=256,
                   mlp_dim=1024, num_heads=8),
     "350m": dict(encoder_layers=12, decoder_layers=12, embed_dim=1024,
