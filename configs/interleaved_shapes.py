@@ -15,37 +15,33 @@ Documents: caption then image, image then caption, and edit stories
 tokenizer must be trained on interleaved.document_texts (instructions have
 words that captions lack).
 
-Measured (2 CPU cores, README results): these defaults (5,000 steps at
-batch 32, lr 1e-2; 72 min with two evals on a quiet machine at 1.1-1.2
-steps/s) on an 8,000-step tokenizer (ceiling 0.865) give
-prompt_accuracy_single 0.73, caption_accuracy 0.59, edit_accuracy 0.36 on
-held-out documents (0.425 / 0.47 / 0.22 at 2,500 steps), below the
-targets (0.9 / 0.95 / 0.7); 2,000 steps gave 0.35 / 0.415 / 0.225 (on
-documents without the caption request). The earlier recipe
-(batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00 after 6,000 steps. Resumed to
-8,000 steps (:steps=8000 on a copy of the 5,000-step workdir; the schedule
-restarts warm at 3.5e-3): 0.825 / 0.595 / 0.37, the validation loss flat
-(0.371) while the training loss fell: on 50,000 documents the image tokens
-overfit and captions and edits stall. Trained on
-caption-then-image documents alone (batch 32, lr 1e-2) the model reaches
+Measured (2 CPU cores, README results, probe v2): these defaults
+(tiny_deep: 8 layers of width 128, MQA; Muon at lr 1e-2; 3,000 steps at
+batch 32; 82 min at 0.6 steps/s, session 16) on an 8,000-step tokenizer
+(ceiling 0.95) give prompt_accuracy_single 0.775, caption_accuracy 0.695,
+edit_accuracy 0.38 on held-out documents, below the targets (0.9 / 0.95 /
+0.7). The same with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
+0.355 in 51 min. The earlier defaults (tiny, AdamW, 5,000 steps, 72 min;
+probe v1 readings for the images) gave 0.73 / 0.59 / 0.36, and resumed to
+8,000 steps 0.825 / 0.595 / 0.37 with the validation loss flat (0.371)
+while the training loss fell: on 50,000 documents the image tokens
+overfit and captions and edits stall. Trained on caption-then-image
+documents alone (batch 32, lr 1e-2) the 4-layer model reaches
 prompt_accuracy_single 0.745 in 1,500 steps (its tokenizer's ceiling
-0.79). The image accuracies here (prompts, edits, ceilings) are probe v1
-readings; caption_accuracy does not use the probe (README, "The probe's
-share").
-With optimizer=muon (session 14; 3,500 steps, the eval at the end only, an
-8,000-step tokenizer with ceiling 0.95 under probe v2): 0.61 / 0.66 / 0.355
-in 51 min (README results).
+0.79). caption_accuracy does not use the probe (README, "The probe's
+share"). The earlier recipe (batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00
+after 6,000 steps.
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
-tiny | small | 1b | 7b), steps, batch, length (= config.model.max_len),
-text_vocab, codes, grid (image tokens per side), packed_dir,
+tiny | tiny_deep | small | 1b | 7b), steps, batch, length
+(= config.model.max_len), text_vocab, codes, grid (image tokens per side), packed_dir,
 tokenizer_workdir, text_tokenizer, lr, image_positions (1d | 2d), qk_norm,
 text_weight, image_weight, drop_text (the rate of documents trained
 without their text, for classifier-free guidance), cfg (the eval's guidance
 scale for generated images; 1 = none), image_temp (the eval's sampling
 temperature for images; its text is greedy), dtype, remat, scan (auto |
 true | false: nn.scan over layers; auto unrolls them at the CPU sizes,
-unimm.config_lib.scan_layers), optimizer (adamw | muon: unimm.train.optim).
+unimm.config_lib.scan_layers), optimizer (muon | adamw: unimm.train.optim).
 """
 import ml_collections
 
@@ -56,13 +52,13 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny", steps=5000, batch=32, length=320, text_vocab=128,
+      arg, size="tiny_deep", steps=3000, batch=32, length=320, text_vocab=128,
       codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, dtype="float32",
-      remat="none", scan="auto", optimizer="adamw")
+      remat="none", scan="auto", optimizer="muon")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
