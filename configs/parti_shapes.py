@@ -33,7 +33,7 @@ does, such as an object colour, gets boosted at every position, so objects
 are scattered over the canvas: count accuracy ~0.03); 1.5 at temperature
 0.7 scored best. Row + column position tables (learned_2d) learned the
 layout sooner than one table over the 64 positions. On the default model
-after 6,000 steps, 400 single prompts of another seed score 0.958-0.965
+after 6,000 steps, 400 single prompts of another seed score 0.948-0.965
 at cfg 1.0-2.0 and temperature 0.05-0.7: the setting hardly matters.
 Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
 prompt_accuracy_pair >= 0.7. Measured (README results, probe v2), these
