@@ -38,11 +38,11 @@ tiny | tiny_deep | small | 1b | 7b), steps, batch, length
 packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
-(the eval's guidance
-scale for generated images; 1 = none), image_temp (the eval's sampling
-temperature for images; its text is greedy), dtype, remat, scan (auto |
-true | false: nn.scan over layers; auto unrolls them at the CPU sizes,
-unimm.config_lib.scan_layers), optimizer (muon | adamw: unimm.train.optim).
+(the eval's guidance scale for generated images; 1 = none), image_temp
+(the eval's sampling temperature for images; its text is greedy), dtype,
+remat, scan (auto | true | false: nn.scan over layers; auto unrolls them
+at the CPU sizes, unimm.config_lib.scan_layers), optimizer (muon | adamw:
+unimm.train.optim).
 """
 import ml_collections
 
