@@ -5,10 +5,11 @@
       --workdir workdirs/vit_vqgan_shapes
   python -m unimm.tokenizers.text --output workdirs/spiece --vocab_size 256 \
       --source shapes
-  # 2. encode the images once (train, and validation for a held-out loss)
+  # 2. encode the images once (train, and validation for a held-out loss);
+  #    the 500,000 pairs of shapes_large: 50,000 are memorised by 6,000 steps
   python -m unimm.data.pretokenize --tokenizer_workdir \
       workdirs/vit_vqgan_shapes --text_tokenizer workdirs/spiece.model \
-      --split train --out workdirs/parti_shapes_data
+      --source shapes_large --split train --out workdirs/parti_shapes_data
   # 3. train and evaluate (prompt accuracy with the shapes probe)
   python -m unimm.main --config configs/parti_shapes.py \
       --workdir workdirs/parti_shapes
@@ -38,12 +39,13 @@ at cfg 1.0-2.0 and temperature 0.05-0.7: the setting hardly matters.
 Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
 prompt_accuracy_pair >= 0.7. Measured (README results, probe v2), these
 defaults (tiny_deep: 2 + 8 layers of width 128; Muon, lr 1e-2; 6,000
-steps, 69 min on 2 CPU cores) on a codes=2048 tokenizer (ceiling
-0.95 / 0.875): 0.935 / 0.41 (0.963 single on 400 prompts of another seed).
-The earlier recipe (tiny: 2 + 4 layers; AdamW, lr 3e-3) gave 0.835 / 0.04
+steps, 62 min on 2 CPU cores) on a codes=2048 tokenizer (ceiling
+0.95 / 0.875) and shapes_large's 500,000 pairs: 0.965 / 0.775, held-out
+loss 0.334 (met). On shapes' 50,000 pairs: 0.935 / 0.41, held-out loss
+0.415 (0.963 single on 400 prompts of another seed). The earlier recipe
+(tiny: 2 + 4 layers; AdamW, lr 3e-3) on 50,000 pairs gave 0.835 / 0.04
 at 6,000 steps and 0.835 / 0.08 at 12,000, its held-out loss flat after
-6,000 (the 50,000 pairs memorised; source shapes_large in
-pre-tokenization has 500,000), and pair captions from the training set
+6,000 (the pairs memorised), and pair captions from the training set
 scored no better (0.075): that model failed to bind two objects'
 attributes.
 
