@@ -20,10 +20,10 @@ Measured (2 CPU cores, README results, probe v2): these defaults
 batch 32; 82 min at 0.6 steps/s, session 16) on an 8,000-step tokenizer
 (ceiling 0.95) give prompt_accuracy_single 0.775, caption_accuracy 0.695,
 edit_accuracy 0.38 on held-out documents, below the targets (0.9 / 0.95 /
-0.7). On 200,000 documents (--num_documents 200000,
-packed_dir=...; session 18): 0.80 / 0.67 / 0.405, validation loss 0.396
-against 0.413: within noise, so the data is not what limits this model
-at 3,000 steps. The same with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
+0.7). On 200,000 documents (--num_documents 200000 and
+packed_dir=...; session 18): 0.80 / 0.67 / 0.405, the accuracies within
+the eval's noise though the validation loss falls (0.396 against 0.413):
+at 3,000 steps the data is not what limits this model. The same with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
 0.355 in 51 min. The earlier defaults (tiny, AdamW, 5,000 steps, 72 min;
 probe v1 readings for the images) gave 0.73 / 0.59 / 0.36, and resumed to
 8,000 steps 0.825 / 0.595 / 0.37 with the validation loss flat (0.371)
