@@ -23,7 +23,8 @@ edit_accuracy 0.38 on held-out documents, below the targets (0.9 / 0.95 /
 0.7). On 200,000 documents (--num_documents 200000 and
 packed_dir=...; session 18): 0.80 / 0.67 / 0.405, the accuracies within
 the eval's noise though the validation loss falls (0.396 against 0.413):
-at 3,000 steps the data is not what limits this model. The same with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
+at 3,000 steps the data is not what limits this model. The 50,000-
+document defaults with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
 0.355 in 51 min. The earlier defaults (tiny, AdamW, 5,000 steps, 72 min;
 probe v1 readings for the images) gave 0.73 / 0.59 / 0.36, and resumed to
 8,000 steps 0.825 / 0.595 / 0.37 with the validation loss flat (0.371)
@@ -78,7 +79,8 @@ def get_config(arg=None):
       text_weight=arg.text_weight, image_weight=arg.image_weight,
       drop_text_rate=arg.drop_text))
   config.optimizer = ml_collections.ConfigDict(dict(
-      name=arg.optimizer, lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
+      name=arg.optimizer, lr=arg.lr, warmup_steps=min(200, arg.steps // 10),
+      end_lr_fraction=0.05,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0))
   config.data = ml_collections.ConfigDict(dict(
       packed_dir=arg.packed_dir, batch_size=arg.batch))
