@@ -37,7 +37,8 @@ share"). The earlier recipe (batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00
 after 6,000 steps.
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
-tiny | tiny_deep | small | 1b | 7b), steps, batch, length
+tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
+multi-query, as Gemini; the size's num_heads = multi-head), steps, batch, length
 (= config.model.max_len), text_vocab, codes, grid (image tokens per side),
 packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
@@ -57,8 +58,8 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny_deep", steps=3000, batch=32, length=320, text_vocab=128,
-      codes=512, grid=8, packed_dir="workdirs/interleaved_data",
+      arg, size="tiny_deep", kv_heads=1, steps=3000, batch=32, length=320,
+      text_vocab=128, codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
@@ -70,7 +71,8 @@ def get_config(arg=None):
   config.vocab = ml_collections.ConfigDict(dict(
       text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes))
   config.model = ml_collections.ConfigDict(interleaved_config(
-      arg.size, vocab_size=5 + arg.text_vocab + arg.codes, max_len=arg.length,
+      arg.size, num_kv_heads=arg.kv_heads,
+      vocab_size=5 + arg.text_vocab + arg.codes, max_len=arg.length,
       image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat,

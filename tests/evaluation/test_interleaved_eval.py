@@ -102,7 +102,8 @@ def _evaluate(model, tmp_path, monkeypatch):
   for doc in (documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
                                           kinds=(kind,))
               for kind in ("image_caption", "edit") for i in range(20)):
-    model.probe.render(doc.scenes[0])
+    for scene in doc.scenes[:2]:  # edits: the source and the edited scene
+      model.probe.render(scene)
   return interleaved_eval.evaluate_generation(
       model, str(tmp_path), num_prompts=20, num_captions=20, num_edits=20,
       batch_size=8)
@@ -115,7 +116,8 @@ def test_a_model_that_answers_right_scores_one_everywhere(tmp_path,
   assert {"prompt_accuracy_single", "prompt_color_accuracy",
           "caption_accuracy", "caption_accuracy_single",
           "caption_accuracy_pair", "caption_color_accuracy",
-          "edit_accuracy", "edit_accuracy_move"} <= set(accuracies)
+          "edit_accuracy", "edit_accuracy_move",
+          "reconstructed_edit_accuracy"} <= set(accuracies)
   assert accuracies == {k: 1.0 for k in accuracies}
   assert (tmp_path / "documents.png").exists()
 
@@ -131,3 +133,5 @@ def test_the_breakdown_names_what_is_wrong(tmp_path, monkeypatch):
   assert report["prompt_accuracy_single"] == 1.0
   ops = [k for k in report if k.startswith("edit_accuracy_")]
   assert ops and all(report[k] == 0.0 for k in ops + ["edit_accuracy"]), report
+  # The ceiling reads the true edited scenes, whatever the model drew.
+  assert report["reconstructed_edit_accuracy"] == 1.0

@@ -119,7 +119,8 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   assert report["steps"] == 2 and report["eval_loss"] > 0
   assert report["cfg_scale"] == 2.0
   for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy",
-              "reconstructed_prompt_accuracy_single"):
+              "reconstructed_prompt_accuracy_single",
+              "reconstructed_edit_accuracy"):
     assert 0.0 <= report[key] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "documents.png"))
 

@@ -17,6 +17,10 @@ prompt_{shape,color,size,position,count}_accuracy; caption_accuracy_single /
 _pair (one- / two-object scenes), caption_{attribute}_accuracy and
 caption_parse_rate (captions that read as a shapes caption at all); and
 edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS).
+Two ceilings, the probe on the image tokenizer's reconstructions of the true
+scenes: reconstructed_prompt_accuracy_single (the prompts') and
+reconstructed_edit_accuracy (the edited scenes'): what a model that writes
+this tokenizer's codes can score at most, read by this probe.
 Held-out documents are the test split's (unimm.data.interleaved.SPLIT_SEEDS).
 """
 import os
@@ -150,6 +154,16 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
     _add_mean(result, f"edit_accuracy_{op}",
               [ok for ok, d in zip(per_edit, edits) if d.edits[0].op == op])
   result["edit_image_rate"] = float(np.mean(found))
+  # The ceiling: the probe on the tokenizer's reconstructions of the scenes
+  # the instructions ask for (as for prompts above).
+  targets = np.stack([shapes.render(d.scenes[1], size) for d in edits])
+  reconstructed = np.concatenate([
+      np.asarray(model.tokenizer.decode(model.tokenizer.encode(
+          targets[i:i + batch_size])))
+      for i in range(0, len(targets), batch_size)])
+  result["reconstructed_edit_accuracy"] = _mean([
+      probe_lib.score_prompt(shapes.parse_caption(e), p)["correct"]
+      for e, p in zip(expected, probe.predict(reconstructed))])
 
   os.makedirs(out_dir, exist_ok=True)
   _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
