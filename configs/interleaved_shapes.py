@@ -4,7 +4,7 @@
       --vocab_size 128 --source interleaved --num_captions 20000
   python -m unimm.data.interleaved --tokenizer_workdir workdirs/tokenizer \\
       --text_tokenizer workdirs/interleaved_text/spiece.model \\
-      --out workdirs/interleaved_data --split train --num_documents 50000 \\
+      --out workdirs/interleaved_data --split train --num_documents 200000 \\
       --length 320
   (and --split validation --num_documents 2000)
   python -m unimm.main --config configs/interleaved_shapes.py \\
@@ -15,31 +15,33 @@ Documents: caption then image, image then caption, and edit stories
 tokenizer must be trained on interleaved.document_texts (instructions have
 words that captions lack).
 
-Measured (2 CPU cores, README results, probe v2): these defaults
-(tiny_deep: 8 layers of width 128, MQA; Muon at lr 1e-2; 3,000 steps at
-batch 32; 82 min at 0.6 steps/s, session 16) on an 8,000-step tokenizer
-(ceiling 0.95) give prompt_accuracy_single 0.775, caption_accuracy 0.695,
-edit_accuracy 0.38 on held-out documents, below the targets (0.9 / 0.95 /
-0.7). On 200,000 documents (--num_documents 200000 and
-packed_dir=...; session 18): 0.80 / 0.67 / 0.405, the accuracies within
-the eval's noise though the validation loss falls (0.396 against 0.413):
-at 3,000 steps the data is not what limits this model. The 50,000-
-document defaults with size=tiny (4 layers), 3,500 steps: 0.61 / 0.66 /
-0.355 in 51 min. The earlier defaults (tiny, AdamW, 5,000 steps, 72 min;
-probe v1 readings for the images) gave 0.73 / 0.59 / 0.36, and resumed to
-8,000 steps 0.825 / 0.595 / 0.37 with the validation loss flat (0.371)
-while the training loss fell: on 50,000 documents the image tokens
-overfit and captions and edits stall. Trained on caption-then-image
-documents alone (batch 32, lr 1e-2) the 4-layer model reaches
-prompt_accuracy_single 0.745 in 1,500 steps (its tokenizer's ceiling
-0.79). caption_accuracy does not use the probe (README, "The probe's
-share"). The earlier recipe (batch=16,lr=3e-3) gave 0.01 / 0.09 / 0.00
-after 6,000 steps.
+Measured (2 CPU cores, README results, probe v2): these defaults (tiny_deep:
+8 layers of width 128, multi-head attention (kv_heads=4); Muon at lr 1e-2;
+3,000 steps at batch 32 on 200,000 documents; 97 min at 0.52 steps/s,
+session 19) on an 8,000-step tokenizer (ceilings: prompts 0.95, edits 0.91)
+give prompt_accuracy_single 0.845, caption_accuracy 0.72, edit_accuracy 0.44
+on held-out documents, below the targets (0.9 / 0.95 / 0.7). The model's
+default, multi-query attention (kv_heads=1: one 32-wide key/value head
+shared by the 4 query heads at this width), gave 0.80 / 0.67 / 0.405 on the
+same documents (session 18, 78 min) and 0.775 / 0.695 / 0.38 on 50,000
+(session 16): more documents lowered the validation loss (0.413 -> 0.396;
+0.3895 with kv_heads=4) but not the accuracies; the key/value heads lift
+two-object captions (0.39 -> 0.515) and, less surely, the rest. size=tiny (4
+layers), MQA, 50,000 documents, 3,500 steps: 0.61 / 0.66 / 0.355 in 51 min.
+The earlier defaults (tiny, AdamW, 5,000 steps, 72 min; probe v1 readings
+for the images) gave 0.73 / 0.59 / 0.36, and resumed to 8,000 steps 0.825 /
+0.595 / 0.37 with the validation loss flat (0.371) while the training loss
+fell: on 50,000 documents the image tokens overfit and captions and edits
+stall. Trained on caption-then-image documents alone (batch 32, lr 1e-2) the
+4-layer model reaches prompt_accuracy_single 0.745 in 1,500 steps (its
+tokenizer's ceiling 0.79). caption_accuracy does not use the probe (README,
+"The probe's share"). The earlier recipe (batch=16,lr=3e-3) gave 0.01 / 0.09
+/ 0.00 after 6,000 steps.
 
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
-multi-query, as Gemini; the size's num_heads = multi-head), steps, batch, length
-(= config.model.max_len), text_vocab, codes, grid (image tokens per side),
+multi-query, as Gemini; the size's num_heads = multi-head), steps, batch,
+length (= config.model.max_len), text_vocab, codes, grid (image tokens per side),
 packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
@@ -58,7 +60,7 @@ from unimm.models.interleaved import interleaved_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, size="tiny_deep", kv_heads=1, steps=3000, batch=32, length=320,
+      arg, size="tiny_deep", kv_heads=4, steps=3000, batch=32, length=320,
       text_vocab=128, codes=512, grid=8, packed_dir="workdirs/interleaved_data",
       tokenizer_workdir="workdirs/tokenizer",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
