@@ -41,8 +41,8 @@ tokenizer's ceiling 0.79). caption_accuracy does not use the probe (README,
 Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
 multi-query, as Gemini; the size's num_heads = multi-head), steps, batch,
-length (= config.model.max_len), text_vocab, codes, grid (image tokens per side),
-packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
+length (= config.model.max_len), text_vocab, codes, grid (image tokens per
+side), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
