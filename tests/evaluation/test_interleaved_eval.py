@@ -42,13 +42,23 @@ class _OracleProbe:
     return [self.scenes[np.asarray(i).tobytes()] for i in images]
 
 
+def _recoloured(scene):
+  """The scene with every object in another colour."""
+  return dataclasses.replace(scene, objects=tuple(
+      dataclasses.replace(o, color=next(c for c in shapes.COLORS
+                                        if c != o.color))
+      for o in scene.objects))
+
+
 class _FakeModel:
   """An api.InterleavedModel stand-in that draws the true answers, except
   that its captions can name a wrong colour and its edits can return the
-  source unchanged."""
+  source unchanged or draw the edited scene in the wrong colours."""
 
-  def __init__(self, probe, wrong_colour=False, no_edits=False):
+  def __init__(self, probe, wrong_colour=False, no_edits=False,
+               wrong_edit_colour=False):
     self.probe, self.wrong_colour, self.no_edits = probe, wrong_colour, no_edits
+    self.wrong_edit_colour = wrong_edit_colour
     self.tokenizer = types.SimpleNamespace(
         image_size=probe.size, encode=lambda x: x, decode=lambda x: x)
     self.task = types.SimpleNamespace(
@@ -75,10 +85,7 @@ class _FakeModel:
       scene = next(s for s in self._all_scenes()
                    if interleaved_eval._truth(s).objects == obj)  # pylint: disable=protected-access
       if self.wrong_colour:
-        scene = dataclasses.replace(scene, objects=tuple(
-            dataclasses.replace(o, color=next(
-                c for c in shapes.COLORS if c != o.color))
-            for o in scene.objects))
+        scene = _recoloured(scene)
       captions.append(shapes.caption(scene, 0))
     return captions
 
@@ -93,7 +100,10 @@ class _FakeModel:
       if self.no_edits:
         outputs.append([image])
       else:
-        outputs.append([self.probe.render(self.edits[image.tobytes(), text])])
+        scene = self.edits[image.tobytes(), text]
+        if self.wrong_edit_colour:
+          scene = _recoloured(scene)
+        outputs.append([self.probe.render(scene)])
     return outputs
 
 
@@ -116,8 +126,9 @@ def test_a_model_that_answers_right_scores_one_everywhere(tmp_path,
   assert {"prompt_accuracy_single", "prompt_color_accuracy",
           "caption_accuracy", "caption_accuracy_single",
           "caption_accuracy_pair", "caption_color_accuracy",
-          "edit_accuracy", "edit_accuracy_move",
-          "reconstructed_edit_accuracy"} <= set(accuracies)
+          "edit_accuracy", "edit_accuracy_move", "edit_shape_accuracy",
+          "edit_position_accuracy", "reconstructed_edit_accuracy"
+          } <= set(accuracies)
   assert accuracies == {k: 1.0 for k in accuracies}
   assert (tmp_path / "documents.png").exists()
 
@@ -135,3 +146,13 @@ def test_the_breakdown_names_what_is_wrong(tmp_path, monkeypatch):
   assert ops and all(report[k] == 0.0 for k in ops + ["edit_accuracy"]), report
   # The ceiling reads the true edited scenes, whatever the model drew.
   assert report["reconstructed_edit_accuracy"] == 1.0
+
+
+def test_the_edit_breakdown_names_the_wrong_attribute(tmp_path, monkeypatch):
+  report = _evaluate(_FakeModel(_OracleProbe(32), wrong_edit_colour=True),
+                     tmp_path, monkeypatch)
+  assert report["edit_accuracy"] == 0.0
+  assert report["edit_color_accuracy"] == 0.0
+  for name in ("shape", "size", "position", "count"):
+    assert report[f"edit_{name}_accuracy"] == 1.0, name
+  assert report["caption_accuracy"] == 1.0

@@ -16,7 +16,8 @@ Each comes with a breakdown, the first thing to read when it is low:
 prompt_{shape,color,size,position,count}_accuracy; caption_accuracy_single /
 _pair (one- / two-object scenes), caption_{attribute}_accuracy and
 caption_parse_rate (captions that read as a shapes caption at all); and
-edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS).
+edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS)
+and edit_{attribute}_accuracy (of the edited image).
 Two ceilings, the probe on the image tokenizer's reconstructions of the true
 scenes: reconstructed_prompt_accuracy_single (the prompts') and
 reconstructed_edit_accuracy (the edited scenes'): what a model that writes
@@ -146,10 +147,13 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   found = [g is not None for g in generated]
   blank = np.zeros((size, size, 3), np.uint8)
   edited = np.stack([g if g is not None else blank for g in generated])
-  per_edit = [ok and probe_lib.score_prompt(shapes.parse_caption(e),
-                                             p)["correct"]
-              for e, p, ok in zip(expected, probe.predict(edited), found)]
+  edit_scores = [probe_lib.score_prompt(shapes.parse_caption(e), p)
+                 for e, p in zip(expected, probe.predict(edited))]
+  edit_scores = [s if ok else {k: False for k in s}
+                 for s, ok in zip(edit_scores, found)]  # no image: all wrong
+  per_edit = [s["correct"] for s in edit_scores]
   result["edit_accuracy"] = _mean(per_edit)
+  result.update(_breakdown("edit", edit_scores))
   for op in documents_lib.EDIT_OPS:
     _add_mean(result, f"edit_accuracy_{op}",
               [ok for ok, d in zip(per_edit, edits) if d.edits[0].op == op])
