@@ -93,6 +93,9 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   probe = probe_lib.get_probe(size)
   result = {}
 
+  def reconstruct(images):  # the tokenizer's encode + decode
+    return np.asarray(model.tokenizer.decode(model.tokenizer.encode(images)))
+
   prompts = [c for c, _ in probe_lib.fixed_prompt_set(num_prompts, 0)]
   samples = np.concatenate([
       model.sample(prompts[i:i + batch_size], seed=seed + i,
@@ -107,8 +110,8 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   # prompts' true scenes.
   result["reconstructed_prompt_accuracy_single"] = float(
       probe_lib.reconstruction_accuracy(
-          lambda x: model.tokenizer.decode(model.tokenizer.encode(x)),
-          num_prompts, 0, size, probe=probe)["prompt_accuracy_single"])
+          reconstruct, num_prompts, 0, size,
+          probe=probe)["prompt_accuracy_single"])
 
   docs = _held_out("image_caption", num_captions)
   images = np.stack([shapes.render(d.scenes[0], size) for d in docs])
@@ -147,10 +150,13 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   found = [g is not None for g in generated]
   blank = np.zeros((size, size, 3), np.uint8)
   edited = np.stack([g if g is not None else blank for g in generated])
-  edit_scores = [probe_lib.score_prompt(shapes.parse_caption(e), p)
-                 for e, p in zip(expected, probe.predict(edited))]
-  edit_scores = [s if ok else {k: False for k in s}
-                 for s, ok in zip(edit_scores, found)]  # no image: all wrong
+
+  def score_edits(images):  # against the instructed scenes' captions
+    return [probe_lib.score_prompt(shapes.parse_caption(e), p)
+            for e, p in zip(expected, probe.predict(images))]
+
+  edit_scores = [s if ok else {k: False for k in s}  # no image: all wrong
+                 for s, ok in zip(score_edits(edited), found)]
   per_edit = [s["correct"] for s in edit_scores]
   result["edit_accuracy"] = _mean(per_edit)
   result.update(_breakdown("edit", edit_scores))
@@ -162,12 +168,10 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   # the instructions ask for (as for prompts above).
   targets = np.stack([shapes.render(d.scenes[1], size) for d in edits])
   reconstructed = np.concatenate([
-      np.asarray(model.tokenizer.decode(model.tokenizer.encode(
-          targets[i:i + batch_size])))
+      reconstruct(targets[i:i + batch_size])
       for i in range(0, len(targets), batch_size)])
-  result["reconstructed_edit_accuracy"] = _mean([
-      probe_lib.score_prompt(shapes.parse_caption(e), p)["correct"]
-      for e, p in zip(expected, probe.predict(reconstructed))])
+  result["reconstructed_edit_accuracy"] = _mean(
+      [s["correct"] for s in score_edits(reconstructed)])
 
   os.makedirs(out_dir, exist_ok=True)
   _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
