@@ -1,5 +1,7 @@
 """Scoring of interleaved generations against the true scenes."""
 import dataclasses
+import json
+import os
 import types
 
 import numpy as np
@@ -130,6 +132,10 @@ def test_a_model_that_answers_right_scores_one_everywhere(tmp_path,
           "edit_position_accuracy", "reconstructed_edit_accuracy"
           } <= set(accuracies)
   assert accuracies == {k: 1.0 for k in accuracies}
+  verdicts = _verdicts(tmp_path)
+  assert [sum(v["task"] == t for v in verdicts)
+          for t in ("prompt", "caption", "edit")] == [20, 20, 20]
+  assert all(v["correct"] for v in verdicts)
   assert (tmp_path / "documents.png").exists()
 
 
@@ -148,6 +154,11 @@ def test_the_breakdown_names_what_is_wrong(tmp_path, monkeypatch):
   assert report["reconstructed_edit_accuracy"] == 1.0
 
 
+def _verdicts(out_dir):
+  with open(os.path.join(out_dir, "verdicts.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_the_edit_breakdown_names_the_wrong_attribute(tmp_path, monkeypatch):
   report = _evaluate(_FakeModel(_OracleProbe(32), wrong_edit_colour=True),
                      tmp_path, monkeypatch)
@@ -156,3 +167,8 @@ def test_the_edit_breakdown_names_the_wrong_attribute(tmp_path, monkeypatch):
   for name in ("shape", "size", "position", "count"):
     assert report[f"edit_{name}_accuracy"] == 1.0, name
   assert report["caption_accuracy"] == 1.0
+  edits = [v for v in _verdicts(tmp_path) if v["task"] == "edit"]
+  assert edits and all(not v["color"] and v["shape"] and v["image_found"]
+                       for v in edits)
+  # Each line names the document: its instruction and the scene it asks for.
+  assert all(shapes.parse_caption(v["expected"]) is not None for v in edits)

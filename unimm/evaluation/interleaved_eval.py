@@ -23,7 +23,11 @@ scenes: reconstructed_prompt_accuracy_single (the prompts') and
 reconstructed_edit_accuracy (the edited scenes'): what a model that writes
 this tokenizer's codes can score at most, read by this probe.
 Held-out documents are the test split's (unimm.data.interleaved.SPLIT_SEEDS).
+out_dir/verdicts.jsonl has one line per prompt, caption and edit (what
+was asked, what the model gave, and the verdicts), to compare two
+checkpoints document by document.
 """
+import json
 import os
 
 import numpy as np
@@ -101,7 +105,11 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       model.sample(prompts[i:i + batch_size], seed=seed + i,
                    temperature=image_temperature, cfg_scale=cfg_scale)
       for i in range(0, len(prompts), batch_size)])
-  scored = probe_lib.prompt_accuracy(prompts, samples, probe=probe)
+  predictions = probe.predict(samples)
+  scored = probe_lib.score_predictions(prompts, predictions)
+  verdicts = [dict(task="prompt", index=i, prompt=p,
+                   **probe_lib.score_prompt(shapes.parse_caption(p), scene))
+              for i, (p, scene) in enumerate(zip(prompts, predictions))]
   result["prompt_accuracy_single"] = float(scored["prompt_accuracy_single"])
   result.update({f"prompt_{name}_accuracy": float(scored[f"{name}_accuracy"])
                  for name in probe_lib.ATTRIBUTES
@@ -120,6 +128,10 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
     captions += model.caption(images[i:i + batch_size])
   scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
   result["caption_accuracy"] = _mean([s["correct"] for s in scores])
+  verdicts += [dict(task="caption", index=i, truth=shapes.caption(
+      d.scenes[0], shapes.COMPLETE_TEMPLATES[len(d.scenes[0].objects)]),
+                    caption=c, **s)
+               for i, (c, d, s) in enumerate(zip(captions, docs, scores))]
   # Captions are asked for with interleaved.CAPTION_PROMPT after the image
   # (model.caption); without it an image goes on with a caption or an edit
   # instruction alike, and a caption that does not parse is often the latter.
@@ -158,6 +170,11 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   edit_scores = [s if ok else {k: False for k in s}  # no image: all wrong
                  for s, ok in zip(score_edits(edited), found)]
   per_edit = [s["correct"] for s in edit_scores]
+  verdicts += [dict(task="edit", index=i, op=d.edits[0].op,
+                    instruction=d.instructions[0], expected=e,
+                    image_found=ok, **s)
+               for i, (d, e, ok, s) in enumerate(
+                   zip(edits, expected, found, edit_scores))]
   result["edit_accuracy"] = _mean(per_edit)
   result.update(_breakdown("edit", edit_scores))
   for op in documents_lib.EDIT_OPS:
@@ -174,6 +191,9 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       [s["correct"] for s in score_edits(reconstructed)])
 
   os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "verdicts.jsonl"), "w") as f:
+    for verdict in verdicts:
+      f.write(json.dumps(verdict, default=bool) + "\n")  # numpy bools
   _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
                   images[:8], samples[:8], prompts[:8],
                   os.path.join(out_dir, "documents.png"))
