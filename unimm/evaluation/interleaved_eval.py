@@ -106,20 +106,22 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   def reconstruct(images):  # the tokenizer's encode + decode
     return np.asarray(model.tokenizer.decode(model.tokenizer.encode(images)))
 
+  def score_images(texts, images):  # the probe's reading against captions
+    return [probe_lib.score_prompt(shapes.parse_caption(t), p)
+            for t, p in zip(texts, probe.predict(images))]
+
+  # One-object prompts (fixed_prompt_set's singles).
   prompts = [c for c, _ in probe_lib.fixed_prompt_set(num_prompts, 0)]
   samples = np.concatenate([
       model.sample(prompts[i:i + batch_size], seed=seed + i,
                    temperature=image_temperature, cfg_scale=cfg_scale)
       for i in range(0, len(prompts), batch_size)])
-  predictions = probe.predict(samples)
-  scored = probe_lib.score_predictions(prompts, predictions)
-  verdicts = [dict(task="prompt", index=i, prompt=p,
-                   **probe_lib.score_prompt(shapes.parse_caption(p), scene))
-              for i, (p, scene) in enumerate(zip(prompts, predictions))]
-  result["prompt_accuracy_single"] = float(scored["prompt_accuracy_single"])
-  result.update({f"prompt_{name}_accuracy": float(scored[f"{name}_accuracy"])
-                 for name in probe_lib.ATTRIBUTES
-                 if np.isfinite(scored[f"{name}_accuracy"])})
+  prompt_scores = score_images(prompts, samples)
+  verdicts = [dict(task="prompt", index=i, prompt=p, **s)
+              for i, (p, s) in enumerate(zip(prompts, prompt_scores))]
+  result["prompt_accuracy_single"] = _mean(
+      [s["correct"] for s in prompt_scores])
+  result.update(_breakdown("prompt", prompt_scores))
   # The ceiling: the probe on the tokenizer's reconstructions of the same
   # prompts' true scenes.
   result["reconstructed_prompt_accuracy_single"] = float(
@@ -165,13 +167,8 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   found = [g is not None for g in generated]
   blank = np.zeros((size, size, 3), np.uint8)
   edited = np.stack([g if g is not None else blank for g in generated])
-
-  def score_edits(images):  # against the instructed scenes' captions
-    return [probe_lib.score_prompt(shapes.parse_caption(e), p)
-            for e, p in zip(expected, probe.predict(images))]
-
   edit_scores = [s if ok else {k: False for k in s}  # no image: all wrong
-                 for s, ok in zip(score_edits(edited), found)]
+                 for s, ok in zip(score_images(expected, edited), found)]
   per_edit = [s["correct"] for s in edit_scores]
   verdicts += [dict(task="edit", index=i, op=d.edits[0].op,
                     instruction=d.instructions[0], expected=e,
@@ -191,7 +188,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       reconstruct(targets[i:i + batch_size])
       for i in range(0, len(targets), batch_size)])
   result["reconstructed_edit_accuracy"] = _mean(
-      [s["correct"] for s in score_edits(reconstructed)])
+      [s["correct"] for s in score_images(expected, reconstructed)])
 
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "verdicts.jsonl"), "w") as f:
