@@ -26,7 +26,12 @@ warm restart of the cosine schedule, 90 min more, session 20): 0.865 / 0.80
 / 0.48, validation loss 0.3895 -> 0.3745 (one-object captions 0.97,
 two-object 0.626; edits still miss the shape, 0.615); again to 9,000 steps
 (checkpoints/6000, steps=9000, 91 min, session 21): 0.92 (0.895 in a second
-sampling draw) / 0.82 / 0.51, validation loss 0.368 (edited shape 0.64). The model's
+sampling draw) / 0.82 / 0.51, validation loss 0.368 (edited shape 0.64); and
+to 12,000 steps on 500,000 documents (checkpoints/9000, steps=12000,
+packed_dir=workdirs/interleaved_data_500k packed with --num_documents 500000;
+86 min, session 22): 0.91 (0.93) / 0.82 / 0.53 (0.54), validation loss 0.361
+with no train/validation gap, captions (two-object 0.667) and edits (edited
+shape 0.65) hardly moved. The model's
 default, multi-query attention (kv_heads=1: one 32-wide key/value head
 shared by the 4 query heads at this width), gave 0.80 / 0.67 / 0.405 on the
 same documents (session 18, 78 min) and 0.775 / 0.695 / 0.38 on 50,000
