@@ -1,10 +1,12 @@
 """The decoder-only interleaved model on shapes documents.
 
+  python -m unimm.main --config configs/vit_vqgan_shapes.py:steps=16000 \\
+      --workdir workdirs/tok_16k
   python -m unimm.tokenizers.text --output workdirs/interleaved_text/spiece \\
       --vocab_size 128 --source interleaved --num_captions 20000
-  python -m unimm.data.interleaved --tokenizer_workdir workdirs/tokenizer \\
+  python -m unimm.data.interleaved --tokenizer_workdir workdirs/tok_16k \\
       --text_tokenizer workdirs/interleaved_text/spiece.model \\
-      --out workdirs/interleaved_data --split train --num_documents 200000 \\
+      --out workdirs/interleaved_data --split train --num_documents 500000 \\
       --length 320
   (and --split validation --num_documents 2000)
   python -m unimm.main --config configs/interleaved_shapes.py \\
@@ -17,10 +19,18 @@ words that captions lack).
 
 Measured (2 CPU cores, README results, probe v2): these defaults (tiny_deep:
 8 layers of width 128, multi-head attention (kv_heads=4); Muon at lr 1e-2;
-3,000 steps at batch 32 on 200,000 documents; 97 min at 0.52 steps/s,
-session 19) on an 8,000-step tokenizer (ceilings: prompts 0.95, edits 0.91)
-give prompt_accuracy_single 0.845, caption_accuracy 0.72, edit_accuracy 0.44
-on held-out documents, below the targets (0.9 / 0.95 / 0.7). Resumed to
+3,000 steps at batch 32 on 500,000 documents packed with the 16,000-step
+tokenizer (37.25 dB; ceilings: prompts 0.96, edits 0.96); 87 min at 0.57-0.6
+steps/s, session 23) give prompt_accuracy_single 0.935 (0.96 in a second
+sampling draw), caption_accuracy 0.715, edit_accuracy 0.59 (0.595) on
+held-out documents: text-to-image above its target 0.9, captions and edits
+below theirs (0.95 / 0.7). The same recipe on the 8,000-step tokenizer
+(workdirs/tokenizer, 34.12 dB; ceilings 0.95 / 0.91) and 200,000
+documents (session 19, 97 min) gave 0.845 / 0.72 / 0.44, and that run,
+trained on to 12,000 steps, 0.91 / 0.82 / 0.53: the better tokenizer is
+worth more to drawing and editing than 9,000 more steps, but not to
+captions (two-object 0.455; 28 of the 54 failed ones name one object
+twice). The session-19 run resumed to
 6,000 steps (copy checkpoints/3000 into a new workdir, add steps=6000: a
 warm restart of the cosine schedule, 90 min more, session 20): 0.865 / 0.80
 / 0.48, validation loss 0.3895 -> 0.3745 (one-object captions 0.97,
@@ -73,7 +83,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(
       arg, size="tiny_deep", kv_heads=4, steps=3000, batch=32, length=320,
       text_vocab=128, codes=512, grid=8, packed_dir="workdirs/interleaved_data",
-      tokenizer_workdir="workdirs/tokenizer",
+      tokenizer_workdir="workdirs/tok_16k",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, dtype="float32",
