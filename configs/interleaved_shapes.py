@@ -24,7 +24,11 @@ tokenizer (37.25 dB; ceilings: prompts 0.96, edits 0.96); 87 min at 0.57-0.6
 steps/s, session 23) give prompt_accuracy_single 0.935 (0.96 in a second
 sampling draw), caption_accuracy 0.715, edit_accuracy 0.59 (0.595) on
 held-out documents: text-to-image above its target 0.9, captions and edits
-below theirs (0.95 / 0.7). The same recipe on the 8,000-step tokenizer
+below theirs (0.95 / 0.7). That run resumed to 6,000 steps (copy
+checkpoints/3000 into a new workdir, add steps=6000: a warm restart of the
+cosine schedule, 88 min more, session 24): 0.965 (0.97) / 0.81 / 0.675
+(0.685), validation loss 0.306 -> 0.293 (two-object captions 0.636, mostly
+the two objects' places swapped; edited shape 0.785). The same recipe on the 8,000-step tokenizer
 (workdirs/tokenizer, 34.12 dB; ceilings 0.95 / 0.91) and 200,000
 documents (session 19, 97 min) gave 0.845 / 0.72 / 0.44, and that run,
 trained on to 12,000 steps, 0.91 / 0.82 / 0.53: the better tokenizer is
