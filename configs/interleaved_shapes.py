@@ -28,7 +28,10 @@ below theirs (0.95 / 0.7). That run resumed to 6,000 steps (copy
 checkpoints/3000 into a new workdir, add steps=6000: a warm restart of the
 cosine schedule, 88 min more, session 24): 0.965 (0.97) / 0.81 / 0.675
 (0.685), validation loss 0.306 -> 0.293 (two-object captions 0.636, mostly
-the two objects' places swapped; edited shape 0.785). The same recipe on the 8,000-step tokenizer
+the two objects' places swapped; edited shape 0.785); and to 9,000
+steps (checkpoints/6000, steps=9000, 93 min): 0.965 (0.98) / 0.80 / 0.705
+(0.71), validation loss 0.288: edits at their target, captions flat. The
+same recipe on the 8,000-step tokenizer
 (workdirs/tokenizer, 34.12 dB; ceilings 0.95 / 0.91) and 200,000
 documents (session 19, 97 min) gave 0.845 / 0.72 / 0.44, and that run,
 trained on to 12,000 steps, 0.91 / 0.82 / 0.53: the better tokenizer is
