@@ -30,7 +30,11 @@ cosine schedule, 88 min more, session 24): 0.965 (0.97) / 0.81 / 0.675
 (0.685), validation loss 0.306 -> 0.293 (two-object captions 0.636, mostly
 the two objects' places swapped; edited shape 0.785); and to 9,000
 steps (checkpoints/6000, steps=9000, 93 min): 0.965 (0.98) / 0.80 / 0.705
-(0.71), validation loss 0.288: edits at their target, captions flat. The
+(0.71), validation loss 0.288: edits at their target, captions flat.
+Those captions were greedy; the eval's beam search (beams=4, session 25)
+reads them at 0.815 (3,000 steps) and 0.825 (9,000). Image-then-caption
+documents at twice the weight (--weights 1,2,1 when packing; 3,000 steps)
+gave 0.935 / 0.72 / 0.515: no better captions, worse edits. The
 same recipe on the 8,000-step tokenizer
 (workdirs/tokenizer, 34.12 dB; ceilings 0.95 / 0.91) and 200,000
 documents (session 19, 97 min) gave 0.845 / 0.72 / 0.44, and that run,
@@ -74,7 +78,8 @@ side), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
-(the eval's sampling temperature for images; its text is greedy), dtype,
+(the eval's sampling temperature for images; its text is greedy), beams
+(the eval's beam width for captions; 1 = greedy), dtype,
 remat, scan (auto | true | false: nn.scan over layers; auto unrolls them
 at the CPU sizes, unimm.config_lib.scan_layers), optimizer (muon | adamw:
 unimm.train.optim).
@@ -93,7 +98,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/tok_16k",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
-      drop_text=0.1, cfg=1.5, image_temp=0.5, dtype="float32",
+      drop_text=0.1, cfg=1.5, image_temp=0.5, beams=4, dtype="float32",
       remat="none", scan="auto", optimizer="muon")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
@@ -119,7 +124,8 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=arg.batch, num_batches=8,
       num_generation=200, generation_batch_size=50, temperature=0.0,
-      image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg)))
+      image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg),
+      caption_beams=int(arg.beams)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -199,6 +199,14 @@ class TextToImageModel:
     return cache[factor]
 
 
+def _left_pad(rows):
+  """Token rows of different lengths -> int32 [B, longest], PAD on the
+  left (the interleaved model does not see PAD)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  longest = max(len(r) for r in rows)
+  return np.stack([np.pad(r, (longest - len(r), 0)) for r in rows])
+
+
 @dataclasses.dataclass
 class InterleavedModel:
   """A trained decoder-only interleaved model: documents of text and images.
@@ -246,6 +254,15 @@ class InterleavedModel:
       rows.append(np.concatenate(parts).astype(np.int32))
     return rows
 
+  def _text_ids(self):
+    """bool [V]: text the model may write: SentencePiece pieces except its
+    pad / eos (documents end with the joint EOS)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    ids = np.arange(self.layout.size)
+    return np.asarray(self.layout.is_text(ids)) & ~np.isin(
+        ids, self.layout.text_to_joint(np.array(
+            [self.text_tokenizer.pad_id, self.text_tokenizer.eos_id])))
+
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
                 max_new_tokens, max_images, max_text_tokens=64,
                 cfg_scale=None, image_temperature=None):
@@ -263,13 +280,9 @@ class InterleavedModel:
           f"({room}) exceeds the model's context of {model.max_len} tokens "
           "(config.model.max_len); shorten the document or lower "
           "max_new_tokens.")
-    prompts = np.stack([np.pad(r, (longest - len(r), 0)) for r in rows])
+    prompts = _left_pad(rows)
     ids = np.arange(self.layout.size)
-    # Text the model may write: SentencePiece pieces except its pad / eos
-    # (documents end with the joint EOS).
-    text_ids = np.asarray(self.layout.is_text(ids)) & ~np.isin(
-        ids, self.layout.text_to_joint(np.array(
-            [self.text_tokenizer.pad_id, self.text_tokenizer.eos_id])))
+    text_ids = self._text_ids()
     sampling = SamplingParams(float(temperature), int(top_k),
                               float(top_p)).validate(self.layout.size)
     image_sampling = dataclasses.replace(
@@ -347,22 +360,39 @@ class InterleavedModel:
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
-              max_new_tokens: int = 48, prompt: str | None = None
-              ) -> list[str]:
+              max_new_tokens: int = 48, prompt: str | None = None,
+              num_beams: int = 1) -> list[str]:
     """Captions for uint8 images [N, H, W, 3] (greedy by default).
 
     Each image is followed by `prompt` (default
     unimm.data.interleaved.CAPTION_PROMPT, as in the image-to-text training
-    documents; "" for none), then the model writes the caption.
+    documents; "" for none), then the model writes the caption: sampled
+    at `temperature` (0: greedy), or with num_beams > 1 the likeliest
+    caption that beam search finds (temperature must then be 0).
     """
     from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
+    from unimm.models import interleaved as model_lib  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    if not (isinstance(num_beams, int) and num_beams >= 1):
+      raise ValueError(f"num_beams={num_beams!r}; expected an int >= 1 "
+                       "(1 = no beam search).")
+    if num_beams > 1 and temperature:
+      raise ValueError(f"num_beams={num_beams} searches for the likeliest "
+                       f"caption; temperature={temperature} samples one. "
+                       "Pass temperature=0 or num_beams=1.")
     if prompt is None:
       prompt = interleaved.CAPTION_PROMPT
     rows = self._encode([[image, prompt] if prompt.strip() else [image]
                          for image in images])
-    out = self._continue(rows, seed=seed, temperature=temperature, top_k=0,
-                         top_p=1.0, max_new_tokens=max_new_tokens,
-                         max_images=0, max_text_tokens=max_new_tokens)
+    if num_beams > 1:
+      out, _ = model_lib.beam_search_text(
+          self.task.model, {"params": self.params}, _left_pad(rows),
+          text_ids=self._text_ids(), eos_id=vocab.EOS, beam_size=num_beams,
+          max_text_tokens=max_new_tokens)
+    else:
+      out = self._continue(rows, seed=seed, temperature=temperature,
+                           top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           max_images=0, max_text_tokens=max_new_tokens)
     texts = []
     for row in out:
       text = [s for s in self._segments(row) if isinstance(s, str)]

@@ -80,7 +80,7 @@ class _FakeModel:
     return np.stack([self.probe.render(self.prompt_scenes[p])
                      for p in prompts])
 
-  def caption(self, images):
+  def caption(self, images, **unused_kwargs):
     captions = []
     for image in images:
       obj = self.probe.scenes[image.tobytes()].objects

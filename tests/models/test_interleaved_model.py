@@ -256,3 +256,78 @@ def test_guided_image_spans_equal_naive_guidance(cfg_scale):
     assert not np.array_equal(out, _continue(model, params, greedy))
   with pytest.raises(ValueError, match="image spans only"):
     _continue(model, params, greedy, SamplingParams(cfg_scale=2.0))
+
+
+
+# Beam search over a small text vocabulary: ids 5, 6, 7 and EOS.
+FEW_TEXT = np.isin(np.arange(VOCAB), [5, 6, 7])
+
+
+def _beam(model, params, beam_size, max_text=3):
+  """beam_search_text on PROMPTS (BOI dropped where a prompt ends in it)."""
+  prompts = [p[:-1] if p[-1] == BOI else p for p in PROMPTS]
+  width = max(len(p) for p in prompts)
+  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+  return padded, il.beam_search_text(
+      model, params, padded, text_ids=FEW_TEXT, eos_id=EOS,
+      beam_size=beam_size, max_text_tokens=max_text)
+
+
+def _exhaustive_best(model, params, prompt, max_text):
+  """The likeliest continuation over every text of <= max_text tokens from
+  FEW_TEXT + EOS (ending in EOS, or cut at max_text), by the logits of the
+  full forward pass restricted to those ids, as beam search sees them."""
+  ids = [5, 6, 7, EOS]
+  mask = np.isin(np.arange(VOCAB), ids)
+  forward = jax.jit(model.apply)
+  best, best_lp = None, -np.inf
+  stack = [[]]
+  while stack:
+    seq = stack.pop()
+    if seq and (seq[-1] == EOS or len(seq) == max_text):
+      tokens = np.concatenate([prompt, seq]).astype(np.int32)
+      logits = np.asarray(forward(params, jnp.asarray(tokens[None]))[0],
+                          np.float64)
+      logits = np.where(mask, logits, -np.inf)
+      logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+      lp = sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(seq))
+      if lp > best_lp:
+        best, best_lp = seq, lp
+      continue
+    stack += [seq + [t] for t in ids]
+  return best, best_lp
+
+
+def test_beam_search_finds_the_likeliest_text():
+  """Beams as wide as every 2-token prefix (4^2 = 16) make a 3-token search
+  exact: it returns the exhaustive maximum, with its log-probability."""
+  model = _model(max_len=32)
+  # A model whose greedy continuations are not the likeliest (both rows).
+  params = model.init(jax.random.PRNGKey(13), jnp.ones((1, 8), jnp.int32))
+  padded, (out, scores) = _beam(model, params, beam_size=16)
+  _, (_, greedy_scores) = _beam(model, params, beam_size=1)
+  assert np.all(scores > greedy_scores + 1e-3)
+  for r, row in enumerate(padded):
+    prompt = row[row != 0]
+    best, best_lp = _exhaustive_best(model, params, prompt, max_text=3)
+    assert [int(t) for t in out[r] if t != 0] == best
+    np.testing.assert_allclose(scores[r], best_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_one_beam_is_greedy_and_more_beams_score_higher():
+  model = _model(max_len=48)
+  params = model.init(jax.random.PRNGKey(7), jnp.ones((1, 8), jnp.int32))
+  padded, (one, one_scores) = _beam(model, params, beam_size=1, max_text=8)
+  forward = jax.jit(model.apply)
+  mask = FEW_TEXT | (np.arange(VOCAB) == EOS)
+  for r, row in enumerate(padded):
+    seq = list(row[row != 0])
+    prompt_length = len(seq)
+    while len(seq) - prompt_length < 8 and seq[-1] != EOS:
+      logits = np.asarray(forward(params, jnp.asarray([seq])))[0, -1]
+      seq.append(int(np.argmax(np.where(mask, logits, -np.inf))))
+    assert [int(t) for t in one[r] if t != 0] == seq[prompt_length:]
+  _, (_, scores) = _beam(model, params, beam_size=4, max_text=8)
+  assert np.all(scores >= one_scores - 1e-5)
+  with pytest.raises(ValueError, match="beam_size"):
+    _beam(model, params, beam_size=0)

@@ -118,6 +118,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
     report = json.load(f)
   assert report["steps"] == 2 and report["eval_loss"] > 0
   assert report["cfg_scale"] == 2.0
+  assert report["caption_beams"] == config.eval.caption_beams > 1
   for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy",
               "reconstructed_prompt_accuracy_single",
               "reconstructed_edit_accuracy"):
@@ -154,6 +155,10 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
       [[image, il_data.CAPTION_PROMPT] for image in images], temperature=0.0,
       max_new_tokens=48, max_images=0, max_text_tokens=48)
   assert captions == [" ".join(s.strip() for s in out) for out in asked]
+  beamed = model.caption(images, num_beams=3)
+  assert len(beamed) == 2 and all(isinstance(c, str) for c in beamed)
+  with pytest.raises(ValueError, match="temperature=0 or num_beams=1"):
+    model.caption(images, num_beams=3, temperature=0.5)
   new = model.generate(["a big red circle", images[0], "make it blue"],
                        seed=1, max_new_tokens=24, max_images=1)
   for segment in new:

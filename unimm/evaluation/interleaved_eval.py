@@ -91,12 +91,14 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         seed: int = 0, temperature: float = 0.0,
                         batch_size: int = 32,
                         cfg_scale: float | None = None,
-                        image_temperature: float | None = None) -> dict:
+                        image_temperature: float | None = None,
+                        caption_beams: int = 1) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
   out_dir/report.json entries' values and out_dir/documents.png. Text is
   sampled at `temperature`; generated images (prompts and edits) at
   image_temperature (default: temperature), guided by cfg_scale (None:
-  unguided)."""
+  unguided); captions are greedy, or with caption_beams > 1 the likeliest
+  that beam search of that width finds (model.caption's num_beams)."""
   if image_temperature is None:
     image_temperature = temperature
   size = model.tokenizer.image_size
@@ -133,9 +135,11 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   images = np.stack([shapes.render(d.scenes[0], size) for d in docs])
   captions = []
   for i in range(0, len(docs), batch_size):
-    captions += model.caption(images[i:i + batch_size])
+    captions += model.caption(images[i:i + batch_size],
+                              num_beams=caption_beams)
   scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
   result["caption_accuracy"] = _mean([s["correct"] for s in scores])
+  result["caption_beams"] = caption_beams
   verdicts += [dict(task="caption", index=i,
                     truth=_complete_caption(d.scenes[0]), caption=c, **s)
                for i, (c, d, s) in enumerate(zip(captions, docs, scores))]

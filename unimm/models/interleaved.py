@@ -203,7 +203,22 @@ class InterleavedLM(nn.Module):
                         last_boi=last_boi)
 
 
+def reorder_cache(cache: dict, rows) -> dict:
+  """The cache's rows [R] gathered (beam search): k, v hold the batch on
+  axis 1 ([L, B, S, K, H]), the rest on axis 0."""
+  return {name: jnp.take(value, rows, axis=1 if name in ("k", "v") else 0)
+          for name, value in cache.items()}
+
+
 # ---------------------------------------------------------------- sampling
+
+
+def _step_fn(model: "InterleavedLM"):
+  """The sampler's step (unimm.sampling.sampler.StepFn) for this model."""
+  def step(params, cache, tokens, slot):
+    return model.apply(params, tokens, cache, slot,
+                       method=InterleavedLM.decode_step)
+  return step
 
 
 @functools.lru_cache(maxsize=16)
@@ -224,9 +239,7 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   text_allowed, image_allowed, drop_ids = (
       jnp.asarray(m, bool) for m in (text_allowed, image_allowed, drop_ids))
 
-  def step(params, cache, tokens, slot):
-    return model.apply(params, tokens, cache, slot,
-                       method=InterleavedLM.decode_step)
+  step = _step_fn(model)
 
   def both(tokens):  # [B, T] -> [2B, T] (cond; text dropped) when guided
     if not guided:
@@ -354,3 +367,54 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
     if not wants_image.any():
       break
   return np.concatenate(pieces, axis=1).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_beam(model: "InterleavedLM", beam_size: int, max_tokens: int,
+                 stop_ids, allowed, pad_id: int):
+  """beam_search_text's one compiled program: prefill, then beam_decode."""
+  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
+  allowed = jnp.asarray(allowed, bool)
+  step = _step_fn(model)
+
+  def search(params, cache, prompts):
+    # Prefill each prompt once, then copy its cache row to its beams.
+    cache = step(params, cache, prompts[:, :-1], 0)[1]
+    rows = jnp.repeat(jnp.arange(prompts.shape[0]), beam_size)
+    return samp.beam_decode(step, params, reorder_cache(cache, rows),
+                            prompts[rows, -1],
+                            prompts.shape[1] - 1, max_tokens, beam_size,
+                            stop_ids, reorder_cache, allowed=allowed,
+                            pad_id=pad_id)
+
+  return jax.jit(search)
+
+
+def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
+                     eos_id: int, beam_size: int, max_text_tokens: int = 64):
+  """The likeliest text continuation of each prompt row by beam search
+  (unimm.sampling.sampler.beam_decode, the same step and cache as
+  continue_documents): text ids from text_ids until EOS. prompts int32
+  [B, P], left-padded with PAD. Returns (int32 [B, N] new tokens, EOS
+  included and PAD after it, as continue_documents gives them; float [B]
+  their summed log-probabilities).
+  """
+  if not (isinstance(beam_size, int) and beam_size >= 1):
+    raise ValueError(f"beam_size={beam_size!r}; expected an int >= 1.")
+  prompts = np.asarray(prompts, np.int32)
+  capacity = prompts.shape[1] + max_text_tokens
+  if capacity > model.max_len:
+    raise ValueError(
+        f"Prompt ({prompts.shape[1]} tokens) + max_text_tokens "
+        f"({max_text_tokens}) needs {capacity} cache slots but the model's "
+        f"context is {model.max_len} (config.model.max_len); shorten the "
+        "document or lower max_text_tokens.")
+  allowed = np.asarray(text_ids, bool).copy()
+  allowed[eos_id] = True
+  search = _jitted_beam(model, beam_size, max_text_tokens, (eos_id,),
+                        tuple(allowed.tolist()), PAD_ID)
+  cache = model.init_cache(prompts.shape[0], capacity)
+  out, lengths, scores, steps = search(params, cache, jnp.asarray(prompts))
+  out = np.asarray(out)[:, :max(int(steps), 1)]
+  del lengths  # PAD already follows each row's EOS
+  return out.astype(np.int32), np.asarray(scores)

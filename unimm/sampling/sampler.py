@@ -4,9 +4,11 @@ A decode step is `step(params, cache, tokens [B, 1], position) -> (logits
 [B, V], cache)`; Parti's and the interleaved model's steps differ only inside.
 Image spans have a static length and decode with one `jax.lax.scan` over a
 preallocated cache carried in the loop; text spans that stop at EOS use the
-same step inside `jax.lax.while_loop`. Classifier-free guidance doubles the
-batch ([cond; uncond]) and mixes the logits; both halves then receive the
-same token.
+same step inside `jax.lax.while_loop`, and so does beam search
+(`beam_decode`, for captions: the cache holds each example's beams and is
+gathered after each step). Classifier-free guidance doubles the batch
+([cond; uncond]) and mixes the logits; both halves then receive the same
+token.
 """
 import dataclasses
 from typing import Any, Callable
@@ -170,3 +172,77 @@ def while_decode(step: StepFn, params, cache, first_tokens, start_position,
                      jnp.zeros((), jnp.int32))
   s = jax.lax.while_loop(cond, body, init)
   return s.output, s.length, s.cache, s.i
+
+
+@flax.struct.dataclass
+class _BeamState:
+  cache: Any  # B*K rows, beam-major within each example
+  tokens: jax.Array  # [B*K] the last token fed
+  output: jax.Array  # [B, K, max_tokens]
+  scores: jax.Array  # [B, K] summed log-probabilities
+  done: jax.Array  # [B, K] bool: the beam emitted a stop token
+  length: jax.Array  # [B, K] tokens up to and including the stop token
+  i: jax.Array  # scalar step
+
+
+def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
+                max_tokens: int, beam_size: int, stop_tokens, reorder,
+                allowed=None, pad_id: int = 0):
+  """Beam search with the same step and cache as while_decode.
+
+  The cache holds B * beam_size rows (each example's beams adjacent) and
+  first_tokens [B * beam_size] repeats each example's next token. Beams
+  are ranked by their summed log-probability (no length penalty); a beam
+  that emitted a stop token is finished and goes on at no cost, fed
+  pad_id. reorder(cache, rows [B * beam_size]) gathers cache rows (each
+  model knows its cache layout). The search ends when every example's
+  beams are all finished (none can then overtake them: log-probabilities
+  only fall) or after max_tokens. Returns (tokens [B, max_tokens] of the
+  best beam, PAD after its stop token; lengths [B]; scores [B]; steps).
+  """
+  bk = first_tokens.shape[0]
+  if bk % beam_size:
+    raise ValueError(f"{bk} rows is not a multiple of beam_size "
+                     f"{beam_size}.")
+  b, k = bk // beam_size, beam_size
+  stop_tokens = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
+  greedy = SamplingParams(temperature=0.0)
+
+  def cond(s):
+    return (s.i < max_tokens) & ~jnp.all(s.done)
+
+  def body(s):
+    logits, cache = step(params, s.cache, s.tokens[:, None],
+                         start_position + s.i)
+    logp = jax.nn.log_softmax(filter_logits(logits, greedy, allowed), axis=-1)
+    v = logp.shape[-1]
+    logp = logp.reshape(b, k, v)
+    # A finished beam has one continuation, PAD, at no cost.
+    finished = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
+    logp = jnp.where(s.done[..., None], finished, logp)
+    candidates = (s.scores[..., None] + logp).reshape(b, k * v)
+    scores, index = jax.lax.top_k(candidates, k)  # [B, K]
+    parent, tokens = index // v, (index % v).astype(jnp.int32)
+    rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
+    pick = lambda x: jnp.take_along_axis(x, parent, axis=1)  # noqa: E731
+    was_done = pick(s.done)
+    output = jnp.take_along_axis(s.output, parent[..., None], axis=1)
+    tokens = jnp.where(was_done, pad_id, tokens)
+    output = output.at[:, :, s.i].set(tokens)
+    stopped = jnp.isin(tokens, stop_tokens) & ~was_done
+    length = jnp.where(was_done, pick(s.length), s.i + 1)
+    fed = jnp.where(stopped | was_done, pad_id, tokens).reshape(-1)
+    return _BeamState(reorder(cache, rows), fed, output, scores,
+                      was_done | stopped, length, s.i + 1)
+
+  # Only the first beam of each example is live at the start: k copies of
+  # one prefix would fill the beam with one hypothesis.
+  scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)
+  init = _BeamState(cache, first_tokens.astype(jnp.int32),
+                    jnp.full((b, k, max_tokens), pad_id, jnp.int32),
+                    jnp.broadcast_to(scores, (b, k)),
+                    jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32),
+                    jnp.zeros((), jnp.int32))
+  s = jax.lax.while_loop(cond, body, init)
+  # top_k keeps the beams sorted: beam 0 is the best.
+  return s.output[:, 0], s.length[:, 0], s.scores[:, 0], s.i

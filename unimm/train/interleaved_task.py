@@ -211,7 +211,8 @@ class InterleavedTask:
           temperature=float(eval_cfg.get("temperature", 0.0)),
           batch_size=int(eval_cfg.get("generation_batch_size", 32)),
           cfg_scale=cfg_scale,
-          image_temperature=eval_cfg.get("image_temperature", None)))
+          image_temperature=eval_cfg.get("image_temperature", None),
+          caption_beams=int(eval_cfg.get("caption_beams", 1))))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
