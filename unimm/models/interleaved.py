@@ -414,7 +414,6 @@ def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
   search = _jitted_beam(model, beam_size, max_text_tokens, (eos_id,),
                         tuple(allowed.tolist()), PAD_ID)
   cache = model.init_cache(prompts.shape[0], capacity)
-  out, lengths, scores, steps = search(params, cache, jnp.asarray(prompts))
+  out, scores, steps = search(params, cache, jnp.asarray(prompts))
   out = np.asarray(out)[:, :max(int(steps), 1)]
-  del lengths  # PAD already follows each row's EOS
   return out.astype(np.int32), np.asarray(scores)

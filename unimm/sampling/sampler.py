@@ -181,7 +181,6 @@ class _BeamState:
   output: jax.Array  # [B, K, max_tokens]
   scores: jax.Array  # [B, K] summed log-probabilities
   done: jax.Array  # [B, K] bool: the beam emitted a stop token
-  length: jax.Array  # [B, K] tokens up to and including the stop token
   i: jax.Array  # scalar step
 
 
@@ -198,7 +197,7 @@ def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
   model knows its cache layout). The search ends when every example's
   beams are all finished (none can then overtake them: log-probabilities
   only fall) or after max_tokens. Returns (tokens [B, max_tokens] of the
-  best beam, PAD after its stop token; lengths [B]; scores [B]; steps).
+  best beam, PAD after its stop token; scores [B]; steps taken).
   """
   bk = first_tokens.shape[0]
   if bk % beam_size:
@@ -224,16 +223,14 @@ def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
     scores, index = jax.lax.top_k(candidates, k)  # [B, K]
     parent, tokens = index // v, (index % v).astype(jnp.int32)
     rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
-    pick = lambda x: jnp.take_along_axis(x, parent, axis=1)  # noqa: E731
-    was_done = pick(s.done)
+    was_done = jnp.take_along_axis(s.done, parent, axis=1)
     output = jnp.take_along_axis(s.output, parent[..., None], axis=1)
     tokens = jnp.where(was_done, pad_id, tokens)
     output = output.at[:, :, s.i].set(tokens)
     stopped = jnp.isin(tokens, stop_tokens) & ~was_done
-    length = jnp.where(was_done, pick(s.length), s.i + 1)
     fed = jnp.where(stopped | was_done, pad_id, tokens).reshape(-1)
     return _BeamState(reorder(cache, rows), fed, output, scores,
-                      was_done | stopped, length, s.i + 1)
+                      was_done | stopped, s.i + 1)
 
   # Only the first beam of each example is live at the start: k copies of
   # one prefix would fill the beam with one hypothesis.
@@ -241,8 +238,7 @@ def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
   init = _BeamState(cache, first_tokens.astype(jnp.int32),
                     jnp.full((b, k, max_tokens), pad_id, jnp.int32),
                     jnp.broadcast_to(scores, (b, k)),
-                    jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32),
-                    jnp.zeros((), jnp.int32))
+                    jnp.zeros((b, k), bool), jnp.zeros((), jnp.int32))
   s = jax.lax.while_loop(cond, body, init)
   # top_k keeps the beams sorted: beam 0 is the best.
-  return s.output[:, 0], s.length[:, 0], s.scores[:, 0], s.i
+  return s.output[:, 0], s.scores[:, 0], s.i
