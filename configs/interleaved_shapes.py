@@ -79,7 +79,8 @@ side), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 documents trained without their text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
 (the eval's sampling temperature for images; its text is greedy), beams
-(the eval's beam width for captions; 1 = greedy), dtype,
+(the eval's beam width for captions; 1 = greedy), rerank (the weight of
+log p(image | caption) when reranking those beams; 0 = none), dtype,
 remat, scan (auto | true | false: nn.scan over layers; auto unrolls them
 at the CPU sizes, unimm.config_lib.scan_layers), optimizer (muon | adamw:
 unimm.train.optim).
@@ -98,7 +99,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/tok_16k",
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
-      drop_text=0.1, cfg=1.5, image_temp=0.5, beams=4, dtype="float32",
+      drop_text=0.1, cfg=1.5, image_temp=0.5, beams=8, rerank=0.5, dtype="float32",
       remat="none", scan="auto", optimizer="muon")
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
@@ -125,7 +126,7 @@ def get_config(arg=None):
       split="validation", batch_size=arg.batch, num_batches=8,
       num_generation=200, generation_batch_size=50, temperature=0.0,
       image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg),
-      caption_beams=int(arg.beams)))
+      caption_beams=int(arg.beams), caption_rerank=float(arg.rerank)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

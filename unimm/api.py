@@ -361,15 +361,22 @@ class InterleavedModel:
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
               max_new_tokens: int = 48, prompt: str | None = None,
-              num_beams: int = 1) -> list[str]:
+              num_beams: int = 1, rerank_weight: float = 0.0) -> list[str]:
     """Captions for uint8 images [N, H, W, 3] (greedy by default).
 
     Each image is followed by `prompt` (default
     unimm.data.interleaved.CAPTION_PROMPT, as in the image-to-text training
     documents; "" for none), then the model writes the caption: sampled
-    at `temperature` (0: greedy), or with num_beams > 1 the likeliest
-    caption that beam search finds (temperature must then be 0).
+    at `temperature` (0: greedy), or with num_beams > 1 by beam search
+    (temperature must then be 0): the likeliest caption it finds, or with
+    rerank_weight w > 0 the one of its num_beams final beams that
+    maximises log p(caption | image) + w * log p(image | caption). The
+    second term is the model's own text-to-image direction: the image's
+    codes teacher-forced after the caption, as in the caption-then-image
+    training documents (a caption that names the wrong places or shapes
+    makes the image unlikely).
     """
+    import numpy as np  # pylint: disable=g-import-not-at-top
     from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
     from unimm.models import interleaved as model_lib  # pylint: disable=g-import-not-at-top
     from unimm.models import vocab  # pylint: disable=g-import-not-at-top
@@ -380,15 +387,29 @@ class InterleavedModel:
       raise ValueError(f"num_beams={num_beams} searches for the likeliest "
                        f"caption; temperature={temperature} samples one. "
                        "Pass temperature=0 or num_beams=1.")
+    if not rerank_weight >= 0:
+      raise ValueError(f"rerank_weight={rerank_weight!r}; expected >= 0 "
+                       "(0 = no reranking).")
+    if rerank_weight and num_beams == 1:
+      raise ValueError(f"rerank_weight={rerank_weight} reranks the final "
+                       "beams of a beam search; pass num_beams > 1 (e.g. 8) "
+                       "or rerank_weight=0.")
     if prompt is None:
       prompt = interleaved.CAPTION_PROMPT
     rows = self._encode([[image, prompt] if prompt.strip() else [image]
                          for image in images])
     if num_beams > 1:
-      out, _ = model_lib.beam_search_text(
+      beams, scores = model_lib.beam_search_text(
           self.task.model, {"params": self.params}, _left_pad(rows),
           text_ids=self._text_ids(), eos_id=vocab.EOS, beam_size=num_beams,
           max_text_tokens=max_new_tokens)
+      best = np.zeros(len(rows), int)  # beams come best first
+      if rerank_weight:
+        # _encode's rows start [BOS, BOI, codes, EOI, ...].
+        spans = [r[1:2 + self.task.model.image_length] for r in rows]
+        scores = scores + rerank_weight * self._image_logprob(beams, spans)
+        best = np.argmax(scores, axis=1)
+      out = beams[np.arange(len(rows)), best]
     else:
       out = self._continue(rows, seed=seed, temperature=temperature,
                            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
@@ -398,6 +419,28 @@ class InterleavedModel:
       text = [s for s in self._segments(row) if isinstance(s, str)]
       texts.append(" ".join(t.strip() for t in text))
     return texts
+
+  def _image_logprob(self, beams, spans):
+    """float [N, K]: log p(image | caption) for each of beams [N, K, T]
+    (text ids, then EOS and PAD): the image's codes teacher-forced in the
+    document [BOS, caption, BOI, codes]; spans[n] = image n's [BOI, codes]."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from unimm.models import interleaved as model_lib  # pylint: disable=g-import-not-at-top
+    from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+    n, k, _ = beams.shape
+    rows, targets = [], []
+    for i in range(n):
+      for j in range(k):
+        text = beams[i, j][(beams[i, j] != vocab.PAD)
+                           & (beams[i, j] != vocab.EOS)]
+        rows.append(np.concatenate([[vocab.BOS], text, spans[i]]))
+        targets.append(np.arange(len(rows[-1])) > len(text) + 1)  # codes
+    width = max(len(r) for r in rows)
+    pad = lambda r: np.pad(r, (0, width - len(r)))  # noqa: E731
+    return model_lib.sequence_logprob(
+        self.task.model, {"params": self.params},
+        np.stack([pad(r) for r in rows]),
+        np.stack([pad(t) for t in targets])).reshape(n, k)
 
   def sample(self, prompts, *, seed: int = 0, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0,

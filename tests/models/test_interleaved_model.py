@@ -273,14 +273,15 @@ def _beam(model, params, beam_size, max_text=3):
       beam_size=beam_size, max_text_tokens=max_text)
 
 
-def _exhaustive_best(model, params, prompt, max_text):
-  """The likeliest continuation over every text of <= max_text tokens from
-  FEW_TEXT + EOS (ending in EOS, or cut at max_text), by the logits of the
-  full forward pass restricted to those ids, as beam search sees them."""
+def _exhaustive(model, params, prompt, max_text):
+  """Every text of <= max_text tokens from FEW_TEXT + EOS (ending in EOS,
+  or cut at max_text) with its log-probability by the logits of the full
+  forward pass restricted to those ids, as beam search sees them; likeliest
+  first."""
   ids = [5, 6, 7, EOS]
   mask = np.isin(np.arange(VOCAB), ids)
   forward = jax.jit(model.apply)
-  best, best_lp = None, -np.inf
+  found = []
   stack = [[]]
   while stack:
     seq = stack.pop()
@@ -290,28 +291,57 @@ def _exhaustive_best(model, params, prompt, max_text):
                           np.float64)
       logits = np.where(mask, logits, -np.inf)
       logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-      lp = sum(logp[len(prompt) + j - 1, t] for j, t in enumerate(seq))
-      if lp > best_lp:
-        best, best_lp = seq, lp
+      found.append((sum(logp[len(prompt) + j - 1, t]
+                        for j, t in enumerate(seq)), seq))
       continue
     stack += [seq + [t] for t in ids]
-  return best, best_lp
+  return sorted(found, key=lambda f: -f[0])
 
 
-def test_beam_search_finds_the_likeliest_text():
+def test_beam_search_finds_the_likeliest_texts():
   """Beams as wide as every 2-token prefix (4^2 = 16) make a 3-token search
-  exact: it returns the exhaustive maximum, with its log-probability."""
+  exact: its 16 final beams are the exhaustive top 16, in order, with their
+  log-probabilities."""
   model = _model(max_len=32)
   # A model whose greedy continuations are not the likeliest (both rows).
   params = model.init(jax.random.PRNGKey(13), jnp.ones((1, 8), jnp.int32))
   padded, (out, scores) = _beam(model, params, beam_size=16)
   _, (_, greedy_scores) = _beam(model, params, beam_size=1)
-  assert np.all(scores > greedy_scores + 1e-3)
+  assert out.shape[:2] == scores.shape == (len(padded), 16)
+  assert np.all(scores[:, 0] > greedy_scores[:, 0] + 1e-3)
   for r, row in enumerate(padded):
     prompt = row[row != 0]
-    best, best_lp = _exhaustive_best(model, params, prompt, max_text=3)
-    assert [int(t) for t in out[r] if t != 0] == best
-    np.testing.assert_allclose(scores[r], best_lp, rtol=1e-4, atol=1e-4)
+    top = _exhaustive(model, params, prompt, max_text=3)[:16]
+    assert [[int(t) for t in beam if t != 0] for beam in out[r]] == [
+        seq for _, seq in top]
+    np.testing.assert_allclose(scores[r], [lp for lp, _ in top], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_sequence_logprob_is_the_teacher_forced_sum_per_document(
+    model_and_params):
+  """Rows of different lengths, right-padded, score as each alone does:
+  the sum over the masked tokens of log-softmax(full forward)."""
+  model, params = model_and_params
+  rng = np.random.default_rng(5)
+  docs = [_doc(rng, 6), _doc(rng, 2)]
+  # Score the image codes of the first document, the text after the image
+  # of the second.
+  masks = [np.arange(len(docs[0])) > np.argmax(docs[0] == BOI),
+           np.arange(len(docs[1])) > np.argmax(docs[1] == 4)]
+  masks[0][np.argmax(docs[0] == 4):] = False
+  width = max(len(d) for d in docs)
+  got = il.sequence_logprob(
+      model, params, np.stack([np.pad(d, (0, width - len(d))) for d in docs]),
+      np.stack([np.pad(m, (0, width - len(m))) for m in masks]))
+  for d, m, value in zip(docs, masks, got):
+    logits = np.asarray(model.apply(params, d[None])[0], np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    expected = sum(logp[t - 1, d[t]] for t in np.flatnonzero(m))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="config.model.max_len"):
+    il.sequence_logprob(model, params, np.ones((1, 40), np.int32),
+                        np.ones((1, 40), bool))
 
 
 def test_one_beam_is_greedy_and_more_beams_score_higher():
@@ -326,8 +356,9 @@ def test_one_beam_is_greedy_and_more_beams_score_higher():
     while len(seq) - prompt_length < 8 and seq[-1] != EOS:
       logits = np.asarray(forward(params, jnp.asarray([seq])))[0, -1]
       seq.append(int(np.argmax(np.where(mask, logits, -np.inf))))
-    assert [int(t) for t in one[r] if t != 0] == seq[prompt_length:]
+    assert [int(t) for t in one[r, 0] if t != 0] == seq[prompt_length:]
   _, (_, scores) = _beam(model, params, beam_size=4, max_text=8)
-  assert np.all(scores >= one_scores - 1e-5)
+  assert np.all(scores[:, 0] >= one_scores[:, 0] - 1e-5)
+  assert np.all(np.diff(scores, axis=1) <= 0)  # best first
   with pytest.raises(ValueError, match="beam_size"):
     _beam(model, params, beam_size=0)

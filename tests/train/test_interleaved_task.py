@@ -119,6 +119,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   assert report["steps"] == 2 and report["eval_loss"] > 0
   assert report["cfg_scale"] == 2.0
   assert report["caption_beams"] == config.eval.caption_beams > 1
+  assert report["caption_rerank_weight"] == config.eval.caption_rerank > 0
   for key in ("prompt_accuracy_single", "caption_accuracy", "edit_accuracy",
               "reconstructed_prompt_accuracy_single",
               "reconstructed_edit_accuracy"):
@@ -159,6 +160,38 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   assert len(beamed) == 2 and all(isinstance(c, str) for c in beamed)
   with pytest.raises(ValueError, match="temperature=0 or num_beams=1"):
     model.caption(images, num_beams=3, temperature=0.5)
+  # Reranked by the image's likelihood alone (a weight that drowns the
+  # caption's): the beam whose caption makes the image likeliest, by a full
+  # forward pass over [BOS, caption, BOI, codes].
+  from unimm.models import interleaved as il  # pylint: disable=g-import-not-at-top
+  from unimm.models import vocab  # pylint: disable=g-import-not-at-top
+  rows = model._encode([[image, il_data.CAPTION_PROMPT] for image in images])  # pylint: disable=protected-access
+  beams, _ = il.beam_search_text(
+      model.task.model, {"params": model.params}, api._left_pad(rows),  # pylint: disable=protected-access
+      text_ids=model._text_ids(), eos_id=vocab.EOS, beam_size=3,  # pylint: disable=protected-access
+      max_text_tokens=48)
+  reranked = model.caption(images, num_beams=3, rerank_weight=1e6)
+  picks = []
+  for row, candidates, got in zip(rows, beams, reranked):
+    codes = row[2:2 + GRID * GRID]
+    image_lp = []
+    for beam in candidates:
+      text = [t for t in beam if t not in (vocab.PAD, vocab.EOS)]
+      doc = np.array([vocab.BOS, *text, vocab.BOI, *codes], np.int32)
+      logits = np.asarray(model.task.model.apply(
+          {"params": model.params}, doc[None])[0], np.float64)
+      logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+      image_lp.append(sum(logp[t - 1, doc[t]]
+                          for t in range(len(text) + 2, len(doc))))
+    picks.append(int(np.argmax(image_lp)))
+    best = candidates[picks[-1]]
+    assert got == " ".join(s.strip() for s in model._segments(best)  # pylint: disable=protected-access
+                           if isinstance(s, str))
+  assert any(picks)  # not the best beam somewhere (else this proves nothing)
+  with pytest.raises(ValueError, match="pass num_beams > 1"):
+    model.caption(images, rerank_weight=0.5)
+  with pytest.raises(ValueError, match="rerank_weight=-1"):
+    model.caption(images, num_beams=3, rerank_weight=-1.0)
   new = model.generate(["a big red circle", images[0], "make it blue"],
                        seed=1, max_new_tokens=24, max_images=1)
   for segment in new:

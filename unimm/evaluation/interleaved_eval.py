@@ -92,13 +92,16 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         batch_size: int = 32,
                         cfg_scale: float | None = None,
                         image_temperature: float | None = None,
-                        caption_beams: int = 1) -> dict:
+                        caption_beams: int = 1,
+                        caption_rerank: float = 0.0) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
   out_dir/report.json entries' values and out_dir/documents.png. Text is
   sampled at `temperature`; generated images (prompts and edits) at
   image_temperature (default: temperature), guided by cfg_scale (None:
   unguided); captions are greedy, or with caption_beams > 1 the likeliest
-  that beam search of that width finds (model.caption's num_beams)."""
+  that beam search of that width finds, or with caption_rerank w > 0 its
+  final beams reranked by the image's likelihood after each (model.caption's
+  num_beams and rerank_weight)."""
   if image_temperature is None:
     image_temperature = temperature
   size = model.tokenizer.image_size
@@ -136,10 +139,12 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   captions = []
   for i in range(0, len(docs), batch_size):
     captions += model.caption(images[i:i + batch_size],
-                              num_beams=caption_beams)
+                              num_beams=caption_beams,
+                              rerank_weight=caption_rerank)
   scores = [caption_scores(c, d.scenes[0]) for c, d in zip(captions, docs)]
   result["caption_accuracy"] = _mean([s["correct"] for s in scores])
   result["caption_beams"] = caption_beams
+  result["caption_rerank_weight"] = caption_rerank
   verdicts += [dict(task="caption", index=i,
                     truth=_complete_caption(d.scenes[0]), caption=c, **s)
                for i, (c, d, s) in enumerate(zip(captions, docs, scores))]

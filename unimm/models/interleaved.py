@@ -203,6 +203,41 @@ class InterleavedLM(nn.Module):
                         last_boi=last_boi)
 
 
+def token_logprobs(logits, targets):
+  """log p(targets [...]) under logits [..., V] (a float32 log-softmax)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_logprob(model: "InterleavedLM"):
+  def logprob(params, tokens, target_mask):
+    lp = token_logprobs(model.apply(params, tokens)[:, :-1], tokens[:, 1:])
+    return jnp.sum(jnp.where(target_mask[:, 1:], lp, 0.0), axis=1)
+  return jax.jit(logprob)
+
+
+def sequence_logprob(model: "InterleavedLM", params, tokens, target_mask):
+  """Teacher-forced log-probability of documents: tokens int32 [B, T],
+  each row one document from BOS, right-padded with PAD; target_mask bool
+  [B, T], the tokens to score (each given all before it). Returns float
+  [B]: the sum of their log-probabilities (full vocabulary)."""
+  tokens = np.asarray(tokens, np.int32)
+  target_mask = np.asarray(target_mask, bool)
+  if tokens.shape != target_mask.shape or tokens.ndim != 2:
+    raise ValueError(f"tokens {tokens.shape} and target_mask "
+                     f"{target_mask.shape}; expected the same [B, T].")
+  if tokens.shape[1] > model.max_len:
+    raise ValueError(
+        f"Documents of {tokens.shape[1]} tokens exceed the model's context "
+        f"of {model.max_len} (config.model.max_len); shorten them.")
+  # Right-pad to a multiple of 32 where it fits: fewer shapes to compile.
+  extra = min(-tokens.shape[1] % 32, model.max_len - tokens.shape[1])
+  pad = ((0, 0), (0, extra))
+  return np.asarray(_jitted_logprob(model)(
+      params, np.pad(tokens, pad), np.pad(target_mask, pad)))
+
+
 def reorder_cache(cache: dict, rows) -> dict:
   """The cache's rows [R] gathered (beam search): k, v hold the batch on
   axis 1 ([L, B, S, K, H]), the rest on axis 0."""
@@ -395,9 +430,11 @@ def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
   """The likeliest text continuation of each prompt row by beam search
   (unimm.sampling.sampler.beam_decode, the same step and cache as
   continue_documents): text ids from text_ids until EOS. prompts int32
-  [B, P], left-padded with PAD. Returns (int32 [B, N] new tokens, EOS
-  included and PAD after it, as continue_documents gives them; float [B]
-  their summed log-probabilities).
+  [B, P], left-padded with PAD. Returns (int32 [B, beam_size, N] new
+  tokens, EOS included and PAD after it, as continue_documents gives
+  them; float [B, beam_size] their summed log-probabilities): each row's
+  final beams, best first. A beam that never scored (a search with fewer
+  live continuations than beams) has score -inf.
   """
   if not (isinstance(beam_size, int) and beam_size >= 1):
     raise ValueError(f"beam_size={beam_size!r}; expected an int >= 1.")
@@ -415,5 +452,5 @@ def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
                         tuple(allowed.tolist()), PAD_ID)
   cache = model.init_cache(prompts.shape[0], capacity)
   out, scores, steps = search(params, cache, jnp.asarray(prompts))
-  out = np.asarray(out)[:, :max(int(steps), 1)]
+  out = np.asarray(out)[:, :, :max(int(steps), 1)]
   return out.astype(np.int32), np.asarray(scores)

@@ -196,8 +196,9 @@ def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
   pad_id. reorder(cache, rows [B * beam_size]) gathers cache rows (each
   model knows its cache layout). The search ends when every example's
   beams are all finished (none can then overtake them: log-probabilities
-  only fall) or after max_tokens. Returns (tokens [B, max_tokens] of the
-  best beam, PAD after its stop token; scores [B]; steps taken).
+  only fall) or after max_tokens. Returns (tokens [B, beam_size,
+  max_tokens], PAD after each beam's stop token; scores [B, beam_size];
+  steps taken): every example's final beams, best first (an n-best list).
   """
   bk = first_tokens.shape[0]
   if bk % beam_size:
@@ -241,4 +242,4 @@ def beam_decode(step: StepFn, params, cache, first_tokens, start_position,
                     jnp.zeros((b, k), bool), jnp.zeros((), jnp.int32))
   s = jax.lax.while_loop(cond, body, init)
   # top_k keeps the beams sorted: beam 0 is the best.
-  return s.output[:, 0], s.scores[:, 0], s.i
+  return s.output, s.scores, s.i

@@ -142,8 +142,7 @@ class InterleavedTask:
     logits = logits[:, :-1].astype(jnp.float32)  # [B, L-1, V]
     targets = tokens[:, 1:]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
-                               axis=-1)[..., 0]  # [B, L-1]
+    nll = -il.token_logprobs(logits, targets)  # [B, L-1]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     is_image = self.image_target_mask(targets).astype(jnp.float32)
     image_mask, text_mask = mask * is_image, mask * (1.0 - is_image)
@@ -212,7 +211,8 @@ class InterleavedTask:
           batch_size=int(eval_cfg.get("generation_batch_size", 32)),
           cfg_scale=cfg_scale,
           image_temperature=eval_cfg.get("image_temperature", None),
-          caption_beams=int(eval_cfg.get("caption_beams", 1))))
+          caption_beams=int(eval_cfg.get("caption_beams", 1)),
+          caption_rerank=float(eval_cfg.get("caption_rerank", 0.0))))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
