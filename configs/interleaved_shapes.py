@@ -31,8 +31,11 @@ cosine schedule, 88 min more, session 24): 0.965 (0.97) / 0.81 / 0.675
 the two objects' places swapped; edited shape 0.785); and to 9,000
 steps (checkpoints/6000, steps=9000, 93 min): 0.965 (0.98) / 0.80 / 0.705
 (0.71), validation loss 0.288: edits at their target, captions flat.
-Those captions were greedy; the eval's beam search (beams=4, session 25)
-reads them at 0.815 (3,000 steps) and 0.825 (9,000). Image-then-caption
+Those captions were greedy; beam search (beams=4, session 25) reads them
+at 0.815 (3,000 steps) and 0.825 (9,000), and the eval's default since
+session 26, 8 beams reranked by log p(image | caption) at weight 0.5
+(rerank=0.5), at 0.94 and 0.975: at 9,000 steps all three targets are met
+(0.965 / 0.975 / 0.705). Image-then-caption
 documents at twice the weight (--weights 1,2,1 when packing; 3,000 steps)
 gave 0.935 / 0.72 / 0.515: no better captions, worse edits. The
 same recipe on the 8,000-step tokenizer
