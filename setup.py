@@ -9,6 +9,7 @@ setuptools.setup(
     description=(
         "ViT-VQGAN, Parti-style and interleaved decoder-only text/image "
         "models in JAX/Flax, sharded for pods, runnable on a laptop CPU."),
+    license="Apache-2.0",
     packages=setuptools.find_packages(include=["unimm", "unimm.*"]),
     python_requires=">=3.11",
     install_requires=[

@@ -1,18 +1,27 @@
 """Parti on the embedded 32x32 shapes data set, over a frozen ViT-VQGAN.
 
-  # 1. a tokenizer (configs/vit_vqgan_shapes.py) and a text tokenizer
-  python -m unimm.main --config configs/vit_vqgan_shapes.py \
+  # 1. an image tokenizer and a text tokenizer
+  python -m unimm.main --config configs/vit_vqgan_shapes.py:codes=2048 \\
       --workdir workdirs/vit_vqgan_shapes
-  python -m unimm.tokenizers.text --output workdirs/spiece --vocab_size 256 \
-      --source shapes
-  # 2. encode the images once (train, and validation for a held-out loss);
-  #    the 500,000 pairs of shapes_large: 50,000 are memorised by 6,000 steps
-  python -m unimm.data.pretokenize --tokenizer_workdir \
-      workdirs/vit_vqgan_shapes --text_tokenizer workdirs/spiece.model \
+  python -m unimm.tools.train_text_tokenizer --output workdirs/spiece \\
+      --vocab_size 256 --source shapes
+  # 2. encode the images once (and --split validation for a held-out loss)
+  python -m unimm.tools.pretokenize --tokenizer_workdir \\
+      workdirs/vit_vqgan_shapes --text_tokenizer workdirs/spiece.model \\
       --source shapes_large --split train --out workdirs/parti_shapes_data
   # 3. train and evaluate (prompt accuracy with the shapes probe)
-  python -m unimm.main --config configs/parti_shapes.py \
+  python -m unimm.main --config configs/parti_shapes.py:codes=2048 \\
       --workdir workdirs/parti_shapes
+
+Trains tiny_deep (2 + 8 layers of width 128) with Muon for the hidden
+matrices at lr 1e-2, 6,000 steps at batch 64; the eval samples 200 + 200
+fixed prompts at cfg_scale 1.5, temperature 0.7 (guidance at Parti's 3.0
+scatters objects at this size). Pre-tokenize shapes_large's 500,000 pairs:
+shapes' 50,000 are memorised by 6,000 steps.
+
+Expected on 2 CPU cores (docs/results.md): prompt_accuracy_single /
+_pair 0.965 / 0.775 in 62 min (targets 0.95 / 0.7; tokenizer ceiling
+0.95 / 0.875).
 
 Variants (arg "key=value,..."): size (a row of unimm.models.parti.SIZES:
 tiny | tiny_deep | small | 350m | 750m | 3b | 20b), steps, batch,
@@ -27,30 +36,8 @@ unimm.config_lib.scan_layers), t5 (a local Hugging Face T5 directory:
 Parti's text encoder becomes that T5 encoder, initialised from its
 weights).
 
-Sampling for the eval: cfg_scale 1.5, temperature 0.7. Measured on shapes
-(tiny, 200 + 200 prompts): guidance at 3.0 breaks small models (every
-token that the prompt makes a little likelier than the unconditional model
-does, such as an object colour, gets boosted at every position, so objects
-are scattered over the canvas: count accuracy ~0.03); 1.5 at temperature
-0.7 scored best. Row + column position tables (learned_2d) learned the
-layout sooner than one table over the 64 positions. On the default model
-after 6,000 steps, 400 single prompts of another seed score 0.948-0.965
-at cfg 1.0-2.0 and temperature 0.05-0.7: the setting hardly matters.
-Target for the longer run on shapes 32x32: prompt_accuracy_single >= 0.95,
-prompt_accuracy_pair >= 0.7. Measured (README results, probe v2), these
-defaults (tiny_deep: 2 + 8 layers of width 128; Muon, lr 1e-2; 6,000
-steps, 62 min on 2 CPU cores) on a codes=2048 tokenizer (ceiling
-0.95 / 0.875) and shapes_large's 500,000 pairs: 0.965 / 0.775, held-out
-loss 0.334 (met). On shapes' 50,000 pairs: 0.935 / 0.41, held-out loss
-0.415 (0.963 single on 400 prompts of another seed). The earlier recipe
-(tiny: 2 + 4 layers; AdamW, lr 3e-3) on 50,000 pairs gave 0.835 / 0.04
-at 6,000 steps and 0.835 / 0.08 at 12,000, its held-out loss flat after
-6,000 (the pairs memorised), and pair captions from the training set
-scored no better (0.075): that model failed to bind two objects'
-attributes.
-
-FID and CLIP score (unimm.evaluation.generation_metrics), added to
-eval/report.json by --mode eval when set (all off by default):
+FID and CLIP score (unimm.evaluation.generation_metrics; docs/evaluation.md),
+added to eval/report.json by --mode eval when set (all off by default):
   config.eval.inception_weights  pytorch-fid's .pth (or its .npz)
   config.eval.fid_reference      reference statistics: a pytorch-fid .npz of
       mu/sigma, a folder of images, or SOURCE:SPLIT of a data source (e.g.

@@ -2,25 +2,21 @@
 
   python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo
 
-trains a ViT-VQGAN on 32x32 shapes, a SentencePiece model on their captions,
-pre-tokenizes the data set once, trains Parti on the ids, evaluates it with
-the shapes probe (workdirs/demo/parti/eval/report.json, samples.png) and
-samples a grid for a few prompts (workdirs/demo/parti/samples/grid.png).
-Rerunning resumes; --mode sample / eval act on the Parti stage:
+trains a ViT-VQGAN on 32x32 shapes (6,000 steps), a SentencePiece model on
+their captions, pre-tokenizes 50,000 pairs once, trains Parti tiny on the
+ids (1,600 steps with Muon for the hidden matrices, unimm.train.optim),
+evaluates it with the shapes probe (workdirs/demo/parti/eval/report.json,
+samples.png) and samples a grid for a few prompts
+(workdirs/demo/parti/samples/grid.png). Rerunning resumes; --mode sample /
+eval act on the Parti stage:
 
   python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo \\
       --mode sample --prompts "a big red circle at the top left"
 
-Sized for 2 CPU cores (README results): a 6,000-step tokenizer and 1,600
-Parti steps with Muon for the hidden matrices (unimm.train.optim): 17 min
-36 s with the data set and probe cached, prompt_accuracy_single 0.805 on the
-eval's 200 prompts (0.837 on 300 prompts of another seed) against a
-tokenizer ceiling of 0.88 (probe v2). The AdamW recipe before it (8,000 +
-2,200 steps) scored 0.76 in 23 min 25 s; Muon on that recipe's data and
-tokenizer scored 0.885 in 2,200 steps, and the steps were cut to fit 20 min.
-Sampling (cfg_scale 1.5, temperature 0.05) was chosen on the 2,200-step
-Muon model's samples of 300 prompts of another prompt seed than the
-eval's. Targets: 0.8 in 20 min.
+Expected on 2 CPU cores (docs/results.md): prompt_accuracy_single 0.805 in
+17 min 36 s (target 0.8 in 20 min; tokenizer ceiling 0.88). The eval samples
+at cfg_scale 1.5, temperature 0.05, chosen on prompts of another seed than
+the eval's.
 
 Variants (arg "key=value,..."): tokenizer_steps, parti_steps, num_train
 (pre-tokenized training examples), batch, size, lr and optimizer (Parti:

@@ -1,7 +1,15 @@
 """ViT-VQGAN tokenizer on the embedded 32x32 shapes data set.
 
-  python -m unimm.main --config configs/vit_vqgan_shapes.py --workdir /tmp/vq
+  python -m unimm.main --config configs/vit_vqgan_shapes.py \\
+      --workdir workdirs/tokenizer
   --config configs/vit_vqgan_shapes.py:size=small   (the paper's shapes)
+
+Trains size=tiny: 4x4 patches (8x8 tokens), 512 codes of dim 16, batch 32,
+8,000 steps. Expected on 2 CPU cores (docs/results.md): held-out PSNR
+33.5 dB, codebook_usage 1.0, in about 8 min (target >= 30 dB, >= 0.9, <= 15
+min); the shapes probe reads its reconstructions of the eval prompts'
+scenes at 0.95 single / 0.855 pair (the ceiling of a text-to-image model on
+it). steps=16000: 37.25 dB, 0.96 / 0.94 in 14.5 min.
 
 Variants (arg "key=value,..."): size (tiny | small | base | large; the
 paper's sizes use 256x256 images, 8x8 patches, 8192 codes of dim 32),
@@ -9,41 +17,20 @@ decoder (a different decoder size, e.g. size=small,decoder=large is the
 paper's ViT-VQGAN-SL), steps, batch, and for size=tiny patch (4 -> 8x8
 tokens, 8 -> 4x4 tokens) and codes, scan (auto | true | false: nn.scan over
 layers; auto unrolls them at the CPU sizes, unimm.config_lib.scan_layers).
-Target for size=tiny on 2 CPU cores in <= 15 min: held-out PSNR >= 30 dB,
-codebook_usage >= 0.9.
 
-Loss weights for size=tiny (measured on shapes, 2 shared CPU cores; the
-other sizes keep the paper's §3.3 weights):
-- logit_laplace_weight 0 (paper 0.1): with 0.1 its 1/b-scaled L1-in-logit
-  gradient dominates the l2 term and costs PSNR (plain autoencoder at 250
-  steps: 22.4 dB with it, 26.2 dB without; VQ at 750 steps: 22.1 -> 29.2
-  dB train PSNR). It is still computed and logged.
+Loss weights for size=tiny (the other sizes keep the paper's §3.3 weights;
+docs/tokenizer.md):
+- logit_laplace_weight 0 (paper 0.1): its 1/b-scaled L1-in-logit gradient
+  dominates the l2 term and holds PSNR near 22 dB. It is still computed
+  and logged.
 - adversarial_weight 0 (paper 0.1): the StyleGAN D + R1 more than doubles
-  the step time on CPU, and the PSNR target is met without it (its effect on
-  PSNR here was not measured); with weight 0 the task drops the
-  discriminator from the step at trace time.
+  the step time on CPU, and at 0.1 the run collapses (18.8 dB); with
+  weight 0 the task drops the discriminator from the step at trace time.
   Turn it on with --config.loss.adversarial_weight=0.1 (it then starts at
   config.loss.adversarial_start_step).
 - Dead codes restart from recent latents drawn in proportion to their
   quantization error (config.loss.restart_sampling="error", k-means++-like),
   so new codes go to object edges rather than the flat background.
-Measured (size=tiny, batch 32, 2 CPU cores; 200 + 200 fixed prompts, so
-about +-0.03): 8,000 steps (the default) give held-out PSNR 33.5 dB (mean
-of per-image PSNR), codebook_usage 1.0, and the shapes probe reads
-reconstructions of the eval prompts' scenes at 0.89 single / 0.685 pair
-(the ceiling of a text-to-image model on this tokenizer; two more runs:
-0.905 / 0.725 and 0.895 / 0.715); 3,000 steps gave 31.5 dB and 0.765 /
-0.615. 8,000 steps take about 6-8 min (17-21 steps/s in the demo's
-tokenizer stage with the layers unrolled; this machine's speed varies).
-More codes at 8,000 steps (one run each): codes=1024 33.9 dB, usage 0.93,
-ceiling 0.885 / 0.785; codes=2048 34.3 dB, usage 0.71, 0.935 / 0.815, for a
-larger output layer in the text-to-image model (README, "What limits the
-ceiling"). batch=64,steps=4000 (the same images in half the steps): 32.5
-dB, 0.82 / 0.635. All these ceilings are probe v1 readings; probe v2
-(blur-augmented) reads the codes=2048 tokenizer's reconstructions at
-0.95 / 0.82-0.875 (README, "The probe's share").
-16,000 steps (session 22, 14.5 min): 37.25 dB, usage 0.99, probe v2 0.96 /
-0.94 (this 8,000-step default under probe v2: 34.1 dB, 0.95 / 0.855).
 """
 import ml_collections
 

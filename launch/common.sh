@@ -1,5 +1,11 @@
-# Shared by the launch scripts (sourced, not run).
+# Shared by the launch scripts (sourced, not run): run(), die(), usage().
 # shellcheck shell=bash
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  echo "launch/common.sh holds the helpers that the launch scripts source; run"
+  echo "launch/local.sh, launch/tpu_pod.sh or launch/gpu_slurm.sh (each takes --help)."
+  exit 0
+fi
 
 DRY_RUN=0
 
@@ -29,4 +35,17 @@ quote_args() {
     fi
   done
   printf '%s' "${out# }"
+}
+
+# Prints the running script's help: the comment block at its top (after the
+# #! line), without the leading "# ". The scripts cd to the repository root
+# before sourcing this file, so the script is read from launch/.
+usage() {
+  local line
+  while IFS= read -r line; do
+    [[ "${line}" == "#!"* ]] && continue
+    [[ "${line}" == "#"* ]] || break
+    line="${line#\#}"
+    echo "${line# }"
+  done < "launch/$(basename "$0")"
 }

@@ -2,6 +2,9 @@
 # Trains / evaluates / samples with unimm on a SLURM GPU cluster: one process
 # per GPU, all joined by jax.distributed (it reads SLURM's environment).
 #
+# Usage: launch/gpu_slurm.sh [options] -- UNIMM_MAIN_ARGS...
+#
+# Example:
 #   launch/gpu_slurm.sh --nodes 4 --gpus_per_node 8 --partition a100 \
 #       -- --config configs/parti_shapes.py:size=350m --workdir /shared/runs/parti350m
 #
@@ -24,6 +27,7 @@
 #   --venv DIR             a virtualenv to activate in the job (pip install -e '.[gpu]')
 #   --no_follow            submit and return
 #   --dry-run              print the batch script and commands, run nothing
+#   -h, --help             print this help
 # The workdir must be on a file system that every node sees.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +49,9 @@ while [[ $# -gt 0 ]]; do
     --venv) venv="${2:?--venv needs a directory}"; shift 2 ;;
     --no_follow) follow=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option $1 (launcher options come first, then -- and the unimm.main arguments; see the top of $0)." ;;
+    *) die "unknown option $1 (launcher options come first, then -- and the unimm.main arguments; see $0 --help)." ;;
   esac
 done
 for setting in nodes gpus cpus; do

@@ -2,6 +2,9 @@
 # Runs unimm.main on this machine; everything after the launcher's own
 # options (or after --) goes to unimm.main.
 #
+# Usage: launch/local.sh [launcher options] [--] UNIMM_MAIN_ARGS...
+#
+# Examples:
 #   launch/local.sh --config configs/shapes_demo.py --workdir workdirs/demo
 #   launch/local.sh --devices 8 -- --config configs/vit_vqgan_shapes.py --workdir w
 #   launch/local.sh --processes 2 --devices 4 --dry-run -- --config ... --workdir w
@@ -15,6 +18,7 @@
 #                   <workdir>/logs/process_i.log, process 0's also to the console
 #   --port PORT     coordinator port for --processes (default 12355)
 #   --dry-run       print the commands and their environment, run nothing
+#   -h, --help      print this help
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/common.sh
@@ -29,6 +33,7 @@ while [[ $# -gt 0 ]]; do
     --processes) processes="${2:?--processes needs a number}"; shift 2 ;;
     --port) port="${2:?--port needs a number}"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac

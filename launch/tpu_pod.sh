@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Trains / evaluates / samples with unimm on a Cloud TPU pod slice.
 #
+# Usage: launch/tpu_pod.sh --name NAME --zone ZONE [options] -- UNIMM_MAIN_ARGS...
+#
+# Example:
 #   launch/tpu_pod.sh --name unimm-v4 --zone us-central2-b --accelerator v4-32 \
 #       -- --config configs/parti_shapes.py:size=350m --workdir gs://BUCKET/parti350m
 #
@@ -34,6 +37,7 @@
 #   --logs                 stream worker 0's ~/unimm.log, then exit
 #   --delete               delete the slice when done
 #   --dry-run              print every command, run nothing
+#   -h, --help             print this help
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=launch/common.sh
@@ -55,8 +59,9 @@ while [[ $# -gt 0 ]]; do
     --logs) logs=1; shift ;;
     --delete) delete=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown option $1 (launcher options come first, then -- and the unimm.main arguments; see the top of $0)." ;;
+    *) die "unknown option $1 (launcher options come first, then -- and the unimm.main arguments; see $0 --help)." ;;
   esac
 done
 [[ -n "${name}" ]] || die "--name is required (the TPU VM's name)."

@@ -81,10 +81,18 @@ def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
   np.testing.assert_array_equal(
       first, model.sample(["a big red circle at the top left",
                            "a blue star"], seed=3, temperature=1.0))
-  # ... and --mode sample (what unimm.main runs for an end-to-end config).
+  # ... and --mode sample (what unimm.main runs for an end-to-end config),
+  # which leaves the recipe's own grid alone.
+  recipe_grid = os.path.join(samples, "grid.png")
+  stamp = os.path.getmtime(recipe_grid)
   written = experiments.sample(
       paths.parti, prompts=["a green square"], seed=0, cfg_scale=2.0)
   assert len(written) == 1 and os.path.exists(written[0])
+  assert os.path.dirname(written[0]) != samples
+  assert os.path.getmtime(recipe_grid) == stamp
+  mine = str(tmp_path / "mine")
+  assert experiments.sample(paths.parti, prompts=["a green square"],
+                            output_dir=mine) == [f"{mine}/00000.png"]
 
   # Parti's super-resolution stage: an upsampler trained on the recipe's
   # tokenizer in workdir/upsampler_x4 is found and used by upscale=4.
@@ -110,7 +118,7 @@ def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   assert Image.open(written[0]).size == (128, 128)
   # The grid shows each base sample beside its upscaling.
-  grid = Image.open(os.path.join(paths.parti, "samples", "grid.png"))
+  grid = Image.open(os.path.join(os.path.dirname(written[0]), "grid.png"))
   assert grid.size[0] > 2 * 128
 
 

@@ -4,7 +4,9 @@ Configs are Python files (`configs/*.py`) with `get_config(arg=None)`, as in
 big_vision; `--config configs/x.py:size=tiny` passes "size=tiny" as `arg`.
 """
 import dataclasses
+import importlib.util
 import inspect
+import os
 from typing import Any
 
 import ml_collections
@@ -84,8 +86,6 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
   overrides: dotted field paths, e.g. load_config(path, total_steps=10,
   **{"data.batch_size": 8}).
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ValueError(f"Config file {path!r} does not exist.")
@@ -129,3 +129,13 @@ def with_defaults(defaults: dict, config: ml_collections.ConfigDict,
                      f"expected some of {sorted(merged)}.")
   merged.update(overrides)
   return merged
+
+
+def per_host_batch_size(config: ml_collections.ConfigDict,
+                        process_count: int) -> int:
+  """config.data.batch_size (global) split over the hosts, or a ValueError."""
+  batch_size = config.data.batch_size
+  if batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={batch_size} is not divisible "
+                     f"by the {process_count} processes.")
+  return batch_size // process_count

@@ -25,6 +25,13 @@ from absl import logging
 import jax
 import ml_collections
 
+from unimm import api
+from unimm import experiments
+from unimm.data import pretokenize
+from unimm.data import shapes
+from unimm.tokenizers import text as text_lib
+from unimm.train import trainer
+
 STAGES = ("tokenizer", "text", "data", "parti", "samples")
 
 
@@ -71,7 +78,6 @@ def parti_config(config: ml_collections.ConfigDict, workdir: str
 
 def _trained_step(workdir: str) -> int:
   """The latest checkpoint step in workdir (0 if none)."""
-  from unimm.train import trainer  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(workdir, trainer.CHECKPOINT_DIR)):
     return 0
   manager = trainer.checkpoint_manager(workdir, read_only=True)
@@ -83,7 +89,6 @@ def _trained_step(workdir: str) -> int:
 
 def _train(config, workdir: str, name: str) -> bool:
   """Trains (or resumes) one stage; False if it stopped early on request."""
-  from unimm import experiments  # pylint: disable=g-import-not-at-top
   if _trained_step(workdir) >= config.total_steps:
     logging.info("Stage %s: already trained (%s); skipping.", name, workdir)
     return True
@@ -92,8 +97,6 @@ def _train(config, workdir: str, name: str) -> bool:
 
 
 def _text_tokenizer(config, paths: Paths) -> None:
-  from unimm.data import shapes  # pylint: disable=g-import-not-at-top
-  from unimm.tokenizers import text  # pylint: disable=g-import-not-at-top
   if os.path.exists(paths.text_model):
     logging.info("Stage text: %s exists; skipping.", paths.text_model)
     return
@@ -102,16 +105,16 @@ def _text_tokenizer(config, paths: Paths) -> None:
                      "end-to-end recipe trains on 'shapes' captions.")
   _, captions, _ = shapes.generate(config.text.num_captions, config.text.seed)
   os.makedirs(os.path.dirname(paths.text_prefix), exist_ok=True)
-  text.train_sentencepiece([str(c) for c in captions],
-                           config.text.vocab_size, paths.text_prefix,
-                           model_type=config.text.model_type,
-                           seed=config.text.seed)
+  text_lib.train_sentencepiece([str(c) for c in captions],
+                               config.text.vocab_size, paths.text_prefix,
+                               model_type=config.text.model_type,
+                               seed=config.text.seed)
   logging.info("Stage text: wrote %s.", paths.text_model)
 
 
 def _pretokenize(config, paths: Paths) -> None:
-  from unimm.data import pretokenize  # pylint: disable=g-import-not-at-top
   tokenizer_step = _trained_step(paths.tokenizer)
+  tokenizer = None  # loaded once, when a split needs it
   for split, num in config.pretokenize.splits.items():
     meta_path = pretokenize.metadata_path(paths.data, split)
     if os.path.exists(meta_path):
@@ -121,20 +124,23 @@ def _pretokenize(config, paths: Paths) -> None:
           meta.get("tokenizer_step") == tokenizer_step):
         logging.info("Stage data: %s is up to date; skipping.", meta_path)
         continue
+    if tokenizer is None:
+      tokenizer = api.load_tokenizer(paths.tokenizer)
     pretokenize.pretokenize(
-        paths.tokenizer, paths.text_model, config.pretokenize.source, split,
+        tokenizer, paths.text_model, config.pretokenize.source, split,
         paths.data, config.parti.model.text_length, num_examples=num,
         batch_size=config.pretokenize.batch_size,
-        data_dir=config.pretokenize.get("data_dir"))
+        data_dir=config.pretokenize.get("data_dir"),
+        tokenizer_workdir=paths.tokenizer)
 
 
 def _samples(config, paths: Paths) -> list[str]:
-  from unimm import experiments  # pylint: disable=g-import-not-at-top
   sampling = config.sampling
   return experiments.sample(
       paths.parti, prompts=list(config.prompts), seed=sampling.seed,
       cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
-      top_k=sampling.top_k, top_p=sampling.top_p)
+      top_k=sampling.top_k, top_p=sampling.top_p,
+      output_dir=os.path.join(paths.parti, "samples"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -143,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(
         "The end-to-end recipe runs on one host; on a multi-host slice run "
         "its stages as separate jobs (see the README: tokenizer, "
-        "unimm.tokenizers.text, unimm.data.pretokenize, Parti).")
+        "unimm.tools.train_text_tokenizer, unimm.tools.pretokenize, Parti).")
   paths = Paths(workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()

@@ -1,10 +1,17 @@
 r"""unimm entry point: flags only.
 
-  python -m unimm.main --config configs/vit_vqgan_shapes.py --workdir DIR
-  python -m unimm.main --config configs/vit_vqgan_shapes.py --workdir DIR \
-      --mode eval
-  --config configs/x.py:size=tiny picks a variant; --config.total_steps=100
-  overrides one field.
+Example:
+  python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo
+  python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo \
+      --mode sample --prompts "a big red circle" --output_dir my_samples
+  python -m unimm.main --config configs/interleaved_shapes.py \
+      --workdir workdirs/interleaved --mode caption --images a.png b.png
+
+Modes: train (then evaluate; resumes), eval (a trained workdir), sample
+(prompts -> PNGs + grid.png), caption (image files -> captions, with an
+interleaved model). Sampling settings not given are the model's eval
+settings. --config configs/x.py:size=tiny picks a variant;
+--config.total_steps=100 overrides one field.
 """
 import logging as std_logging
 
@@ -17,6 +24,7 @@ from unimm import end_to_end
 from unimm import experiments
 from unimm import host_memory
 from unimm import parallel
+from unimm.inference import EVAL
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -24,19 +32,35 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics, reports.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample"],
-    "train (then evaluate), eval a trained workdir, or sample images.")
+    "mode", "train", ["train", "eval", "sample", "caption"],
+    "train (then evaluate), eval a trained workdir, sample images, or "
+    "caption images (interleaved models).")
 _PROMPTS = flags.DEFINE_multi_string(
     "prompts", None, "--mode sample: a prompt (repeat the flag for more).")
 _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, "--mode sample: one prompt a line, or a TSV with a "
     "Prompt column (e.g. PartiPrompts.tsv).")
-_SEED = flags.DEFINE_integer("seed", 0, "--mode sample: sampling seed.")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "--mode sample: "
-                                "classifier-free guidance scale.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--mode sample.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "--mode sample (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "--mode sample (1 = off).")
+_IMAGES = flags.DEFINE_multi_string(
+    "images", None, "--mode caption: image files (repeat the flag, or list "
+    "them after one --images).")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "--mode sample / caption: where to write (default: "
+    "a new WORKDIR/samples/<time>/ or WORKDIR/captions/<time>/).")
+_SEED = flags.DEFINE_integer("seed", 0, "--mode sample / caption: seed.")
+_CFG_SCALE = flags.DEFINE_string(
+    "cfg_scale", None, "--mode sample: classifier-free guidance scale, or "
+    "'none' for no guidance (default: the eval's setting).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "--mode sample "
+                                  "(default: the eval's setting).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "--mode sample (0 = off; "
+                              "default: the eval's setting).")
+_TOP_P = flags.DEFINE_float("top_p", None, "--mode sample (1 = off; "
+                            "default: the eval's setting).")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "--mode caption: beam "
+                                  "width (default: the eval's setting).")
+_RERANK_WEIGHT = flags.DEFINE_float(
+    "rerank_weight", None, "--mode caption: weight of log p(image | "
+    "caption) in reranking the beams (default: the eval's setting).")
 _UPSCALE = flags.DEFINE_integer(
     "upscale", 1, "--mode sample: 1 (the tokenizer's resolution), or 2 / 4 "
     "through a trained upsampler (Parti's super-resolution stage). --mode "
@@ -46,6 +70,23 @@ _UPSAMPLER_WORKDIR = flags.DEFINE_multi_string(
     "upsampler trained for F (configs/upsampler_shapes.py); by default an "
     "end-to-end recipe's upsampler_x{F}/ stage.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _given(value):
+  """A flag left unset means the eval's setting."""
+  return EVAL if value is None else value
+
+
+def _cfg_scale(value: str | None):
+  if value is None:
+    return EVAL
+  if value.lower() in ("none", ""):
+    return None
+  try:
+    return float(value)
+  except ValueError:
+    raise app.UsageError(f"--cfg_scale={value!r}; expected a number >= 0 "
+                         "or 'none'.") from None
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -59,7 +100,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
-  if len(argv) > 1:
+  if len(argv) > 1 and _MODE.value != "caption":
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -79,13 +120,20 @@ def main(argv):
                                   _UPSAMPLER_WORKDIR.value)
   elif _MODE.value == "eval":
     experiments.evaluate(config, workdir)
+  elif _MODE.value == "caption":
+    experiments.caption(workdir, images=list(_IMAGES.value or []) + argv[1:],
+                        seed=_SEED.value, num_beams=_given(_NUM_BEAMS.value),
+                        rerank_weight=_given(_RERANK_WEIGHT.value),
+                        output_dir=_OUTPUT_DIR.value)
   else:
     experiments.sample(workdir, prompts=_PROMPTS.value,
                        prompts_file=_PROMPTS_FILE.value, seed=_SEED.value,
-                       cfg_scale=_CFG_SCALE.value,
-                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                       top_p=_TOP_P.value, upscale=_UPSCALE.value,
-                       upsamplers=_UPSAMPLER_WORKDIR.value)
+                       cfg_scale=_cfg_scale(_CFG_SCALE.value),
+                       temperature=_given(_TEMPERATURE.value),
+                       top_k=_given(_TOP_K.value),
+                       top_p=_given(_TOP_P.value), upscale=_UPSCALE.value,
+                       upsamplers=_UPSAMPLER_WORKDIR.value,
+                       output_dir=_OUTPUT_DIR.value)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,21 @@ import sys
 import time
 from typing import Any
 
-# Nothing here imports jax at module level: the device count must be set
-# before jax starts (see _ensure_device_count).
+import flax.linen as nn
+import jax
+import numpy as np
+
+from unimm import config_lib
+from unimm import parallel
+from unimm.inference import text_to_image
+from unimm.models import parti
+from unimm.sampling import sampler as sampler_lib
+from unimm.train import tasks
+from unimm.train import trainer
+
+# jax reads XLA_FLAGS (the simulated device count) when its backend starts,
+# on the first device query, not on import: _ensure_device_count sets it
+# before anything here touches a device.
 
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16}
 # Chips per slice that can be rented, and how Cloud TPU names them (v4 and
@@ -74,7 +87,7 @@ def slice_name(family: str, chips: int) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Input checks (before jax is imported or anything is compiled).
+# Input checks (before any device is touched or anything is compiled).
 # ----------------------------------------------------------------------------
 
 
@@ -155,19 +168,15 @@ def planning_task(config):
   tokenizer; for planning any [S] row will do: [EOS=1, 0, ...] as the T5
   layout that unimm.tokenizers.text writes.
   """
-  from unimm.train import parti_task  # pylint: disable=g-import-not-at-top
-  from unimm.train import tasks  # pylint: disable=g-import-not-at-top
   task = tasks.get_task(config)
   if config.task == "parti":
-    row = parti_task.unconditional_text_ids(1, task.model.text_length)
+    row = text_to_image.unconditional_text_ids(1, task.model.text_length)
     task.unconditional_row = lambda: row
   return task
 
 
 def abstract_batch(config, batch_size: int | None = None) -> dict[str, Any]:
   """The global batch as ShapeDtypeStructs, from config.model alone."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   b = config.data.batch_size if batch_size is None else batch_size
   m = config.model
   if config.task == "parti":
@@ -253,13 +262,12 @@ def analytic_flops(config, batch_size: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Planning (jax imported from here on).
+# Planning.
 # ----------------------------------------------------------------------------
 
 
 def _bytes_per_device(tree) -> int:
   """Bytes of the largest per-device share of a tree of sharded structs."""
-  import jax  # pylint: disable=g-import-not-at-top
   total = 0
   for x in jax.tree.leaves(tree):
     shard = x.sharding.shard_shape(x.shape)
@@ -269,11 +277,6 @@ def _bytes_per_device(tree) -> int:
 
 def _sampler(task, mesh, rules, abstract_params, batch_size):
   """Lowered jit of parti.sample_image_ids with CFG (2B cache rows)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from unimm import parallel  # pylint: disable=g-import-not-at-top
-  from unimm.models import parti  # pylint: disable=g-import-not-at-top
-  from unimm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   model = task.model
   sampling = sampler_lib.SamplingParams(temperature=1.0, cfg_scale=3.0)
   batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -300,9 +303,6 @@ def step_flops(config, mesh) -> float:
   XLA for the cost of that (un-partitioned, whole-batch) program. Lowering
   allocates nothing and compiles nothing.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from unimm.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.scan_layers = False
   config.model.remat_policy = "none"
@@ -324,10 +324,6 @@ def plan(config, mesh_sizes: dict[str, int], *, sampler: bool = True,
   must number math.prod(mesh_sizes.values()); main() simulates as many CPU
   devices as the mesh needs.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from unimm import parallel  # pylint: disable=g-import-not-at-top
-  from unimm.train import trainer  # pylint: disable=g-import-not-at-top
 
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
@@ -453,8 +449,6 @@ def _run_child(config_spec: str, mesh: dict[str, int], extra=()) -> dict:
 
 def state_bytes(config) -> int:
   """Parameters + two Adam moments (in the parameter dtype), all devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from unimm import parallel  # pylint: disable=g-import-not-at-top
   boxed, _ = jax.eval_shape(planning_task(config).init,
                             jax.random.PRNGKey(0), abstract_batch(config, 1))
   return 3 * sum(x.size * x.dtype.itemsize
@@ -470,7 +464,6 @@ def make_table(batch_per_device: int, log=print,
   could hold the state in the largest HBM and doubles until the step fits
   the smallest HBM; each N is compiled in a fresh process with N devices.
   """
-  from unimm import config_lib  # pylint: disable=g-import-not-at-top
   rows = []
   for path, sizes in configs:
     for size in sizes:
@@ -562,7 +555,6 @@ def _ensure_device_count(num_devices: int, argv) -> None:
   # XLA_FLAGS is read when the backend starts (the first device query), so
   # this works even after `import jax` as long as no device was touched.
   os.environ.update(_device_env(num_devices))
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.device_count() == num_devices and jax.default_backend() == "cpu":
     return
   if os.environ.get("UNIMM_PLAN_CHILD"):
@@ -611,7 +603,6 @@ def main(argv=None) -> int:
     return 0
   if not args.config:
     raise SystemExit("--config is required (or --table).")
-  from unimm import config_lib  # pylint: disable=g-import-not-at-top
   try:
     mesh = parse_mesh(args.mesh)
     num_devices = args.devices or math.prod(mesh.values())

@@ -4,10 +4,8 @@ import json
 import os
 import tarfile
 
-from absl import flags
 import numpy as np
 from PIL import Image
-import pytest
 
 from unimm.data import convert
 from unimm.data import pipeline
@@ -157,21 +155,6 @@ def test_convert_tar_shards_in_memory(tmp_path):
   assert set(images) == {"a red square", "dark grey"}
   assert np.abs(images["dark grey"].astype(int) - 9).max() <= 2  # JPEG
   assert (images["a red square"][..., 0] >= 250).all()  # JPEG q95
-
-
-def test_cli_flags_add_a_split_and_check_size(tmp_path):
-  images_dir, captions = _image_folder(tmp_path)
-  out = str(tmp_path / "out")
-  flag_values = flags.FlagValues()
-  convert.define_flags(flag_values)
-  flag_values(["convert", f"--out={out}", f"--image_size={SIZE}",
-               f"--images_dir={images_dir}", f"--captions={captions}",
-               "--num_shards=1", "--num_workers=0", "--split=test"])
-  assert convert.run(flag_values) == 0
-  assert _read_all(out, "test").keys() >= {"stripes", "palette"}
-  with pytest.raises(ValueError, match="--image_size 16"):
-    convert.convert(out=out, image_size=32, images_dir=images_dir,
-                    captions=captions)
 
 
 def test_decompression_bomb_guard_is_kept(tmp_path, monkeypatch):

@@ -7,14 +7,17 @@ import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 import pytest
 
+from unimm import api
 from unimm.data import interleaved as il
 from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.models import vocab
 from unimm.tokenizers import text as text_lib
+from unimm.tools import pack_interleaved
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -354,8 +357,8 @@ def test_pack_keeps_documents_whole_in_order_and_apart(text_tokenizer):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, text_tokenizer):
-  """The CLI run on a tiny random ViT-VQGAN (16 codes, 4x4 grid)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  """The CLI (unimm.tools.pack_interleaved) run on a tiny random ViT-VQGAN
+  (16 codes, 4x4 grid)."""
   root = tmp_path_factory.mktemp("interleaved")
   workdir = test_pretokenize.make_tokenizer_workdir(
       str(root / "tokenizer"), str(root / "tfds"))
@@ -364,19 +367,18 @@ def written(tmp_path_factory, text_tokenizer):
     f.write(text_tokenizer.model_proto)
   out = str(root / "out")
   flag_values = flags.FlagValues()
-  il._define_flags(flag_values)  # pylint: disable=protected-access
+  pack_interleaved.define_flags(flag_values)
   flag_values([
       "interleaved", f"--tokenizer_workdir={workdir}",
       f"--text_tokenizer={spiece}", f"--out={out}", "--split=validation",
       "--num_documents=50", "--length=200", "--documents_per_batch=20",
       "--encode_batch_size=16", "--records_per_shard=4",
       "--kinds=caption_image,edit", "--weights=1,3"])
-  metadata = il.main(["interleaved"], flag_values)
+  metadata = pack_interleaved.main(["pack_interleaved"], flag_values)
   return dict(out=out, metadata=metadata, workdir=workdir)
 
 
 def test_cli_writes_shards_that_packed_dataset_reads(written, text_tokenizer):
-  from unimm import api  # pylint: disable=g-import-not-at-top
   out, metadata = written["out"], written["metadata"]
   assert metadata == json.load(open(os.path.join(out, "validation.json")))
   assert metadata["num_documents"] == 50 and metadata["length"] == 200
@@ -425,7 +427,7 @@ def test_cli_writes_shards_that_packed_dataset_reads(written, text_tokenizer):
   all_rows = sorted(r["tokens"].tobytes() for r in records)
   assert not collections.Counter(rows) - collections.Counter(all_rows)
   # Errors name the fix.
-  with pytest.raises(ValueError, match="unimm.data.interleaved --split train"):
+  with pytest.raises(ValueError, match="unimm.tools.pack_interleaved --split train"):
     il.packed_dataset(out, "train", batch_size=2, shuffle=False, seed=0)
   with pytest.raises(ValueError, match="not interleaved rows"):
     json.dump({"format": pretokenize.FORMAT}, open(os.path.join(

@@ -181,7 +181,7 @@ def test_in_memory_source_gives_the_same_batches_and_resumes(shapes_dir):
 def test_shapes_bad_settings_name_the_fix(shapes_dir, tmp_path):
   with pytest.raises(ValueError, match="config.data.image_size"):
     _shapes(shapes_dir, image_size=48)
-  with pytest.raises(ValueError, match="unimm.data.convert"):
+  with pytest.raises(ValueError, match="unimm.tools.convert"):
     pipeline.image_text_dataset(
         str(tmp_path / "nowhere"), "train", batch_size=2, image_size=32,
         shuffle=False, seed=0)

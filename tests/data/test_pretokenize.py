@@ -5,13 +5,16 @@ import json
 import os
 import sys
 
+from absl import flags
 import numpy as np
 import pytest
 
+from unimm import api
 from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.tokenizers import text as text_lib
+from unimm.tools import pretokenize as pretokenize_tool
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 NUM_EXAMPLES = 40
@@ -94,12 +97,13 @@ def pretokenized(tmp_path_factory):
   out = str(root / "out")
   # 3 examples per shard: 40 examples -> 14 shards, the last one partial;
   # batch_size 16 -> a padded final encoder batch.
+  tokenizer = api.load_tokenizer(workdir)
   metadata = pretokenize.pretokenize(
-      workdir, spiece, "shapes_small", "train", out, TEXT_LENGTH,
+      tokenizer, spiece, "shapes_small", "train", out, TEXT_LENGTH,
       num_examples=NUM_EXAMPLES, batch_size=16, data_dir=data_dir,
-      records_per_shard=3)
+      records_per_shard=3, tokenizer_workdir=workdir)
   return dict(out=out, metadata=metadata, workdir=workdir, spiece=spiece,
-              data_dir=data_dir)
+              data_dir=data_dir, tokenizer=tokenizer)
 
 
 def _records(out):
@@ -209,23 +213,24 @@ def test_errors_name_the_fix(pretokenized, tmp_path):
                                      shuffle=False, seed=0,
                                      split="validation")
   with pytest.raises(ValueError, match="--image_size 32"):
-    pretokenize.pretokenize(pretokenized["workdir"], pretokenized["spiece"],
+    pretokenize.pretokenize(pretokenized["tokenizer"], pretokenized["spiece"],
                             "shapes_small", "train", str(tmp_path), 8,
                             image_size=64)
 
 
 def test_cli_writes_the_same_records(pretokenized, tmp_path):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
-  if "text_length" not in flags.FLAGS:
-    pretokenize._define_flags()  # pylint: disable=protected-access
   out = str(tmp_path / "cli")
-  with flagsaver.flagsaver(
-      tokenizer_workdir=pretokenized["workdir"],
-      text_tokenizer=pretokenized["spiece"], source="shapes_small",
-      split="train", out=out, text_length=TEXT_LENGTH, num_examples=12,
-      batch_size=8, data_dir=pretokenized["data_dir"]):
-    pretokenize.main(["pretokenize"])
+  flag_values = flags.FlagValues()
+  pretokenize_tool.define_flags(flag_values)
+  flag_values([
+      "pretokenize", f"--tokenizer_workdir={pretokenized['workdir']}",
+      f"--text_tokenizer={pretokenized['spiece']}", "--source=shapes_small",
+      "--split=train", f"--out={out}", f"--text_length={TEXT_LENGTH}",
+      "--num_examples=12", "--batch_size=8",
+      f"--data_dir={pretokenized['data_dir']}"])
+  metadata = pretokenize_tool.main(["pretokenize"], flag_values)
+  assert metadata["tokenizer_workdir"] == os.path.abspath(
+      pretokenized["workdir"])
   got = _records(out)
   want = _records(pretokenized["out"])[:12]
   assert len(got) == 12

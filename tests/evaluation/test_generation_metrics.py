@@ -197,20 +197,37 @@ def test_parti_eval_adds_clip_score_to_the_report(clip_dir, clip_model,
   sys.path.insert(0, os.path.join(here, "..", "..", "configs"))
   import parti_shapes  # pylint: disable=g-import-not-at-top
   from unimm.evaluation import probe  # pylint: disable=g-import-not-at-top
+  from unimm.inference import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  from unimm.inference import text_to_image  # pylint: disable=g-import-not-at-top
+  from unimm.sampling import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from unimm.train import parti_task  # pylint: disable=g-import-not-at-top
   config = parti_shapes.get_config("size=tiny")
   config.data.pretokenized_dir = str(tmp_path / "no_data")  # no held-out loss
   assert not gm.check_eval_config(parti_task.ParTask(config).eval_config)
   calls = []
 
-  def sample(params, prompts, **kwargs):
-    calls.append((list(prompts), kwargs))
-    return FakeSampler()(prompts, 0)
+  class FakeModel:
+    """What task.sampler(params) gives, minus the model: it records what the
+    eval asks for; the settings are the real ones of the config."""
+
+    def __init__(self, params):
+      del params
+      self.settings = settings_lib.eval_settings(
+          text_to_image.SAMPLING_DEFAULTS, config)
+
+    def sampling_params(self):
+      return sampler_lib.SamplingParams.from_config(self.settings, 512)
+
+    def sample(self, prompts, **kwargs):
+      calls.append((list(prompts), dict(kwargs, **self.settings)))
+      return FakeSampler()(prompts, 0)
+
+  sample = FakeModel
 
   config.eval.update(clip_dir="/no/such/clip", num_single=2, num_pair=2,
                      batch_size=BATCH, num_grid_samples=2, seed=5)
   task = parti_task.ParTask(config)
-  monkeypatch.setattr(task, "sample", sample)
+  monkeypatch.setattr(task, "sampler", sample)
   with pytest.raises(ValueError, match=r"config\.eval\.clip_dir"):
     task.evaluate(None, {}, str(tmp_path), step=0)
   assert not calls  # nothing was sampled
@@ -220,7 +237,7 @@ def test_parti_eval_adds_clip_score_to_the_report(clip_dir, clip_model,
   config.eval.update(clip_dir=clip_dir, metrics_prompts=str(prompts_file),
                      metrics_num_images=len(PROMPTS))
   task = parti_task.ParTask(config)
-  monkeypatch.setattr(task, "sample", sample)
+  monkeypatch.setattr(task, "sampler", sample)
   # No probe network (test_parti_task covers the probe metrics).
   monkeypatch.setattr(probe, "get_probe", lambda *args, **kwargs: None)
   monkeypatch.setattr(probe, "prompt_accuracy", lambda *args, **kwargs: {

@@ -63,8 +63,7 @@ class _FakeModel:
     self.wrong_edit_colour = wrong_edit_colour
     self.tokenizer = types.SimpleNamespace(
         image_size=probe.size, encode=lambda x: x, decode=lambda x: x)
-    self.task = types.SimpleNamespace(
-        model=types.SimpleNamespace(image_length=64))
+    self.image_length = 64
     self.prompt_scenes = {}
     for prompt, scene in probe_lib.fixed_prompt_set(20, 0):
       self.probe.render(scene)

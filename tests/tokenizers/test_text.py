@@ -4,8 +4,6 @@ import os
 import pathlib
 import pickle
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -219,54 +217,3 @@ def test_read_prompts_plain_and_tsv(tmp_path):
   bad_utf8.write_bytes(b"fine\n\xff\xfe\n")
   with pytest.raises(ValueError, match="line 2 is not valid UTF-8"):
     text_lib.read_prompts(bad_utf8)
-
-
-def test_cli_trains_from_captions_file(tmp_path, captions):
-  captions_file = tmp_path / "captions.txt"
-  captions_file.write_text("\n".join(captions[:300]))
-  prefix = tmp_path / "out" / "spiece"
-  result = subprocess.run(
-      [sys.executable, "-m", "unimm.tokenizers.text", f"--output={prefix}",
-       "--vocab_size=48", f"--captions_file={captions_file}"],
-      capture_output=True, text=True, timeout=60, check=False)
-  assert result.returncode == 0, result.stderr
-  assert "vocab_size=48" in result.stdout
-  tokenizer = text_lib.TextTokenizer.load(str(prefix) + ".model")
-  assert tokenizer.decode(tokenizer.encode(captions[:3], 128).ids) == (
-      captions[:3])
-  both = subprocess.run(
-      [sys.executable, "-m", "unimm.tokenizers.text", f"--output={prefix}",
-       "--source=shapes", f"--captions_file={captions_file}"],
-      capture_output=True, text=True, timeout=60, check=False)
-  assert both.returncode != 0 and "exactly one of" in both.stderr
-
-
-def test_cli_trains_from_shapes(tmp_path):
-  pytest.importorskip("unimm.data.shapes")
-  prefix = tmp_path / "spiece"
-  result = subprocess.run(
-      [sys.executable, "-m", "unimm.tokenizers.text", f"--output={prefix}",
-       "--vocab_size=64", "--source=shapes", "--num_captions=200"],
-      capture_output=True, text=True, timeout=60, check=False)
-  assert result.returncode == 0, result.stderr
-  tokenizer = text_lib.TextTokenizer.load(str(prefix) + ".model")
-  assert 3 < tokenizer.vocab_size <= 64
-
-
-def test_cli_trains_on_interleaved_document_texts(tmp_path):
-  """--source interleaved covers the edit instructions' words too."""
-  from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
-  prefix = tmp_path / "spiece"
-  result = subprocess.run(
-      [sys.executable, "-m", "unimm.tokenizers.text", f"--output={prefix}",
-       "--vocab_size=96", "--source=interleaved", "--num_captions=300"],
-      capture_output=True, text=True, timeout=60, check=False)
-  assert result.returncode == 0, result.stderr
-  tokenizer = text_lib.TextTokenizer.load(str(prefix) + ".model")
-  texts = interleaved.document_texts(300)
-  instructions = [t for t in texts if t.split()[0] in ("move", "make",
-                                                        "turn", "add",
-                                                        "remove")]
-  assert instructions
-  assert tokenizer.decode(tokenizer.encode(instructions, 64).ids) == (
-      instructions)

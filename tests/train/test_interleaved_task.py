@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 
+from unimm import api
+from unimm.inference import interleaved as inference
 from unimm.data import interleaved as il_data
 from unimm.tokenizers import text as text_lib
 from unimm.train import trainer
@@ -47,9 +49,11 @@ def files(tmp_path_factory):
   spiece = text_lib.train_sentencepiece(il_data.document_texts(300),
                                         TEXT_VOCAB, str(root / "spiece"))
   out = str(root / "packed")
+  tokenizer = api.load_tokenizer(workdir)
   for split, num in (("train", 40), ("validation", 12)):
-    il_data.write_interleaved(workdir, spiece, out, split, num, LENGTH,
-                              documents_per_batch=20, encode_batch_size=16)
+    il_data.write_interleaved(tokenizer, spiece, out, split, num, LENGTH,
+                              documents_per_batch=20, encode_batch_size=16,
+                              tokenizer_workdir=workdir)
   return dict(packed_dir=out, tokenizer_workdir=workdir, text_tokenizer=spiece)
 
 
@@ -126,13 +130,20 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
     assert 0.0 <= report[key] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "documents.png"))
 
-  from unimm import api  # pylint: disable=g-import-not-at-top
   model = api.load_model(workdir)
   assert isinstance(model, api.InterleavedModel)
-  images = model.sample(["a big red circle", "a small blue star"], seed=0)
+  # The API's defaults are the eval's settings.
+  assert model.settings["cfg_scale"] == 2.0
+  assert model.settings["caption_beams"] == config.eval.caption_beams
+  images = model.sample(["a big red circle", "a small blue star"], seed=0,
+                        cfg_scale=None)
   assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(images, model.sample(
+      ["a big red circle", "a small blue star"], seed=0, cfg_scale=None))
   np.testing.assert_array_equal(
-      images, model.sample(["a big red circle", "a small blue star"], seed=0))
+      model.sample(["a big red circle", "a small blue star"], seed=0),
+      model.sample(["a big red circle", "a small blue star"], seed=0,
+                   cfg_scale=2.0))
   guided = model.sample(["a big red circle", "a small blue star"], seed=0,
                         cfg_scale=3.0)
   assert guided.shape == images.shape
@@ -149,7 +160,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
                         [3], [0, 0]])
   kinds = [type(s).__name__ for s in model._segments(row)]  # pylint: disable=protected-access
   assert kinds == ["str", "ndarray"], kinds
-  captions = model.caption(images)
+  captions = model.caption(images, num_beams=1, rerank_weight=0.0)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
   # caption() asks as the training documents do: image, then the request.
   asked = model.generate_batch(
@@ -167,7 +178,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   from unimm.models import vocab  # pylint: disable=g-import-not-at-top
   rows = model._encode([[image, il_data.CAPTION_PROMPT] for image in images])  # pylint: disable=protected-access
   beams, _ = il.beam_search_text(
-      model.task.model, {"params": model.params}, api._left_pad(rows),  # pylint: disable=protected-access
+      model.model, {"params": model.params}, inference.left_pad(rows),
       text_ids=model._text_ids(), eos_id=vocab.EOS, beam_size=3,  # pylint: disable=protected-access
       max_text_tokens=48)
   reranked = model.caption(images, num_beams=3, rerank_weight=1e6)
@@ -178,7 +189,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
     for beam in candidates:
       text = [t for t in beam if t not in (vocab.PAD, vocab.EOS)]
       doc = np.array([vocab.BOS, *text, vocab.BOI, *codes], np.int32)
-      logits = np.asarray(model.task.model.apply(
+      logits = np.asarray(model.model.apply(
           {"params": model.params}, doc[None])[0], np.float64)
       logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
       image_lp.append(sum(logp[t - 1, doc[t]]
@@ -189,7 +200,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
                            if isinstance(s, str))
   assert any(picks)  # not the best beam somewhere (else this proves nothing)
   with pytest.raises(ValueError, match="pass num_beams > 1"):
-    model.caption(images, rerank_weight=0.5)
+    model.caption(images, num_beams=1, rerank_weight=0.5)
   with pytest.raises(ValueError, match="rerank_weight=-1"):
     model.caption(images, num_beams=3, rerank_weight=-1.0)
   new = model.generate(["a big red circle", images[0], "make it blue"],
@@ -201,7 +212,7 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
                         (files["text_tokenizer"], "text_tokenizer")):
     os.rename(path, path + ".moved")
     try:
-      with pytest.raises(ValueError, match=f"config.{setting}"):
+      with pytest.raises(ValueError, match=f"needs {setting}="):
         api.load_model(workdir)
     finally:
       os.rename(path + ".moved", path)

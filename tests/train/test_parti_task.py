@@ -11,8 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from unimm import api
 from unimm.data import pretokenize
 from unimm.evaluation import probe as probe_lib
+from unimm.inference import text_to_image
 from unimm.train import parti_task
 from unimm.train import tasks
 from unimm.train import trainer
@@ -54,10 +56,11 @@ def files(tmp_path_factory):
                                                     data_dir)
   spiece = test_pretokenize.make_text_tokenizer(str(root / "spiece"))
   out = str(root / "data")
+  tokenizer = api.load_tokenizer(workdir)
   for split, num in (("train", 64), ("validation", 16)):
-    pretokenize.pretokenize(workdir, spiece, "shapes_small", split, out,
+    pretokenize.pretokenize(tokenizer, spiece, "shapes_small", split, out,
                             TEXT_LENGTH, num_examples=num, batch_size=32,
-                            data_dir=data_dir)
+                            data_dir=data_dir, tokenizer_workdir=workdir)
   return dict(tokenizer_workdir=workdir, pretokenized_dir=out)
 
 
@@ -135,7 +138,7 @@ def test_cfg_dropout_rate_and_rows():
   b, s = 4000, 6
   text = jnp.asarray(np.random.default_rng(0).integers(3, 50, (b, s)),
                      jnp.int32)
-  uncond = jnp.asarray(parti_task.unconditional_text_ids(1, s))
+  uncond = jnp.asarray(text_to_image.unconditional_text_ids(1, s))
   assert uncond.tolist() == [1, 0, 0, 0, 0, 0]
   out, dropped = parti_task.apply_cfg_dropout(text, jax.random.PRNGKey(0),
                                               0.5, uncond)
@@ -187,24 +190,34 @@ SAMPLING = dict(cfg_scale=4.0, batch_size=8)
 
 
 def test_sample_shapes_dtype_and_determinism(task, params):
-  images = task.sample(params, PROMPTS, seed=0, **SAMPLING)
+  compiled = text_to_image._jitted_sample.cache_info  # pylint: disable=protected-access
+  sampler = task.sampler(params)
+  images = sampler.sample(PROMPTS, seed=0, **SAMPLING)
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(
-      images, task.sample(params, PROMPTS, seed=0, **SAMPLING))
-  ids0 = task.sample_ids(params, PROMPTS, seed=0, **SAMPLING)
-  ids1 = task.sample_ids(params, PROMPTS, seed=1, **SAMPLING)
+      images, task.sampler(params).sample(PROMPTS, seed=0, **SAMPLING))
+  ids0 = sampler.sample_ids(PROMPTS, seed=0, **SAMPLING)
+  ids1 = sampler.sample_ids(PROMPTS, seed=1, **SAMPLING)
   assert ids0.shape == (3, GRID * GRID) and ids0.dtype == np.int32
   assert ids0.min() >= 0 and ids0.max() < CODES
   assert not np.array_equal(ids0, ids1)
-  # The images are the frozen tokenizer's decoding of the ids.
-  np.testing.assert_array_equal(
-      images, task.image_tokenizer.decode(ids0.reshape(3, GRID, GRID)))
+  # The images are the frozen tokenizer's decoding of the ids (in one
+  # padded batch of 8: XLA's rounding may differ by batch size).
+  padded = np.concatenate([ids0, np.zeros((5, GRID * GRID), np.int32)])
+  np.testing.assert_array_equal(images, task.image_tokenizer.decode(
+      padded.reshape(8, GRID, GRID))[:3])
   # Batches of 2 prompts (padded to the 8 devices): same shapes, no new
   # compile.
-  assert len(task._sample_fns) == 1  # pylint: disable=protected-access
-  assert task.sample(params, PROMPTS, cfg_scale=4.0,
-                     batch_size=2).shape == (3, 32, 32, 3)
-  assert len(task._sample_fns) == 1  # pylint: disable=protected-access
+  size = compiled().currsize
+  assert sampler.sample(PROMPTS, cfg_scale=4.0,
+                        batch_size=2).shape == (3, 32, 32, 3)
+  assert compiled().currsize == size
+
+
+def no_compile(monkeypatch):
+  def fail(model, sampling):
+    raise AssertionError(f"compiled for {sampling}")
+  monkeypatch.setattr(text_to_image, "_jitted_sample", fail)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -216,40 +229,32 @@ def test_sample_shapes_dtype_and_determinism(task, params):
     (dict(top_p=0.0), "top_p must be in"),
     (dict(temperature=-0.5), "temperature must be >= 0"),
 ])
-def test_bad_inputs_fail_before_compiling(files, params, kwargs, match):
-  task = ParTask(tiny_config(**files))
-
-  def no_compile(sampling):
-    raise AssertionError(f"compiled for {sampling}")
-
-  task._sample_fn = no_compile  # pylint: disable=protected-access
+def test_bad_inputs_fail_before_compiling(task, params, kwargs, match,
+                                          monkeypatch):
+  no_compile(monkeypatch)
   kwargs = {"prompts": PROMPTS, **kwargs}
   with pytest.raises(ValueError, match=match):
-    task.sample(params, **kwargs)
+    task.sampler(params).sample(**kwargs)
 
 
-def test_a_batch_too_big_for_memory_fails_early(task, params):
-  def no_compile(sampling):
-    raise AssertionError(f"compiled for {sampling}")
-
-  task = ParTask(task.config)
-  task._sample_fn = no_compile  # pylint: disable=protected-access
+def test_a_batch_too_big_for_memory_fails_early(task, params, monkeypatch):
+  no_compile(monkeypatch)
   with pytest.raises(ValueError, match=r"needs about [\d.]+ GiB .* free; "
                      "lower batch_size"):
-    task.sample(params, ["a red circle"] * 10**7, batch_size=10**7,
-                cfg_scale=2.0)
+    task.sampler(params).sample(["a red circle"] * 10**7, batch_size=10**7,
+                                cfg_scale=2.0)
 
 
 def test_long_prompts_are_truncated_and_warned(task, params):
   long = " ".join(["a red circle"] * 20)
-  ids = task.sample_ids(params, [long, "a red circle"], **SAMPLING)
+  ids = task.sampler(params).sample_ids([long, "a red circle"], **SAMPLING)
   assert ids.shape == (2, GRID * GRID)
 
 
 def test_estimate_grows_with_batch_and_cache():
   model = ParTask(parti_shapes.get_config()).model
-  one = parti_task.estimate_sampling_bytes(model, 1)
-  assert parti_task.estimate_sampling_bytes(model, 10) == 10 * one
+  one = text_to_image.estimate_sampling_bytes(model, 1)
+  assert text_to_image.estimate_sampling_bytes(model, 10) == 10 * one
   # The KV cache alone: 2 (k, v) x layers x (64 + 24) positions x heads x dim.
   assert one >= 2 * 4 * 88 * 4 * 32 * 4
 

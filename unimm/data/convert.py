@@ -1,9 +1,11 @@
 r"""Own images + captions -> an ArrayRecord data set that the pipelines read.
 
-  python -m unimm.data.convert --out DIR --image_size 256 \
+  python -m unimm.tools.convert --out DIR --image_size 256 \
       --images_dir IMAGES --captions captions.jsonl [--split train]
-  python -m unimm.data.convert --out DIR --image_size 256 \
+  python -m unimm.tools.convert --out DIR --image_size 256 \
       --tar_shards 'shards/*.tar' [--num_shards 64] [--split validation]
+
+(unimm/tools/convert.py; it calls `convert(out=DIR, image_size=256, ...)`).
 
 Then train with config.data.source=DIR (and config.data.image_size=256).
 
@@ -38,16 +40,18 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import tarfile
 import time
 from typing import Any, Iterable, Iterator
 
-from absl import app
-from absl import flags
-from absl import logging
+from array_record.python import array_record_module
+import numpy as np
 from PIL import Image
 from PIL import ImageOps
+import tensorflow_datasets as tfds
+
+from unimm.evaluation.reports import write_json
+from unimm.progress import Progress
 
 DATASET_NAME = "unimm_image_text"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -80,7 +84,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_uint8(image: Image.Image):
-  import numpy as np  # pylint: disable=g-import-not-at-top
   array = np.asarray(image, dtype=np.float64)
   high = array.max() if array.size else 0.0
   scale = 255.0 / (65535.0 if high > 255 else 255.0)
@@ -183,8 +186,15 @@ def _is_unsafe_member(name: str) -> bool:
       len(name) > 1 and name[1] == ":")
 
 
+class _BytesRead:
+  """Bytes of the tar shards read so far (for the fraction done)."""
+
+  def __init__(self):
+    self.base = self.done = 0
+
+
 def _tar_samples(paths: list[str], stats: Stats,
-                 progress: "_Progress") -> Iterator[tuple]:
+                 read: _BytesRead) -> Iterator[tuple]:
   """(name, image bytes, caption) per complete KEY.{image,txt} pair."""
   for path in paths:
     pending = {}  # key -> {"image": (name, bytes), "caption": str}
@@ -192,7 +202,7 @@ def _tar_samples(paths: list[str], stats: Stats,
       with open(path, "rb") as file, tarfile.open(fileobj=file,
                                                   mode="r|*") as tar:
         for member in tar:
-          progress.bytes_done = progress.bytes_base + file.tell()
+          read.done = read.base + file.tell()
           name = member.name
           if _is_unsafe_member(name):
             stats.skip(f"{path}:{name}", "unsafe member name")
@@ -226,8 +236,8 @@ def _tar_samples(paths: list[str], stats: Stats,
         stats.skip(f"{path}:{sample['image'][0]}", "image without caption")
       else:
         stats.skip(f"{path}:{key}.txt", "caption without image")
-    progress.bytes_base += os.path.getsize(path)
-    progress.bytes_done = progress.bytes_base
+    read.base += os.path.getsize(path)
+    read.done = read.base
 
 
 def _convert_sample(sample: tuple, image_size: int, image_format: str):
@@ -258,43 +268,6 @@ def _convert_batch(samples: list[tuple], image_size: int,
   return [_convert_sample(s, image_size, image_format) for s in samples]
 
 
-class _Progress:
-  """Logs rate and ETA every `every` samples and at most every 30 s."""
-
-  def __init__(self, every: int, total_samples: int | None = None,
-               total_bytes: int | None = None):
-    self.every, self.total_samples, self.total_bytes = (
-        every, total_samples, total_bytes)
-    self.bytes_base = self.bytes_done = 0
-    self.start = self.last_log = time.time()
-    self.last_count = 0
-
-  def update(self, count: int, force: bool = False) -> None:
-    now = time.time()
-    if not force and count - self.last_count < self.every and (
-        now - self.last_log < 30 or count == self.last_count):
-      return
-    self.last_log, self.last_count = now, count
-    elapsed = max(now - self.start, 1e-6)
-    fraction = None
-    if self.total_samples:
-      fraction = count / self.total_samples
-    elif self.total_bytes:
-      fraction = self.bytes_done / self.total_bytes
-    eta = "?"
-    if fraction:
-      eta = _format_seconds(elapsed * (1 - fraction) / fraction)
-    percent = f" ({100 * fraction:.1f}%)" if fraction is not None else ""
-    logging.info("Processed %d images%s, %.1f images/s, elapsed %s, ETA %s.",
-                 count, percent, count / elapsed, _format_seconds(elapsed),
-                 eta)
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _batches(iterable: Iterable, size: int) -> Iterator[list]:
   batch = []
   for item in iterable:
@@ -312,7 +285,6 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 
 
 def _features(image_size: int, image_format: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.features.FeaturesDict({
       "image": tfds.features.Image(shape=(image_size, image_size, 3),
                                    encoding_format=image_format),
@@ -333,15 +305,12 @@ def _split_files(out: str, split: str) -> list[str]:
 def _existing_image_size(out: str) -> int | None:
   if not os.path.isfile(os.path.join(out, "features.json")):
     return None
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeatureConnector.from_config(out)
   return features["image"].shape[0]
 
 
 def _write_metadata(out: str, image_size: int, image_format: str) -> None:
   """dataset_info.json + features.json for every split present in `out`."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   split_names = sorted({
       f.split("-")[1].split(".")[0] for f in os.listdir(out)
       if f.startswith(DATASET_NAME + "-") and ".array_record-" in f})
@@ -359,7 +328,7 @@ def _write_metadata(out: str, image_size: int, image_format: str) -> None:
   tfds.folder_dataset.write_metadata(
       data_dir=out, features=_features(image_size, image_format),
       split_infos=split_infos, check_data=False,
-      description="Images and captions converted by unimm.data.convert.")
+      description="Images and captions converted by unimm.tools.convert.")
 
 
 def convert(*, out: str, image_size: int, split: str = "train",
@@ -367,7 +336,11 @@ def convert(*, out: str, image_size: int, split: str = "train",
             tar_shards: str | None = None, num_shards: int = 1,
             num_workers: int = 0, image_format: str = "jpeg",
             progress_every: int = 1000) -> dict[str, Any]:
-  """Converts one split into `out`; returns (and writes) the summary."""
+  """Converts one split into `out`; returns (and writes) the summary.
+
+  Progress (rate, ETA) is logged every 10 s and every `progress_every`
+  images.
+  """
   if (captions is None) == (tar_shards is None):
     raise ValueError("Give exactly one input: --captions (with --images_dir) "
                      "or --tar_shards.")
@@ -386,23 +359,25 @@ def convert(*, out: str, image_size: int, split: str = "train",
         f"{out} already holds {existing}x{existing} images; convert with "
         f"--image_size {existing} or into another --out directory.")
 
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   features = _features(image_size, image_format)
   stats = Stats()
   start = time.time()
   referenced: set[str] = set()
+  read, total_bytes = _BytesRead(), 0
   if captions is not None:
     with open(captions, encoding="utf-8") as f:
       total = sum(1 for line in f if line.strip())
-    progress = _Progress(progress_every, total_samples=total)
     samples = _jsonl_samples(captions, images_dir, stats, referenced)
   else:
     paths = sorted(glob.glob(tar_shards))
     if not paths:
       raise ValueError(f"--tar_shards={tar_shards!r} matches no file.")
-    progress = _Progress(progress_every,
-                         total_bytes=sum(os.path.getsize(p) for p in paths))
-    samples = _tar_samples(paths, stats, progress)
+    total, total_bytes = None, sum(os.path.getsize(p) for p in paths)
+    samples = _tar_samples(paths, stats, read)
+  # Tar shards: the number of images is unknown; the bytes read give the
+  # fraction done.
+  progress = Progress(total, what="Processed images",
+                      every_items=progress_every)
 
   tmp_dir = os.path.join(out, f".tmp-{split}")
   shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -435,7 +410,9 @@ def convert(*, out: str, image_size: int, split: str = "train",
               features.serialize_example({"image": encoded,
                                           "caption": caption}))
           stats.converted += 1
-      progress.update(stats.converted + stats.skipped)
+      progress.update(stats.converted + stats.skipped,
+                      fraction=read.done / total_bytes if total_bytes
+                      else None)
   finally:
     if pool is not None:
       pool.shutdown()
@@ -443,7 +420,7 @@ def convert(*, out: str, image_size: int, split: str = "train",
       writer.close()
   if images_dir is not None and captions is not None:
     _unreferenced_images(images_dir, referenced, stats)
-  progress.update(stats.converted + stats.skipped, force=True)
+  progress.finish(stats.converted + stats.skipped)
 
   if stats.converted:
     for old in _split_files(out, split):
@@ -466,69 +443,4 @@ def convert(*, out: str, image_size: int, split: str = "train",
       "first_skipped": stats.first_skipped,
       "seconds": round(time.time() - start, 2),
   }
-  with open(os.path.join(out, "convert_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
-
-
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------
-
-
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The CLI flags (defined only when run as a program, or by tests)."""
-  flags.DEFINE_string("out", None, "Output directory.", flag_values=flag_values)
-  flags.DEFINE_integer("image_size", None, "Output images are square, this "
-                       "many pixels a side.", flag_values=flag_values)
-  flags.DEFINE_string("images_dir", None, "Root of relative image paths in "
-                      "--captions.", flag_values=flag_values)
-  flags.DEFINE_string("captions", None, 'JSON lines {"image": path, '
-                      '"caption": text}.', flag_values=flag_values)
-  flags.DEFINE_string("tar_shards", None, "Glob of webdataset tar shards.",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("num_shards", 16, "Output ArrayRecord shards.",
-                       flag_values=flag_values)
-  flags.DEFINE_string("split", "train", "Split name to write.",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Image decoding "
-                       "processes (0 = in this process).",
-                       flag_values=flag_values)
-  flags.DEFINE_enum("image_format", "jpeg", ["jpeg", "png"], "Stored "
-                    "encoding (jpeg: quality 95).", flag_values=flag_values)
-  flags.DEFINE_integer("progress_every", 1000, "Log progress every N images.",
-                       flag_values=flag_values)
-  flags.mark_flags_as_required(["out", "image_size"], flag_values=flag_values)
-
-
-def run(flag_values: flags.FlagValues = flags.FLAGS) -> int:
-  """Runs the conversion from parsed flags; prints the summary."""
-  summary = convert(
-      out=flag_values.out, image_size=flag_values.image_size,
-      split=flag_values.split, images_dir=flag_values.images_dir,
-      captions=flag_values.captions, tar_shards=flag_values.tar_shards,
-      num_shards=flag_values.num_shards, num_workers=flag_values.num_workers,
-      image_format=flag_values.image_format,
-      progress_every=flag_values.progress_every)
-  print(json.dumps(summary, indent=2))
-  if not summary["converted"]:
-    print("No image was converted; see first_skipped above.", file=sys.stderr)
-    return 1
-  return 0
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  try:
-    return run()
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  return write_json(os.path.join(out, "convert_summary.json"), summary)

@@ -58,11 +58,14 @@ the pair (last token of a document, BOS of the next).
 
 Pre-tokenize (one ArrayRecord record per packed row, SPLIT.json metadata):
 
-  python -m unimm.data.interleaved --tokenizer_workdir WORKDIRS/tokenizer \
+  python -m unimm.tools.pack_interleaved \
+      --tokenizer_workdir WORKDIRS/tokenizer \
       --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
       --split train --num_documents 100000 --length 512
 
-and read batches with `packed_dataset(out_dir, split, batch_size=...)`.
+(unimm/tools/pack_interleaved.py: `write_interleaved(tokenizer, ...)` with
+the tokenizer that workdir holds), and read batches with
+`packed_dataset(out_dir, split, batch_size=...)`.
 The text tokenizer should be trained on these documents' texts (captions
 and instructions: `document_texts`); unknown pieces are counted in the
 metadata.
@@ -71,10 +74,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,9 +83,13 @@ from absl import logging
 from flax import serialization
 import numpy as np
 
+from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
+from unimm.evaluation.reports import write_report
 from unimm.models import vocab as vocab_lib
+from unimm.progress import Progress
+from unimm.tokenizers import text as text_lib
 
 KINDS = ("caption_image", "image_caption", "edit")
 EDIT_OPS = ("move", "recolor", "reshape", "resize", "add", "remove")
@@ -519,31 +524,10 @@ def tokenize_documents(documents: Sequence[Document], text_tokenizer,
         f"The text tokenizer has {text_tokenizer.vocab_size} ids but the "
         f"layout holds {layout.text_vocab_size}; build the layout from the "
         "tokenizer (VocabLayout(text_tokenizer.vocab_size, num_codes)).")
-  texts = [s for d in documents for s in d.segments if isinstance(s, str)]
-  scenes = [s for d in documents for s in d.segments
-            if not isinstance(s, str)]
-  text_ids = text_tokenizer.pieces(texts) if texts else []
-  spans: list[np.ndarray] = []
-  if scenes:
-    images = np.stack([shapes.render(s, image_size) for s in scenes])
-    codes = np.asarray(image_ids_fn(images))  # [N, h, w]
-    if codes.ndim != 3 or len(codes) != len(scenes):
-      raise ValueError(
-          f"image_ids_fn returned shape {codes.shape} for {len(scenes)} "
-          "images; expected [N, h, w] ids (e.g. Tokenizer.encode).")
-    spans = [layout.image_span(c) for c in codes]
-  texts_iter, spans_iter = iter(text_ids), iter(spans)
-  tokens = []
-  for document in documents:
-    parts = [np.array([vocab_lib.BOS], np.int32)]
-    for segment in document.segments:
-      if isinstance(segment, str):
-        parts.append(layout.text_to_joint(next(texts_iter)))
-      else:
-        parts.append(next(spans_iter))
-    parts.append(np.array([vocab_lib.EOS], np.int32))
-    tokens.append(np.concatenate(parts))
-  return tokens
+  rendered = [[s if isinstance(s, str) else shapes.render(s, image_size)
+               for s in d.segments] for d in documents]
+  return vocab_lib.encode_documents(rendered, layout, text_tokenizer.pieces,
+                                    image_ids_fn)
 
 
 def tokenize_document(document: Document, text_tokenizer,
@@ -655,19 +639,21 @@ def parse_row(record: bytes) -> dict[str, np.ndarray]:
           for k in ("tokens", "segment_ids", "documents")}
 
 
-def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
+def write_interleaved(tokenizer, text_tokenizer_path: str,
                       out_dir: str, split: str, num_documents: int,
                       length: int, *, seed: int | None = None,
                       kinds: Sequence[str] = KINDS,
                       weights: Sequence[float] | None = None,
                       documents_per_batch: int = 1024,
                       encode_batch_size: int = 256,
-                      records_per_shard: int = pretokenize.RECORDS_PER_SHARD
-                      ) -> dict[str, Any]:
+                      records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
+                      tokenizer_workdir: str = "") -> dict[str, Any]:
   """Writes documents 0..N-1 of `split`, tokenized and packed, to out_dir.
 
   Args:
-    tokenizer_workdir: a trained ViT-VQGAN workdir (unimm.load_tokenizer).
+    tokenizer: the frozen image tokenizer (unimm.load_tokenizer(workdir), or
+      anything with encode(uint8 [B, S, S, 3]) -> ids [B, h, w], image_size,
+      grid, num_codes and step).
     text_tokenizer_path: a SentencePiece .model (trained on document_texts).
     out_dir: output directory (this split's shards and SPLIT.json replaced).
     split: split name; its documents are stream `seed`.
@@ -679,13 +665,12 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
       packed together; rows never span two batches.
     encode_batch_size: images per encoder call (fixed: one compile).
     records_per_shard: packed rows per ArrayRecord shard.
+    tokenizer_workdir: where the tokenizer was loaded from, recorded in the
+      metadata.
 
   Returns:
     The metadata (also written to out_dir/SPLIT.json).
   """
-  from unimm import api  # pylint: disable=g-import-not-at-top
-  from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
-
   if seed is None:
     if split not in SPLIT_SEEDS:
       raise ValueError(f"Split {split!r} has no default seed (those are "
@@ -699,13 +684,13 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
   kinds, p = _check_kinds(kinds, weights)
   weights = None if weights is None else [float(w) for w in weights]
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
-  tokenizer = api.load_tokenizer(tokenizer_workdir)
   layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
                                  tokenizer.num_codes)
   image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
       tokenizer, images, encode_batch_size)
 
-  progress = pretokenize.Progress(num_documents, what="documents")
+  progress = Progress(num_documents, what="interleaved documents",
+                      every_seconds=5.0)
   kind_counts = collections.Counter()
   num_tokens = max_document_length = num_unknown = num_rows = 0
   logging.info("Writing %d interleaved documents (%s) of %s into %s, rows of "
@@ -730,7 +715,6 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
       num_unknown += sum(int((t == layout.text_offset
                               + text_tokenizer.unk_id).sum()) for t in tokens)
       progress.update(indices.stop)
-  progress.update(num_documents, force=True)
   names = writer.commit()
   with open(os.path.join(out_dir, pretokenize.TEXT_TOKENIZER_FILE), "wb") as f:
     f.write(text_tokenizer.model_proto)
@@ -767,12 +751,12 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
       "image_size": int(tokenizer.image_size),
       "text_tokenizer": os.path.abspath(text_tokenizer_path),
       "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
-      "tokenizer_workdir": os.path.abspath(tokenizer_workdir),
+      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
+                            if tokenizer_workdir else ""),
       "tokenizer_step": int(tokenizer.step),
-      "seconds": round(time.monotonic() - progress.start, 3),
+      "seconds": round(progress.elapsed_seconds, 3),
   }
-  with open(pretokenize.metadata_path(out_dir, split), "w") as f:
-    json.dump(metadata, f, indent=2)
+  write_report(pretokenize.metadata_path(out_dir, split), metadata)
   logging.info("Wrote %d documents in %d rows of %d tokens (fill %.3f) to "
                "%s.", num_documents, num_rows, length, metadata["fill"],
                out_dir)
@@ -782,20 +766,20 @@ def write_interleaved(tokenizer_workdir: str, text_tokenizer_path: str,
 def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
   """The metadata of a split written by write_interleaved."""
   metadata = pretokenize.load_metadata(out_dir, split,
-                                       command="unimm.data.interleaved")
+                                       command="unimm.tools.pack_interleaved")
   found = str(metadata.get("format"))
   if found != FORMAT and found.startswith("unimm_interleaved/"):
     raise ValueError(
         f"{pretokenize.metadata_path(out_dir, split)!r} holds interleaved "
         f"rows of an older format ({found!r}; this unimm reads {FORMAT!r}: "
         "image-to-text documents now ask for their caption); re-pack them "
-        "with `python -m unimm.data.interleaved`.")
+        "with `python -m unimm.tools.pack_interleaved`.")
   if found != FORMAT:
     raise ValueError(
         f"{pretokenize.metadata_path(out_dir, split)!r} has format "
         f"{metadata.get('format')!r}, not interleaved rows ({FORMAT!r}); "
         "point config.data.packed_dir at a directory written by "
-        "`python -m unimm.data.interleaved`.")
+        "`python -m unimm.tools.pack_interleaved`.")
   return metadata
 
 
@@ -816,71 +800,12 @@ def packed_dataset(out_dir: str, split: str = "train", *, batch_size: int,
   Sharded per host, shuffled per epoch and checkpointable, through
   unimm.data.pipeline.batched_dataset; see it for the arguments.
   """
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   metadata = load_metadata(out_dir, split)
   source = pretokenize.shard_source(out_dir, split, metadata,
                                     metadata["num_rows"],
-                                    command="unimm.data.interleaved")
+                                    command="unimm.tools.pack_interleaved")
   return pipeline.batched_dataset(
       source, batch_size=batch_size, shuffle=shuffle, seed=seed,
       num_epochs=num_epochs, process_index=process_index,
       process_count=process_count, transform=_as_batch_arrays,
       drop_remainder=drop_remainder, worker_count=worker_count)
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-
-
-def _define_flags(flag_values=None):
-  """The CLI's flags, in flag_values (default: absl's global FLAGS)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  kw = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
-  flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained "
-                      "ViT-VQGAN (config.task vit_vqgan).", required=True,
-                      **kw)
-  flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
-                      required=True, **kw)
-  flags.DEFINE_string("out", None, "Output directory.", required=True, **kw)
-  flags.DEFINE_string("split", "train", "Split name.", **kw)
-  flags.DEFINE_integer("num_documents", None, "Documents to write.",
-                       required=True, **kw)
-  flags.DEFINE_integer("length", None, "Tokens per packed row "
-                       "(config.model.max_len).", required=True, **kw)
-  flags.DEFINE_integer("seed", None, "Document stream (default: train 0, "
-                       "validation 1, test 2).", **kw)
-  flags.DEFINE_list("kinds", list(KINDS), "Document kinds.", **kw)
-  flags.DEFINE_list("weights", None, "Weights of --kinds (default uniform).",
-                    **kw)
-  flags.DEFINE_integer("documents_per_batch", 1024, "Documents tokenized and "
-                       "packed together.", **kw)
-  flags.DEFINE_integer("encode_batch_size", 256, "Images per encoder call.",
-                       **kw)
-  flags.DEFINE_integer("records_per_shard", pretokenize.RECORDS_PER_SHARD,
-                       "Packed rows per ArrayRecord shard.", **kw)
-
-
-def main(argv, flag_values=None):
-  """Runs write_interleaved from parsed flags (default: absl's FLAGS)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  f = flags.FLAGS if flag_values is None else flag_values
-  weights = None if f.weights is None else [float(w) for w in f.weights]
-  metadata = write_interleaved(
-      f.tokenizer_workdir, f.text_tokenizer, f.out, f.split,
-      f.num_documents, f.length, seed=f.seed, kinds=f.kinds,
-      weights=weights, documents_per_batch=f.documents_per_batch,
-      encode_batch_size=f.encode_batch_size,
-      records_per_shard=f.records_per_shard)
-  print(json.dumps(metadata, indent=1))
-  return metadata
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from unimm import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory()
-  _define_flags()
-  app.run(lambda argv: main(argv) and None)  # exit status 0, not the dict

@@ -14,12 +14,11 @@ only on (seed, process_index, process_count), never on worker count.
 data set, built offline on first use), "shapes_small" (its 512-example
 variant for tests and smoke runs), "shapes_large" (500,000 training
 examples at 32 px, for long text-to-image runs), or a directory written by
-`python -m unimm.data.convert`. `batched_dataset` is the generic part, for
+`python -m unimm.tools.convert`. `batched_dataset` is the generic part, for
 any random-access source (e.g. pre-tokenised shards).
 """
 import functools
 import os
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -29,6 +28,8 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from unimm.data import convert
+from unimm.data import tfds_shapes
+from unimm.progress import Progress
 
 # Source name -> unimm_shapes variant (tfds_shapes.VARIANTS).
 SHAPES_SOURCES = {"shapes": "", "shapes_small": "small",
@@ -65,7 +66,8 @@ class InMemorySource:
 
   def __init__(self, source, transform: Callable[[Any], Any] | None = None,
                *, name: str = "data", chunk: int = 1024):
-    total, start, records = len(source), time.monotonic(), []
+    total, records = len(source), []
+    progress = Progress(total, what=f"{name}: records read into memory")
     read = getattr(source, "__getitems__", None)
     for low in range(0, total, chunk):
       indices = list(range(low, min(total, low + chunk)))
@@ -73,11 +75,7 @@ class InMemorySource:
                        else [source[i] for i in indices])
       records.extend(chunk_records if transform is None
                      else [transform(r) for r in chunk_records])
-      done = len(records)
-      if done == total or done // chunk % 10 == 0:
-        elapsed = time.monotonic() - start
-        logging.info("%s: read %d/%d records into memory, ETA %.0f s.",
-                     name, done, total, elapsed / done * (total - done))
+      progress.update(len(records))
     self._records = records
 
   def __len__(self) -> int:
@@ -198,8 +196,6 @@ def image_text_source(source: str, split: str, *, image_size: int,
                       data_dir: str | None = None):
   """(random-access TFDS data source, stored image size) for `source`."""
   if source in SHAPES_SOURCES:
-    # Imported here: reading converted data needs no shapes renderer.
-    from unimm.data import tfds_shapes  # pylint: disable=g-import-not-at-top
     variant = SHAPES_SOURCES[source]
     name = f"{tfds_shapes.NAME}/{tfds_shapes.config_name(image_size, variant)}"
     data_dir = tfds_shapes.build_shapes(image_size, data_dir, variant=variant)
@@ -212,7 +208,7 @@ def image_text_source(source: str, split: str, *, image_size: int,
       raise ValueError(
           f"config.data.source={source!r} is neither one of "
           f"{sorted(SHAPES_SOURCES)} nor a directory written by "
-          "`python -m unimm.data.convert --out DIR ...`.")
+          "`python -m unimm.tools.convert --out DIR ...`.")
     builder = tfds.builder_from_directory(source)
     _check_split(builder, split, source)
     data_source = builder.as_data_source(split=split)

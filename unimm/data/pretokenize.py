@@ -1,8 +1,11 @@
 r"""Pre-tokenization: encode a data set's images once with a frozen tokenizer.
 
-  python -m unimm.data.pretokenize --tokenizer_workdir WORKDIRS/tokenizer \
+  python -m unimm.tools.pretokenize --tokenizer_workdir WORKDIRS/tokenizer \
       --text_tokenizer WORKDIRS/spiece.model --source shapes --split train \
       --out WORKDIRS/pretokenized [--text_length 24] [--num_examples N]
+
+(unimm/tools/pretokenize.py; it calls `pretokenize(tokenizer, ...)` with the
+tokenizer that workdir holds).
 
 Parti and the interleaved model train on image ids, not pixels (as Parti,
 DALL-E mini and LlamaGen do): the ViT-VQGAN encodes every image once here,
@@ -27,13 +30,18 @@ stores arrays as dtype + shape + raw bytes and never unpickles):
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 from absl import logging
+from array_record.python import array_record_module
 from flax import serialization
 import grain
 import numpy as np
+
+from unimm.data import pipeline
+from unimm.evaluation.reports import write_report
+from unimm.progress import Progress
+from unimm.tokenizers import text as text_lib
 
 RECORDS_PER_SHARD = 10_000
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
@@ -64,36 +72,6 @@ def parse_example(record: bytes) -> dict[str, Any]:
           "caption": str(example["caption"])}
 
 
-class Progress:
-  """Logs done/total, rate and ETA at most every `every_seconds`."""
-
-  def __init__(self, total: int, every_seconds: float = 5.0,
-               what: str = "examples"):
-    self.total, self.every, self.what = total, every_seconds, what
-    self.start = self.last = time.monotonic()
-    self.logged = -1  # the count last logged
-
-  def update(self, done: int, force: bool = False) -> None:
-    now = time.monotonic()
-    if done == self.logged or (not force and now - self.last < self.every):
-      return
-    self.last, self.logged = now, done
-    elapsed = max(now - self.start, 1e-9)
-    rate = done / elapsed
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
-    logging.info("Pre-tokenized %d/%d %s (%.1f%%), %.1f %s/s, elapsed %s, "
-                 "ETA %s.", done, self.total, self.what,
-                 100.0 * done / max(self.total, 1), rate, self.what,
-                 _hms(elapsed), _hms(eta))
-
-
-def _hms(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class ShardWriter:
   """Writes records in order into ArrayRecord shards of `records_per_shard`.
 
@@ -113,9 +91,6 @@ class ShardWriter:
     self.tmp_dir = os.path.join(out_dir, f".tmp-{split}")
     self.num_records = 0
     self._writer = None
-    # Imported here: reading shards does not need the writer.
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    self._array_record = array_record_module
     self._tmp_names: list[str] = []
     os.makedirs(out_dir, exist_ok=True)
     shutil.rmtree(self.tmp_dir, ignore_errors=True)
@@ -126,7 +101,7 @@ class ShardWriter:
       self._close_shard()
       name = f"{len(self._tmp_names):05d}.array_record"
       self._tmp_names.append(name)
-      self._writer = self._array_record.ArrayRecordWriter(
+      self._writer = array_record_module.ArrayRecordWriter(
           os.path.join(self.tmp_dir, name), "group_size:1")
     self._writer.write(record)
     self.num_records += 1
@@ -183,20 +158,22 @@ def encode_images(tokenizer, images: np.ndarray, batch_size: int
   return np.concatenate(out).astype(np.int32)
 
 
-def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
+def pretokenize(tokenizer, text_tokenizer_path: str,
                 source: str, split: str, out_dir: str, text_length: int,
                 num_examples: int | None = None, batch_size: int = 256,
                 *, image_size: int | None = None,
                 data_dir: str | None = None,
-                records_per_shard: int = RECORDS_PER_SHARD
-                ) -> dict[str, Any]:
+                records_per_shard: int = RECORDS_PER_SHARD,
+                tokenizer_workdir: str = "") -> dict[str, Any]:
   """Encodes `split` of `source` once; writes shards + metadata to out_dir.
 
   Args:
-    tokenizer_workdir: a trained ViT-VQGAN workdir (unimm.load_tokenizer).
+    tokenizer: the frozen image tokenizer (unimm.load_tokenizer(workdir), or
+      anything with encode(uint8 [B, S, S, 3]) -> ids [B, h, w], image_size,
+      grid, num_codes and step).
     text_tokenizer_path: a SentencePiece .model (T5 layout: pad 0, eos 1).
     source: "shapes", "shapes_small", "shapes_large" or a directory from
-      unimm.data.convert.
+      unimm.tools.convert.
     split: the split to encode (e.g. train, validation).
     out_dir: output directory (created; this split's files are replaced).
     text_length: text ids per example (config.model.text_length); longer
@@ -207,15 +184,12 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
       the tokenizer's image size.
     data_dir: TFDS data dir for the shapes sources.
     records_per_shard: examples per ArrayRecord shard.
+    tokenizer_workdir: where the tokenizer was loaded from, recorded in the
+      metadata.
 
   Returns:
     The metadata dict (also written to out_dir/SPLIT.json).
   """
-  # Imported here: reading shards needs neither jax models nor tfds.
-  from unimm import api  # pylint: disable=g-import-not-at-top
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
-
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size}; expected > 0 (--batch_size).")
   if num_examples is not None and num_examples <= 0:
@@ -228,13 +202,14 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
     raise ValueError(
         f"The text tokenizer {text_tokenizer_path!r} pads with id "
         f"{text_tokenizer.pad_id}; Parti masks text id 0 as padding, so "
-        "expected pad_id 0 (train one with unimm.tokenizers.text, T5 layout).")
-  tokenizer = api.load_tokenizer(tokenizer_workdir)
+        "expected pad_id 0 (train one with unimm.tools.train_text_tokenizer, "
+        "T5 layout).")
   image_size = tokenizer.image_size if image_size is None else image_size
   if image_size != tokenizer.image_size:
     raise ValueError(
-        f"--image_size={image_size} but the tokenizer in "
-        f"{tokenizer_workdir!r} encodes {tokenizer.image_size}x"
+        f"--image_size={image_size} but the tokenizer"
+        f"{f' in {tokenizer_workdir!r}' if tokenizer_workdir else ''} "
+        f"encodes {tokenizer.image_size}x"
         f"{tokenizer.image_size} images; pass --image_size "
         f"{tokenizer.image_size} (or omit it).")
 
@@ -250,7 +225,7 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
   num_shards = max(1, -(-total // records_per_shard))
   done, num_truncated = 0, 0
   counts = np.zeros(tokenizer.num_codes, np.int64)
-  progress = Progress(total)
+  progress = Progress(total, what="pre-tokenized examples", every_seconds=5.0)
   logging.info("Pre-tokenizing %d examples of %s/%s into %s (%d shards).",
                total, source, split, out_dir, num_shards)
   with ShardWriter(out_dir, split, records_per_shard) as writer:
@@ -271,7 +246,7 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
       progress.update(done)
       if done >= total:
         break
-    progress.update(done, force=True)
+    progress.finish(done)
     if done == 0:
       raise ValueError(f"{source}/{split} has no examples to pre-tokenize.")
   # Replace this split's old files only once the new ones are complete.
@@ -296,13 +271,13 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
       "num_truncated_captions": int(num_truncated),
       "text_tokenizer": os.path.abspath(text_tokenizer_path),
       "text_tokenizer_copy": TEXT_TOKENIZER_FILE,
-      "tokenizer_workdir": os.path.abspath(tokenizer_workdir),
+      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
+                            if tokenizer_workdir else ""),
       "tokenizer_step": int(tokenizer.step),
       "source": source,
-      "seconds": round(time.monotonic() - progress.start, 3),
+      "seconds": round(progress.elapsed_seconds, 3),
   }
-  with open(metadata_path(out_dir, split), "w") as f:
-    json.dump(metadata, f, indent=2)
+  write_report(metadata_path(out_dir, split), metadata)
   logging.info("Wrote %d examples to %s (codebook usage %.3f, %d captions "
                "truncated).", done, out_dir, metadata["codebook_usage"],
                num_truncated)
@@ -310,7 +285,7 @@ def pretokenize(tokenizer_workdir: str, text_tokenizer_path: str,
 
 
 def load_metadata(out_dir: str, split: str = "train",
-                  command: str = "unimm.data.pretokenize") -> dict[str, Any]:
+                  command: str = "unimm.tools.pretokenize") -> dict[str, Any]:
   """The metadata of a pre-tokenized split; ValueError naming the fix
   (`command` is the module that writes such splits)."""
   path = metadata_path(out_dir, split)
@@ -326,7 +301,7 @@ def load_metadata(out_dir: str, split: str = "train",
 
 
 def shard_source(out_dir: str, split: str, metadata: dict[str, Any],
-                 num_records: int, command: str = "unimm.data.pretokenize"
+                 num_records: int, command: str = "unimm.tools.pretokenize"
                  ) -> grain.sources.ArrayRecordDataSource:
   """Random access over the shards metadata["shards"], checked to exist and
   to hold `num_records` records."""
@@ -366,58 +341,9 @@ def pretokenized_dataset(out_dir: str, *, batch_size: int, shuffle: bool,
   checkpointable (iterator get_state/set_state), through
   unimm.data.pipeline.batched_dataset; see it for the arguments.
   """
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.batched_dataset(
       pretokenized_source(out_dir, split), batch_size=batch_size,
       shuffle=shuffle, seed=seed, num_epochs=num_epochs,
       process_index=process_index, process_count=process_count,
       transform=_as_batch_arrays, drop_remainder=drop_remainder,
       worker_count=worker_count)
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("tokenizer_workdir", None,
-                      "Workdir of a trained ViT-VQGAN (config.task "
-                      "vit_vqgan).", required=True)
-  flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
-                      required=True)
-  flags.DEFINE_string("source", "shapes", "shapes, shapes_small, "
-                      "shapes_large or a directory from unimm.data.convert.")
-  flags.DEFINE_string("split", "train", "Split to encode.")
-  flags.DEFINE_string("out", None, "Output directory.", required=True)
-  flags.DEFINE_integer("text_length", 24, "Text ids per caption "
-                       "(config.model.text_length).")
-  flags.DEFINE_integer("num_examples", None, "Encode only the first N.")
-  flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
-  flags.DEFINE_integer("image_size", None, "Image size (default: the "
-                       "tokenizer's).")
-  flags.DEFINE_string("data_dir", None, "TFDS data dir for shapes sources.")
-  flags.DEFINE_integer("records_per_shard", RECORDS_PER_SHARD,
-                       "Examples per ArrayRecord shard.")
-
-
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  f = flags.FLAGS
-  metadata = pretokenize(
-      f.tokenizer_workdir, f.text_tokenizer, f.source, f.split, f.out,
-      f.text_length, f.num_examples, f.batch_size, image_size=f.image_size,
-      data_dir=f.data_dir, records_per_shard=f.records_per_shard)
-  print(json.dumps(metadata, indent=1))
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from unimm import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory()
-  _define_flags()
-  app.run(main)

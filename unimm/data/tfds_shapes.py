@@ -33,6 +33,10 @@ split is large) and stored in order (`disable_shuffling`), so
 `data_source[split][i]` is reproducible from the seed alone. Splits use
 different seeds, so validation and test are held out from train (the world
 is small, so an individual scene may still repeat by chance).
+
+Build ahead of time (e.g. once into a data_dir shared by all hosts):
+
+  python -m unimm.tools.build_shapes --image_size 32 [--data_dir DIR]
 """
 import concurrent.futures
 import dataclasses
@@ -44,8 +48,6 @@ import os
 import time
 from typing import Any, Iterator
 
-from absl import app
-from absl import flags
 from absl import logging
 from etils import epath
 import numpy as np
@@ -270,32 +272,3 @@ def build_shapes(image_size: int, data_dir: str | None = None, *,
         logging.info("Built %s/%s in %.1fs.", NAME,
                      builder.builder_config.name, time.time() - start)
   return os.fspath(builder.data_dir_root)
-
-
-def main(argv):
-  """python -m unimm.data.tfds_shapes --image_size 32 [--data_dir DIR].
-
-  Builds ahead of time, e.g. once into a data_dir shared by all hosts.
-  """
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  for size in flags.FLAGS.image_size:
-    print(build_shapes(size, flags.FLAGS.data_dir,
-                       variant=flags.FLAGS.variant))
-
-
-def define_flags() -> None:
-  flags.DEFINE_multi_integer("image_size", [32], "Sizes to build.")
-  flags.DEFINE_string("data_dir", None, "Default: $UNIMM_DATA_DIR or "
-                      "~/.cache/unimm/tfds.")
-  flags.DEFINE_enum("variant", "", list(VARIANTS),
-                    "small: the 512-example variants; large: 500,000 "
-                    "training examples (32 px only).")
-
-
-if __name__ == "__main__":
-  # Run the package module's copy: its builder is the registered one.
-  from unimm.data import tfds_shapes as _tfds_shapes  # pylint: disable=g-import-not-at-top
-  _tfds_shapes.define_flags()
-  app.run(_tfds_shapes.main)

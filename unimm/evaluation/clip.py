@@ -31,12 +31,10 @@ import functools
 import json
 import os
 import re
-import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -44,10 +42,12 @@ import jax.numpy as jnp
 # Registers bfloat16 with numpy, for bf16 tensors in safetensors.numpy.
 import ml_dtypes  # noqa: F401  pylint: disable=unused-import
 import numpy as np
+from PIL import Image
 
 from unimm import nn as unn
 from unimm import parallel
 from unimm.nn.attention import dot_product_attention
+from unimm.progress import Progress
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -700,7 +700,6 @@ class ClipPreprocessing:
   def __call__(self, image: Any) -> np.ndarray:
     """One image (uint8 [H, W], [H, W, 1|3|4] or a PIL image) ->
     float32 [crop_h, crop_w, 3]."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     image = _to_rgb(image)  # uint8 [H, W, 3]
     if self.do_resize:
       h, w = image.shape[:2]
@@ -724,7 +723,6 @@ class ClipPreprocessing:
 
 def _to_rgb(image: Any) -> np.ndarray:
   """uint8 [H, W, 3]; alpha composited onto white, as transformers does."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   if isinstance(image, Image.Image):
     if "A" in image.getbands() or image.info.get("transparency") is not None:
       image = image.convert("RGBA")
@@ -772,16 +770,10 @@ def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _batches(n: int, batch_size: int, what: str) -> Iterator[tuple[int, int]]:
   """(start, stop) of each batch, logging progress and an ETA every ~10 s."""
-  start = last = time.time()
+  progress = Progress(n, what=f"CLIP {what}")
   for lo in range(0, n, batch_size):
     yield lo, min(n, lo + batch_size)
-    now = time.time()
-    done = min(n, lo + batch_size)
-    if now - last > 10 or (done == n and now - start > 10):
-      rate = done / (now - start)
-      logging.info("CLIP: %d/%d %s, %.1f/s, ETA %.0f s.", done, n, what,
-                   rate, (n - done) / rate)
-      last = now
+    progress.update(min(n, lo + batch_size))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

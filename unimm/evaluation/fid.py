@@ -25,7 +25,6 @@ import scipy.linalg
 
 from unimm.evaluation.inception import INPUT_SIZE
 from unimm.evaluation.inception import Inception
-from unimm.evaluation.inception import Progress
 from unimm.evaluation.inception import as_rgb_uint8
 from unimm.evaluation.inception import iter_features
 from unimm.evaluation.inception import convert_to_npz  # re-exported
@@ -33,6 +32,7 @@ from unimm.evaluation.inception import inception_features  # re-exported
 from unimm.evaluation.inception import load_inception  # re-exported
 from unimm.evaluation.inception import padded_batches
 from unimm.evaluation.inception import resize_bilinear
+from unimm.progress import Progress
 
 __all__ = [
     "RunningStats", "compute_statistics", "convert_to_npz", "fid_from_images",
@@ -214,17 +214,17 @@ def compute_statistics(net: Inception, source: Any, batch_size: int = 50
       raise ValueError(f"{_TOO_FEW}: {path} has {len(files)} image(s) with "
                        f"extensions {sorted(IMAGE_EXTENSIONS)}.")
     batches = _folder_batches(files, batch_size)
-    progress = Progress(f"FID statistics of {path}", len(files))
+    progress = Progress(len(files), what=f"FID statistics of {path} (images)")
   elif isinstance(source, np.ndarray):
     images = as_rgb_uint8(source)
     if len(images) < 2:
       raise ValueError(f"{_TOO_FEW}: got {len(images)}.")
     batch_size = min(batch_size, len(images))
     batches = _iterator_batches([images], batch_size)
-    progress = Progress("FID statistics", len(images))
+    progress = Progress(len(images), what="FID statistics (images)")
   else:
     batches = _iterator_batches(source, batch_size)
-    progress = Progress("FID statistics", None)
+    progress = Progress(None, what="FID statistics (images)")
   for features in iter_features(net, batches, progress):
     stats.update(features)  # streaming: features are not kept
   return stats.mean, stats.covariance

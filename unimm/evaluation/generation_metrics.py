@@ -20,7 +20,7 @@ errors name them:
                      (pytorch-fid --save-stats, clean-fid), a folder of
                      images (all of them), or SOURCE:SPLIT, a data source of
                      unimm.data.pipeline (shapes, shapes_small or a
-                     unimm.data.convert directory): its first num_images
+                     unimm.tools.convert directory): its first num_images
                      examples in a fixed shuffled order. Computed statistics
                      are cached as workdir/eval/fid_reference_*.npz.
   clip_dir           a Hugging Face CLIP directory (clip.load_clip)
@@ -46,9 +46,12 @@ from absl import logging
 import jax
 import numpy as np
 
+from unimm.data import pipeline
 from unimm.evaluation import clip as clip_lib
 from unimm.evaluation import fid
 from unimm.evaluation import inception
+from unimm.progress import Progress
+from unimm.tokenizers import text as text_lib
 
 SETTINGS = ("inception_weights", "fid_reference", "clip_dir",
             "metrics_prompts", "metrics_num_images")
@@ -69,7 +72,6 @@ def _is_data_spec(value: str) -> bool:
 
 def _parse_data_spec(value: str, name: str) -> tuple[str, str]:
   """(source, split) of "SOURCE:SPLIT"; ValueError naming the setting."""
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   source, split = value.rsplit(":", 1)
   if not split or not (source in pipeline.SHAPES_SOURCES or os.path.isfile(
       os.path.join(source, "dataset_info.json"))):
@@ -77,7 +79,7 @@ def _parse_data_spec(value: str, name: str) -> tuple[str, str]:
         f"{_setting(name)}={value!r} does not exist as a path, and as "
         f"SOURCE:SPLIT its SOURCE is not one of "
         f"{sorted(pipeline.SHAPES_SOURCES)} nor a directory written by "
-        "`python -m unimm.data.convert` (e.g. 'shapes:test').")
+        "`python -m unimm.tools.convert` (e.g. 'shapes:test').")
   return source, split
 
 
@@ -140,7 +142,6 @@ def _read_split(source: str, split: str, num: int, *, image_size: int,
                 batch_size: int, data_dir: str | None):
   """Yields {"image": uint8 [b, S, S, 3], "caption": [b]} batches of the
   first `num` examples of `split` in a fixed shuffled order (DATA_SEED)."""
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
   dataset = pipeline.image_text_dataset(
       source, split, batch_size=batch_size, image_size=image_size,
       shuffle=True, seed=DATA_SEED, num_epochs=1, data_dir=data_dir,
@@ -162,7 +163,6 @@ def load_prompts(metrics_prompts: str, *, num_images: int,
   """The first num_images prompts named by config.eval.metrics_prompts
   (see the module docstring); default_source is the training data's."""
   if metrics_prompts and not _is_data_spec(metrics_prompts):
-    from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
     prompts = text_lib.read_prompts(metrics_prompts)
     where = metrics_prompts
   else:
@@ -295,8 +295,8 @@ def generation_metrics(sample_fn: SampleFn, prompts: Sequence[str], *,
 
   stats, scores = fid.RunningStats(), []
   total = len(prompts)
-  progress = inception.Progress("Generation metrics: sampled and scored",
-                                total)
+  progress = Progress(total, what="Generation metrics: prompts sampled and "
+                      "scored")
   for index, begin in enumerate(range(0, total, batch_size)):
     batch = prompts[begin:begin + batch_size]
     count = len(batch)
@@ -315,7 +315,7 @@ def generation_metrics(sample_fn: SampleFn, prompts: Sequence[str], *,
     if clip_model is not None:
       scores.append(clip_lib.clip_scores(clip_model, images, batch,
                                          batch_size)[:count])
-    progress.update(begin + count, force=begin + count == total)
+    progress.update(begin + count)
 
   result: dict[str, Any] = {}
   if net is not None:

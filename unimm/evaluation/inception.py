@@ -23,16 +23,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unimm.progress import Progress
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -457,36 +457,6 @@ def _pool3(module: FIDInceptionV3, variables, images):
   return module.apply(variables, images)
 
 
-class Progress:
-  """Logs done/total, images/s and ETA at most every `every_seconds`."""
-
-  def __init__(self, what: str, total: int | None,
-               every_seconds: float = 10.0):
-    self.what, self.total, self.every = what, total, every_seconds
-    self.start = self.last = time.monotonic()
-
-  def update(self, done: int, force: bool = False) -> None:
-    now = time.monotonic()
-    if not force and now - self.last < self.every:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    if self.total:
-      eta = (self.total - done) / rate if rate > 0 else float("inf")
-      logging.info("%s: %d/%d images (%.1f%%), %.1f images/s, ETA %s.",
-                   self.what, done, self.total, 100.0 * done / self.total,
-                   rate, _hms(eta))
-    else:
-      logging.info("%s: %d images, %.1f images/s.", self.what, done, rate)
-
-
-def _hms(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def padded_batches(images: np.ndarray, batch_size: int):
   """Yields (batch padded to batch_size, number of real rows)."""
   for start in range(0, len(images), batch_size):
@@ -531,8 +501,8 @@ def iter_features(net: Inception, batches, progress: Progress | None = None):
   if pending is not None:
     yield np.asarray(pending[0])[:pending[1]]
     done += pending[1]
-  if progress and time.monotonic() - progress.start > progress.every:
-    progress.update(done, force=True)  # a closing line for long runs
+  if progress:
+    progress.finish(done)  # a closing line for long runs
 
 
 def inception_features(net: Inception, images: Any, batch_size: int = 50
@@ -548,7 +518,7 @@ def inception_features(net: Inception, images: Any, batch_size: int = 50
     raise ValueError(f"batch_size is {batch_size}; expected >= 1.")
   images = as_rgb_uint8(images)
   batch_size = max(min(batch_size, len(images)), 1)
-  progress = Progress("Inception features", len(images))
+  progress = Progress(len(images), what="Inception features (images)")
   features = list(iter_features(net, padded_batches(images, batch_size),
                                 progress))
   if not features:

@@ -30,11 +30,14 @@ checkpoints document by document.
 import json
 import os
 
+import jax
 import numpy as np
 
 from unimm.data import interleaved as documents_lib
 from unimm.data import shapes
+from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
+from unimm.evaluation import reports
 
 
 def _truth(scene: shapes.Scene) -> probe_lib.PredictedScene:
@@ -170,7 +173,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
         seed=seed + i, temperature=temperature, max_images=1,
         cfg_scale=cfg_scale, image_temperature=image_temperature,
         # After the instruction the model should open the image at once.
-        max_new_tokens=model.task.model.image_length + 8, max_text_tokens=8)
+        max_new_tokens=model.image_length + 8, max_text_tokens=8)
   generated = [next((s for s in out if not isinstance(s, str)), None)
                for out in outputs]
   found = [g is not None for g in generated]
@@ -199,13 +202,14 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   result["reconstructed_edit_accuracy"] = _mean(
       [s["correct"] for s in score_images(expected, reconstructed)])
 
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "verdicts.jsonl"), "w") as f:
-    for verdict in verdicts:
-      f.write(json.dumps(verdict, default=bool) + "\n")  # numpy bools
-  _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
-                  images[:8], samples[:8], prompts[:8],
-                  os.path.join(out_dir, "documents.png"))
+  if jax.process_index() == 0:  # one writer (every process computed these)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "verdicts.jsonl"), "w") as f:
+      for verdict in verdicts:
+        f.write(json.dumps(reports.to_json(verdict)) + "\n")
+    _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
+                    images[:8], samples[:8], prompts[:8],
+                    os.path.join(out_dir, "documents.png"))
   return result
 
 
@@ -213,7 +217,6 @@ def _save_documents(edits, sources, edited, captions, caption_images,
                     samples, prompts, path: str) -> None:
   """PNG: rows of (image, caption), (prompt, sample), (source, instruction,
   generated, expected) examples."""
-  from unimm.train import parti_task  # pylint: disable=g-import-not-at-top
   size = sources.shape[1]
   tiles, texts = [], []
   for image, text in zip(caption_images, captions):
@@ -230,4 +233,4 @@ def _save_documents(edits, sources, edited, captions, caption_images,
   width = max(t.shape[1] for t in tiles)
   padded = [np.pad(t, ((0, height - t.shape[0]), (0, width - t.shape[1]),
                        (0, 0)), constant_values=255) for t in tiles]
-  parti_task.save_sample_grid(padded, texts, path, columns=4, cell=96)
+  grids.save_image_grid(padded, texts, path, columns=4, cell=96)

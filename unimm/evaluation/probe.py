@@ -46,6 +46,7 @@ import scipy.linalg
 
 from unimm.data import shapes
 from unimm.evaluation import fid
+from unimm.progress import Progress
 
 # Bump when the architecture, labels or training recipe change: cached
 # probes of another version are not reused. v2: blur augmentation and 3,000
@@ -503,20 +504,16 @@ def train_probe(num_train: int = 20_000, steps: int = 3000, seed: int = 0,
 
   order = np.random.default_rng([seed, 2])
   batch_size = min(batch_size, len(crops))
-  train_start = time.time()
+  progress = Progress(steps, what="Probe steps")
   for step in range(1, steps + 1):
     index = order.integers(0, len(crops), batch_size)
     params, opt_state, loss, metrics = train_step(
         params, opt_state, crops[index],
         {k: v[index] for k, v in targets.items()},
         jax.random.fold_in(rng, step))
-    if step % log_every == 0 or step == steps:
-      elapsed = time.time() - train_start
-      logging.info(
-          "Probe step %d/%d: loss %.4f (%s), %.1f steps/s, ETA %.0f s.",
-          step, steps, float(loss),
-          ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()),
-          step / elapsed, (steps - step) * elapsed / step)
+    if step % log_every == 0 or step == steps:  # float(loss) waits for it
+      progress.update(step, force=True, extra=f"loss {float(loss):.4f} (" + (
+          ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items())) + ")")
   logging.info("Probe: trained in %.1f s.", time.time() - start)
   return Probe(net, params)
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import numpy as np
 
 from unimm import nn as unn
+from unimm.sampling import sampler as samp
 
 PAD_ID = 0  # = VocabLayout.PAD
 
@@ -269,7 +270,6 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   text dropped, as trained (config.loss.drop_text_rate). Text phases sample
   from the conditional half only; image phases mix both halves' logits.
   """
-  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
   guided = image_sampling.cfg_scale is not None
   text_allowed, image_allowed, drop_ids = (
       jnp.asarray(m, bool) for m in (text_allowed, image_allowed, drop_ids))
@@ -408,7 +408,6 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
 def _jitted_beam(model: "InterleavedLM", beam_size: int, max_tokens: int,
                  stop_ids, allowed, pad_id: int):
   """beam_search_text's one compiled program: prefill, then beam_decode."""
-  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
   allowed = jnp.asarray(allowed, bool)
   step = _step_fn(model)
 

@@ -5,7 +5,6 @@ Content-Rich Text-to-Image Generation", §2.2), built from the shared stack.
 Decoder vocabulary: the tokenizer's `image_vocab_size` codes plus one BOS id
 (= image_vocab_size) that starts every image. Logits cover the codes only.
 """
-import dataclasses
 import math
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 
 from unimm import nn as unn
 from unimm.models import t5 as t5_lib
+from unimm.sampling import sampler as samp
 
 # Parti Table 1 (encoder layers, decoder layers, model dim, mlp dim, heads),
 # plus CPU sizes for the shapes world.
@@ -260,7 +260,6 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   [B, S] (the dropped-text prompt used in training) forms the second half
   of a doubled batch. Call under jax.jit: one compiled program.
   """
-  from unimm.sampling import sampler as samp  # pylint: disable=g-import-not-at-top
   b = text_ids.shape[0]
   if sampling.cfg_scale is not None:
     if uncond_text_ids is None:

@@ -30,7 +30,7 @@ EOI], so its length is static and the sampler can decode it with one scan.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -195,3 +195,38 @@ class VocabLayout:
       raise ValueError("The last image span (BOI) is never closed by EOI.")
     return [(kind, self.joint_to_text(run) if kind == "text"
              else self.joint_to_image(run)) for kind, run in runs]
+
+
+def encode_documents(documents: Sequence[Sequence[Any]], layout: VocabLayout,
+                     text_pieces: Callable[[list[str]], list[np.ndarray]],
+                     image_ids: Callable[[np.ndarray], np.ndarray], *,
+                     end: bool = True) -> list[np.ndarray]:
+  """Documents -> joint ids, each int32 [L_i]: [BOS], then per segment its
+  text pieces (no EOS) or image_span(codes), then [EOS] when `end`.
+
+  A segment is a str or a uint8 image [H, W, 3]. text_pieces(texts) ->
+  SentencePiece ids per text and image_ids(uint8 [N, H, W, 3]) -> codes
+  [N, h, w] are each called once, on all the documents' texts / images.
+  """
+  texts = [s for d in documents for s in d if isinstance(s, str)]
+  images = [s for d in documents for s in d if not isinstance(s, str)]
+  text_ids = iter(text_pieces(texts) if texts else [])
+  spans = []
+  if images:
+    codes = np.asarray(image_ids(np.stack(images)))  # [N, h, w]
+    if codes.ndim != 3 or len(codes) != len(images):
+      raise ValueError(
+          f"image_ids returned shape {codes.shape} for {len(images)} "
+          "images; expected [N, h, w] ids (e.g. Tokenizer.encode).")
+    spans = [layout.image_span(c) for c in codes]
+  spans = iter(spans)
+  tokens = []
+  for document in documents:
+    parts = [np.array([BOS], np.int32)]
+    for segment in document:
+      parts.append(layout.text_to_joint(next(text_ids))
+                   if isinstance(segment, str) else next(spans))
+    if end:
+      parts.append(np.array([EOS], np.int32))
+    tokens.append(np.concatenate(parts).astype(np.int32))
+  return tokens

@@ -34,6 +34,20 @@ class SamplingParams:
   top_p: float = 1.0
   cfg_scale: float | None = None
 
+  @classmethod
+  def from_config(cls, settings, vocab_size: int) -> "SamplingParams":
+    """Validated SamplingParams from a config section or dict: the keys
+    temperature, top_k, top_p, cfg_scale (missing ones take the defaults
+    above; cfg_scale None or "" is no guidance, as a config writes it)."""
+    get = settings.get
+    cfg_scale = get("cfg_scale", None)
+    return cls(
+        temperature=float(get("temperature", cls.temperature)),
+        top_k=int(get("top_k", cls.top_k)),
+        top_p=float(get("top_p", cls.top_p)),
+        cfg_scale=None if cfg_scale in (None, "") else float(cfg_scale),
+    ).validate(vocab_size)
+
   def validate(self, vocab_size: int) -> "SamplingParams":
     if not self.temperature >= 0:
       raise ValueError(f"temperature must be >= 0 (0 = greedy), got "

@@ -10,7 +10,6 @@ StyleGAN. Equalized learning rate is not used (plain Adam-friendly inits).
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

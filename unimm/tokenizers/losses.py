@@ -10,7 +10,7 @@ Each weight is a config field (config.loss.*); the task combines them.
 - Adversarial: StyleGAN non-saturating logistic loss and the R1 penalty
   (Mescheder et al. 2018; StyleGAN2 §B lazy regularization).
 """
-from typing import Callable, Mapping
+from typing import Callable
 
 import flax.linen as nn
 import jax

@@ -11,12 +11,12 @@ rule (by default `nmt_nfkc`: Unicode NFKC plus whitespace clean-up) before
 splitting it, so e.g. "ﬁ" and "fi", or full-width and ASCII letters, get the
 same ids, and `decode(encode(x))` returns the normalised text, not always x.
 
-Train from the command line:
+Train from the command line (unimm/tools/train_text_tokenizer.py):
 
-  python -m unimm.tokenizers.text --output DIR/spiece --vocab_size 256 \
-      --source shapes --num_captions 20000
-  python -m unimm.tokenizers.text --output DIR/spiece --vocab_size 8000 \
-      --captions_file PartiPrompts.tsv
+  python -m unimm.tools.train_text_tokenizer --output DIR/spiece \
+      --vocab_size 256 --source shapes --num_captions 20000
+  python -m unimm.tools.train_text_tokenizer --output DIR/spiece \
+      --vocab_size 8000 --captions_file PartiPrompts.tsv
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ class TextTokenizer:
       raise ValueError(
           f"No SentencePiece model at {str(path)!r}; expected a .model file "
           "such as T5's spiece.model or one written by "
-          "`python -m unimm.tokenizers.text --output PREFIX` (PREFIX.model).")
+          "`python -m unimm.tools.train_text_tokenizer --output PREFIX` "
+          "(PREFIX.model).")
     try:
       return cls(path.read_bytes())
     except RuntimeError as e:  # sentencepiece's parse error.
@@ -383,74 +384,3 @@ def read_prompts(path: str | epath.PathLike) -> list[str]:
     if column < len(row) and row[column].strip():
       prompts.append(row[column].strip())
   return prompts
-
-
-def _shapes_captions(num_captions: int, seed: int) -> list[str]:
-  from unimm.data import shapes  # pylint: disable=g-import-not-at-top
-  _, captions, _ = shapes.generate(num_captions, seed)
-  return [str(c) for c in captions]
-
-
-def _interleaved_texts(num_documents: int, seed: int) -> list[str]:
-  from unimm.data import interleaved  # pylint: disable=g-import-not-at-top
-  return interleaved.document_texts(num_documents, seed)
-
-
-def _define_flags():
-  """CLI flags; defined only when run as a script (no global clashes)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("output", None, "Output prefix; writes PREFIX.model.",
-                      required=True)
-  flags.DEFINE_integer("vocab_size", 256, "Pieces in the vocabulary.")
-  flags.DEFINE_enum("source", None, ["shapes", "interleaved"],
-                    "Built-in text source (or use --captions_file): shapes "
-                    "captions, or the texts (captions and edit "
-                    "instructions) of interleaved documents.")
-  flags.DEFINE_integer("num_captions", 20000,
-                       "Captions (shapes) or documents (interleaved) drawn "
-                       "from --source.")
-  flags.DEFINE_string("captions_file", None,
-                      "One caption per line, or a TSV with a Prompt column.")
-  flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"],
-                    "SentencePiece model type (see train_sentencepiece).")
-  flags.DEFINE_bool("hard_vocab_limit", False,
-                    "Fail instead of shrinking the vocabulary when the "
-                    "corpus is too small.")
-  flags.DEFINE_integer("seed", 0, "Seed for caption generation and training.")
-  flags.DEFINE_integer("num_threads", 1, "SentencePiece trainer threads.")
-
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  flag = flags.FLAGS
-  if (flag.source is None) == (flag.captions_file is None):
-    raise ValueError("Pass exactly one of --source=shapes|interleaved or "
-                     "--captions_file=FILE.")
-  if flag.captions_file:
-    captions = read_prompts(flag.captions_file)
-  elif flag.source == "interleaved":
-    captions = _interleaved_texts(flag.num_captions, flag.seed)
-  else:
-    captions = _shapes_captions(flag.num_captions, flag.seed)
-  logging.info("Training a %s SentencePiece model (vocab_size=%d) on %d "
-               "captions.", flag.model_type, flag.vocab_size, len(captions))
-  path = train_sentencepiece(
-      captions, flag.vocab_size, flag.output, model_type=flag.model_type,
-      hard_vocab_limit=flag.hard_vocab_limit, seed=flag.seed,
-      num_threads=flag.num_threads)
-  tokenizer = TextTokenizer.load(path)
-  lengths = tokenizer.count_tokens(captions) + 1  # [N], EOS included.
-  summary = (f"Wrote {path}: vocab_size={tokenizer.vocab_size}; tokens per "
-             f"caption incl. EOS: mean {lengths.mean():.1f}, p99 "
-             f"{np.percentile(lengths, 99):.0f}, max {lengths.max()} (set "
-             "config.text_length to cover them).")
-  logging.info(summary)
-  print(summary)
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)

@@ -12,6 +12,7 @@ distribution's location mapped back to [0, 1].
 Pixels enter as uint8 [B, H, W, C] (or floats in [0, 1]) and are scaled to
 [-1, 1] inside.
 """
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -70,7 +71,6 @@ def vit_vqgan_config(size: str, decoder: str | None = None, **overrides):
 
 
 def _fields():
-  import dataclasses
   return [f for f in dataclasses.fields(ViTVQGAN)
           if f.name not in ("parent", "name")]
 

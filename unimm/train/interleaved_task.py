@@ -21,12 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from unimm import config_lib
 from unimm.data import interleaved as il_data
+from unimm.evaluation import interleaved_eval
+from unimm.evaluation import reports
+from unimm.inference import interleaved as inference
+from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab as vocab_lib
+from unimm.tokenizers import text as text_lib
 
 LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0, drop_text_rate=0.0)
 
@@ -111,8 +115,7 @@ class InterleavedTask:
         drop_remainder=drop_remainder)
 
   def train_data(self, process_index: int, process_count: int):
-    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
-    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    batch_size = config_lib.per_host_batch_size(self.config, process_count)
     return self._dataset("train", batch_size, shuffle=True,
                          num_epochs=None, process_index=process_index,
                          process_count=process_count)
@@ -172,7 +175,6 @@ class InterleavedTask:
     config.eval.num_generation > 0, prompt / caption / edit accuracy of
     generated documents (unimm.evaluation.interleaved_eval; images guided
     by config.eval.cfg_scale; "", None or 1 for none)."""
-    import json  # pylint: disable=g-import-not-at-top
     eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
     split = eval_cfg.get("split", "validation")
     batch_size = int(eval_cfg.get("batch_size", self.config.data.batch_size))
@@ -196,26 +198,32 @@ class InterleavedTask:
     result.update(steps=int(step))
     out_dir = os.path.join(workdir, "eval")
     if int(eval_cfg.get("num_generation", 0)) > 0:
-      # Generation read back by the shapes probe (needs both tokenizers).
-      from unimm import api  # pylint: disable=g-import-not-at-top
-      from unimm.evaluation import interleaved_eval  # pylint: disable=g-import-not-at-top
+      # Generation read back by the shapes probe, with the settings
+      # load_model's methods default to (config.eval).
       n = int(eval_cfg["num_generation"])
-      cfg_scale = eval_cfg.get("cfg_scale", None)
+      model = self.inference_model(params, step)
+      settings = model.settings
+      cfg_scale = settings["cfg_scale"]
       # Scale 1 is exactly unguided sampling (tested), at half the cost.
       cfg_scale = (None if cfg_scale in (None, "") or float(cfg_scale) == 1.0
                    else float(cfg_scale))
-      model = api.interleaved_model(self, params, self.config, int(step))
       result.update(interleaved_eval.evaluate_generation(
           model, out_dir, num_prompts=n, num_captions=n, num_edits=n,
-          temperature=float(eval_cfg.get("temperature", 0.0)),
+          temperature=float(settings["temperature"]),
           batch_size=int(eval_cfg.get("generation_batch_size", 32)),
           cfg_scale=cfg_scale,
-          image_temperature=eval_cfg.get("image_temperature", None),
-          caption_beams=int(eval_cfg.get("caption_beams", 1)),
-          caption_rerank=float(eval_cfg.get("caption_rerank", 0.0))))
+          image_temperature=settings["image_temperature"],
+          caption_beams=int(settings["caption_beams"]),
+          caption_rerank=float(settings["caption_rerank"])))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-      json.dump({k: float(v) if isinstance(v, (float, np.floating)) else v
-                 for k, v in result.items()}, f, indent=2)
-    return result
+    return reports.write_report(os.path.join(out_dir, "report.json"), result)
+
+  def inference_model(self, params, step: int = 0
+                      ) -> inference.InterleavedModel:
+    """The inference model over `params` with config's tokenizers (what
+    load_model gives for a checkpoint of them)."""
+    return inference.InterleavedModel(
+        self.model, self.layout, params,
+        tokenizer_lib.load_tokenizer(self.config.tokenizer_workdir),
+        text_lib.TextTokenizer.load(self.config.text_tokenizer),
+        self.config, int(step))

@@ -7,20 +7,16 @@ unconditional prompt [EOS, pad, ...] (Parti §3, after Ho & Salimans 2022,
 "Classifier-Free Diffusion Guidance"), so one model gives both the
 conditional and the unconditional logits that guidance mixes at sampling.
 
-Host-side sampling (`ParTask.sample`) tokenizes prompts, runs one jitted
-`parti.sample_image_ids` per batch (compiled once per SamplingParams) and
-decodes the ids with the frozen tokenizer (config.tokenizer_workdir).
-`evaluate` scores samples of a fixed shapes prompt set with the probe
+Sampling is the inference layer's (`ParTask.sampler(params)` is a
+unimm.inference.TextToImageModel over the params being trained, with the
+frozen tokenizer of config.tokenizer_workdir). `evaluate` scores samples of a fixed shapes prompt set with the probe
 classifier (prompt accuracy per attribute, Fréchet distance in probe
 features) and writes eval/report.json and eval/samples.png.
 """
-import json
-import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,21 +25,25 @@ import numpy as np
 import optax
 
 from unimm import config_lib
-from unimm import parallel
 from unimm.data import pretokenize
+from unimm.data import shapes
+from unimm.evaluation import generation_metrics
+from unimm.evaluation import grids
+from unimm.evaluation import probe as probe_lib
+from unimm.evaluation import reports
+from unimm.inference import text_to_image
+from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import parti
-from unimm.sampling.sampler import SamplingParams
+from unimm.tokenizers import text as text_lib
 
 EVAL_DEFAULTS = dict(
     num_single=200,  # one-object prompts of the fixed prompt set
     num_pair=200,  # two-object prompts
     prompt_seed=None,  # fixed prompt set seed (None = probe.PROMPT_SEED)
     seed=0,  # sampling seed
-    batch_size=64,
-    cfg_scale=3.0,  # None / "" disables guidance
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
+    # batch_size, cfg_scale (None / "" disables guidance), temperature,
+    # top_k, top_p: what the API samples with too.
+    **text_to_image.SAMPLING_DEFAULTS,
     loss_split="validation",  # held-out pre-tokenized split ("" = skip)
     num_loss_examples=2048,
     num_grid_samples=32,
@@ -68,46 +68,6 @@ def apply_cfg_dropout(text_ids, rng, rate: float, unconditional_row):
   return text_ids, dropped
 
 
-def unconditional_text_ids(eos_id: int, text_length: int) -> np.ndarray:
-  """The empty prompt as the text tokenizer writes it: [eos, 0, 0, ...]."""
-  row = np.zeros((text_length,), np.int32)
-  row[0] = eos_id
-  return row
-
-
-def estimate_sampling_bytes(model: parti.Parti, rows: int) -> int:
-  """Rough device bytes of one sampling call with `rows` rows (2B with CFG).
-
-  The KV cache (self + cross, [L, rows, len, K, H]) dominates; activations
-  are bounded by a few [rows, text_length, max(mlp, 4 D)] float32 buffers of
-  the encoder and the [rows, V] logits of each step.
-  """
-  itemsize = jnp.dtype(model.dtype).itemsize
-  cache = (2 * model.decoder_layers * rows *
-           (model.image_length + model.text_length) * model.num_kv_heads *
-           model.head_dim * itemsize)
-  width = max(model.mlp_dim, 4 * model.embed_dim,
-              model.num_heads * model.text_length)
-  activations = 4 * rows * model.text_length * width * 4
-  logits = 4 * rows * (model.image_vocab_size + model.embed_dim) * 4
-  tokens = rows * (model.image_length + model.text_length) * 4
-  return int(cache + activations + logits + tokens)
-
-
-def available_bytes(devices: Sequence[jax.Device]) -> tuple[int, str]:
-  """(free bytes per device, where) from the device, else host RAM (CPU)."""
-  stats = None
-  try:
-    stats = devices[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except  # unsupported backend
-    stats = None
-  if stats and "bytes_limit" in stats:
-    free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return free, f"{devices[0].platform} device memory"
-  import psutil  # pylint: disable=g-import-not-at-top
-  return int(psutil.virtual_memory().available), "host memory"
-
-
 class ParTask:
   """Task for unimm.train.trainer: Parti on pre-tokenized image ids."""
 
@@ -121,9 +81,7 @@ class ParTask:
     self.eval_config = config_lib.with_defaults(EVAL_DEFAULTS, config, "eval")
     self._text_tokenizer = None
     self._image_tokenizer = None
-    self._sample_fns = {}
     self._loss_fn = None
-    self._mesh = None
 
   # ------------------------------------------------------------ tokenizers
 
@@ -132,10 +90,9 @@ class ParTask:
     return self.config.data.get("pretokenized_dir") or ""
 
   @property
-  def text_tokenizer(self):
+  def text_tokenizer(self) -> text_lib.TextTokenizer:
     """config.text_tokenizer, else the copy in config.data.pretokenized_dir."""
     if self._text_tokenizer is None:
-      from unimm.tokenizers import text as text_lib  # pylint: disable=g-import-not-at-top
       path = self.config.get("text_tokenizer") or ""
       if not path and self.pretokenized_dir:
         path = os.path.join(self.pretokenized_dir,
@@ -145,46 +102,36 @@ class ParTask:
             f"No text tokenizer: config.text_tokenizer={path!r} does not "
             "exist and config.data.pretokenized_dir has no "
             f"{pretokenize.TEXT_TOKENIZER_FILE}; set config.text_tokenizer to "
-            "a SentencePiece .model (python -m unimm.tokenizers.text).")
+            "a SentencePiece .model (python -m "
+            "unimm.tools.train_text_tokenizer).")
       tokenizer = text_lib.TextTokenizer.load(path)
-      if tokenizer.pad_id != 0 or tokenizer.eos_id < 0:
-        raise ValueError(
-            f"Text tokenizer {path!r} has pad_id={tokenizer.pad_id}, eos_id="
-            f"{tokenizer.eos_id}; Parti needs pad 0 and an EOS (T5 layout, "
-            "as unimm.tokenizers.text.train_sentencepiece writes).")
-      if tokenizer.vocab_size > self.model.text_vocab_size:
-        raise ValueError(
-            f"Text tokenizer {path!r} has {tokenizer.vocab_size} pieces but "
-            f"config.model.text_vocab_size={self.model.text_vocab_size}; "
-            "raise config.model.text_vocab_size (config arg text_vocab=...).")
+      text_to_image.check_text_tokenizer(tokenizer, self.model, path)
       self._text_tokenizer = tokenizer
     return self._text_tokenizer
 
   @property
-  def image_tokenizer(self):
+  def image_tokenizer(self) -> tokenizer_lib.Tokenizer:
     """The frozen ViT-VQGAN of config.tokenizer_workdir (decodes samples)."""
     if self._image_tokenizer is None:
-      from unimm import api  # pylint: disable=g-import-not-at-top
       workdir = self.config.get("tokenizer_workdir") or ""
       if not workdir:
         raise ValueError("config.tokenizer_workdir is empty; set it to the "
                          "workdir of the trained ViT-VQGAN.")
-      tokenizer = api.load_tokenizer(workdir)
-      h, w = tokenizer.grid
-      if (tokenizer.num_codes != self.model.image_vocab_size or
-          h * w != self.model.image_length):
-        raise ValueError(
-            f"The tokenizer in {workdir!r} has {tokenizer.num_codes} codes "
-            f"and a {h}x{w} grid; config.model has image_vocab_size="
-            f"{self.model.image_vocab_size}, image_length="
-            f"{self.model.image_length}. Make them match (config args codes="
-            "..., grid=...).")
+      tokenizer = tokenizer_lib.load_tokenizer(workdir)
+      text_to_image.check_image_tokenizer(tokenizer, self.model)
       self._image_tokenizer = tokenizer
     return self._image_tokenizer
 
+  def sampler(self, params) -> text_to_image.TextToImageModel:
+    """The inference model over `params` (what load_model gives for a
+    checkpoint of them), sampling with the eval's settings."""
+    return text_to_image.TextToImageModel(
+        self.model, params, self.text_tokenizer, self.image_tokenizer,
+        self.config)
+
   def unconditional_row(self) -> np.ndarray:
-    return unconditional_text_ids(self.text_tokenizer.eos_id,
-                                  self.model.text_length)
+    return text_to_image.unconditional_text_ids(self.text_tokenizer.eos_id,
+                                                self.model.text_length)
 
   # ------------------------------------------------------------------ data
 
@@ -222,8 +169,7 @@ class ParTask:
         drop_remainder=drop_remainder)
 
   def train_data(self, process_index: int, process_count: int):
-    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
-    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    batch_size = config_lib.per_host_batch_size(self.config, process_count)
     return self._dataset("train", batch_size, shuffle=True,
                          seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
@@ -277,148 +223,6 @@ class ParTask:
   def optimizer(self):
     return None  # the trainer's AdamW from config.optimizer
 
-  # -------------------------------------------------------------- sampling
-
-  @property
-  def mesh(self) -> jax.sharding.Mesh:
-    if self._mesh is None:
-      self._mesh = parallel.make_mesh(self.config.mesh)
-    return self._mesh
-
-  def _rules(self):
-    rules = self.config.get("logical_axis_rules")
-    return tuple(parallel.STANDARD_RULES if rules is None else rules)
-
-  def _batch_shards(self) -> int:
-    return math.prod(self.mesh.shape[a]
-                     for a in parallel.batch_axes(self._rules()))
-
-  def _on_mesh(self, params):
-    """Params on this task's mesh (replicated if they live elsewhere)."""
-    params = nn.unbox(params)
-    devices = set(self.mesh.devices.flat)
-    leaves = jax.tree.leaves(params)
-    if all(isinstance(x, jax.Array) and x.sharding.device_set == devices
-           for x in leaves):
-      return params
-    return jax.device_put(params, parallel.replicated(self.mesh))
-
-  def _sample_fn(self, sampling: SamplingParams):
-    if sampling not in self._sample_fns:
-      model = self.model
-
-      def sample(params, text_ids, rng, uncond_text_ids):
-        return parti.sample_image_ids(model, {"params": params}, text_ids,
-                                      rng, sampling, uncond_text_ids)
-
-      self._sample_fns[sampling] = jax.jit(sample)
-    return self._sample_fns[sampling]
-
-  def check_memory(self, batch_size: int, guided: bool) -> None:
-    """ValueError if one sampling batch will not fit (a rough estimate)."""
-    rows = batch_size * (2 if guided else 1)
-    devices = list(self.mesh.devices.flat)
-    on_host = devices[0].platform == "cpu"
-    # Rows are split over the batch shards; CPU devices share host memory.
-    need = estimate_sampling_bytes(self.model, rows)
-    if not on_host:
-      need //= self._batch_shards()
-    free, where = available_bytes(devices)
-    if need > free:
-      raise ValueError(
-          f"Sampling {batch_size} prompts per batch"
-          f"{' with CFG (2x rows)' if guided else ''} needs about "
-          f"{need / 2**30:.2f} GiB (KV cache + activations) but "
-          f"{free / 2**30:.2f} GiB of {where} is free; lower batch_size "
-          "(config.eval.batch_size / sample(batch_size=...)).")
-
-  def sample_ids(self, params, prompts: Sequence[str], *, seed: int = 0,
-                 cfg_scale: float | None = None, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0,
-                 batch_size: int | None = None) -> np.ndarray:
-    """Image ids int32 [N, image_length] for N prompts (see `sample`)."""
-    if isinstance(prompts, (str, bytes)):
-      raise ValueError(f"prompts must be a list of strings, got one "
-                       f"{type(prompts).__name__}; wrap it in a list.")
-    prompts = list(prompts)
-    if not prompts:
-      raise ValueError("prompts is empty; pass at least one prompt.")
-    if cfg_scale is not None:
-      cfg_scale = float(cfg_scale)
-    sampling = SamplingParams(float(temperature), int(top_k), float(top_p),
-                              cfg_scale).validate(self.model.image_vocab_size)
-    batch_size = int(batch_size or self.eval_config["batch_size"])
-    if batch_size <= 0:
-      raise ValueError(f"batch_size={batch_size}; expected > 0.")
-    # Every batch has the same padded shape: one compile per SamplingParams.
-    batch_size = min(batch_size, len(prompts))
-    shards = self._batch_shards()
-    batch_size = -(-batch_size // shards) * shards
-    guided = sampling.cfg_scale is not None
-    self.check_memory(batch_size, guided)
-    text_ids = self.text_tokenizer.encode(
-        prompts, self.model.text_length).ids  # [N, S]; ValueError if empty
-
-    mesh, rules = self.mesh, self._rules()
-    sharding = parallel.batch_sharding(mesh, rules)
-    params = self._on_mesh(params)
-    uncond = None
-    if guided:
-      uncond = jax.device_put(np.tile(self.unconditional_row(),
-                                      (batch_size, 1)), sharding)
-    fn = self._sample_fn(sampling)
-    key = jax.random.PRNGKey(seed)
-    n = len(prompts)
-    out = np.zeros((n, self.model.image_length), np.int32)
-    start, last_log = time.monotonic(), time.monotonic()
-    for index, begin in enumerate(range(0, n, batch_size)):
-      rows = text_ids[begin:begin + batch_size]
-      count = len(rows)
-      if count < batch_size:  # pad with copies of the first prompt
-        rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - count,
-                                               axis=0)])
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        ids = fn(params, jax.device_put(rows, sharding),
-                 jax.random.fold_in(key, index), uncond)
-      out[begin:begin + count] = np.asarray(ids)[:count]
-      now = time.monotonic()
-      done = begin + count
-      if now - last_log > 10 or (done == n and n > batch_size):
-        last_log = now
-        rate = done / max(now - start, 1e-9)
-        logging.info("Sampled %d/%d images, %.2f images/s, ETA %.0fs.", done,
-                     n, rate, (n - done) / rate)
-    return out
-
-  def sample(self, params, prompts: Sequence[str], *, seed: int = 0,
-             cfg_scale: float | None = None, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0,
-             batch_size: int | None = None) -> np.ndarray:
-    """uint8 images [N, H, W, 3] for N prompts.
-
-    Prompts are tokenized to config.model.text_length (an empty prompt is
-    a ValueError naming its index; longer ones are truncated, counted and
-    warned about by the text tokenizer). cfg_scale None samples without
-    guidance; s >= 0 mixes u + s (c - u) (Parti §3). Deterministic per seed
-    and batch_size (batch i draws with fold_in(PRNGKey(seed), i)). Bad
-    sampling settings, or a batch that would not fit in memory, raise
-    ValueError before anything is compiled.
-    """
-    ids = self.sample_ids(params, prompts, seed=seed, cfg_scale=cfg_scale,
-                          temperature=temperature, top_k=top_k, top_p=top_p,
-                          batch_size=batch_size)
-    tokenizer = self.image_tokenizer
-    h, w = tokenizer.grid
-    # Decode in padded chunks of one size: one compiled decoder.
-    chunk = min(int(batch_size or self.eval_config["batch_size"]), 256)
-    images = []
-    for begin in range(0, len(ids), chunk):
-      part = ids[begin:begin + chunk]
-      padded = np.concatenate([part, np.zeros(
-          (chunk - len(part), part.shape[1]), part.dtype)])
-      images.append(tokenizer.decode(padded.reshape(-1, h, w))[:len(part)])
-    return np.concatenate(images)
-
   # ------------------------------------------------------------------ eval
 
   def token_loss(self, params, batches, max_examples: int) -> dict:
@@ -468,28 +272,23 @@ class ParTask:
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
     """Probe prompt accuracy + Fréchet distance of samples; eval/ files.
 
-    With config.eval.inception_weights / clip_dir set, also FID / CLIP score
-    over config.eval.metrics_prompts (unimm.evaluation.generation_metrics).
+    Samples with the settings load_model's sample() defaults to
+    (config.eval). With config.eval.inception_weights / clip_dir set, also
+    FID / CLIP score over config.eval.metrics_prompts
+    (unimm.evaluation.generation_metrics).
     """
     del model_state
-    from unimm.data import shapes  # pylint: disable=g-import-not-at-top
-    from unimm.evaluation import generation_metrics  # pylint: disable=g-import-not-at-top
-    from unimm.evaluation import probe as probe_lib  # pylint: disable=g-import-not-at-top
     cfg = self.eval_config
     start = time.time()
     metrics_on = generation_metrics.check_eval_config(cfg)  # before sampling
+    sampler = self.sampler(params)
+    cfg_scale = sampler.sampling_params().cfg_scale  # validated here
     seed_kw = {} if cfg["prompt_seed"] is None else {
         "seed": int(cfg["prompt_seed"])}
     prompt_set = probe_lib.fixed_prompt_set(
         int(cfg["num_single"]), int(cfg["num_pair"]), **seed_kw)
     captions = [caption for caption, _ in prompt_set]
-    cfg_scale = cfg["cfg_scale"]
-    cfg_scale = None if cfg_scale in (None, "") else float(cfg_scale)
-    sample_kw = dict(cfg_scale=cfg_scale,
-                     temperature=float(cfg["temperature"]),
-                     top_k=int(cfg["top_k"]), top_p=float(cfg["top_p"]),
-                     batch_size=int(cfg["batch_size"]))
-    images = self.sample(params, captions, seed=int(cfg["seed"]), **sample_kw)
+    images = sampler.sample(captions, seed=int(cfg["seed"]))
     image_size = images.shape[1]
     probe = probe_lib.get_probe(image_size)
     result = dict(probe_lib.prompt_accuracy(captions, images, probe=probe))
@@ -513,69 +312,22 @@ class ParTask:
         source = pretokenize.load_metadata(self.pretokenized_dir).get(
             "source", "")
       result.update(generation_metrics.from_eval_config(
-          cfg, lambda prompts, i: self.sample(
-              params, prompts, seed=int(cfg["seed"]) + 1 + i, **sample_kw),
+          cfg, lambda prompts, i: sampler.sample(
+              prompts, seed=int(cfg["seed"]) + 1 + i),
           workdir=workdir, image_size=image_size, default_source=source,
           data_dir=self.config.data.get("data_dir")))
     result.update(num_prompts=len(captions), steps=int(step),
                   cfg_scale=cfg_scale, eval_seconds=time.time() - start)
-    result = {k: (v.item() if isinstance(v, np.generic) else v)
-              for k, v in result.items()}
+    out_dir = os.path.join(workdir, "eval")
+    result = reports.write_report(os.path.join(out_dir, "report.json"),
+                                  result)
     if jax.process_index() == 0:
-      out_dir = os.path.join(workdir, "eval")
-      os.makedirs(out_dir, exist_ok=True)
-      with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result, f, indent=2)
       count = int(cfg["num_grid_samples"])
       # Half single-object, half two-object prompts in the grid.
       single = int(cfg["num_single"])
       picks = (list(range(min(count // 2, single))) +
                list(range(single, min(single + count - count // 2,
                                       len(captions)))))
-      save_sample_grid(images[picks], [captions[i] for i in picks],
-                       os.path.join(out_dir, "samples.png"))
+      grids.save_image_grid(images[picks], [captions[i] for i in picks],
+                            os.path.join(out_dir, "samples.png"))
     return {k: v for k, v in result.items() if v is not None}
-
-
-def save_sample_grid(images, captions: Sequence[str], path: str,
-                     columns: int = 8, cell: int = 128,
-                     text_lines: int = 4) -> None:
-  """PNG grid: each sample scaled to `cell` px high (nearest, keeping its
-  aspect) with its prompt beneath."""
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top,g-multiple-import
-  font = ImageFont.load_default()
-  line_height = 12
-  pad = 4
-  images = [np.asarray(image, np.uint8) for image in images]
-  cell_w = max(cell * image.shape[1] // image.shape[0] for image in images)
-  cell_h = cell + text_lines * line_height + 2 * pad
-  n = len(images)
-  columns = max(1, min(columns, n))
-  rows = max(1, -(-n // columns))
-  canvas = Image.new("RGB", (columns * (cell_w + pad) + pad,
-                             rows * cell_h + pad), "white")
-  draw = ImageDraw.Draw(canvas)
-  for i, (image, caption) in enumerate(zip(images, captions)):
-    x = pad + (i % columns) * (cell_w + pad)
-    y = pad + (i // columns) * cell_h
-    tile = Image.fromarray(image).resize(
-        (cell * image.shape[1] // image.shape[0], cell), Image.NEAREST)
-    canvas.paste(tile, (x, y))
-    for j, line in enumerate(_wrap(draw, caption, font, cell_w)[:text_lines]):
-      draw.text((x, y + cell + pad // 2 + j * line_height), line, fill="black",
-                font=font)
-  canvas.save(path)
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-  lines, line = [], ""
-  for word in text.split():
-    candidate = f"{line} {word}".strip()
-    if line and draw.textlength(candidate, font=font) > width:
-      lines.append(line)
-      line = word
-    else:
-      line = candidate
-  if line:
-    lines.append(line)
-  return lines

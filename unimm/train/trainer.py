@@ -30,7 +30,6 @@ from typing import Any, Mapping
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 import flax
 import flax.linen as nn
 import grain
@@ -42,11 +41,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from unimm import checkpoints
 from unimm import parallel
 from unimm.train import optim
 from unimm.train import writers
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
 
 
 @flax.struct.dataclass
@@ -61,15 +61,7 @@ class TrainState:
   consecutive_nonfinite: jax.Array  # int32 []: skipped steps in a row
 
 
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """What `restore` returns: trained weights placed on the mesh."""
-  params: Any
-  model_state: Any
-  step: int
-  mesh: jax.sharding.Mesh
-  rules: tuple[tuple[str, Any], ...]
-  saved_config: dict[str, Any]
+Restored = checkpoints.Restored
 
 
 # ----------------------------------------------------------------------------
@@ -91,9 +83,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                      "integer >= 0 (0 turns evaluation off).")
 
 
-def _rules(config) -> tuple[tuple[str, Any], ...]:
-  rules = config.get("logical_axis_rules")
-  return tuple(parallel.STANDARD_RULES if rules is None else rules)
+_rules = checkpoints.rules_of
 
 
 # ----------------------------------------------------------------------------
@@ -119,10 +109,6 @@ def _batch_spec(abstract_batch: Any) -> Any:
                       abstract_batch)
 
 
-def _abstract_batch(spec: Mapping[str, Any]) -> Any:
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"])),
-      spec, is_leaf=lambda x: isinstance(x, dict) and "shape" in x)
 
 
 def _global_abstract(local_batch: Any, sharding, process_count: int) -> Any:
@@ -193,52 +179,11 @@ def _state_dict(state: TrainState) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 
-def checkpoint_manager(workdir: str, *, keep: int | None = None,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-  """orbax manager over workdir/checkpoints (async, atomic, keep-N)."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+checkpoint_manager = checkpoints.checkpoint_manager
 
 
 def _restore_args(abstract_tree):
   return ocp.checkpoint_utils.construct_restore_args(abstract_tree)
-
-
-def _key_paths(tree) -> set[str]:
-  return {jax.tree_util.keystr(path) for path, _ in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
-                          abstract: dict, workdir: str) -> None:
-  """A clear error when the checkpoint's parameters are not the config's.
-
-  Orbax would print both trees in full; this names the differing paths and
-  the usual cause (a config that builds another model, such as one layout
-  of the layers scanned and the other unrolled).
-  """
-  saved = ocp.PyTreeCheckpointHandler().metadata(
-      epath.Path(manager.directory) / str(step) / "state")
-  saved = getattr(saved, "tree", saved)
-  saved_paths = _key_paths(saved["params"])
-  wanted = _key_paths(abstract["params"])
-  if saved_paths == wanted:
-    return
-  def show(paths):
-    paths = sorted(paths)
-    return ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)"
-                                   if len(paths) > 4 else "")
-  raise ValueError(
-      f"The checkpoint at step {step} in {workdir} holds other parameters "
-      f"than this config's model builds: only in the checkpoint: "
-      f"{show(saved_paths - wanted) or 'none'}; only in the config: "
-      f"{show(wanted - saved_paths) or 'none'}. It was trained with another "
-      "config.model (for example model.scan_layers, the config argument "
-      "scan=true|false: scanned layers are 'layers', unrolled ones "
-      "'layers_0', ...). Use that run's settings or a fresh --workdir.")
 
 
 def _all_finite(tree) -> jax.Array:
@@ -254,7 +199,10 @@ class _Checkpointer:
     self.manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
     self._workdir = workdir
     self._config = json.loads(config.to_json_best_effort())
-    self._meta = {"batch_spec": batch_spec}
+    # Where the run started: relative paths in its config resolve from any
+    # working directory (checkpoints.resolve_path).
+    self._meta = {"batch_spec": batch_spec, "cwd": os.getcwd(),
+                  "workdir": os.path.abspath(workdir)}
     self._finite = jax.jit(lambda s: _all_finite((s.params, s.model_state)))
     self.last_saved_step = self.manager.latest_step()
 
@@ -275,7 +223,8 @@ class _Checkpointer:
 
   def restore(self, step: int, abstract_state: TrainState, data_iterator):
     abstract = _state_dict(abstract_state)
-    check_checkpoint_tree(self.manager, step, abstract, self._workdir)
+    checkpoints.check_checkpoint_tree(self.manager, step, abstract,
+                                      self._workdir)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=_restore_args(abstract)),
@@ -632,46 +581,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
 def restore(config: ml_collections.ConfigDict, workdir: str, task,
             step: int | None = None, *,
             mesh: jax.sharding.Mesh | None = None) -> Restored:
-  """Loads params and model state from a checkpoint onto the current mesh.
-
-  For evaluation and sampling: the optimizer state is not read. `step`
-  defaults to the latest checkpoint. The batch shapes that `task.init`
-  needs come from the checkpoint (no data is read).
-  """
-  mesh = mesh or parallel.make_mesh(config.mesh)
-  rules = parallel.validate_rules(_rules(config), mesh)
-  manager = checkpoint_manager(workdir, read_only=True)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise ValueError(
-          f"No checkpoint{'' if step is None else f' for step {step}'} in "
-          f"{os.path.join(workdir, CHECKPOINT_DIR)} (have "
-          f"{list(manager.all_steps())}); train first or pass --workdir of a "
-          "trained run.")
-    saved = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    abstract_batch = _abstract_batch(saved["meta"]["batch_spec"])
-
-    def init(rng, batch):
-      params, model_state = task.init(rng, batch)
-      return {"params": params, "model_state": model_state}
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = jax.eval_shape(init, jax.random.PRNGKey(0), abstract_batch)
-      shardings = parallel.logical_shardings(boxed, mesh, rules)
-      abstract = parallel.abstract_with_shardings(parallel.unbox(boxed),
-                                                  shardings)
-      abstract["step"] = jax.ShapeDtypeStruct((), jnp.int32,
-                                              sharding=parallel.replicated(mesh))
-      check_checkpoint_tree(manager, step, abstract, workdir)
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              item=abstract, restore_args=_restore_args(abstract),
-              partial_restore=True)))["state"]
-  finally:
-    manager.close()
-  return Restored(params=restored["params"],
-                  model_state=restored["model_state"],
-                  step=int(restored["step"]), mesh=mesh, rules=rules,
-                  saved_config=dict(saved["config"]))
+  """Loads a task's params and model state from a checkpoint onto the mesh
+  (checkpoints.restore with the task's init); the optimizer is not read."""
+  def init(rng, batch):
+    params, model_state = task.init(rng, batch)
+    return {"params": params, "model_state": model_state}
+  return checkpoints.restore(workdir, init, config, step, mesh=mesh)

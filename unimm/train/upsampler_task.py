@@ -17,7 +17,6 @@ perceptual_weight * LPIPS (local weights). There is no adversarial term: the
 PSNR target does not call for it, and at these sizes a GAN only costs time.
 """
 import functools
-import json
 import os
 import time
 
@@ -30,8 +29,15 @@ import numpy as np
 from PIL import Image
 
 from unimm import config_lib
+from unimm.data import convert
+from unimm.data import pipeline
+from unimm.data import shapes
+from unimm.evaluation import reports
+from unimm.inference import tokenizer as tokenizer_lib
+from unimm.inference import upsampler as inference
 from unimm.tokenizers import losses as losses_lib
 from unimm.tokenizers import upsampler as upsampler_lib
+from unimm.tokenizers import vit_vqgan
 
 LOSS_DEFAULTS = dict(
     l2_weight=1.0,
@@ -41,15 +47,11 @@ LOSS_DEFAULTS = dict(
 )
 
 
-def to_uint8(x) -> jax.Array:
-  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+to_uint8 = inference.to_uint8
 
 
 def make_pair(example, *, base_size: int, factor: int) -> dict:
   """TFDS example -> {"image": uint8 [s, s, 3], "target": [s*f, s*f, 3]}."""
-  from unimm.data import convert  # pylint: disable=g-import-not-at-top
-  from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
-  from unimm.data import shapes  # pylint: disable=g-import-not-at-top
   high_size = base_size * factor
   if "scene" in example:
     parsed = pipeline.parse_image_text(example, image_size=base_size)
@@ -98,13 +100,12 @@ class UpsamplerTask:
   def tokenizer(self):
     """The frozen ViT-VQGAN of config.tokenizer_workdir."""
     if self._tokenizer is None:
-      from unimm import api  # pylint: disable=g-import-not-at-top
       workdir = self.config.get("tokenizer_workdir") or ""
       if not workdir:
         raise ValueError("config.tokenizer_workdir is empty; set it to the "
                          "workdir of the trained ViT-VQGAN (config arg "
                          "tokenizer_workdir=...).")
-      self._tokenizer = api.load_tokenizer(workdir)
+      self._tokenizer = tokenizer_lib.load_tokenizer(workdir)
     return self._tokenizer
 
   @property
@@ -119,7 +120,6 @@ class UpsamplerTask:
 
   def _dataset(self, split, batch_size, *, shuffle, num_epochs,
                process_index=0, process_count=1, drop_remainder=True):
-    from unimm.data import pipeline  # pylint: disable=g-import-not-at-top
     data = self.config.data
     source, _ = pipeline.image_text_source(
         data.source, split, image_size=self.base_size,
@@ -134,8 +134,7 @@ class UpsamplerTask:
         worker_count=data.get("worker_count", 0))
 
   def train_data(self, process_index: int, process_count: int):
-    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
-    batch_size = tasks.per_host_batch_size(self.config, process_count)
+    batch_size = config_lib.per_host_batch_size(self.config, process_count)
     return self._dataset("train", batch_size, shuffle=True,
                          num_epochs=None, process_index=process_index,
                          process_count=process_count)
@@ -151,19 +150,9 @@ class UpsamplerTask:
           f"{s}x{s} first (the tokenizer in config.tokenizer_workdir is "
           f"trained at {s}).")
 
-  def _decode(self, tokenizer_params, ids):
-    """ids [B, h, w] -> (decoded [B, s, s, 3] in [0, 1], codes [B, h, w, D])."""
-    from unimm.tokenizers.vit_vqgan import ViTVQGAN  # pylint: disable=g-import-not-at-top
-    decoded, codes = self.tokenizer.model.apply(
-        {"params": tokenizer_params}, ids, method=ViTVQGAN.decode_with_codes)
-    # The tokenizer rounds its outputs to uint8 when it decodes for users.
-    decoded = jnp.round(decoded * 255.0) / 255.0
-    return jax.lax.stop_gradient(decoded), jax.lax.stop_gradient(codes)
-
   def _encode(self, tokenizer_params, images):
-    from unimm.tokenizers.vit_vqgan import ViTVQGAN  # pylint: disable=g-import-not-at-top
     return self.tokenizer.model.apply({"params": tokenizer_params}, images,
-                                      method=ViTVQGAN.encode)
+                                      method=vit_vqgan.ViTVQGAN.encode)
 
   def init(self, rng, batch):
     images = jnp.asarray(batch["image"])
@@ -178,10 +167,8 @@ class UpsamplerTask:
     return params, {"tokenizer": tokenizer_params}
 
   def _upsample(self, params, tokenizer_params, ids):
-    decoded, codes = self._decode(tokenizer_params, ids)
-    mu, log_scale = self.model.apply({"params": nn.unbox(params)}, decoded,
-                                     codes)
-    return decoded, mu, log_scale
+    return inference.upsample(self.model, self.tokenizer.model,
+                              nn.unbox(params), tokenizer_params, ids)
 
   def loss(self, params, model_state, batch, rng):
     del rng
@@ -215,50 +202,11 @@ class UpsamplerTask:
 
   # ------------------------------------------------------------------ use
 
-  def _fn(self, name):
-    if name not in self._fns:
-      if name == "ids":
-        fn = lambda p, t, ids: tuple(  # noqa: E731
-            to_uint8(x) for x in self._upsample(p, t, ids)[:2])
-      else:  # "images": encode first
-        fn = lambda p, t, images: tuple(  # noqa: E731
-            to_uint8(x) for x in self._upsample(
-                p, t, self._encode(t, images))[:2])
-      self._fns[name] = jax.jit(fn)
-    return self._fns[name]
-
-  def upsample_ids(self, params, model_state, ids, batch_size: int = 64):
-    """Tokenizer ids [N, h, w] -> (decoded base uint8 [N, s, s, 3],
-    upsampled uint8 [N, s*f, s*f, 3])."""
-    ids = np.asarray(ids)
-    gh, gw = self.tokenizer.grid
-    if ids.ndim != 3 or ids.shape[1:] != (gh, gw):
-      raise ValueError(f"upsample_ids expects ids [N, {gh}, {gw}] of the "
-                       f"tokenizer's grid, got {ids.shape}.")
-    return self._batched("ids", params, model_state, ids.astype(np.int32),
-                         batch_size)
-
-  def upscale(self, params, model_state, images, batch_size: int = 64):
-    """uint8 images [N, s, s, 3] at the base resolution -> (their tokenizer
-    reconstructions [N, s, s, 3], upsampled [N, s*f, s*f, 3])."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-      raise ValueError(f"upscale expects uint8 images, got {images.dtype}.")
-    self._check_images(images)
-    return self._batched("images", params, model_state, images, batch_size)
-
-  def _batched(self, name, params, model_state, inputs, batch_size):
-    fn = self._fn(name)
-    bases, highs = [], []
-    for start in range(0, len(inputs), batch_size):
-      chunk = inputs[start:start + batch_size]
-      pad = batch_size - len(chunk) if len(inputs) > batch_size else 0
-      if pad:  # One compiled shape for every batch.
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-      base, high = fn(params, model_state["tokenizer"], chunk)
-      bases.append(np.asarray(base)[:len(chunk) - pad])
-      highs.append(np.asarray(high)[:len(chunk) - pad])
-    return np.concatenate(bases), np.concatenate(highs)
+  def inference_model(self, params) -> inference.Upsampler:
+    """The inference upsampler over `params` (what load_upsampler gives for
+    a checkpoint of them)."""
+    return inference.Upsampler(self.model, nn.unbox(params), self.tokenizer,
+                               self.config)
 
   # ------------------------------------------------------------------ eval
 
@@ -269,6 +217,8 @@ class UpsamplerTask:
     num_images = int(eval_cfg.get("num_images", 512))
     batch_size = int(eval_cfg.get("batch_size", 64))
     split = eval_cfg.get("split", "test")
+    del model_state  # the frozen tokenizer's params: self.tokenizer's
+    upsampler = self.inference_model(params)
     start, seen = time.time(), 0
     up_psnr, bicubic_psnr, true_bicubic_psnr = [], [], []
     shown = None
@@ -276,7 +226,7 @@ class UpsamplerTask:
                                drop_remainder=False):
       images = np.asarray(batch["image"])[:num_images - seen]
       target = np.asarray(batch["target"])[:num_images - seen]
-      decoded, high = self.upscale(params, model_state, images, batch_size)
+      decoded, high = upsampler.upscale(images, batch_size)
       bicubic = np.asarray(to_uint8(upsampler_lib.bicubic(
           jnp.asarray(decoded, jnp.float32) / 255.0, self.factor)))
       true_bicubic = np.asarray(to_uint8(upsampler_lib.bicubic(
@@ -307,10 +257,10 @@ class UpsamplerTask:
         "eval_seconds": float(time.time() - start),
     }
     out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-      json.dump({**result, "split": split}, f, indent=2)
-    save_comparison(*shown, os.path.join(out_dir, "comparison.png"))
+    reports.write_report(os.path.join(out_dir, "report.json"),
+                         {**result, "split": split})
+    if jax.process_index() == 0:
+      save_comparison(*shown, os.path.join(out_dir, "comparison.png"))
     return result
 
 

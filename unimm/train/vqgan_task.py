@@ -21,7 +21,6 @@ model_state = {"step", "usage" (EMA of per-code counts), "latent_buffer"
 (recent encoder latents)}; update_params restarts dead codes from the
 buffer every config.loss.restart_every steps, inside the jitted step.
 """
-import json
 import os
 import time
 
@@ -32,7 +31,10 @@ import ml_collections
 import numpy as np
 
 from unimm import config_lib
+from unimm.data import pipeline
+from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
+from unimm.evaluation import reports
 from unimm.tokenizers import losses as losses_lib
 from unimm.tokenizers import quantizer as quantizer_lib
 from unimm.tokenizers.discriminator import StyleGANDiscriminator
@@ -108,7 +110,6 @@ class ViTVQGANTask:
   def _dataset(self, split, batch_size, *, shuffle, seed, num_epochs,
                process_index=0, process_count=1, drop_remainder=True,
                in_memory=False):
-    from unimm.data import pipeline  # written concurrently; imported lazily
     data = self.config.data
     return pipeline.image_text_dataset(
         data.source, split, batch_size=batch_size,
@@ -119,9 +120,8 @@ class ViTVQGANTask:
         drop_remainder=drop_remainder, in_memory=in_memory)
 
   def train_data(self, process_index: int, process_count: int):
-    from unimm.train import tasks  # pylint: disable=g-import-not-at-top
     return self._dataset("train",
-                         tasks.per_host_batch_size(self.config, process_count),
+                         config_lib.per_host_batch_size(self.config, process_count),
                          shuffle=True, seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
                          process_count=process_count,
@@ -373,31 +373,16 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
       result[f"reconstructed_{key}"] = ceiling[key]
   result["eval_seconds"] = float(time.time() - start)
   out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  save_reconstruction_grid(np.concatenate(originals), np.concatenate(recons),
-                           os.path.join(out_dir, "reconstructions.png"))
+  result = reports.write_report(os.path.join(out_dir, "report.json"), result)
+  if jax.process_index() == 0:
+    save_reconstruction_grid(np.concatenate(originals),
+                             np.concatenate(recons),
+                             os.path.join(out_dir, "reconstructions.png"))
   return result
 
 
 def save_reconstruction_grid(originals, recons, path, columns: int = 8,
                              scale: int = 2):
   """PNG grid: each cell is an original beside its reconstruction."""
-  from PIL import Image
-  n, h, w, c = originals.shape
-  pairs = np.concatenate([originals, recons], axis=2)  # [N, H, 2W, C]
-  rows = -(-n // columns)
-  pad = rows * columns - n
-  if pad:
-    pairs = np.concatenate([pairs, np.zeros((pad,) + pairs.shape[1:],
-                                            pairs.dtype)])
-  # 2-pixel white gutters between cells.
-  pairs = np.pad(pairs, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=255)
-  ch, cw = pairs.shape[1:3]
-  grid = pairs.reshape(rows, columns, ch, cw, c).transpose(0, 2, 1, 3, 4)
-  grid = grid.reshape(rows * ch, columns * cw, c)
-  image = Image.fromarray(grid.astype(np.uint8).squeeze())
-  image = image.resize((image.width * scale, image.height * scale),
-                       Image.NEAREST)
-  image.save(path)
+  grids.save_image_grid(grids.side_by_side(originals, recons), None, path,
+                        columns=columns, cell=scale * originals.shape[1])

@@ -1,0 +1,93 @@
+"""The inference layer: loading and sampling every kind of model, from any
+working directory, without training code."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import unimm
+from unimm.inference import EVAL
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+import random_models  # noqa: E402  pylint: disable=g-import-not-at-top
+
+PROMPTS = ["a big red circle", "a small blue star"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  return random_models.write_random_models(str(tmp_path_factory.mktemp("m")))
+
+
+def test_load_and_sample_import_no_training_code(models):
+  """In a fresh interpreter: import unimm, load each kind of model, use it;
+  neither TensorFlow, clu, optax nor unimm.train is imported."""
+  script = textwrap.dedent(f"""
+      import sys
+      import numpy as np
+      import unimm
+      paths = {models!r}
+      images = np.zeros((2, 32, 32, 3), np.uint8)
+      tokenizer = unimm.load_tokenizer(paths["tokenizer"])
+      tokenizer.decode(tokenizer.encode(images))
+      parti = unimm.load_model(paths["parti"], upsamplers=[paths["upsampler"]])
+      parti.sample(["a red circle"], upscale=4)
+      interleaved = unimm.load_model(paths["interleaved"])
+      interleaved.sample(["a red circle"])
+      interleaved.caption(images[:1])
+      unimm.load_upsampler(paths["upsampler"]).upscale(images)
+      banned = ("tensorflow", "clu", "optax", "unimm.train")
+      print("BANNED", sorted(m for m in sys.modules if any(
+          m == b or m.startswith(b + ".") for b in banned)))
+      print("MODULES", len(sys.modules))
+  """)
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, env=env, cwd="/", check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "BANNED []" in result.stdout, result.stdout
+
+
+def test_api_defaults_are_the_eval_settings(models):
+  parti = unimm.load_model(models["parti"])
+  # The run's config.eval (configs/parti_shapes.py, cfg_scale changed).
+  assert parti.settings == dict(cfg_scale=2.0, temperature=0.7, top_k=0,
+                                top_p=1.0, batch_size=8)
+  np.testing.assert_array_equal(
+      parti.sample(PROMPTS, seed=1),
+      parti.sample(PROMPTS, seed=1, cfg_scale=2.0, temperature=0.7,
+                   top_k=0, top_p=1.0, batch_size=8))
+  assert not np.array_equal(
+      parti.sample_ids(PROMPTS, seed=1),
+      parti.sample_ids(PROMPTS, seed=1, cfg_scale=2.0, temperature=1.0))
+  # None is no guidance, for every model.
+  assert parti.sampling_params(cfg_scale=None).cfg_scale is None
+  assert parti.sampling_params(cfg_scale="").cfg_scale is None
+  interleaved = unimm.load_model(models["interleaved"])
+  assert interleaved.settings["caption_beams"] == 2
+  images = interleaved.sample(PROMPTS, seed=0, cfg_scale=None)
+  assert interleaved.caption(images) == interleaved.caption(
+      images, num_beams=2, rerank_weight=0.5)
+  assert EVAL is not None and repr(EVAL) == "<the eval's setting>"
+
+
+def test_seeds_differ_and_repeat(models):
+  parti = unimm.load_model(models["parti"])
+  a = parti.sample_ids(PROMPTS, seed=0)
+  assert np.array_equal(a, parti.sample_ids(PROMPTS, seed=0))
+  assert not np.array_equal(a, parti.sample_ids(PROMPTS, seed=1))
+
+
+def test_wrong_kind_of_folder_is_a_clear_error(models):
+  with pytest.raises(ValueError, match="'vit_vqgan' run; load_model expects"):
+    unimm.load_model(models["tokenizer"])
+  with pytest.raises(ValueError, match="not a tokenizer"):
+    unimm.load_tokenizer(models["parti"])
+  with pytest.raises(ValueError, match="not an upsampler"):
+    unimm.load_upsampler(models["parti"])
+  with pytest.raises(ValueError, match="upsamplers for no factors"):
+    unimm.load_model(models["parti"]).sample(PROMPTS, upscale=2)

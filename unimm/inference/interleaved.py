@@ -1,0 +1,342 @@
+"""A trained interleaved (decoder-only) model for inference.
+
+Model + params + image and text tokenizers + sampling, nothing from
+training. A document is a list of segments, each a str or a uint8 image
+[H, W, 3] at the tokenizer's resolution; it is encoded to joint ids by
+unimm.models.vocab.encode_documents (the one document encoder, shared with
+the data pipeline), continued by one compiled sampler program
+(unimm.models.interleaved.continue_documents: text runs to EOS or an image,
+image spans of exactly h*w codes) and decoded back into segments.
+"""
+import dataclasses
+from typing import Any, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from unimm import checkpoints
+from unimm import config_lib
+from unimm.data import interleaved as documents_lib
+from unimm.inference import settings as settings_lib
+from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import interleaved as il
+from unimm.models import vocab
+from unimm.sampling.sampler import SamplingParams
+from unimm.tokenizers import text as text_lib
+
+EVAL = settings_lib.EVAL
+# The settings of the interleaved eval (config.eval overrides them; the
+# shapes config sets cfg_scale 1.5, image_temperature 0.5, 8 beams
+# reranked at 0.5): text greedy, images at image_temperature (None: the
+# text temperature), guided by cfg_scale (None: unguided), captions by
+# beam search of caption_beams reranked by caption_rerank.
+SAMPLING_DEFAULTS = dict(temperature=0.0, image_temperature=None,
+                         cfg_scale=None, caption_beams=1, caption_rerank=0.0)
+
+
+def left_pad(rows: Sequence[np.ndarray]) -> np.ndarray:
+  """Token rows of different lengths -> int32 [B, longest], PAD on the
+  left (the interleaved model does not see PAD)."""
+  longest = max(len(r) for r in rows)
+  return np.stack([np.pad(r, (longest - len(r), 0)) for r in rows])
+
+
+@dataclasses.dataclass
+class InterleavedModel:
+  """A trained decoder-only interleaved model: documents of text and images.
+
+  `settings` are the sampling settings of the model's eval (its config's
+  eval section over SAMPLING_DEFAULTS); every argument left at its default
+  takes them, so the API draws what the eval scored. cfg_scale guides image
+  spans by the same document with its text dropped (trained with
+  config.loss.drop_text_rate); None or 1 is plain sampling.
+  """
+  model: il.InterleavedLM
+  layout: vocab.VocabLayout
+  params: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  text_tokenizer: text_lib.TextTokenizer
+  config: ml_collections.ConfigDict
+  step: int = 0
+  path: str = ""
+
+  def __post_init__(self):
+    if self.layout.size != self.model.vocab_size:
+      raise ValueError(
+          f"config.model.vocab_size={self.model.vocab_size} but the layout "
+          f"(config.vocab) has {self.layout.size} ids; set vocab_size = 5 + "
+          "text_vocab_size + image_vocab_size.")
+    self.params = jax.device_get(nn.unbox(self.params))
+    self.settings = settings_lib.eval_settings(SAMPLING_DEFAULTS,
+                                               self.config)
+
+  @property
+  def image_length(self) -> int:
+    return self.model.image_length
+
+  def _encode(self, documents) -> list[np.ndarray]:
+    """Documents (lists of segments; a bare str or image is one segment)
+    -> joint ids from BOS, without EOS (to be continued)."""
+    s = self.tokenizer.image_size
+    checked = []
+    for d, segments in enumerate(documents):
+      if isinstance(segments, (str, np.ndarray)):
+        segments = [segments]
+      segments = list(segments)
+      for i, segment in enumerate(segments):
+        if isinstance(segment, str):
+          if not segment.strip():
+            raise ValueError(f"Document {d}, segment {i} is empty text.")
+          continue
+        image = np.asarray(segment)
+        if image.dtype != np.uint8 or image.shape != (s, s, 3):
+          raise ValueError(
+              f"Document {d}, segment {i}: an image of shape {image.shape} "
+              f"and dtype {image.dtype}; expected uint8 [{s}, {s}, 3], the "
+              f"tokenizer's resolution (resize it to {s}x{s}).")
+        segments[i] = image
+      checked.append(segments)
+    return vocab.encode_documents(checked, self.layout,
+                                  self.text_tokenizer.pieces,
+                                  self.tokenizer.encode, end=False)
+
+  def _text_ids(self):
+    """bool [V]: text the model may write: SentencePiece pieces except its
+    pad / eos (documents end with the joint EOS)."""
+    ids = np.arange(self.layout.size)
+    return np.asarray(self.layout.is_text(ids)) & ~np.isin(
+        ids, self.layout.text_to_joint(np.array(
+            [self.text_tokenizer.pad_id, self.text_tokenizer.eos_id])))
+
+  def _continue(self, rows, *, seed, temperature, top_k, top_p,
+                max_new_tokens, max_images, max_text_tokens=64,
+                cfg_scale=None, image_temperature=None):
+    temperature = settings_lib.resolve(temperature, self.settings,
+                                       "temperature")
+    image_temperature = settings_lib.resolve(
+        image_temperature, self.settings, "image_temperature")
+    cfg_scale = settings_lib.resolve(cfg_scale, self.settings, "cfg_scale")
+    model = self.model
+    longest = max(len(r) for r in rows)
+    room = max_new_tokens + max_text_tokens + model.image_length + 2
+    if longest + room > model.max_len:
+      raise ValueError(
+          f"A document of {longest} tokens plus room to continue it "
+          f"({room}) exceeds the model's context of {model.max_len} tokens "
+          "(config.model.max_len); shorten the document or lower "
+          "max_new_tokens.")
+    prompts = left_pad(rows)
+    ids = np.arange(self.layout.size)
+    text_ids = self._text_ids()
+    text = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = SamplingParams.from_config(text, self.layout.size)
+    image_sampling = SamplingParams.from_config(dict(
+        text, cfg_scale=cfg_scale, temperature=(
+            temperature if image_temperature is None else image_temperature)),
+                                                self.layout.size)
+    if (image_sampling.cfg_scale is not None and not self.config.get("loss", {}).get(
+        "drop_text_rate", 0.0)):
+      logging.warning(
+          "cfg_scale=%s but this run was trained without dropped text "
+          "(config.loss.drop_text_rate = 0): its unconditional half is a "
+          "document the model never saw.", cfg_scale)
+    out = il.continue_documents(
+        model, {"params": self.params}, prompts, jax.random.PRNGKey(seed),
+        text_ids=text_ids,
+        image_ids=np.asarray(self.layout.is_image(ids)),
+        eos_id=vocab.EOS, boi_id=vocab.BOI, eoi_id=vocab.EOI,
+        text_sampling=sampling, image_sampling=image_sampling,
+        max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
+        max_images=max_images, drop_ids=np.asarray(self.layout.is_text(ids)))
+    return out
+
+  def _segments(self, row) -> list[Any]:
+    row = [int(t) for t in row if t != vocab.PAD]
+    if vocab.EOS in row:
+      row = row[:row.index(vocab.EOS)]
+    if vocab.BOI in row:
+      last_boi = len(row) - row[::-1].index(vocab.BOI) - 1
+      if vocab.EOI not in row[last_boi:]:  # an unfinished (unbudgeted) span
+        row = row[:last_boi]
+    h, w = self.tokenizer.grid
+    segments = []
+    for kind, ids in self.layout.segments(np.asarray(row, np.int64)):
+      if kind == "text":
+        segments.append(self.text_tokenizer.decode(
+            np.asarray(ids, np.int32)[None])[0])
+      else:
+        segments.append(self.tokenizer.decode(
+            np.asarray(ids, np.int32).reshape(1, h, w))[0])
+    return segments
+
+  def generate(self, segments, *, seed: int = 0, temperature=EVAL,
+               top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
+               max_images: int = 2, max_text_tokens: int = 64,
+               cfg_scale=EVAL, image_temperature=EVAL) -> list[Any]:
+    """Continues one document: text, then an image when the model opens one
+    (exactly h*w codes, EOI forced, guided by cfg_scale, sampled at
+    image_temperature), until EOS or the budget. Defaults: the eval's
+    settings (`settings`). Returns the new segments (str or uint8
+    [H, W, 3])."""
+    return self.generate_batch(
+        [segments], seed=seed, temperature=temperature, top_k=top_k,
+        top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
+        max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
+        image_temperature=image_temperature)[0]
+
+  def generate_batch(self, documents, *, seed: int = 0, temperature=EVAL,
+                     top_k: int = 0, top_p: float = 1.0,
+                     max_new_tokens: int = 128, max_images: int = 2,
+                     max_text_tokens: int = 64, cfg_scale=EVAL,
+                     image_temperature=EVAL) -> list[list[Any]]:
+    """generate() for several documents at once (one batch); a text run
+    without BOI or EOS stops after max_text_tokens."""
+    rows = self._encode(documents)
+    out = self._continue(rows, seed=seed, temperature=temperature,
+                         top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens, max_images=max_images,
+                         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
+                         image_temperature=image_temperature)
+    return [self._segments(row) for row in out]
+
+  def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
+              max_new_tokens: int = 48, prompt: str | None = None,
+              num_beams=EVAL, rerank_weight=EVAL) -> list[str]:
+    """Captions for uint8 images [N, H, W, 3].
+
+    Defaults: the eval's settings (`settings`: caption_beams,
+    caption_rerank; the shapes config uses 8 beams reranked at 0.5). Each
+    image is followed by `prompt` (default
+    unimm.data.interleaved.CAPTION_PROMPT, as in the image-to-text training
+    documents; "" for none), then the model writes the caption: sampled
+    at `temperature` (0: greedy; > 0 samples, and the beam settings then
+    default to none) with num_beams=1, or by beam search with num_beams >
+    1 (temperature must then be 0): the likeliest caption it
+    finds, or with rerank_weight w > 0 the one of its num_beams final beams
+    that maximises log p(caption | image) + w * log p(image | caption). The
+    second term is the model's own text-to-image direction: the image's
+    codes teacher-forced after the caption, as in the caption-then-image
+    training documents (a caption that names the wrong places or shapes
+    makes the image unlikely).
+    """
+    if temperature:  # sampling asked for: the search settings do not apply
+      num_beams = 1 if num_beams is EVAL else num_beams
+      rerank_weight = 0.0 if rerank_weight is EVAL else rerank_weight
+    num_beams = settings_lib.resolve(num_beams, self.settings,
+                                     "caption_beams")
+    rerank_weight = settings_lib.resolve(rerank_weight, self.settings,
+                                         "caption_rerank")
+    if not (isinstance(num_beams, int) and num_beams >= 1):
+      raise ValueError(f"num_beams={num_beams!r}; expected an int >= 1 "
+                       "(1 = no beam search).")
+    if num_beams > 1 and temperature:
+      raise ValueError(f"num_beams={num_beams} searches for the likeliest "
+                       f"caption; temperature={temperature} samples one. "
+                       "Pass temperature=0 or num_beams=1.")
+    if not rerank_weight >= 0:
+      raise ValueError(f"rerank_weight={rerank_weight!r}; expected >= 0 "
+                       "(0 = no reranking).")
+    if rerank_weight and num_beams == 1:
+      raise ValueError(f"rerank_weight={rerank_weight} reranks the final "
+                       "beams of a beam search; pass num_beams > 1 (e.g. 8) "
+                       "or rerank_weight=0.")
+    if prompt is None:
+      prompt = documents_lib.CAPTION_PROMPT
+    rows = self._encode([[image, prompt] if prompt.strip() else [image]
+                         for image in images])
+    if num_beams > 1:
+      beams, scores = il.beam_search_text(
+          self.model, {"params": self.params}, left_pad(rows),
+          text_ids=self._text_ids(), eos_id=vocab.EOS, beam_size=num_beams,
+          max_text_tokens=max_new_tokens)
+      best = np.zeros(len(rows), int)  # beams come best first
+      if rerank_weight:
+        # _encode's rows start [BOS, BOI, codes, EOI, ...].
+        spans = [r[1:2 + self.model.image_length] for r in rows]
+        scores = scores + rerank_weight * self._image_logprob(beams, spans)
+        best = np.argmax(scores, axis=1)
+      out = beams[np.arange(len(rows)), best]
+    else:
+      out = self._continue(rows, seed=seed, temperature=temperature,
+                           top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           max_images=0, max_text_tokens=max_new_tokens)
+    texts = []
+    for row in out:
+      text = [s for s in self._segments(row) if isinstance(s, str)]
+      texts.append(" ".join(t.strip() for t in text))
+    return texts
+
+  def _image_logprob(self, beams, spans):
+    """float [N, K]: log p(image | caption) for each of beams [N, K, T]
+    (text ids, then EOS and PAD): the image's codes teacher-forced in the
+    document [BOS, caption, BOI, codes]; spans[n] = image n's [BOI, codes]."""
+    n, k, _ = beams.shape
+    rows, targets = [], []
+    for i in range(n):
+      for j in range(k):
+        text = beams[i, j][(beams[i, j] != vocab.PAD)
+                           & (beams[i, j] != vocab.EOS)]
+        rows.append(np.concatenate([[vocab.BOS], text, spans[i]]))
+        targets.append(np.arange(len(rows[-1])) > len(text) + 1)  # codes
+    width = max(len(r) for r in rows)
+    pad = lambda r: np.pad(r, (0, width - len(r)))  # noqa: E731
+    return il.sequence_logprob(
+        self.model, {"params": self.params},
+        np.stack([pad(r) for r in rows]),
+        np.stack([pad(t) for t in targets])).reshape(n, k)
+
+  def sample(self, prompts: Sequence[str], *, seed: int = 0,
+             temperature=EVAL, top_k: int = 0, top_p: float = 1.0,
+             cfg_scale=EVAL):
+    """uint8 images [N, H, W, 3] for N prompts (text, then one image).
+
+    Defaults: the eval's settings (`settings`): images at
+    image_temperature, guided by cfg_scale (None: unguided)."""
+    if isinstance(prompts, (str, bytes)):
+      raise ValueError(f"prompts must be a list of strings, got one "
+                       f"{type(prompts).__name__}; wrap it in a list.")
+    temperature = settings_lib.resolve(temperature, self.settings,
+                                       "image_temperature")
+    if temperature is None:
+      temperature = self.settings["temperature"]
+    rows = [np.concatenate([r, [vocab.BOI]]).astype(np.int32)
+            for r in self._encode([[p] for p in prompts])]
+    out = self._continue(rows, seed=seed, temperature=temperature,
+                         top_k=top_k, top_p=top_p,
+                         max_new_tokens=self.image_length + 1, max_images=1,
+                         cfg_scale=cfg_scale, image_temperature=temperature)
+    h, w = self.tokenizer.grid
+    codes = out[:, :self.image_length] - self.layout.image_offset
+    return self.tokenizer.decode(codes.reshape(-1, h, w))
+
+
+def params_init(model: il.InterleavedLM) -> checkpoints.InitFn:
+  """init(rng, batch) of the params an interleaved run saves and loads."""
+  def init(rng, batch):
+    return {"params": model.init(rng, np.zeros(batch["tokens"].shape,
+                                               np.int32))["params"]}
+  return init
+
+
+def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
+  """The interleaved model in `path` (a workdir or an export) with its
+  image and text tokenizers."""
+  step, config, meta = checkpoints.saved(path, step)
+  config = checkpoints.local_mesh_config(config)
+  tokenizer_lib.check_task(config, path, "interleaved",
+                           "an interleaved model")
+  model = config_lib.build_module(il.InterleavedLM, config.model)
+  layout = vocab.VocabLayout(
+      text_vocab_size=int(config.vocab.text_vocab_size),
+      image_vocab_size=int(config.vocab.image_vocab_size))
+  tokenizer = tokenizer_lib.load_tokenizer(checkpoints.resolve_path(
+      config.get("tokenizer_workdir") or "", path, meta,
+      "tokenizer_workdir"))
+  text_tokenizer = text_lib.TextTokenizer.load(checkpoints.resolve_path(
+      config.get("text_tokenizer") or "", path, meta, "text_tokenizer"))
+  restored = checkpoints.restore(path, params_init(model), config, step)
+  return InterleavedModel(model, layout, restored.params, tokenizer,
+                          text_tokenizer, config, restored.step, path)

@@ -1,0 +1,67 @@
+"""A trained ViT-VQGAN for inference: images <-> ids, no training code."""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from unimm import checkpoints
+from unimm import config_lib
+from unimm.tokenizers import vit_vqgan
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A trained ViT-VQGAN: encode images to ids and decode ids to images."""
+  model: vit_vqgan.ViTVQGAN
+  params: Any  # the generator's params (host arrays)
+  config: ml_collections.ConfigDict
+  step: int
+  path: str = ""
+
+  @property
+  def image_size(self) -> int:
+    return self.model.image_size
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.model.grid
+
+  @property
+  def num_codes(self) -> int:
+    return self.model.num_codes
+
+  def encode(self, images):
+    """uint8 [N, H, W, 3] at image_size -> int32 ids [N, h, w]."""
+    return vit_vqgan.encode_images(self.model, self.params, images)
+
+  def decode(self, ids):
+    """int ids [N, h, w] in [0, num_codes) -> uint8 images [N, H, W, 3]."""
+    return vit_vqgan.decode_ids(self.model, self.params, ids)
+
+
+def check_task(config, path: str, task: str, what: str) -> None:
+  """ValueError unless the run in `path` is a `task` run."""
+  if config.get("task") != task:
+    raise ValueError(f"{path!r} holds a {config.get('task')!r} run, not "
+                     f"{what} (its config.task must be {task!r}).")
+
+
+def params_init(model: vit_vqgan.ViTVQGAN) -> checkpoints.InitFn:
+  """init(rng, batch) of the params a tokenizer run saves and loads."""
+  def init(rng, batch):
+    images = jnp.zeros(batch["image"].shape, jnp.float32)
+    return {"params": {"generator": model.init(
+        {"params": rng, "dropout": rng}, images)["params"]}}
+  return init
+
+
+def load_tokenizer(path: str, step: int | None = None) -> Tokenizer:
+  """The ViT-VQGAN trained in `path` (a workdir or an export; latest step)."""
+  config = checkpoints.local_mesh_config(checkpoints.saved_config(path, step))
+  check_task(config, path, "vit_vqgan", "a tokenizer")
+  model = config_lib.build_module(vit_vqgan.ViTVQGAN, config.model)
+  restored = checkpoints.restore(path, params_init(model), config, step)
+  params = jax.device_get(restored.params["generator"])
+  return Tokenizer(model, params, config, restored.step, path)

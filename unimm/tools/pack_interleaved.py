@@ -1,0 +1,74 @@
+r"""Writes interleaved shapes documents, tokenized and packed into rows.
+
+Example: python -m unimm.tools.pack_interleaved \
+    --tokenizer_workdir WORKDIRS/tokenizer \
+    --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
+    --split train --num_documents 100000 --length 512
+
+Loads the tokenizer (unimm.api.load_tokenizer) and runs
+unimm.data.interleaved.write_interleaved, which describes the documents,
+tokens and packing; prints the metadata (also in OUT/SPLIT.json). Train
+the text tokenizer on these documents' texts first
+(unimm.tools.train_text_tokenizer --source interleaved).
+"""
+import json
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from unimm import api
+from unimm import host_memory
+from unimm.data import interleaved
+from unimm.data import pretokenize
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The CLI flags (defined only when run as a program, or by tests)."""
+  kw = dict(flag_values=flag_values)
+  flags.DEFINE_string("tokenizer_workdir", None, "Workdir of a trained "
+                      "ViT-VQGAN (config.task vit_vqgan).", required=True,
+                      **kw)
+  flags.DEFINE_string("text_tokenizer", None, "SentencePiece .model file.",
+                      required=True, **kw)
+  flags.DEFINE_string("out", None, "Output directory.", required=True, **kw)
+  flags.DEFINE_string("split", "train", "Split name.", **kw)
+  flags.DEFINE_integer("num_documents", None, "Documents to write.",
+                       required=True, **kw)
+  flags.DEFINE_integer("length", None, "Tokens per packed row "
+                       "(config.model.max_len).", required=True, **kw)
+  flags.DEFINE_integer("seed", None, "Document stream (default: train 0, "
+                       "validation 1, test 2).", **kw)
+  flags.DEFINE_list("kinds", list(interleaved.KINDS), "Document kinds.", **kw)
+  flags.DEFINE_list("weights", None, "Weights of --kinds (default uniform).",
+                    **kw)
+  flags.DEFINE_integer("documents_per_batch", 1024, "Documents tokenized and "
+                       "packed together.", **kw)
+  flags.DEFINE_integer("encode_batch_size", 256, "Images per encoder call.",
+                       **kw)
+  flags.DEFINE_integer("records_per_shard", pretokenize.RECORDS_PER_SHARD,
+                       "Packed rows per ArrayRecord shard.", **kw)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+  """Runs write_interleaved from parsed flags; returns the metadata."""
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  f = flag_values
+  weights = None if f.weights is None else [float(w) for w in f.weights]
+  metadata = interleaved.write_interleaved(
+      api.load_tokenizer(f.tokenizer_workdir), f.text_tokenizer, f.out,
+      f.split, f.num_documents, f.length, seed=f.seed, kinds=f.kinds,
+      weights=weights, documents_per_batch=f.documents_per_batch,
+      encode_batch_size=f.encode_batch_size,
+      records_per_shard=f.records_per_shard,
+      tokenizer_workdir=f.tokenizer_workdir)
+  print(json.dumps(metadata, indent=1))
+  return metadata
+
+
+if __name__ == "__main__":
+  host_memory.keep_freed_memory()
+  define_flags()
+  app.run(lambda argv: main(argv) and None)  # exit status 0, not the dict
