@@ -11,6 +11,8 @@ setuptools.setup(
         "models in JAX/Flax, sharded for pods, runnable on a laptop CPU."),
     license="Apache-2.0",
     packages=setuptools.find_packages(include=["unimm", "unimm.*"]),
+    # The exported models that load by name (unimm.load_model("shapes-parti")).
+    package_data={"unimm": ["pretrained/**/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -42,6 +42,7 @@ import common
 from unimm import config_lib
 from unimm import host_memory
 from unimm import parallel
+from unimm.inference import text_to_image
 from unimm.models import parti
 from unimm.sampling.sampler import SamplingParams
 from unimm.train import parti_task
@@ -110,7 +111,7 @@ def parti_train_task(m_cfg) -> parti_task.ParTask:
   """The Parti task of m_cfg, its unconditional text row built directly (no
   text tokenizer file needed)."""
   task = parti_task.ParTask(m_cfg)
-  row = parti_task.unconditional_text_ids(1, task.model.text_length)
+  row = text_to_image.unconditional_text_ids(1, task.model.text_length)
   task.unconditional_row = lambda: row
   return task
 

@@ -75,6 +75,8 @@ def test_text_to_image_colab(tmp_path):
             # cost ~30 s more in compiles and checkpoint copies).
             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   text = _text(nb)
+  # First the packaged model draws 4 prompts.
+  assert "shapes-parti, step 1600" in text and "uint8 (4, 32, 32, 3)" in text
   with open(workdir / "parti" / "eval" / "report.json") as f:
     report = json.load(f)
   assert 0.0 <= report["prompt_accuracy_single"] <= 1.0
@@ -87,7 +89,8 @@ def test_text_to_image_colab(tmp_path):
   assert "ids int32 (2, 8, 8) in [0, 512)" in text
   images = [out for cell in nb.cells if cell.cell_type == "code"
             for out in cell.outputs if "image/png" in out.get("data", {})]
-  assert len(images) == 6  # two recipe grids, three settings, the token demo
+  # The packaged model's grid, two recipe grids, three settings, the tokens.
+  assert len(images) == 7
 
 
 def test_interleaved_colab(tmp_path):

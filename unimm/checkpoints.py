@@ -25,6 +25,28 @@ import orbax.checkpoint as ocp
 from unimm import parallel
 
 CHECKPOINT_DIR = "checkpoints"
+# Exported models that ship inside the package, loadable by name
+# (unimm.load_model("shapes-parti")).
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "pretrained")
+
+
+def pretrained_names() -> list[str]:
+  """The names of the models that ship with the package."""
+  if not os.path.isdir(PRETRAINED_DIR):
+    return []
+  return sorted(n for n in os.listdir(PRETRAINED_DIR)
+                if has_checkpoints(os.path.join(PRETRAINED_DIR, n)))
+
+
+def find(path: str) -> str:
+  """`path` itself, or the packaged model of that name (or a part of one,
+  such as "shapes-parti/tokenizer") when no such folder exists here."""
+  if path and not os.path.exists(path):
+    packaged = os.path.join(PRETRAINED_DIR, path)
+    if os.path.isdir(packaged):
+      return packaged
+  return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +112,8 @@ def saved(workdir: str, step: int | None = None
     raise ValueError(
         f"{workdir!r} is not a trained run: it has no {CHECKPOINT_DIR}/ "
         f"folder (looked in {os.path.abspath(workdir)!r}). Pass a training "
-        "workdir or a folder written by `python -m unimm.export`.")
+        "workdir, a folder written by `python -m unimm.export`, or the name "
+        f"of a packaged model ({', '.join(pretrained_names()) or 'none'}).")
   manager = checkpoint_manager(workdir, read_only=True)
   try:
     step = _step_or_error(manager, workdir, step)

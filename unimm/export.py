@@ -1,5 +1,6 @@
 r"""Exports a trained model as a self-contained folder that loads anywhere.
 
+Example:
   python -m unimm.export --workdir workdirs/demo --out exports/shapes-parti
   python -m unimm.export --workdir workdirs/interleaved --out exports/il
 

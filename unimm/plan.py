@@ -565,8 +565,11 @@ def _ensure_device_count(num_devices: int, argv) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m unimm.plan",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m unimm.plan", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Example: python -m unimm.plan --config "
+      "configs/parti_plan.py:size=20b --mesh fsdp=256")
   parser.add_argument("--config", help="configs/x.py[:arg], e.g. "
                       "configs/parti_plan.py:size=20b")
   parser.add_argument("--mesh", default="fsdp=8",

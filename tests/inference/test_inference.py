@@ -1,5 +1,6 @@
 """The inference layer: loading and sampling every kind of model, from any
 working directory, without training code."""
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import unimm
+from unimm import checkpoints
 from unimm.inference import EVAL
 
 HERE = os.path.dirname(__file__)
@@ -91,3 +93,28 @@ def test_wrong_kind_of_folder_is_a_clear_error(models):
     unimm.load_upsampler(models["parti"])
   with pytest.raises(ValueError, match="upsamplers for no factors"):
     unimm.load_model(models["parti"]).sample(PROMPTS, upscale=2)
+
+
+def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
+                                                              monkeypatch):
+  """unimm.load_model("shapes-parti") from any directory: the demo recipe's
+  export in unimm/pretrained/, sampling with its eval's settings; a red
+  object is drawn where the prompt says (the probe-free reading: red
+  pixels by quadrant)."""
+  assert "shapes-parti" in checkpoints.pretrained_names()
+  monkeypatch.chdir(tmp_path)
+  model = unimm.load_model("shapes-parti")
+  with open(os.path.join(checkpoints.PRETRAINED_DIR, "shapes-parti",
+                         "model_card.json")) as f:
+    card = json.load(f)
+  assert model.step == card["step"] and card["task"] == "parti"
+  assert model.settings == card["sampling_defaults"]
+  corners = {"top left": (slice(0, 16), slice(0, 16)),
+             "bottom right": (slice(16, 32), slice(16, 32))}
+  images = model.sample([f"a big red circle at the {c}" for c in corners],
+                        seed=0).astype(int)
+  red = (images[..., 0] > 150) & (images[..., 1] < 100) & (
+      images[..., 2] < 100)  # [2, 32, 32]
+  for image, (rows, cols) in zip(red, corners.values()):
+    inside = image[rows, cols].sum()
+    assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()

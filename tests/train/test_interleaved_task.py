@@ -2,6 +2,7 @@
 trains and evaluates it."""
 import json
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 from unimm import api
+from unimm import export
 from unimm.inference import interleaved as inference
 from unimm.data import interleaved as il_data
 from unimm.tokenizers import text as text_lib
@@ -218,6 +220,25 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
       os.rename(path + ".moved", path)
   with pytest.raises(ValueError, match=r"expected uint8 \[32, 32, 3\]"):
     model.generate([np.zeros((64, 64, 3), np.uint8)])
+  # Exported, moved and loaded without its tokenizers' folders: the same
+  # captions and samples.
+  out = str(tmp_path / "export")
+  assert export.export(workdir, out)["task"] == "interleaved"
+  moved = str(tmp_path / "moved" / "il")
+  shutil.move(out, moved)
+  gone = [files["tokenizer_workdir"], files["text_tokenizer"], workdir]
+  for path in gone:
+    os.rename(path, path + ".gone")
+  try:
+    travelled = api.load_model(moved)
+    np.testing.assert_array_equal(
+        travelled.sample(["a big red circle", "a small blue star"], seed=0,
+                         cfg_scale=None), images)
+    assert travelled.caption(images, num_beams=1,
+                             rerank_weight=0.0) == captions
+  finally:
+    for path in gone:
+      os.rename(path + ".gone", path)
   with pytest.raises(ValueError, match="config.model.max_len"):
     model.generate(["a big red circle " * 200])
 

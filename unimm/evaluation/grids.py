@@ -1,6 +1,7 @@
 """The one image-grid writer: samples, reconstructions, documents as a PNG.
 
   save_image_grid(images, captions, "grid.png", columns=8, cell=128)
+  display(image_grid(images, captions))   # a PIL image, e.g. in a notebook
 
 Each image is scaled (nearest neighbour, keeping its aspect) to `cell` px
 high and its caption wrapped beneath it in up to `text_lines` lines. To
@@ -42,23 +43,31 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int
 def save_image_grid(images, captions: Sequence[str] | None, path: str, *,
                     columns: int = 8, cell: int = 128,
                     text_lines: int = 4) -> None:
-  """Writes a PNG grid of `images` (uint8 [H, W, 3] each, any aspect).
+  """Writes image_grid(images, captions, ...) as a PNG at `path`."""
+  image_grid(images, captions, columns=columns, cell=cell,
+             text_lines=text_lines).save(path)
+
+
+def image_grid(images, captions: Sequence[str] | None = None, *,
+               columns: int = 8, cell: int = 128,
+               text_lines: int = 4) -> Image.Image:
+  """A grid of `images` (uint8 [H, W, 3] each, any aspect) as one PIL image
+  (notebooks display it; save_image_grid writes it).
 
   Args:
     images: the images, in row-major order.
     captions: one per image, wrapped beneath it; None for no text.
-    path: the PNG to write.
     columns: images per row (fewer when there are fewer images).
     cell: the height every image is scaled to (nearest), in px.
     text_lines: caption lines kept per image (the rest is cut).
   """
   images = [np.asarray(image, np.uint8) for image in images]
   if not images:
-    raise ValueError(f"save_image_grid({path!r}) got no images.")
+    raise ValueError("image_grid got no images.")
   if captions is None:
     captions, text_lines = [""] * len(images), 0
   if len(captions) != len(images):
-    raise ValueError(f"save_image_grid got {len(images)} images but "
+    raise ValueError(f"image_grid got {len(images)} images but "
                      f"{len(captions)} captions; expected one per image.")
   font = ImageFont.load_default()
   cell_w = max(cell * image.shape[1] // image.shape[0] for image in images)
@@ -81,4 +90,4 @@ def save_image_grid(images, captions: Sequence[str] | None, path: str, *,
     for j, line in enumerate(_wrap(draw, caption, font, cell_w)[:text_lines]):
       draw.text((x, y + cell + PAD // 2 + j * LINE_HEIGHT), line,
                 fill="black", font=font)
-  canvas.save(path)
+  return canvas

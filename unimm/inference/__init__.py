@@ -6,7 +6,9 @@
   upsampler = load_upsampler(path)     # Parti's super-resolution stage
 
 `path` is a training workdir (an end-to-end recipe's workdir loads its
-parti/ stage) or a folder written by `python -m unimm.export`. Relative
+parti/ stage), a folder written by `python -m unimm.export`, or the name
+of an exported model that ships in the package (unimm/pretrained/, e.g.
+"shapes-parti"; checkpoints.pretrained_names()). Relative
 paths a run's config names (its tokenizers) resolve against the folder
 first (unimm.checkpoints.resolve_path), so both load from any directory.
 """
@@ -27,7 +29,9 @@ RECIPE_MODEL_STAGE = "parti"  # an end-to-end recipe's text-to-image stage
 
 
 def model_path(path: str) -> str:
-  """An end-to-end recipe's parti/ stage, or `path` itself."""
+  """An end-to-end recipe's parti/ stage, a packaged model of that name, or
+  `path` itself."""
+  path = checkpoints.find(path)
   stage = os.path.join(path, RECIPE_MODEL_STAGE)
   if not checkpoints.has_checkpoints(path) and checkpoints.has_checkpoints(
       stage):

@@ -59,6 +59,7 @@ def params_init(model: vit_vqgan.ViTVQGAN) -> checkpoints.InitFn:
 
 def load_tokenizer(path: str, step: int | None = None) -> Tokenizer:
   """The ViT-VQGAN trained in `path` (a workdir or an export; latest step)."""
+  path = checkpoints.find(path)
   config = checkpoints.local_mesh_config(checkpoints.saved_config(path, step))
   check_task(config, path, "vit_vqgan", "a tokenizer")
   model = config_lib.build_module(vit_vqgan.ViTVQGAN, config.model)

@@ -156,6 +156,7 @@ def params_init(model: upsampler_lib.Upsampler,
 
 def load_upsampler(path: str, step: int | None = None) -> Upsampler:
   """The super-resolution module in `path` (a workdir or an export)."""
+  path = checkpoints.find(path)
   step, config, meta = checkpoints.saved(path, step)
   config = checkpoints.local_mesh_config(config)
   tokenizer_lib.check_task(config, path, "upsampler", "an upsampler")

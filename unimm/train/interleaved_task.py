@@ -30,6 +30,7 @@ from unimm.inference import interleaved as inference
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab as vocab_lib
+from unimm.sampling.sampler import SamplingParams
 from unimm.tokenizers import text as text_lib
 
 LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0, drop_text_rate=0.0)
@@ -203,10 +204,10 @@ class InterleavedTask:
       n = int(eval_cfg["num_generation"])
       model = self.inference_model(params, step)
       settings = model.settings
-      cfg_scale = settings["cfg_scale"]
-      # Scale 1 is exactly unguided sampling (tested), at half the cost.
-      cfg_scale = (None if cfg_scale in (None, "") or float(cfg_scale) == 1.0
-                   else float(cfg_scale))
+      cfg_scale = SamplingParams.from_config(
+          settings, self.layout.size).cfg_scale
+      if cfg_scale == 1.0:  # exactly unguided sampling (tested), half the cost
+        cfg_scale = None
       result.update(interleaved_eval.evaluate_generation(
           model, out_dir, num_prompts=n, num_captions=n, num_edits=n,
           temperature=float(settings["temperature"]),

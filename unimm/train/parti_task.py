@@ -147,7 +147,7 @@ class ParTask:
       if have != want:
         raise ValueError(
             f"Pre-tokenized data in {d!r} has {name}={have} but "
-            f"config.model.{name}={want}; re-run unimm.data.pretokenize for "
+            f"config.model.{name}={want}; re-run unimm.tools.pretokenize for "
             "this model or change the config.")
     if metadata["text_vocab_size"] > m.text_vocab_size:
       raise ValueError(
@@ -158,7 +158,7 @@ class ParTask:
                process_index=0, process_count=1, drop_remainder=True):
     if not self.pretokenized_dir:
       raise ValueError("config.data.pretokenized_dir is empty; pre-tokenize "
-                       "first (python -m unimm.data.pretokenize --out DIR).")
+                       "first (python -m unimm.tools.pretokenize --out DIR).")
     self.check_metadata(pretokenize.load_metadata(self.pretokenized_dir,
                                                   split))
     return pretokenize.pretokenized_dataset(
