@@ -12,6 +12,7 @@ import pytest
 import unimm
 from unimm import checkpoints
 from unimm.inference import EVAL
+from unimm.inference import text_to_image
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
@@ -118,3 +119,30 @@ def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
   for image, (rows, cols) in zip(red, corners.values()):
     inside = image[rows, cols].sum()
     assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()
+
+
+def test_api_inputs(models, monkeypatch):
+  """Seeds of any size give their own images; a non-int seed, a bare
+  string, a zero batch and a method the model lacks are clear errors
+  before anything is compiled."""
+  parti = unimm.load_model(models["parti"])
+  assert not np.array_equal(parti.sample_ids(PROMPTS, seed=2**32),
+                            parti.sample_ids(PROMPTS, seed=0))
+
+  def no_compile(*args):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(text_to_image, "_jitted_sample", no_compile)
+  with pytest.raises(TypeError, match="seed=1.5 .* expected an int"):
+    parti.sample(PROMPTS, seed=1.5)
+  with pytest.raises(ValueError, match="list of strings"):
+    parti.sample("a red circle")
+  with pytest.raises(ValueError, match="batch_size=0; expected > 0"):
+    parti.sample(PROMPTS, batch_size=0)
+  with pytest.raises(TypeError, match="caption.. needs an interleaved model"):
+    parti.caption(np.zeros((1, 32, 32, 3), np.uint8))
+  interleaved_model = unimm.load_model(models["interleaved"])
+  with pytest.raises(ValueError, match="list of strings"):
+    interleaved_model.sample("a red circle")
+  with pytest.raises(TypeError, match="expected an int"):
+    interleaved_model.sample(PROMPTS, seed="0")

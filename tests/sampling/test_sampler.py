@@ -138,3 +138,15 @@ def test_batch_sharded_over_8_devices_gives_same_tokens():
 def test_bad_sampling_params(kwargs, match):
   with pytest.raises(ValueError, match=match):
     samp.SamplingParams(**kwargs).validate(V)
+
+
+def test_seed_keys_are_distinct_over_64_bits_and_typed():
+  np.testing.assert_array_equal(samp.seed_key(5), jax.random.PRNGKey(5))
+  keys = {tuple(np.asarray(samp.seed_key(s)).tolist())
+          for s in (0, 1, 2**32, 2**32 + 1, 2**64 - 1, -1, 2**63)}
+  assert len(keys) == 6  # -1 is 2**64 - 1 (modulo 2**64), the rest differ
+  for bad in (1.5, "0", True, None):
+    with pytest.raises(TypeError, match="expected an int"):
+      samp.seed_key(bad)
+  with pytest.raises(ValueError, match=r"\[-2\*\*63, 2\*\*64\)"):
+    samp.seed_key(2**64)

@@ -24,6 +24,7 @@ from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab
+from unimm.sampling import sampler as sampler_lib
 from unimm.sampling.sampler import SamplingParams
 from unimm.tokenizers import text as text_lib
 
@@ -144,7 +145,7 @@ class InterleavedModel:
           "(config.loss.drop_text_rate = 0): its unconditional half is a "
           "document the model never saw.", cfg_scale)
     out = il.continue_documents(
-        model, {"params": self.params}, prompts, jax.random.PRNGKey(seed),
+        model, {"params": self.params}, prompts, sampler_lib.seed_key(seed),
         text_ids=text_ids,
         image_ids=np.asarray(self.layout.is_image(ids)),
         eos_id=vocab.EOS, boi_id=vocab.BOI, eoi_id=vocab.EOI,

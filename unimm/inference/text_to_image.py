@@ -26,6 +26,7 @@ from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.inference import upsampler as upsampler_lib
 from unimm.models import parti
+from unimm.sampling import sampler as sampler_lib
 from unimm.sampling.sampler import SamplingParams
 from unimm.tokenizers import text as text_lib
 
@@ -201,6 +202,7 @@ class TextToImageModel:
     prompts = list(prompts)
     if not prompts:
       raise ValueError("prompts is empty; pass at least one prompt.")
+    key = sampler_lib.seed_key(seed)
     sampling = self.sampling_params(cfg_scale, temperature, top_k, top_p)
     batch_size = int(settings_lib.resolve(batch_size, self.settings,
                                           "batch_size"))
@@ -222,7 +224,6 @@ class TextToImageModel:
       uncond = jax.device_put(np.tile(self.unconditional_row(),
                                       (batch_size, 1)), sharding)
     fn = _jitted_sample(self.model, sampling)
-    key = jax.random.PRNGKey(seed)
     n = len(prompts)
     out = np.zeros((n, self.model.image_length), np.int32)
     progress = progress_lib.Progress(n, "sampled images") if (
@@ -282,6 +283,16 @@ class TextToImageModel:
     h, w = self.image_tokenizer.grid
     base, high = upsampler.upsample_ids(ids.reshape(-1, h, w))
     return (base, high) if return_base else high
+
+  def caption(self, *args, **kwargs):
+    """Not for this model: Parti draws images from text only."""
+    del args, kwargs
+    raise TypeError(
+        "caption() needs an interleaved model; this is a text-to-image "
+        "(Parti) model, which only draws images from text. Train one with "
+        "configs/interleaved_shapes.py and load it with unimm.load_model.")
+
+  generate = caption
 
   def upsampler(self, factor: int) -> upsampler_lib.Upsampler:
     """The upsampler for `factor`, loaded on first use (ValueError naming

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 StepFn = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -61,6 +62,21 @@ class SamplingParams:
     if self.cfg_scale is not None and not self.cfg_scale >= 0:
       raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}.")
     return self
+
+
+def seed_key(seed) -> jax.Array:
+  """The PRNG key (uint32 [2]) of an integer seed: [high, low] 32-bit words,
+  so every seed in [0, 2**64) has its own key (jax.random.PRNGKey(seed)
+  for seeds below 2**32); a negative seed counts modulo 2**64. Anything but
+  an int (a float, a bool, a string) is a TypeError."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed={seed!r} ({type(seed).__name__}); expected an "
+                    "int.")
+  seed = int(seed)
+  if not -2**63 <= seed < 2**64:
+    raise ValueError(f"seed={seed}; expected an int in [-2**63, 2**64).")
+  seed %= 2**64
+  return jnp.asarray(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32))
 
 
 def guided_logits(logits, cfg_scale):
