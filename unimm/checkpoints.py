@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
+from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
@@ -179,6 +180,12 @@ def _key_paths(tree) -> set[str]:
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _saved_params_tree(manager: ocp.CheckpointManager, step: int):
+  meta = ocp.PyTreeCheckpointHandler().metadata(
+      epath.Path(manager.directory) / str(step) / "state")
+  return getattr(meta, "tree", meta)["params"]
+
+
 def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
                           abstract: dict, workdir: str, *,
                           partial: bool = False) -> None:
@@ -189,10 +196,7 @@ def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
   of the layers scanned and the other unrolled). With `partial`, the
   abstract tree may be a part of the saved one (inference reads a subset).
   """
-  meta = ocp.PyTreeCheckpointHandler().metadata(
-      epath.Path(manager.directory) / str(step) / "state")
-  meta = getattr(meta, "tree", meta)
-  saved_paths = _key_paths(meta["params"])
+  saved_paths = _key_paths(_saved_params_tree(manager, step))
   wanted = _key_paths(abstract["params"])
   if saved_paths == wanted or (partial and wanted <= saved_paths):
     return
@@ -215,6 +219,86 @@ def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
 InitFn = Callable[[jax.Array, Any], Mapping[str, Any]]
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 []: the wrapping sum of x's bit patterns (exact in any
+  reduction order, so the same on any mesh)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  else:  # 8-byte values bitcast to two uint32 words
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jnp.sum(words.reshape(-1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree) -> list[jax.Array]:
+  leaves = jax.tree.leaves(tree)
+  sums = [_leaf_checksum(x) for x in leaves]
+  finite = [jnp.all(jnp.isfinite(x)) for x in leaves
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sums, jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+
+
+def params_checksum(params) -> str:
+  """A checksum of a parameter tree's values (hex, one 32-bit word per
+  leaf, in tree order): saved with each checkpoint and checked on restore,
+  so damaged files are caught instead of loading as garbage."""
+  sums, _ = _checksums(nn.unbox(params))
+  return "".join(f"{int(s):08x}" for s in jax.device_get(sums))
+
+
+def check_params(params, expected: str | None, where: str) -> None:
+  """ValueError naming `where` unless params are finite and (when a
+  checksum was saved) match it."""
+  sums, finite = _checksums(nn.unbox(params))
+  if not bool(finite):
+    raise ValueError(f"{where}: the parameters hold NaN or Inf.")
+  if expected:
+    found = "".join(f"{int(s):08x}" for s in jax.device_get(sums))
+    if found != expected:
+      bad = sum(a != b for a, b in zip(
+          [found[i:i + 8] for i in range(0, len(found), 8)],
+          [expected[i:i + 8] for i in range(0, len(expected), 8)]))
+      raise ValueError(f"{where}: the parameters do not match the checksum "
+                       f"saved with them ({bad} of {len(found) // 8} arrays "
+                       "differ): its files are damaged.")
+
+
+def intact_step(workdir: str, read: Callable[[int], Any], step: int | None,
+                steps: list[int]) -> tuple[int, Any]:
+  """(step, read(step)) of the newest checkpoint that reads back intact.
+
+  `read(step)` restores a checkpoint and raises on damage (orbax's errors
+  on missing or truncated files; check_params' ValueError). With `step`
+  given, only that one is tried. Every damaged checkpoint is logged by
+  name; with none intact, a ValueError lists them and what went wrong.
+  """
+  candidates = [step] if step is not None else sorted(steps, reverse=True)
+  problems = []
+  for candidate in candidates:
+    try:
+      result = read(candidate)
+    except Exception as error:  # pylint: disable=broad-except
+      if isinstance(error, ValueError) and "holds other parameters" in str(
+          error):
+        raise  # another model, not damage
+      reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+      problems.append(f"step {candidate}: {reason}")
+      logging.warning("The checkpoint at step %d in %s is damaged (%s)%s",
+                      candidate, workdir, reason,
+                      "; trying the one before." if step is None else ".")
+      continue
+    if problems:
+      logging.warning("Loaded the checkpoint at step %d of %s instead.",
+                      candidate, workdir)
+    return candidate, result
+  raise ValueError(
+      f"No intact checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}: "
+      + "; ".join(problems) + ". Load another step (step=N / --step N, "
+      f"steps there: {sorted(steps)}) or retrain.")
+
+
 def restore(workdir: str, init: InitFn, config: ml_collections.ConfigDict,
             step: int | None = None, *,
             mesh: jax.sharding.Mesh | None = None) -> Restored:
@@ -228,9 +312,10 @@ def restore(workdir: str, init: InitFn, config: ml_collections.ConfigDict,
   """
   mesh = mesh or parallel.make_mesh(config.mesh)
   rules = parallel.validate_rules(rules_of(config), mesh)
-  step, saved_cfg, meta = saved(workdir, step)
   manager = checkpoint_manager(workdir, read_only=True)
-  try:
+
+  def read(candidate):
+    got_step, got_config, meta = saved(workdir, candidate)
     batch = abstract_batch(meta["batch_spec"])
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       boxed = jax.eval_shape(lambda rng, b: dict(init(rng, b)),
@@ -241,13 +326,25 @@ def restore(workdir: str, init: InitFn, config: ml_collections.ConfigDict,
                                                   shardings)
       abstract["step"] = jax.ShapeDtypeStruct(
           (), jnp.int32, sharding=parallel.replicated(mesh))
-      check_checkpoint_tree(manager, step, abstract, workdir, partial=True)
-      state = manager.restore(step, args=ocp.args.Composite(
+      check_checkpoint_tree(manager, got_step, abstract, workdir,
+                            partial=True)
+      state = manager.restore(got_step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               item=abstract,
               restore_args=ocp.checkpoint_utils.construct_restore_args(
                   abstract),
               partial_restore=True)))["state"]
+    # A checksum covers a checkpoint's whole params; a part read alone
+    # (a tokenizer's generator) is checked for finiteness only.
+    whole = _key_paths(state["params"]) == _key_paths(
+        _saved_params_tree(manager, got_step))
+    check_params(state["params"], meta.get("params_checksum") if whole
+                 else None, f"The checkpoint at step {got_step} in {workdir}")
+    return got_config, state
+
+  try:
+    _, (saved_cfg, state) = intact_step(workdir, read, step,
+                                        list(manager.all_steps()))
   finally:
     manager.close()
   return Restored(params=state["params"],

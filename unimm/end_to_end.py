@@ -31,6 +31,7 @@ from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.tokenizers import text as text_lib
 from unimm.train import trainer
+from unimm.train import workdir_lock
 
 STAGES = ("tokenizer", "text", "data", "parti", "samples")
 
@@ -150,8 +151,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "The end-to-end recipe runs on one host; on a multi-host slice run "
         "its stages as separate jobs (see the README: tokenizer, "
         "unimm.tools.train_text_tokenizer, unimm.tools.pretokenize, Parti).")
+  with workdir_lock.hold(workdir):  # one recipe per workdir
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = Paths(workdir)
-  os.makedirs(workdir, exist_ok=True)
   start = time.time()
   lead = True
 

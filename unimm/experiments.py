@@ -20,6 +20,7 @@ from unimm.tokenizers import text as text_lib
 from unimm.train import parti_task
 from unimm.train import tasks
 from unimm.train import trainer
+from unimm.train import workdir_lock
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -39,9 +40,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint of workdir and runs the task's eval."""
   task = tasks.get_task(config)
-  restored = trainer.restore(config, workdir, task)
-  metrics = task.evaluate(restored.params, restored.model_state, workdir,
-                          int(restored.step))
+  with workdir_lock.hold(workdir):
+    restored = trainer.restore(config, workdir, task)
+    metrics = task.evaluate(restored.params, restored.model_state, workdir,
+                            int(restored.step))
   if jax.process_index() == 0:
     logging.info("Evaluation at step %d: %s", int(restored.step),
                  json.dumps(_scalars(metrics), sort_keys=True))

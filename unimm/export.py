@@ -56,7 +56,9 @@ def write_params_checkpoint(out: str, step: int, params: Any,
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-        meta=ocp.args.JsonSave({"batch_spec": meta["batch_spec"]})))
+        meta=ocp.args.JsonSave({
+            "batch_spec": meta["batch_spec"],
+            "params_checksum": checkpoints.params_checksum(state["params"])})))
     manager.wait_until_finished()
   finally:
     manager.close()

@@ -43,10 +43,16 @@ import orbax.checkpoint as ocp
 
 from unimm import checkpoints
 from unimm import parallel
+from unimm.evaluation import reports
 from unimm.train import optim
+from unimm.train import workdir_lock
 from unimm.train import writers
 
 CHECKPOINT_DIR = checkpoints.CHECKPOINT_DIR
+# Where damaged checkpoints are moved when a run resumes before them.
+DAMAGED_DIR = "damaged_checkpoints"
+# Written when an evaluation has finished: {"step": N}.
+EVALUATED_FILE = os.path.join("eval", "evaluated_step.json")
 
 
 @flax.struct.dataclass
@@ -218,18 +224,54 @@ class _Checkpointer:
         state=ocp.args.PyTreeSave(_state_dict(state)),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(self._config),
-        meta=ocp.args.JsonSave(self._meta)))
+        meta=ocp.args.JsonSave(dict(
+            self._meta,
+            params_checksum=checkpoints.params_checksum(state.params)))))
     self.last_saved_step = step
 
   def restore(self, step: int, abstract_state: TrainState, data_iterator):
+    """The state (and data position) of checkpoint `step`, checked against
+    the checksum saved with it (ValueError if damaged)."""
     abstract = _state_dict(abstract_state)
     checkpoints.check_checkpoint_tree(self.manager, step, abstract,
                                       self._workdir)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=_restore_args(abstract)),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        meta=ocp.args.JsonRestore()))
+    checkpoints.check_params(
+        restored["state"]["params"],
+        (restored["meta"] or {}).get("params_checksum"),
+        f"The checkpoint at step {step} in {self._workdir}")
     return TrainState(**restored["state"])
+
+  def restore_intact(self, abstract_state: TrainState, data_iterator
+                     ) -> TrainState | None:
+    """The newest intact checkpoint's state (None without checkpoints); a
+    damaged one is named and skipped (checkpoints.intact_step)."""
+    steps = list(self.manager.all_steps())
+    if not steps:
+      return None
+    step, state = checkpoints.intact_step(
+        self._workdir,
+        lambda s: self.restore(s, abstract_state, data_iterator), None, steps)
+    damaged = [s for s in steps if s > step]
+    if damaged and jax.process_index() == 0:
+      # Out of orbax's sight (training goes on from `step` and saves those
+      # steps anew), kept for inspection.
+      aside = os.path.join(self._workdir, DAMAGED_DIR)
+      os.makedirs(aside, exist_ok=True)
+      for s in damaged:
+        os.replace(os.path.join(str(self.manager.directory), str(s)),
+                   os.path.join(aside, f"{s}-{int(time.time())}"))
+        logging.warning("Moved the damaged checkpoint %d to %s.", s, aside)
+    if damaged:
+      multihost_utils.sync_global_devices("unimm_damaged_checkpoints")
+      self.manager.reload()
+    self.last_saved_step = step
+    logging.info("Resuming from the checkpoint at step %d.", step)
+    return state
 
   def close(self):
     self.manager.wait_until_finished()
@@ -371,12 +413,15 @@ def _data_iterator(task, process_index, process_count):
 
 def _evaluate(evaluate, state: TrainState, workdir: str, step: int,
               writer: metric_writers.MetricWriter) -> None:
-  """Runs task.evaluate; writes its scalars as eval/<name> (unless named)."""
+  """Runs task.evaluate; writes its scalars as eval/<name> (unless named)
+  and, once it has finished, EVALUATED_FILE with the step."""
   results = evaluate(state.params, state.model_state, workdir, step) or {}
   scalars = {(k if "/" in k else f"eval/{k}"): v
              for k, v in results.items() if np.size(v) == 1}
   if scalars:
     writer.write_scalars(step, scalars)
+  reports.write_report(os.path.join(workdir, EVALUATED_FILE),
+                       {"step": int(step)})
 
 
 def _check_nonfinite(metrics, step: int, limit: int) -> None:
@@ -463,8 +508,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
   returns early (state.step < config.total_steps); rerunning resumes exactly,
   data iterator included. Raises RuntimeError after
   config.max_consecutive_nonfinite skipped (non-finite) steps in a row.
+  A second run on the same workdir fails at once (workdir_lock). A run
+  whose final evaluation did not finish (killed during it) evaluates on the
+  next invocation.
   """
   _check_config(config)
+  with workdir_lock.hold(workdir):
+    return _train(config, workdir, task, mesh)
+
+
+def _final_eval_done(workdir: str, step: int) -> bool:
+  try:
+    with open(os.path.join(workdir, EVALUATED_FILE)) as f:
+      return json.load(f).get("step") == step
+  except (OSError, ValueError):
+    return False
+
+
+def _train(config, workdir: str, task, mesh) -> TrainState:
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh or parallel.make_mesh(config.mesh)
   rules = parallel.validate_rules(_rules(config), mesh)
@@ -498,10 +559,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
 
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      latest = checkpointer.manager.latest_step()
-      if latest is not None:
-        logging.info("Resuming from the checkpoint at step %d.", latest)
-        state = checkpointer.restore(latest, abstract_state, data_iterator)
+      state = checkpointer.restore_intact(abstract_state, data_iterator)
+      if state is not None:
         held_batch = None
       else:
         state = program.jit_init(rng, parallel.host_batch_to_global(
@@ -517,6 +576,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
       if step >= total_steps:
         logging.info("Checkpoint step %d >= config.total_steps=%d: nothing "
                      "to train.", step, total_steps)
+        if evaluate and not _final_eval_done(workdir, step):
+          logging.warning("The evaluation at step %d did not finish; "
+                          "running it now.", step)
+          _evaluate(evaluate, state, workdir, step, writer)
         return state
 
       with _StopRequest(checkpointer.manager) as stop_request:
