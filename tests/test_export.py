@@ -5,10 +5,12 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from unimm import api
+from unimm import checkpoints
 from unimm import export
 from unimm.train import trainer
 from unimm.train.parti_task import ParTask
@@ -94,3 +96,26 @@ def test_export_refuses_a_folder_in_use(run, tmp_path):  # pylint: disable=redef
   assert (tmp_path / "full" / "x").read_text() == "keep me"
   with pytest.raises(ValueError, match="no checkpoints/"):
     api.load_model(str(tmp_path / "full"))
+
+
+def test_a_swapped_tokenizer_is_named_not_used(run, files, tmp_path):  # pylint: disable=redefined-outer-name
+  """Another tokenizer of the same shapes at the recorded path: loading
+  fails naming both fingerprints (it would otherwise sample garbage)."""
+  path = files["tokenizer_workdir"]
+  tokenizer = api.load_tokenizer(path)
+  _, config, meta = checkpoints.saved(path)
+  other = str(tmp_path / "other")
+  export.write_params_checkpoint(
+      other, tokenizer.step,
+      {"generator": jax.tree.map(lambda x: x * 1.01, tokenizer.params)},
+      config, meta)
+  os.rename(path, path + ".mine")
+  shutil.move(other, path)
+  try:
+    with pytest.raises(ValueError, match=r"trained with a tokenizer_workdir "
+                       r"of fingerprint \w+, but .* holds another one"):
+      api.load_model(run)
+  finally:
+    shutil.rmtree(path)
+    os.rename(path + ".mine", path)
+  assert api.load_model(run).step == 2

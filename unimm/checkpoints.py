@@ -11,6 +11,7 @@ with the model's own `init` under `jax.eval_shape` and reads just those
 arrays, sharded on the given mesh by the config's logical axis rules.
 """
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Mapping
 
@@ -166,6 +167,27 @@ def resolve_path(value: str, workdir: str, meta: Mapping[str, Any],
       f"there (tried {tried}). Move it back, or export the run where it "
       "was trained (`python -m unimm.export --workdir W --out DIR` copies "
       "everything it needs), or pass the path explicitly.")
+
+
+def text_fingerprint(model_proto: bytes) -> str:
+  """The fingerprint of a SentencePiece model (its serialized bytes)."""
+  return hashlib.sha256(model_proto).hexdigest()[:16]
+
+
+def check_dependency(meta: Mapping[str, Any], setting: str, found: str,
+                     path: str, workdir: str) -> None:
+  """ValueError if the run recorded another fingerprint for `setting` than
+  `found`, the one of what now sits at `path` (a same-shape tokenizer of
+  other weights would load and sample garbage without an error). Runs that
+  recorded none are not checked."""
+  expected = (meta.get("dependencies") or {}).get(setting)
+  if expected and expected != found:
+    raise ValueError(
+        f"The run in {workdir!r} was trained with a {setting} of fingerprint "
+        f"{expected[:16]}, but {path!r} holds another one ({found[:16]}): a "
+        "different tokenizer now sits at that path. Point the setting at "
+        "the one the run was trained with, or export the run where it was "
+        "trained (python -m unimm.export copies its tokenizers).")
 
 
 def abstract_batch(spec: Mapping[str, Any]) -> Any:

@@ -58,6 +58,8 @@ def write_params_checkpoint(out: str, step: int, params: Any,
         config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         meta=ocp.args.JsonSave({
             "batch_spec": meta["batch_spec"],
+            # Its copies of the tokenizers are the ones it was trained with.
+            "dependencies": meta.get("dependencies", {}),
             "params_checksum": checkpoints.params_checksum(state["params"])})))
     manager.wait_until_finished()
   finally:

@@ -333,11 +333,9 @@ def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
   layout = vocab.VocabLayout(
       text_vocab_size=int(config.vocab.text_vocab_size),
       image_vocab_size=int(config.vocab.image_vocab_size))
-  tokenizer = tokenizer_lib.load_tokenizer(checkpoints.resolve_path(
-      config.get("tokenizer_workdir") or "", path, meta,
-      "tokenizer_workdir"))
-  text_tokenizer = text_lib.TextTokenizer.load(checkpoints.resolve_path(
-      config.get("text_tokenizer") or "", path, meta, "text_tokenizer"))
+  tokenizer = tokenizer_lib.load_dependency(path, config, meta)
+  text_tokenizer = tokenizer_lib.load_text_dependency(
+      path, config.get("text_tokenizer") or "", meta)
   restored = checkpoints.restore(path, params_init(model), config, step)
   return InterleavedModel(model, layout, restored.params, tokenizer,
                           text_tokenizer, config, restored.step, path)

@@ -332,17 +332,13 @@ def load_text_to_image(path: str, step: int | None = None, *,
   config = checkpoints.local_mesh_config(config)
   tokenizer_lib.check_task(config, path, "parti", "a text-to-image model")
   model = config_lib.build_module(parti.Parti, config.model)
-  image_tokenizer = tokenizer_lib.load_tokenizer(checkpoints.resolve_path(
-      config.get("tokenizer_workdir") or "", path, meta,
-      "tokenizer_workdir"))
+  image_tokenizer = tokenizer_lib.load_dependency(path, config, meta)
   text_path = config.get("text_tokenizer") or ""
   if not text_path:
     pretokenized = config.data.get("pretokenized_dir") or ""
     text_path = pretokenized and f"{pretokenized}/{TEXT_TOKENIZER_FILE}"
-  text_path = checkpoints.resolve_path(text_path, path, meta,
-                                       "text_tokenizer")
+  text_tokenizer = tokenizer_lib.load_text_dependency(path, text_path, meta)
   restored = checkpoints.restore(path, params_init(model), config, step)
   return TextToImageModel(
-      model, restored.params, text_lib.TextTokenizer.load(text_path),
-      image_tokenizer, config, restored.step, path,
+      model, restored.params, text_tokenizer, image_tokenizer, config, restored.step, path,
       upsampler_lib.find_upsamplers(path, upsamplers), restored.mesh)

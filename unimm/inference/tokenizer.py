@@ -8,6 +8,7 @@ import ml_collections
 
 from unimm import checkpoints
 from unimm import config_lib
+from unimm.tokenizers import text as text_lib
 from unimm.tokenizers import vit_vqgan
 
 
@@ -66,3 +67,34 @@ def load_tokenizer(path: str, step: int | None = None) -> Tokenizer:
   restored = checkpoints.restore(path, params_init(model), config, step)
   params = jax.device_get(restored.params["generator"])
   return Tokenizer(model, params, config, restored.step, path)
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+  """What a run that uses this tokenizer records of it: a checksum of its
+  parameters (the same for a workdir and its export)."""
+  return checkpoints.params_checksum(tokenizer.params)
+
+
+def load_dependency(path: str, config, meta) -> Tokenizer:
+  """The image tokenizer a run in `path` names (config.tokenizer_workdir),
+  found from any directory and checked against the fingerprint the run
+  recorded."""
+  folder = checkpoints.resolve_path(config.get("tokenizer_workdir") or "",
+                                    path, meta, "tokenizer_workdir")
+  tokenizer = load_tokenizer(folder)
+  checkpoints.check_dependency(meta, "tokenizer_workdir",
+                               fingerprint(tokenizer), folder, path)
+  return tokenizer
+
+
+def load_text_dependency(path: str, text_path: str,
+                         meta) -> text_lib.TextTokenizer:
+  """The SentencePiece model a run in `path` names, found and checked like
+  load_dependency's tokenizer."""
+  text_path = checkpoints.resolve_path(text_path, path, meta,
+                                       "text_tokenizer")
+  tokenizer = text_lib.TextTokenizer.load(text_path)
+  checkpoints.check_dependency(
+      meta, "text_tokenizer",
+      checkpoints.text_fingerprint(tokenizer.model_proto), text_path, path)
+  return tokenizer

@@ -162,9 +162,7 @@ def load_upsampler(path: str, step: int | None = None) -> Upsampler:
   tokenizer_lib.check_task(config, path, "upsampler", "an upsampler")
   model = config_lib.build_module(upsampler_lib.Upsampler, config.model)
   upsampler_lib.check_factor(model.factor)
-  tokenizer = tokenizer_lib.load_tokenizer(checkpoints.resolve_path(
-      config.get("tokenizer_workdir") or "", path, meta,
-      "tokenizer_workdir"))
+  tokenizer = tokenizer_lib.load_dependency(path, config, meta)
   restored = checkpoints.restore(path, params_init(model, tokenizer), config,
                                  step)
   return Upsampler(model, jax.device_get(restored.params), tokenizer, config,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unimm import checkpoints
 from unimm import config_lib
 from unimm.data import interleaved as il_data
 from unimm.evaluation import interleaved_eval
@@ -218,6 +219,18 @@ class InterleavedTask:
           caption_rerank=float(settings["caption_rerank"])))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     return reports.write_report(os.path.join(out_dir, "report.json"), result)
+
+  def dependencies(self) -> dict[str, str]:
+    """Fingerprints of the frozen tokenizers (saved with the checkpoints;
+    loading the model checks them); only those the config names."""
+    found = {}
+    if self.config.get("tokenizer_workdir"):
+      found["tokenizer_workdir"] = tokenizer_lib.fingerprint(
+          tokenizer_lib.load_tokenizer(self.config.tokenizer_workdir))
+    if self.config.get("text_tokenizer"):
+      found["text_tokenizer"] = checkpoints.text_fingerprint(
+          text_lib.TextTokenizer.load(self.config.text_tokenizer).model_proto)
+    return found
 
   def inference_model(self, params, step: int = 0
                       ) -> inference.InterleavedModel:

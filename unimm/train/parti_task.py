@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unimm import checkpoints
 from unimm import config_lib
 from unimm.data import pretokenize
 from unimm.data import shapes
@@ -121,6 +122,18 @@ class ParTask:
       text_to_image.check_image_tokenizer(tokenizer, self.model)
       self._image_tokenizer = tokenizer
     return self._image_tokenizer
+
+  def dependencies(self) -> dict[str, str]:
+    """Fingerprints of the frozen tokenizers (saved with the checkpoints;
+    loading the model checks them); only those the config names."""
+    found = {}
+    if self.config.get("tokenizer_workdir"):
+      found["tokenizer_workdir"] = tokenizer_lib.fingerprint(
+          self.image_tokenizer)
+    if self.config.get("text_tokenizer") or self.pretokenized_dir:
+      found["text_tokenizer"] = checkpoints.text_fingerprint(
+          self.text_tokenizer.model_proto)
+    return found
 
   def sampler(self, params) -> text_to_image.TextToImageModel:
     """The inference model over `params` (what load_model gives for a

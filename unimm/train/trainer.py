@@ -201,14 +201,15 @@ def _all_finite(tree) -> jax.Array:
 class _Checkpointer:
   """Saves state + data iterator + config together; never a non-finite state."""
 
-  def __init__(self, workdir, config, batch_spec):
+  def __init__(self, workdir, config, batch_spec, dependencies=None):
     self.manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
     self._workdir = workdir
     self._config = json.loads(config.to_json_best_effort())
     # Where the run started: relative paths in its config resolve from any
     # working directory (checkpoints.resolve_path).
     self._meta = {"batch_spec": batch_spec, "cwd": os.getcwd(),
-                  "workdir": os.path.abspath(workdir)}
+                  "workdir": os.path.abspath(workdir),
+                  "dependencies": dict(dependencies or {})}
     self._finite = jax.jit(lambda s: _all_finite((s.params, s.model_state)))
     self.last_saved_step = self.manager.latest_step()
 
@@ -549,7 +550,11 @@ def _train(config, workdir: str, task, mesh) -> TrainState:
   schedule = program.schedule
   rng = jax.random.PRNGKey(config.seed)
 
-  checkpointer = _Checkpointer(workdir, config, _batch_spec(abstract_batch))
+  # Fingerprints of the frozen parts the run reads (its tokenizers), saved
+  # with every checkpoint and checked when the model is loaded.
+  dependencies = getattr(task, "dependencies", dict)()
+  checkpointer = _Checkpointer(workdir, config, _batch_spec(abstract_batch),
+                               dependencies)
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, every_steps=config.log_every_steps)

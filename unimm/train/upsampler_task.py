@@ -202,6 +202,11 @@ class UpsamplerTask:
 
   # ------------------------------------------------------------------ use
 
+  def dependencies(self) -> dict[str, str]:
+    """The frozen tokenizer's fingerprint (saved with the checkpoints;
+    loading the upsampler checks it)."""
+    return {"tokenizer_workdir": tokenizer_lib.fingerprint(self.tokenizer)}
+
   def inference_model(self, params) -> inference.Upsampler:
     """The inference upsampler over `params` (what load_upsampler gives for
     a checkpoint of them)."""
