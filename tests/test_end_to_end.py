@@ -3,8 +3,10 @@ runs, a rerun resumes without redoing work, and the trained workdir serves
 unimm.load_model(...).sample and --mode sample."""
 import json
 import os
+import signal
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ import test_parti_task  # noqa: E402  pylint: disable=g-import-not-at-top
 import test_upsampler_task  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from unimm.train import trainer  # noqa: E402
+from unimm.train.parti_task import ParTask  # noqa: E402
 from unimm.train.upsampler_task import UpsamplerTask  # noqa: E402
 
 DEMO = os.path.join(HERE, "..", "configs", "shapes_demo.py")
@@ -50,13 +53,50 @@ def toy_demo_config(data_dir: str):
   return config
 
 
+def _sigterm_in_parti_step(step: int, monkeypatch) -> None:
+  """Sends this process SIGTERM while Parti's training fetches the batch of
+  `step` (the trainer stops after that step), once."""
+  seen = {"task": None, "batches": 0, "sent": False, "depth": 0}
+  data_iterator, device_batch = trainer._data_iterator, trainer.device_batch
+
+  def watch_task(task, *args):
+    seen.update(task=type(task).__name__, batches=0)
+    return data_iterator(task, *args)
+
+  def watch_batch(batch):
+    outermost = seen["depth"] == 0  # device_batch recurses into the dict
+    if outermost:
+      seen["batches"] += 1
+    if (outermost and seen["task"] == "ParTask"
+        and seen["batches"] == step and not seen["sent"]):
+      seen["sent"] = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    seen["depth"] += 1
+    try:
+      return device_batch(batch)
+    finally:
+      seen["depth"] -= 1
+
+  monkeypatch.setattr(trainer, "_data_iterator", watch_task)
+  monkeypatch.setattr(trainer, "device_batch", watch_batch)
+
+
 def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
   test_parti_task.use_pixel_probe(monkeypatch)
   config = toy_demo_config(str(tmp_path / "tfds"))
   workdir = str(tmp_path / "demo")
   paths = end_to_end.Paths(workdir)
 
+  # A SIGTERM during Parti's step 2 (a real task, mid-stage): the stage
+  # saves at step 2 and the recipe stops; the same call then resumes it.
+  _sigterm_in_parti_step(2, monkeypatch)
+  assert end_to_end.run(config, workdir) == {}
+  parti_steps = os.path.join(paths.parti, "checkpoints")
+  assert sorted(os.listdir(parti_steps)) == ["2"]
+  assert not os.path.exists(os.path.join(paths.parti, "eval"))
+  tokenizer_stamp = os.path.getmtime(paths.text_model)
   report = end_to_end.run(config, workdir)
+  assert os.path.getmtime(paths.text_model) == tokenizer_stamp
   assert 0.0 <= report["prompt_accuracy_single"] <= 1.0
   assert report["steps"] == 3 and report["num_prompts"] == 8
   samples = os.path.join(paths.parti, "samples")
@@ -72,6 +112,16 @@ def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
       os.path.join(paths.parti, "eval", "report.json"))}
   assert end_to_end.run(config, workdir) == report
   assert {p: os.path.getmtime(p) for p in stamps} == stamps
+
+  # The resumed stage ends where an uninterrupted run of it ends, bit for
+  # bit (data position included).
+  parti_config = end_to_end.parti_config(config, workdir)
+  straight = trainer.train(parti_config, str(tmp_path / "straight"),
+                           ParTask(parti_config))
+  resumed = trainer.restore(parti_config, paths.parti, ParTask(parti_config))
+  assert resumed.step == 3
+  jax.tree.map(np.testing.assert_array_equal, resumed.params,
+               jax.device_get(straight.params))
 
   # The workdir serves the Python API (it resolves the parti/ stage) ...
   model = api.load_model(workdir)

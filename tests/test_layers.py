@@ -11,6 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "unimm")
 LAYERS = {
     "unimm.nn": 0, "unimm.parallel": 0, "unimm.sampling": 0,
     "unimm.config_lib": 0, "unimm.progress": 0, "unimm.host_memory": 0,
+    "unimm.errors": 0,
     "unimm.models": 1, "unimm.tokenizers": 1,
     "unimm.checkpoints": 2,
     "unimm.data": 3, "unimm.evaluation": 3,
@@ -23,7 +24,7 @@ LAYERS = {
 NAMES = {0: "core", 1: "models/tokenizers", 2: "checkpoints",
          3: "data/evaluation", 4: "inference", 5: "train", 6: "apps"}
 # Imports allowed inside functions: optional heavy libraries only.
-LAZY_OK = ("torch", "transformers", "tensorflow", "safetensors")
+LAZY_OK = ("torch", "transformers", "tensorflow", "safetensors", "pyarrow")
 
 
 def _modules() -> dict[str, str]:

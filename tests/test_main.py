@@ -78,10 +78,15 @@ def test_eval_mode_through_the_cli(tokenizer_workdir):
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
-  result = _main(f"--config={CONFIG}", f"--workdir={tmp_path}",
-                 "--config.no_such_key=1")
-  assert result.returncode != 0
-  assert "no_such_key" in result.stderr
+  result = _main(f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
+                 "--config.eval.num_image=1")
+  assert result.returncode == 1
+  # One line, no traceback: the field missing, a close match, the file.
+  assert "Traceback" not in result.stderr
+  line, = [l for l in result.stderr.splitlines() if "FATAL" in l]
+  assert "--config.eval.num_image=1: config.eval has no field " in line
+  assert "did you mean num_images?" in line and CONFIG in line
+  assert not os.path.exists(tmp_path / "w")
   with pytest.raises(ValueError, match="patch_size"):
     config = config_lib.load_config(CONFIG, **{"model.patch_size": 5})
     experiments.train_and_evaluate(config, str(tmp_path))

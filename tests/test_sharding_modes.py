@@ -1,7 +1,9 @@
 """Sharding modes by config on the 8-device CPU mesh: data parallel, FSDP,
 tensor parallel and their combination give the same train step; every
 parameter's logical names resolve; FSDP stores 1/N of the state per device;
-the sampler's KV cache is split over batch (data) and heads (tensor)."""
+the sampler's KV cache is split over batch (data) and heads (tensor); the
+interleaved model trains and samples on a tensor-parallel mesh as on one
+device."""
 import concurrent.futures
 import os
 
@@ -15,8 +17,12 @@ from unimm import config_lib
 from unimm import nn as unn
 from unimm import parallel
 from unimm import plan
+from unimm.data import interleaved as il_data
+from unimm.models import interleaved as il
 from unimm.models import parti
+from unimm.models import vocab
 from unimm.nn import CACHE_LOGICAL_AXES
+from unimm.sampling import sampler as sampler_lib
 from unimm.train import trainer
 
 P = jax.sharding.PartitionSpec
@@ -101,28 +107,36 @@ def runs(request):
   batch = _batch(config)
   programs = {name: _program(config, task, _mesh(shape))
               for name, shape in MESHES.items()}
+  host_state, steps = _one_step_on_each(programs, batch)
+  out = {name: (jax.device_put(host_state, program.state_shardings),
+                steps[name][0], program, steps[name][1])
+         for name, program in programs.items()}
+  return request.param, out
+
+
+def _one_step_on_each(programs, batch):
+  """(initial state on the host, {name: (metrics, params after one train
+  step)}): the same initial state on every program's mesh."""
   # One initial state for every mesh (op by op: no compile).
   host_state = jax.device_get(parallel.unbox(programs["single"].init_fn(
       jax.random.PRNGKey(0), batch)))
-  placed = {name: jax.device_put(host_state, p.state_shardings)
-            for name, p in programs.items()}
   # Lower one after the other, compile side by side (XLA drops the GIL).
-  steps = {}
+  lowered = {}
   for name, program in programs.items():
     with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
-      steps[name] = program.train_step.lower(placed[name],
-                                             program.abstract_batch)
-  with concurrent.futures.ThreadPoolExecutor(len(steps)) as pool:
-    compiled = dict(zip(steps, pool.map(
-        lambda lowered: lowered.compile(FAST_COMPILE), steps.values())))
+      lowered[name] = program.train_step.lower(
+          jax.device_put(host_state, program.state_shardings),
+          program.abstract_batch)
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    compiled = dict(zip(lowered, pool.map(
+        lambda step: step.compile(FAST_COMPILE), lowered.values())))
   out = {}
   for name, program in programs.items():
     state = jax.device_put(host_state, program.state_shardings)
     new_state, metrics = compiled[name](state, jax.device_put(
         batch, program.batch_sharding))
-    out[name] = (placed[name], jax.device_get(metrics), program,
-                 jax.device_get(new_state.params))
-  return request.param, out
+    out[name] = (jax.device_get(metrics), jax.device_get(new_state.params))
+  return host_state, out
 
 
 def test_one_train_step_gives_the_same_loss_under_every_mesh(runs):
@@ -198,11 +212,28 @@ def test_every_parameter_is_named_and_every_name_resolves():
                for s in jax.tree.leaves(shardings))
 
 
-def test_parti_weights_split_over_fsdp_and_tensor(runs):
+def test_weights_split_over_fsdp_and_tensor(runs):
   name, out = runs
-  if name != "parti":
-    pytest.skip("Parti's layout")
   params = out["data_fsdp_tensor"][0].params
+  if name == "vit_vqgan":
+    encoder = params["generator"]["encoder_transformer"]["layers"]
+    specs = {
+        "query": encoder["self_attention"]["query"]["kernel"],
+        "out": encoder["self_attention"]["out"]["kernel"],
+        "wi": encoder["mlp"]["wi"]["kernel"],
+        "wo": encoder["mlp"]["wo"]["kernel"],
+        "patch_embed": params["generator"]["patch_embed"]["proj"]["kernel"],
+        "codebook": params["generator"]["quantizer"]["codebook"],
+    }
+    specs = {k: v.sharding.spec for k, v in specs.items()}
+    assert specs["query"] == P(None, "fsdp", "tensor", None)
+    assert specs["out"] == P(None, "tensor", None, "fsdp")
+    assert specs["wi"] == P(None, "fsdp", "tensor")
+    assert specs["wo"] == P(None, "tensor", "fsdp")
+    assert specs["patch_embed"] == P(None, "fsdp")
+    assert specs["codebook"] == P(None, None)  # read whole by every lookup
+    return
+  # Parti (with AdamW or Muon: the same model).
   layer = params["decoder"]["layers"]
   specs = {
       "query": layer["self_attention"]["query"]["kernel"],  # [L, D, N, H]
@@ -296,3 +327,133 @@ def test_fallback_rules_replicate_only_what_does_not_divide():
   with pytest.raises(ValueError, match=r"key/kernel has shape \(32, 1, 8\).*"
                      r"'kv_heads'.*'tensor' of size 2"):
     parallel.logical_shardings(boxed, mesh, strict)
+
+
+# ---------------------------------------------------------------- interleaved
+
+IL_TEXT, IL_CODES, IL_GRID, IL_LENGTH = 11, 16, 2, 48
+# Tensor parallelism over 4 devices (heads, MLP and the 32-id joint
+# vocabulary split 4 ways) with FSDP over 2 (the batch split 2 ways).
+IL_MESH = (1, 2, 4)
+
+
+def interleaved_config():
+  config = config_lib.load_config(
+      f"{CONFIG_DIR}/interleaved_shapes.py:size=tiny,batch={BATCH},"
+      f"length={IL_LENGTH},text_vocab={IL_TEXT},codes={IL_CODES},"
+      f"grid={IL_GRID},kv_heads=4,scan=true,optimizer=adamw,lr=3e-3")
+  config.model.update(embed_dim=32, num_heads=4, num_kv_heads=4, head_dim=8,
+                      mlp_dim=64, num_layers=2)
+  config.optimizer.warmup_steps = 0
+  config.eval.num_generation = 0
+  return config
+
+
+def _interleaved_document(rng):
+  """[BOS, text, BOI, codes, EOI, text, EOS] in the joint vocabulary."""
+  text = lambda n: rng.integers(5, 5 + IL_TEXT, n)  # noqa: E731
+  codes = rng.integers(5 + IL_TEXT, 5 + IL_TEXT + IL_CODES, IL_GRID ** 2)
+  return np.concatenate([[vocab.BOS], text(rng.integers(2, 6)), [vocab.BOI],
+                         codes, [vocab.EOI], text(rng.integers(1, 5)),
+                         [vocab.EOS]]).astype(np.int32)
+
+
+def _interleaved_batch():
+  """BATCH packed rows of two or three documents each, PAD at the end."""
+  rng = np.random.default_rng(0)
+  tokens = np.zeros((BATCH, IL_LENGTH), np.int32)
+  segments = np.zeros((BATCH, IL_LENGTH), np.int32)
+  for row in range(BATCH):
+    at = 0
+    for doc_id in range(1, 4):
+      doc = _interleaved_document(rng)
+      if at + len(doc) > IL_LENGTH:
+        break
+      tokens[row, at:at + len(doc)] = doc
+      segments[row, at:at + len(doc)] = doc_id
+      at += len(doc)
+  return dict(tokens=tokens, segment_ids=segments,
+              **il_data.packed_features(segments))
+
+
+@pytest.fixture(scope="module")
+def interleaved_runs():
+  """{"single" | "sharded": (program, metrics, params after one step)} and
+  the initial params on the host."""
+  config = interleaved_config()
+  assert config.loss.drop_text_rate > 0  # the step drops text (random)
+  task = plan.planning_task(config)
+  batch = _interleaved_batch()
+  programs = {"single": _program(config, task, _mesh(None)),
+              "sharded": _program(config, task, _mesh(IL_MESH))}
+  host_state, steps = _one_step_on_each(programs, batch)
+  out = {name: (program, *steps[name]) for name, program in programs.items()}
+  return out, host_state.params
+
+
+def test_interleaved_train_step_on_a_tensor_parallel_mesh_equals_one_device(
+    interleaved_runs):
+  out, _ = interleaved_runs
+  program = out["sharded"][0]
+  assert dict(program.mesh.shape) == dict(zip(parallel.MESH_AXES, IL_MESH))
+  # The weights really are split over "tensor" (and "fsdp").
+  shardings = program.state_shardings.params
+  layer = shardings["stack"]["layers"]
+  assert layer["self_attention"]["key"]["kernel"].spec == P(
+      None, "fsdp", "tensor", None)  # [L, D, K, H]
+  assert layer["mlp"]["wi"]["kernel"].spec == P(None, "fsdp", "tensor")
+  assert shardings["embed"]["embedding"].spec == P("tensor", "fsdp")
+  (_, reference, ref_params), (_, metrics, params) = (out["single"],
+                                                      out["sharded"])
+  assert np.isfinite(reference["loss"])
+  assert metrics["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+  assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"],
+                                               rel=1e-4)
+  # About +-lr per entry on the first AdamW step (see the test above).
+  lr = interleaved_config().optimizer.lr
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params),
+                  strict=True):
+    np.testing.assert_allclose(a, b, atol=0.05 * lr)
+
+
+def test_interleaved_sampling_on_a_tensor_parallel_mesh_equals_one_device(
+    interleaved_runs):
+  """The whole sampler (text phases, guided image spans, the KV cache) on
+  the mesh draws the tokens one device draws, at a fixed seed."""
+  out, host_params = interleaved_runs
+  program = out["sharded"][0]
+  model = plan.planning_task(interleaved_config()).model
+  layout = vocab.VocabLayout(text_vocab_size=IL_TEXT,
+                             image_vocab_size=IL_CODES)
+  ids = np.arange(layout.size)
+  rng = np.random.default_rng(1)
+  prompts = [np.concatenate([[vocab.BOS], rng.integers(5, 5 + IL_TEXT, n),
+                             [vocab.BOI]]) for n in (1, 3, 2, 5)]
+  prompts = np.stack([np.pad(p, (7 - len(p), 0)) for p in prompts])
+
+  def sample(params):
+    return il.continue_documents(
+        model, {"params": params}, prompts, jax.random.PRNGKey(7),
+        text_ids=np.asarray(layout.is_text(ids)),
+        image_ids=np.asarray(layout.is_image(ids)), eos_id=vocab.EOS,
+        boi_id=vocab.BOI, eoi_id=vocab.EOI,
+        # Hot enough that the untrained model's draws vary from token to
+        # token (at temperature 1 it repeats its input token).
+        text_sampling=sampler_lib.SamplingParams(temperature=2.0),
+        image_sampling=sampler_lib.SamplingParams(temperature=3.0,
+                                                  cfg_scale=2.0),
+        max_new_tokens=12, max_text_tokens=6, max_images=2)
+
+  single = sample(host_params)
+  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+    sharded_params = jax.device_put(host_params,
+                                    program.state_shardings.params)
+    sharded = sample(sharded_params)
+  assert len(jax.tree.leaves(sharded_params)[0].sharding.device_set) == 8
+  np.testing.assert_array_equal(sharded, single)
+  # Each row drew an image span of codes, guided, then went on in text;
+  # the draws vary, so equal outputs are not a fixed point of the model.
+  codes = np.asarray(layout.is_image(single))
+  assert (codes.sum(axis=1) >= IL_GRID ** 2).all()
+  assert single.shape[1] > IL_GRID ** 2 + 1
+  assert len(np.unique(single)) >= 10, single

@@ -12,6 +12,7 @@ arrays, sharded on the given mesh by the config's logical axis rules.
 """
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -198,8 +199,13 @@ def abstract_batch(spec: Mapping[str, Any]) -> Any:
 
 
 def _key_paths(tree) -> set[str]:
-  return {jax.tree_util.keystr(path) for path, _ in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return set(_shapes(tree))
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...] | None]:
+  """{key path: shape} of a tree's leaves (saved metadata or abstract)."""
+  return {jax.tree_util.keystr(path): getattr(leaf, "shape", None)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _saved_params_tree(manager: ocp.CheckpointManager, step: int):
@@ -208,34 +214,93 @@ def _saved_params_tree(manager: ocp.CheckpointManager, step: int):
   return getattr(meta, "tree", meta)["params"]
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint of another model than the config builds (not damage: no
+  other checkpoint of the run is tried in its place)."""
+
+
+def _flat_config(tree, prefix="config") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flat_config(value, f"{prefix}.{key}"))
+    return flat
+  return {prefix: tree}
+
+
+def _config_differences(manager: ocp.CheckpointManager, step: int,
+                        config: ml_collections.ConfigDict | None) -> str:
+  """ "config.model.x: checkpoint A, now B; ..." over the model settings."""
+  if config is None:
+    return ""
+  try:
+    saved_config = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"] or {}
+  except Exception:  # pylint: disable=broad-except
+    return ""  # an older or damaged checkpoint: the shapes still tell
+  now = json.loads(config.to_json_best_effort())
+  before, after = _flat_config(saved_config), _flat_config(now)
+  differing = [k for k in sorted(set(before) | set(after))
+               if k.startswith(("config.model.", "config.vocab."))
+               and before.get(k) != after.get(k)]
+  return "; ".join(f"{k}: checkpoint {before.get(k)!r}, now {after.get(k)!r}"
+                   for k in differing[:6])
+
+
 def check_checkpoint_tree(manager: ocp.CheckpointManager, step: int,
                           abstract: dict, workdir: str, *,
-                          partial: bool = False) -> None:
+                          partial: bool = False,
+                          config: ml_collections.ConfigDict | None = None
+                          ) -> None:
   """A clear error when the checkpoint's parameters are not the config's.
 
-  Orbax would print both trees in full; this names the differing paths and
-  the usual cause (a config that builds another model, such as one layout
-  of the layers scanned and the other unrolled). With `partial`, the
+  Orbax would print both trees in full, or ask for strict=False; this names
+  the differing paths or shapes, the model settings that differ from the
+  checkpoint's config (when `config` is given) and the usual cause (a
+  config that builds another model: another codebook size, width, or one
+  layout of the layers scanned and the other unrolled). With `partial`, the
   abstract tree may be a part of the saved one (inference reads a subset).
+  Raises CheckpointMismatchError.
   """
-  saved_paths = _key_paths(_saved_params_tree(manager, step))
-  wanted = _key_paths(abstract["params"])
-  if saved_paths == wanted or (partial and wanted <= saved_paths):
-    return
+  saved_shapes = _shapes(_saved_params_tree(manager, step))
+  wanted_shapes = _shapes(abstract["params"])
+  saved_paths, wanted = set(saved_shapes), set(wanted_shapes)
 
-  def show(paths):
-    paths = sorted(paths)
-    return ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)"
-                                   if len(paths) > 4 else "")
+  def show(items):
+    items = sorted(items)
+    return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)"
+                                   if len(items) > 4 else "")
+  if saved_paths == wanted or (partial and wanted <= saved_paths):
+    other_shapes = [
+        f"{path} {tuple(saved_shapes[path])} in the checkpoint, "
+        f"{tuple(wanted_shapes[path])} in the config"
+        for path in sorted(wanted)
+        if saved_shapes[path] is not None and wanted_shapes[path] is not None
+        and tuple(saved_shapes[path]) != tuple(wanted_shapes[path])]
+    if not other_shapes:
+      return
+    differences = _config_differences(manager, step, config)
+    raise CheckpointMismatchError(
+        f"The checkpoint at step {step} in {workdir} has parameters of other "
+        f"shapes than this config's model: {show(other_shapes)}. "
+        + (f"Settings that differ from the run's: {differences}. "
+           if differences else "")
+        + "The model's sizes (e.g. the codebook size / config arg codes, "
+        "the vocabularies, width) must be those it was trained with: use "
+        "that run's settings or a fresh --workdir.")
   only_saved = saved_paths - wanted
-  raise ValueError(
+  differences = _config_differences(manager, step, config)
+  raise CheckpointMismatchError(
       f"The checkpoint at step {step} in {workdir} holds other parameters "
       f"than this config's model builds: only in the checkpoint: "
       f"{show(only_saved) or 'none'}; only in the config: "
-      f"{show(wanted - saved_paths) or 'none'}. It was trained with another "
-      "config.model (for example model.scan_layers, the config argument "
-      "scan=true|false: scanned layers are 'layers', unrolled ones "
-      "'layers_0', ...). Use that run's settings or a fresh --workdir.")
+      f"{show(wanted - saved_paths) or 'none'}. "
+      + (f"Settings that differ from the run's: {differences}. "
+         if differences else "")
+      + "It was trained with another config.model (for example "
+      "model.scan_layers, the config argument scan=true|false: scanned "
+      "layers are 'layers', unrolled ones 'layers_0', ...). Use that run's "
+      "settings or a fresh --workdir.")
 
 
 InitFn = Callable[[jax.Array, Any], Mapping[str, Any]]
@@ -302,8 +367,7 @@ def intact_step(workdir: str, read: Callable[[int], Any], step: int | None,
     try:
       result = read(candidate)
     except Exception as error:  # pylint: disable=broad-except
-      if isinstance(error, ValueError) and "holds other parameters" in str(
-          error):
+      if isinstance(error, CheckpointMismatchError):
         raise  # another model, not damage
       reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
       problems.append(f"step {candidate}: {reason}")
@@ -349,7 +413,7 @@ def restore(workdir: str, init: InitFn, config: ml_collections.ConfigDict,
       abstract["step"] = jax.ShapeDtypeStruct(
           (), jnp.int32, sharding=parallel.replicated(mesh))
       check_checkpoint_tree(manager, got_step, abstract, workdir,
-                            partial=True)
+                            partial=True, config=config)
       state = manager.restore(got_step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               item=abstract,

@@ -4,6 +4,7 @@ Configs are Python files (`configs/*.py`) with `get_config(arg=None)`, as in
 big_vision; `--config configs/x.py:size=tiny` passes "size=tiny" as `arg`.
 """
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import os
@@ -104,6 +105,26 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def unknown_field(config: ml_collections.ConfigDict, path: str
+                  ) -> str | None:
+  """None if `path` ("eval.num_images") names a field of config, else why
+  not: the first missing part, the fields beside it and close matches."""
+  node, done = config, []
+  for part in path.split("."):
+    fields = list(node.keys()) if isinstance(
+        node, ml_collections.ConfigDict) else []
+    if part not in fields:
+      where = ".".join(["config", *done])
+      close = difflib.get_close_matches(part, fields, n=3)
+      return (f"{where} has no field {part!r}"
+              + (f"; did you mean {' or '.join(close)}?" if close else ".")
+              + (f" Its fields: {', '.join(sorted(fields))}." if fields
+                 else f" ({where} is a value, not a group.)"))
+    node = node[part]
+    done.append(part)
+  return None
+
+
 def base_config(task: str, total_steps: int) -> ml_collections.ConfigDict:
   """The training-loop fields every experiment config starts from."""
   config = ml_collections.ConfigDict()
@@ -129,6 +150,25 @@ def with_defaults(defaults: dict, config: ml_collections.ConfigDict,
                      f"expected some of {sorted(merged)}.")
   merged.update(overrides)
   return merged
+
+
+def check_counts(config: ml_collections.ConfigDict, section: str, *,
+                 positive: tuple[str, ...] = (),
+                 non_negative: tuple[str, ...] = ()) -> None:
+  """A ValueError naming config.<section>.<field> when a count given there
+  is not an integer > 0 (`positive`) or >= 0 (`non_negative`); checked when
+  a task is built, so a bad eval setting fails before training, not after."""
+  values = config.get(section) or {}
+  for names, least in ((positive, 1), (non_negative, 0)):
+    for name in names:
+      if name not in values:
+        continue
+      value = values[name]
+      if isinstance(value, bool) or not isinstance(value, int) or (
+          value < least):
+        raise ValueError(
+            f"config.{section}.{name}={value!r}; expected an integer >= "
+            f"{least}" + (" (0 turns it off)." if least == 0 else "."))
 
 
 def per_host_batch_size(config: ml_collections.ConfigDict,

@@ -1,11 +1,13 @@
-"""The whole text-to-image recipe as one resumable job (configs/shapes_demo.py).
+"""The whole text-to-image recipe as one resumable job.
 
   python -m unimm.main --config configs/shapes_demo.py --workdir workdirs/demo
+  python -m unimm.main --config configs/own_data.py:data=DIR --workdir W
 
 runs, each stage in a subdirectory of the workdir:
   1. tokenizer/  train the ViT-VQGAN on pixels (config.tokenizer);
   2. text/       train a SentencePiece model on the data set's captions
-                 (config.text);
+                 (config.text: generated shapes captions, or every caption
+                 of a converted data set's training split);
   3. data/       pre-tokenize image-caption pairs once with both frozen
                  tokenizers (config.pretokenize);
   4. parti/      train Parti on the shards and evaluate it with the shapes
@@ -15,6 +17,15 @@ runs, each stage in a subdirectory of the workdir:
 A stage whose output is complete is skipped, so rerunning the command after
 a stop (Ctrl-C, SIGTERM, preemption) resumes where it was. The stage configs
 are ordinary experiment configs; the paths between stages are filled in here.
+
+On a converted data set (configs/own_data.py sets config.own_data), the data
+set is checked before any training (check_own_data: a converted directory,
+its image size, non-empty splits), the text tokenizer is trained first so a
+vocabulary the captions cannot fill fails before the image tokenizer
+trains, training captions longer than Parti's text length are counted and
+logged, and the sample grid's prompts are the first
+config.own_data.num_prompts held-out captions, written beside it in
+prompts.txt.
 """
 import dataclasses
 import json
@@ -27,6 +38,7 @@ import ml_collections
 
 from unimm import api
 from unimm import experiments
+from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.tokenizers import text as text_lib
@@ -97,20 +109,102 @@ def _train(config, workdir: str, name: str) -> bool:
   return int(state.step) >= config.total_steps
 
 
+def _own_data(config) -> ml_collections.ConfigDict | None:
+  """config.own_data (configs/own_data.py), or None for the shapes demo."""
+  return config.get("own_data")
+
+
+def check_own_data(config) -> dict:
+  """Checks a converted data set before any training; returns its info.
+
+  Raises:
+    ValueError: the directory is not a converted data set, stores images of
+      another size than config.own_data.image_size, or a split the recipe
+      reads (config.own_data.read_splits) is missing or empty; each message
+      names the setting to change.
+  """
+  own = _own_data(config)
+  info = pipeline.converted_info(own.dir, setting="data")
+  if info["image_size"] != own.image_size:
+    raise ValueError(
+        f"data={own.dir!r} stores {info['image_size']}x{info['image_size']} "
+        f"images but image_size={own.image_size}; pass image_size="
+        f"{info['image_size']} (configs/own_data.py:data=...,image_size="
+        f"{info['image_size']}) or convert again with --image_size "
+        f"{own.image_size}.")
+  for name, split in own.read_splits.items():
+    base = split.split("[")[0]
+    if base not in info["splits"]:
+      raise ValueError(
+          f"data={own.dir!r} has splits {sorted(info['splits'])}; the "
+          f"{name} split reads {split!r}. Convert it with `python -m "
+          f"unimm.tools.convert --out {own.dir} --split {base} ...`.")
+    if not info["splits"][base]:
+      raise ValueError(
+          f"The {base!r} split of data={own.dir!r} is empty (0 examples); "
+          "expected images with captions: convert it again (see its "
+          "convert_summary.json for what was skipped).")
+    wanted = config.pretokenize.splits[name]
+    if wanted <= 0:
+      raise ValueError(
+          f"The {name} split ({split!r} of data={own.dir!r}, splits "
+          f"{info['splits']}) would be empty; lower num_heldout or convert "
+          "more images.")
+  return info
+
+
 def _text_tokenizer(config, paths: Paths) -> None:
   if os.path.exists(paths.text_model):
     logging.info("Stage text: %s exists; skipping.", paths.text_model)
     return
-  if config.text.source != "shapes":
+  if _own_data(config) is not None:
+    captions = pipeline.read_captions(config.text.source, config.text.split,
+                                      setting="data")
+    logging.info("Stage text: %d captions of %s (split %s).", len(captions),
+                 config.text.source, config.text.split)
+  elif config.text.source != "shapes":
     raise ValueError(f"config.text.source={config.text.source!r}; the "
-                     "end-to-end recipe trains on 'shapes' captions.")
-  _, captions, _ = shapes.generate(config.text.num_captions, config.text.seed)
+                     "end-to-end recipe trains on 'shapes' captions (or a "
+                     "converted data set: configs/own_data.py).")
+  else:
+    _, captions, _ = shapes.generate(config.text.num_captions,
+                                     config.text.seed)
+    captions = [str(c) for c in captions]
   os.makedirs(os.path.dirname(paths.text_prefix), exist_ok=True)
-  text_lib.train_sentencepiece([str(c) for c in captions],
-                               config.text.vocab_size, paths.text_prefix,
-                               model_type=config.text.model_type,
-                               seed=config.text.seed)
+  try:
+    text_lib.train_sentencepiece(captions, config.text.vocab_size,
+                                 paths.text_prefix,
+                                 model_type=config.text.model_type,
+                                 seed=config.text.seed)
+  except ValueError as e:
+    raise ValueError(
+        f"SentencePiece cannot train vocab_size={config.text.vocab_size} "
+        f"pieces on the {len(captions)} training captions of "
+        f"{config.text.source!r}: {e} (configs/own_data.py: the text_vocab "
+        "argument; the shapes demo: config.text.vocab_size).") from e
   logging.info("Stage text: wrote %s.", paths.text_model)
+  if _own_data(config) is not None:
+    _count_long_captions(config, paths, captions)
+
+
+def _count_long_captions(config, paths: Paths, captions: list[str]) -> int:
+  """Logs (and returns) how many captions exceed Parti's text length."""
+  tokenizer = text_lib.TextTokenizer.load(paths.text_model)
+  lengths = tokenizer.count_tokens(captions) + 1  # EOS included
+  text_length = config.parti.model.text_length
+  num_long = int((lengths > text_length).sum())
+  logging.info(
+      "Stage text: vocab_size %d; tokens per caption incl. EOS: mean %.1f, "
+      "max %d; %d of %d captions exceed text_length=%d and will be "
+      "truncated%s.", tokenizer.vocab_size, lengths.mean(), lengths.max(),
+      num_long, len(captions), text_length,
+      " (raise the text_length argument to keep them whole)"
+      if num_long else "")
+  if num_long:
+    logging.warning("%d of %d training captions are longer than "
+                    "text_length=%d tokens (max %d) and will be truncated.",
+                    num_long, len(captions), text_length, lengths.max())
+  return num_long
 
 
 def _pretokenize(config, paths: Paths) -> None:
@@ -127,21 +221,68 @@ def _pretokenize(config, paths: Paths) -> None:
         continue
     if tokenizer is None:
       tokenizer = api.load_tokenizer(paths.tokenizer)
-    pretokenize.pretokenize(
-        tokenizer, paths.text_model, config.pretokenize.source, split,
+    read_split = config.pretokenize.get("read_splits", {}).get(split, split)
+    meta = pretokenize.pretokenize(
+        tokenizer, paths.text_model, config.pretokenize.source, read_split,
         paths.data, config.parti.model.text_length, num_examples=num,
         batch_size=config.pretokenize.batch_size,
         data_dir=config.pretokenize.get("data_dir"),
-        tokenizer_workdir=paths.tokenizer)
+        tokenizer_workdir=paths.tokenizer, out_split=split)
+    logging.info("Stage data: %s: %d examples, %d captions truncated to "
+                 "text_length=%d.", split, meta["num_examples"],
+                 meta["num_truncated_captions"],
+                 config.parti.model.text_length)
 
 
-def _samples(config, paths: Paths) -> list[str]:
+def _truncated_captions(paths: Paths) -> dict[str, int]:
+  """Captions truncated per pre-tokenized split (from its metadata)."""
+  counts = {}
+  for name in sorted(os.listdir(paths.data)):
+    if name.endswith(".json"):
+      with open(os.path.join(paths.data, name)) as f:
+        meta = json.load(f)
+      if "num_truncated_captions" in meta:
+        counts[name[:-len(".json")]] = meta["num_truncated_captions"]
+  return counts
+
+
+def _prompts(config) -> list[str]:
+  """config.prompts, or the first held-out captions of a converted set."""
+  own = _own_data(config)
+  if own is None:
+    return list(config.prompts)
+  captions = pipeline.read_captions(
+      own.dir, own.read_splits["validation"], all_captions=False,
+      setting="data")
+  return captions[:own.num_prompts]
+
+
+def _samples_done(config, paths: Paths, prompts: list[str]) -> bool:
+  """Whether an own-data grid of exactly these prompts is written."""
+  output_dir = os.path.join(paths.parti, "samples")
+  listed = os.path.join(output_dir, "prompts.txt")
+  if _own_data(config) is None or not os.path.isfile(
+      os.path.join(output_dir, "grid.png")) or not os.path.isfile(listed):
+    return False
+  with open(listed) as f:
+    return f.read().splitlines() == prompts
+
+
+def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
   sampling = config.sampling
-  return experiments.sample(
-      paths.parti, prompts=list(config.prompts), seed=sampling.seed,
+  output_dir = os.path.join(paths.parti, "samples")
+  if _samples_done(config, paths, prompts):
+    logging.info("Stage samples: %s holds the grid of these prompts; "
+                 "skipping.", output_dir)
+    return []
+  written = experiments.sample(
+      paths.parti, prompts=prompts, seed=sampling.seed,
       cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
-      top_k=sampling.top_k, top_p=sampling.top_p,
-      output_dir=os.path.join(paths.parti, "samples"))
+      top_k=sampling.top_k, top_p=sampling.top_p, output_dir=output_dir)
+  if _own_data(config) is not None:
+    with open(os.path.join(output_dir, "prompts.txt"), "w") as f:
+      f.write("".join(f"{prompt}\n" for prompt in prompts))
+  return written
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -159,12 +300,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = Paths(workdir)
   start = time.time()
   lead = True
+  own = _own_data(config)
 
   def announce(index: int, name: str, what: str) -> None:
     if lead:
       logging.info("=== Stage %d/%d (%s): %s  [%.0f s so far]", index,
                    len(STAGES), name, what, time.time() - start)
 
+  if own is not None:
+    # Every check of the data set and the captions before any training.
+    info = check_own_data(config)
+    logging.info("Data set %s: %dx%d images, splits %s; reading %s.",
+                 own.dir, info["image_size"], info["image_size"],
+                 info["splits"], dict(own.read_splits))
+    announce(2, "text", f"train SentencePiece -> {paths.text_model} first, "
+             "so the captions are checked before any image training")
+    if lead:
+      _text_tokenizer(config, paths)
   announce(1, "tokenizer", f"train the ViT-VQGAN in {paths.tokenizer}")
   if not _train(config.tokenizer, paths.tokenizer, "tokenizer"):
     return {}
@@ -177,16 +329,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   announce(4, "parti", f"train and evaluate Parti in {paths.parti}")
   if not _train(parti_config(config, workdir), paths.parti, "parti"):
     return {}
-  announce(5, "samples", f"sample {len(config.prompts)} prompts")
+  prompts = _prompts(config)
+  announce(5, "samples", f"sample {len(prompts)} prompts")
   if lead:
-    _samples(config, paths)
+    _samples(config, paths, prompts)
   report_path = os.path.join(paths.parti, "eval", "report.json")
   with open(report_path) as f:
     report = json.load(f)
   if lead:
-    summary = {k: report[k] for k in (
-        "prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd")
-               if k in report}
+    keys = ("prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd")
+    if own is not None:
+      keys += ("eval_loss", "eval_accuracy") + tuple(
+          k for k in sorted(report) if k.startswith("retrieval_"))
+    summary = {k: report[k] for k in keys if k in report}
+    if own is not None:
+      summary["truncated_captions"] = _truncated_captions(paths)
     logging.info("Done in %.0f s: %s", time.time() - start, summary)
     print(f"End to end in {time.time() - start:.0f} s: "
           f"{json.dumps(summary)}\nReport: {report_path}\nSamples: "

@@ -14,13 +14,17 @@ settings. --config configs/x.py:size=tiny picks a variant;
 --config.total_steps=100 overrides one field.
 """
 import logging as std_logging
+import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from unimm import config_lib
 from unimm import end_to_end
+from unimm import errors
 from unimm import experiments
 from unimm import host_memory
 from unimm import parallel
@@ -89,12 +93,51 @@ def _cfg_scale(value: str | None):
                          "or 'none'.") from None
 
 
+def _config_spec(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _parse_flags(argv):
+  """absl's parsing, with one clear line for a --config.FIELD override that
+  names no field (ml_collections raises a bare AttributeError there)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    spec = _config_spec(argv)
+    config = config_lib.load_config(spec) if spec else None
+    for arg in argv[1:]:
+      name = arg.split("=", 1)[0]
+      if not name.startswith("--config.") or config is None:
+        continue
+      problem = config_lib.unknown_field(config, name[len("--config."):])
+      if problem:
+        sys.stderr.write(
+            f"FATAL Flags parsing error: {arg}: {problem} Fix or remove the "
+            f"override (the fields are set in {spec}).\n")
+        sys.exit(1)
+    raise
+
+
+def _is_disk_full(record: std_logging.LogRecord) -> bool:
+  error = record.exc_info[1] if record.exc_info else None
+  return record.levelno >= std_logging.ERROR and (
+      errors.disk_full(Exception(record.getMessage())) is not None or (
+          error is not None and errors.disk_full(error) is not None))
+
+
 class _QuietLibraries(std_logging.Filter):
   """Keeps library INFO chatter (orbax saves, tfds, grain) off the console so
   progress, metrics and ETA stay readable; their warnings still show."""
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
 
   def filter(self, record):
+    if _is_disk_full(record):
+      return False  # orbax's and clu's threads each log it; main says it once
     return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in self.NOISY)
 
@@ -104,6 +147,39 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.excepthook = _excepthook(sys.excepthook)
+  try:
+    _run(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    path = errors.disk_full(error)
+    if path is None:
+      raise
+    message = str(error) if isinstance(error, errors.DiskFullError) else (
+        f"No space left on device writing {path or _WORKDIR.value}: free "
+        "space on that disk and run the same command again.")
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.write(f"FATAL {message}\n")
+    sys.stderr.flush()
+    # Not sys.exit: the checkpointer's threads would each report the same
+    # failure again while the interpreter shuts down.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _late_callback(exc_type, exc, tb) -> bool:
+  """A RuntimeError("Event loop is closed") from a TensorStore callback
+  that arrived after a failed checkpoint write had closed orbax's loop."""
+  return exc_type is RuntimeError and "Event loop is closed" in str(exc)
+
+
+def _excepthook(previous):
+  def hook(exc_type, exc, tb):
+    if not _late_callback(exc_type, exc, tb):
+      previous(exc_type, exc, tb)
+  return hook
+
+
+def _run(argv):
   parallel.initialize_distributed()
   config, workdir = _CONFIG.value, _WORKDIR.value
   if end_to_end.is_end_to_end(config):
@@ -138,4 +214,4 @@ def main(argv):
 
 if __name__ == "__main__":
   host_memory.keep_freed_memory()  # before JAX starts its CPU backend
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

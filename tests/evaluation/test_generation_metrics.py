@@ -31,7 +31,6 @@ from test_fid import reference  # noqa: E402,F401
 from test_fid import weights_path  # noqa: E402,F401
 # pylint: enable=g-import-not-at-top,unused-import,wrong-import-position
 
-PARTI_PROMPTS = "/work/shared/data/PartiPrompts.tsv"
 BATCH = 2  # prompts per sample_fn call; also the Inception batch
 PROMPTS = ["a red circle", "two blue squares", "a photo of a cat"]
 
@@ -261,18 +260,18 @@ def test_parti_eval_adds_clip_score_to_the_report(clip_dir, clip_model,
   assert "fid" not in report and "prompt_accuracy_single" in report
 
 
-@pytest.mark.skipif(not os.path.isfile(PARTI_PROMPTS),
-                    reason=f"{PARTI_PROMPTS} is absent")
 def test_parti_prompts_capped_by_num_images(clip_dir, clip_model,
-                                            tmp_path):
+                                            parti_prompts_tsv, tmp_path):
+  """A prompts file in PartiPrompts.tsv's format (tests/conftest.py)."""
   from unimm.tokenizers import text  # pylint: disable=g-import-not-at-top
-  every = text.read_prompts(PARTI_PROMPTS)
-  assert len(every) > 1000
+  path = str(parti_prompts_tsv.path)
+  every = text.read_prompts(path)
+  assert every == parti_prompts_tsv.prompts and len(every) > 5
   num = 5
   settings = dict(inception_weights="", fid_reference="", clip_dir=clip_dir,
-                  metrics_prompts=PARTI_PROMPTS, metrics_num_images=num,
+                  metrics_prompts=path, metrics_num_images=num,
                   batch_size=BATCH)
-  assert gm.load_prompts(PARTI_PROMPTS, num_images=num) == every[:num]
+  assert gm.load_prompts(path, num_images=num) == every[:num]
   images = _images(num, 32, 32, seed=18)  # one cos > 0 (random CLIP)
   sampler = FakeSampler(images, every[:num])
   result = gm.from_eval_config(settings, sampler, workdir=str(tmp_path),

@@ -293,14 +293,50 @@ def test_save_load_round_trip_and_cache(brief_probe, tmp_path):
     probe_lib.Probe.load(str(tmp_path / "p"))
 
 
-def test_cached_full_probe_reads_renders_perfectly():
-  """With a fully trained probe in the default cache (get_probe saves one
-  there; training takes minutes), renders score ~1 against their captions."""
-  directory = os.path.join(probe_lib.default_cache_dir(),
-                           f"v{probe_lib.PROBE_VERSION}_32px")
-  if not os.path.exists(os.path.join(directory, "probe.json")):
-    pytest.skip(f"No trained probe cached in {directory}.")
-  probe = probe_lib.Probe.load(directory)
+def test_get_probe_trains_once_saves_and_reloads(brief_probe, tmp_path,
+                                                 monkeypatch):
+  """Nothing cached: get_probe trains (train_probe stands in with the brief
+  probe), saves under $UNIMM_DATA_DIR/probe/v{PROBE_VERSION}_32px and keeps
+  it for the process; a new process loads the saved files, training
+  nothing."""
+  images, _, _ = shapes.generate(40, 98)
+  trained = []
+
+  def train(**kwargs):
+    trained.append(kwargs)
+    return brief_probe
+
+  monkeypatch.setenv("UNIMM_DATA_DIR", str(tmp_path))
+  monkeypatch.setattr(probe_lib, "train_probe", train)
+  # lru_cache'd per process: forget probes other tests had loaded.
+  probe_lib._cached_probe.cache_clear()  # pylint: disable=protected-access
+  try:
+    got = probe_lib.get_probe(32)
+    assert trained == [{"image_size": 32}]
+    assert got is brief_probe
+    directory = tmp_path / "probe" / f"v{probe_lib.PROBE_VERSION}_32px"
+    assert sorted(os.listdir(directory)) == ["params.npz", "probe.json"]
+    assert os.listdir(tmp_path / "probe") == [directory.name]  # no tmp left
+    assert probe_lib.get_probe(32) is got and len(trained) == 1
+
+    def no_training(**kwargs):
+      raise AssertionError(f"trained again ({kwargs}) with a saved probe")
+
+    monkeypatch.setattr(probe_lib, "train_probe", no_training)
+    probe_lib._cached_probe.cache_clear()  # pylint: disable=protected-access
+    loaded = probe_lib.get_probe(32)
+    assert loaded is not got and loaded.net == brief_probe.net
+    assert loaded.predict(images) == brief_probe.predict(images)
+  finally:
+    probe_lib._cached_probe.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_full_probe_reads_renders_perfectly(tmp_path):
+  """The default recipe (train_probe's defaults, as get_probe trains it):
+  renders score ~1 against their captions. Minutes of CPU: run with
+  --run-slow (docs/testing.md)."""
+  probe = probe_lib.get_probe(32, cache_dir=str(tmp_path))
   prompts = probe_lib.fixed_prompt_set(100, 100)
   images = np.stack([shapes.render(s, 32) for _, s in prompts])
   result = probe_lib.prompt_accuracy([c for c, _ in prompts], images,

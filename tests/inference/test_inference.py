@@ -146,3 +146,26 @@ def test_api_inputs(models, monkeypatch):
     interleaved_model.sample("a red circle")
   with pytest.raises(TypeError, match="expected an int"):
     interleaved_model.sample(PROMPTS, seed="0")
+
+
+def test_empty_batches_give_empty_results(models):
+  """Encoding, decoding and upscaling no images return arrays of 0 rows
+  and the right shapes (a 0-row batch cannot run under XLA's reshapes)."""
+  tokenizer = unimm.load_tokenizer(models["tokenizer"])
+  size, (h, w) = tokenizer.image_size, tokenizer.grid
+  ids = tokenizer.encode(np.zeros((0, size, size, 3), np.uint8))
+  assert ids.shape == (0, h, w) and ids.dtype == np.int32
+  images = tokenizer.decode(ids)
+  assert images.shape == (0, size, size, 3) and images.dtype == np.uint8
+  parti = unimm.load_model(models["parti"])
+  assert parti.decode(np.zeros((0, h * w), np.int32)).shape == (
+      0, size, size, 3)
+  with pytest.raises(ValueError, match=rf"ids of shape \[N, {h * w}\]"):
+    parti.decode(np.zeros((2, h, w), np.int32))
+  upsampler = unimm.load_upsampler(models["upsampler"])
+  base, high = upsampler.upscale(np.zeros((0, size, size, 3), np.uint8))
+  assert base.shape == (0, size, size, 3)
+  assert high.shape == (0, size * upsampler.factor, size * upsampler.factor,
+                        3)
+  with pytest.raises(ValueError, match="prompts is empty"):
+    parti.sample([])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from unimm.models import parti
+from unimm.sampling import sampler as samp
 from unimm.sampling.sampler import SamplingParams
 
 B, S, T, V = 3, 6, 10, 17
@@ -62,8 +63,38 @@ def test_cfg_scale_one_is_conditional_sampling_and_seeded():
   np.testing.assert_array_equal(plain, guided)
   np.testing.assert_array_equal(plain, sample(TEXT, jax.random.key(5), sp))
   assert not np.array_equal(plain, sample(TEXT, jax.random.key(6), sp))
-  strong = sample(TEXT, jax.random.key(5), SamplingParams(3.0, cfg_scale=5.0))
-  assert strong.shape == plain.shape and int(strong.max()) < V
+
+
+def test_guided_logits_are_u_plus_s_times_c_minus_u_of_full_forwards(
+    monkeypatch):
+  """At scale s != 1 the logits the cached sampler draws from at every step
+  equal u + s (c - u), c and u from full forwards with the prompt and with
+  each row's own unconditional text (distinct rows: a mix-up would show)."""
+  scale = 3.0
+  uncond = jnp.array([[1, 0, 0, 0, 0, 0], [8, 1, 0, 0, 0, 0],
+                      [4, 4, 2, 1, 0, 0]])
+  seen = []
+  mix = samp.guided_logits
+
+  def recorded(logits, cfg_scale):
+    guided = mix(logits, cfg_scale)
+    jax.debug.callback(lambda g: seen.append(np.asarray(g)), guided,
+                       ordered=True)
+    return guided
+
+  monkeypatch.setattr(samp, "guided_logits", recorded)
+  ids = jax.jit(lambda text, uncond: parti.sample_image_ids(
+      MODEL, PARAMS, text, jax.random.key(0),
+      SamplingParams(0.0, cfg_scale=scale), uncond))(TEXT, uncond)
+  assert len(seen) == T  # the prefill step and T - 1 scan steps
+  full = jax.jit(MODEL.apply)
+  c, u = full(PARAMS, TEXT, ids), full(PARAMS, uncond, ids)  # [B, T, V]
+  want = u + scale * (c - u)
+  np.testing.assert_allclose(np.stack(seen, axis=1), want, atol=1e-4,
+                             rtol=1e-4)
+  np.testing.assert_array_equal(ids, np.argmax(want, axis=-1))
+  # The prompt matters, so a sampler that ignored either half would fail.
+  assert np.abs(c - u).max() > 1e-2
 
 
 def test_learned_2d_positions_need_a_square_grid():

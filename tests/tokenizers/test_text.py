@@ -191,15 +191,40 @@ def test_default_sentencepiece_layout_and_pickle(tmp_path, captions):
     text_lib.TextTokenizer.load(tmp_path / "junk.model")
 
 
+def test_read_prompts_in_parti_format(parti_prompts_tsv):
+  """A file written in PartiPrompts.tsv's format (tests/conftest.py): the
+  Prompt column whole, quotes, commas and unicode kept, Notes ignored."""
+  path, expected, _ = parti_prompts_tsv
+  prompts = text_lib.read_prompts(path)
+  assert prompts == expected
+  assert "Prompt" not in prompts  # the header is not a prompt
+  # Quotes are part of the prompt, not TSV quoting.
+  assert prompts[2].startswith('"G I G G L E" painted')
+  assert 'The words "Fly an airplane" are written' in prompts[3]
+  assert "Salvador Dalí" in prompts and max(map(len, prompts)) > 350
+  # The same rows under another name, with a BOM and CRLF line ends.
+  lines = path.read_text(encoding="utf-8").splitlines()
+  other = path.parent / "prompts.txt"  # a tab in line 1 makes it a TSV
+  other.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+  assert text_lib.read_prompts(other) == expected
+
+
 @pytest.mark.skipif(not os.path.exists(PARTI_PROMPTS),
-                    reason="PartiPrompts.tsv not available")
-def test_read_parti_prompts():
+                    reason="PartiPrompts.tsv is absent (shared/data beside "
+                    "the checkout; allowed in tests/conftest.py)")
+def test_read_real_parti_prompts(parti_prompts_tsv):
   prompts = text_lib.read_prompts(PARTI_PROMPTS)
   assert len(prompts) == 1632
   assert prompts[:2] == ["bond", "element"]
   assert all(p and p == p.strip() and "\t" not in p for p in prompts)
-  # Quotes are part of the prompt, not TSV quoting.
   assert any(p.startswith('"G I G G L E"') for p in prompts)
+  # The file test_read_prompts_in_parti_format reads has this one's format:
+  # its header, and rows (all but the made-up last one) found here.
+  with open(PARTI_PROMPTS, encoding="utf-8") as f:
+    header, *rows = [tuple(line.rstrip("\n").split("\t")) for line in f]
+  written = parti_prompts_tsv.path.read_text(encoding="utf-8").splitlines()
+  assert header == tuple(written[0].split("\t"))
+  assert set(parti_prompts_tsv.rows[:-1]) <= set(rows)
 
 
 def test_read_prompts_plain_and_tsv(tmp_path):

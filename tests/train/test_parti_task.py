@@ -1,7 +1,9 @@
 """Tests for the Parti task: loss, CFG dropout, sampling, evaluation, and
 the shapes config."""
 import json
+import logging
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -10,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from unimm import api
 from unimm.data import pretokenize
 from unimm.evaluation import probe as probe_lib
+from unimm.evaluation import retrieval
 from unimm.inference import text_to_image
 from unimm.train import parti_task
 from unimm.train import tasks
@@ -127,6 +131,14 @@ def test_train_steps_lower_the_loss(task, batch, params):
     params, opt_state, loss, metrics = step(params, opt_state,
                                             jax.random.PRNGKey(i))
     losses.append(float(loss))
+  # Its own likelihood now tells its 8 captions apart: the true caption
+  # ranks above chance and scores above the mean of the others.
+  scores = task.retrieval_scores(params, batch["text_ids"],
+                                 batch["image_ids"])  # [8, 8]
+  report = retrieval.recall_at_k(scores)
+  assert report["retrieval_r1"] > report["retrieval_chance_r1"], report
+  margin = np.diag(scores) - (scores.sum(1) - np.diag(scores)) / 7
+  assert margin.mean() > 0, margin
   assert losses[-1] < losses[0] - 0.3, losses
   assert set(metrics) == {"loss", "accuracy", "perplexity", "text_dropped"}
   np.testing.assert_allclose(metrics["perplexity"], np.exp(metrics["loss"]),
@@ -245,10 +257,41 @@ def test_a_batch_too_big_for_memory_fails_early(task, params, monkeypatch):
                                 cfg_scale=2.0)
 
 
-def test_long_prompts_are_truncated_and_warned(task, params):
+def test_long_prompts_are_truncated_and_warned(task, params, caplog,
+                                               monkeypatch):
   long = " ".join(["a red circle"] * 20)
-  ids = task.sampler(params).sample_ids([long, "a red circle"], **SAMPLING)
+  sampler = task.sampler(params)
+  tokenizer = sampler.text_tokenizer
+  full = tokenizer.pieces([long])[0]
+  assert len(full) > TEXT_LENGTH
+  used = []  # the text ids the compiled sampler is given
+  compiled = text_to_image._jitted_sample  # pylint: disable=protected-access
+
+  def recording(model, sampling):
+    fn = compiled(model, sampling)
+
+    def sample(params, text_ids, rng, uncond_text_ids):
+      used.append(np.asarray(text_ids))
+      return fn(params, text_ids, rng, uncond_text_ids)
+    return sample
+
+  monkeypatch.setattr(text_to_image, "_jitted_sample", recording)
+  with caplog.at_level(logging.WARNING):
+    ids = sampler.sample_ids(["a red circle", long], **SAMPLING)
   assert ids.shape == (2, GRID * GRID)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  assert any("1 of 2 prompts" in m and f"text length {TEXT_LENGTH}" in m
+             and f"prompt 1: {len(full)} tokens" in m for m in warnings), (
+                 warnings)
+  # The sampler was given the long prompt's first TEXT_LENGTH - 1 tokens
+  # and EOS, the short one whole.
+  assert len(used) == 1
+  np.testing.assert_array_equal(
+      used[0][1], np.append(full[:TEXT_LENGTH - 1], tokenizer.eos_id))
+  short = tokenizer.encode(["a red circle"], TEXT_LENGTH)
+  assert short.num_truncated == 0
+  np.testing.assert_array_equal(used[0][0], short.ids[0])
 
 
 def test_estimate_grows_with_batch_and_cache():
@@ -316,9 +359,98 @@ def test_evaluate_writes_report_and_grid(task, params, tmp_path,
   assert (report["reconstructed_prompt_accuracy_single"] ==
           report["prompt_accuracy_single"])
   assert report["reconstructed_prompt_accuracy_pair"] == 0.0
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  # Caption retrieval over the 16 held-out pairs (fewer than the 32 asked).
+  assert report["retrieval_pairs"] == 16
+  assert 0 <= report["retrieval_r1"] <= report["retrieval_r5"] <= 1
+  assert report["retrieval_chance_r1"] == 1 / 16
+  assert report["retrieval_chance_r5"] == 5 / 16
+  assert "heldout_grid_samples" not in report
+  assert not os.path.exists(os.path.join(workdir, "eval",
+                                         "heldout_samples.png"))
   grid = Image.open(os.path.join(workdir, "eval", "samples.png"))
   assert grid.width == 6 * 132 + 4  # 6 cells of 128 px + 4 px gutters
   assert grid.height > 128 + 24  # images + captions
   pixels = np.asarray(grid)
   assert (pixels < 64).all(axis=-1).sum() > 100  # caption text was drawn
+
+
+def test_retrieval_scores_are_summed_token_log_probs(task, params):
+  heldout = task.heldout_examples(4)
+  text, image = heldout["text_ids"], heldout["image_ids"]
+  assert text.shape == (4, TEXT_LENGTH) and image.shape == (4, GRID * GRID)
+  # The first examples of the loss split, in data set order.
+  first = next(iter(task._dataset(  # pylint: disable=protected-access
+      "validation", 4, shuffle=False, seed=0, num_epochs=1)))
+  np.testing.assert_array_equal(text, first["text_ids"])
+  np.testing.assert_array_equal(image, first["image_ids"])
+  assert len(heldout["captions"]) == 4 and all(heldout["captions"])
+  scores = task.retrieval_scores(params, text, image)  # [4 images, 4 texts]
+  assert scores.shape == (4, 4)
+  # The same 16 pairs in one forward: log_softmax at the targets.
+  rows_image = np.repeat(image, 4, axis=0)  # pair (i, j) at row 4 i + j
+  rows_text = np.tile(text, (4, 1))
+  logits = jax.jit(task.logits)(params, rows_text, rows_image)  # [16, T, V]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  want = jnp.take_along_axis(log_probs, rows_image[..., None],
+                             axis=-1)[..., 0].sum(-1)
+  np.testing.assert_allclose(scores, np.asarray(want).reshape(4, 4),
+                             rtol=1e-5, atol=1e-4)
+  assert (scores < 0).all()
+  # The caption changes the score (the text reaches the decoder).
+  assert np.ptp(scores, axis=1).max() > 1e-4
+  report = retrieval.recall_at_k(scores)
+  assert report["retrieval_pairs"] == 4
+  assert 0 <= report["retrieval_r1"] <= 1 and report["retrieval_r5"] == 1.0
+
+
+def test_non_shapes_data_skips_the_probe(task, params, files, tmp_path,
+                                         monkeypatch):
+  """On data that is not the shapes world (here the test data relabelled as
+  a converted directory's): held-out loss, retrieval and a grid of
+  held-out captions with their true images and samples; no probe."""
+  data = str(tmp_path / "own_data")
+  shutil.copytree(files["pretokenized_dir"], data)
+  for split in ("train", "validation"):
+    path = pretokenize.metadata_path(data, split)
+    metadata = json.load(open(path))
+    metadata["source"] = "/data/converted/my_photos"
+    json.dump(metadata, open(path, "w"))
+  other = ParTask(tiny_config(tokenizer_workdir=files["tokenizer_workdir"],
+                              pretokenized_dir=data))
+  assert task.on_shapes_data() and task.data_source() == "shapes_small"
+  assert not other.on_shapes_data()
+  assert other.data_source() == "/data/converted/my_photos"
+
+  def no_probe(*args, **kwargs):
+    raise AssertionError("the probe ran on non-shapes data")
+  monkeypatch.setattr(probe_lib, "get_probe", no_probe)
+  monkeypatch.setattr(probe_lib, "fixed_prompt_set", no_probe)
+  workdir = str(tmp_path / "work")
+  report = other.evaluate(params, {}, workdir, step=3)
+  assert report == pytest.approx(json.load(open(os.path.join(
+      workdir, "eval", "report.json"))))
+  assert not any(k.startswith(("prompt_", "reconstructed_", "probe_"))
+                 for k in report), report
+  assert report["heldout_grid_samples"] == 6
+  assert report["eval_loss_examples"] == 16 and np.isfinite(
+      report["eval_loss"])
+  assert report["retrieval_pairs"] == 16
+  assert 0 <= report["retrieval_r1"] <= report["retrieval_r5"] <= 1
+  assert not os.path.exists(os.path.join(workdir, "eval", "samples.png"))
+  heldout = other.heldout_examples(6)
+  captions = open(os.path.join(workdir, "eval",
+                               "heldout_captions.txt")).read().splitlines()
+  assert captions == heldout["captions"]
+  # 6 cells in rows of 4, each the true image beside the sample (64 x 32
+  # px, scaled to 256 x 128).
+  grid = np.asarray(Image.open(os.path.join(workdir, "eval",
+                                            "heldout_samples.png")))
+  assert grid.shape[1] == 4 * (256 + 4) + 4
+  sampler = other.sampler(params)
+  true = sampler.decode(heldout["image_ids"], 8)
+  samples = sampler.sample(heldout["captions"], seed=0)
+  for k in (0, 5):  # the first cell and the second row's second cell
+    x, y = 4 + (k % 4) * 260, 4 + (k // 4) * (128 + 4 * 12 + 4 + 4)
+    cell = grid[y:y + 128:4, x:x + 256:4]  # back to 32 x 64 px
+    np.testing.assert_array_equal(cell[:, :32], true[k])
+    np.testing.assert_array_equal(cell[:, 32:], samples[k])

@@ -192,6 +192,70 @@ def _check_split(builder, split: str, source: str) -> None:
         f"{sorted(builder.info.splits)}.")
 
 
+def converted_builder(source: str, setting: str = "config.data.source"):
+  """The TFDS builder of a directory written by unimm.tools.convert.
+
+  Raises:
+    ValueError: `source` is not such a directory (the message names
+      `setting`, the config field or argument that gave it, and the
+      command that writes one).
+  """
+  if not os.path.isfile(os.path.join(source, "dataset_info.json")):
+    raise ValueError(
+        f"{setting}={source!r} is neither one of {sorted(SHAPES_SOURCES)} "
+        "nor a directory written by `python -m unimm.tools.convert --out "
+        f"{source} --image_size S ...` (it has no dataset_info.json); "
+        "convert your images and captions there first.")
+  return tfds.builder_from_directory(source)
+
+
+def converted_info(source: str, setting: str = "config.data.source"
+                   ) -> dict[str, Any]:
+  """What a converted directory holds, read from its metadata only.
+
+  Returns:
+    {"image_size": S (the stored images are S x S),
+     "splits": {split name: number of examples},
+     "features": sorted feature names ("image", "caption"[, "captions"])}.
+
+  Raises:
+    ValueError: `source` is not a converted directory (converted_builder).
+  """
+  builder = converted_builder(source, setting)
+  features = builder.info.features
+  return {"image_size": int(features["image"].shape[0]),
+          "splits": {name: int(info.num_examples)
+                     for name, info in builder.info.splits.items()},
+          "features": sorted(features.keys())}
+
+
+def read_captions(source: str, split: str, *, all_captions: bool = True,
+                  setting: str = "config.data.source") -> list[str]:
+  """The captions of `split` (TFDS slicing allowed, e.g. "train[:-200]") of
+  a converted directory, in record order, without decoding any image.
+
+  all_captions: every caption of each record (its "captions" feature, in
+  input order) when the data set has that feature; otherwise (or when
+  False) the first caption of each record only.
+  """
+  builder = converted_builder(source, setting)
+  _check_split(builder, split, source)
+  data_source = builder.as_data_source(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  use_all = all_captions and "captions" in builder.info.features
+  captions = []
+  for low in range(0, len(data_source), 1024):
+    records = data_source.__getitems__(
+        list(range(low, min(len(data_source), low + 1024))))
+    for record in records:
+      if use_all:
+        captions.extend(c for c in _as_str(record["captions"]).split(
+            convert.CAPTION_SEPARATOR) if c.strip())
+      else:
+        captions.append(_as_str(record["caption"]))
+  return captions
+
+
 def image_text_source(source: str, split: str, *, image_size: int,
                       data_dir: str | None = None):
   """(random-access TFDS data source, stored image size) for `source`."""
@@ -204,12 +268,7 @@ def image_text_source(source: str, split: str, *, image_size: int,
     data_source = tfds.data_source(name, split=split, data_dir=data_dir,
                                    download=False)
   else:
-    if not os.path.isfile(os.path.join(source, "dataset_info.json")):
-      raise ValueError(
-          f"config.data.source={source!r} is neither one of "
-          f"{sorted(SHAPES_SOURCES)} nor a directory written by "
-          "`python -m unimm.tools.convert --out DIR ...`.")
-    builder = tfds.builder_from_directory(source)
+    builder = converted_builder(source)
     _check_split(builder, split, source)
     data_source = builder.as_data_source(split=split)
   stored_size = builder.info.features["image"].shape[0]

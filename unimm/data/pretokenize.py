@@ -164,7 +164,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
                 *, image_size: int | None = None,
                 data_dir: str | None = None,
                 records_per_shard: int = RECORDS_PER_SHARD,
-                tokenizer_workdir: str = "") -> dict[str, Any]:
+                tokenizer_workdir: str = "",
+                out_split: str | None = None) -> dict[str, Any]:
   """Encodes `split` of `source` once; writes shards + metadata to out_dir.
 
   Args:
@@ -174,7 +175,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
     text_tokenizer_path: a SentencePiece .model (T5 layout: pad 0, eos 1).
     source: "shapes", "shapes_small", "shapes_large" or a directory from
       unimm.tools.convert.
-    split: the split to encode (e.g. train, validation).
+    split: the split to encode (e.g. train, validation; TFDS slicing such
+      as "train[-200:]" reads part of one).
     out_dir: output directory (created; this split's files are replaced).
     text_length: text ids per example (config.model.text_length); longer
       captions are truncated (counted in the metadata and warned about).
@@ -186,6 +188,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
     records_per_shard: examples per ArrayRecord shard.
     tokenizer_workdir: where the tokenizer was loaded from, recorded in the
       metadata.
+    out_split: the name the encoded split is written under (default:
+      `split`), e.g. "validation" for split "train[-200:]".
 
   Returns:
     The metadata dict (also written to out_dir/SPLIT.json).
@@ -197,6 +201,11 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
                      "(--num_examples).")
   if records_per_shard <= 0:
     raise ValueError(f"records_per_shard={records_per_shard}; expected > 0.")
+  out_split = split if out_split is None else out_split
+  if not out_split or not all(c.isalnum() or c == "_" for c in out_split):
+    raise ValueError(
+        f"Output split name {out_split!r}; expected letters, digits, _ "
+        "(pass out_split when `split` uses TFDS slicing).")
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
   if text_tokenizer.pad_id != 0:
     raise ValueError(
@@ -228,7 +237,7 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
   progress = Progress(total, what="pre-tokenized examples", every_seconds=5.0)
   logging.info("Pre-tokenizing %d examples of %s/%s into %s (%d shards).",
                total, source, split, out_dir, num_shards)
-  with ShardWriter(out_dir, split, records_per_shard) as writer:
+  with ShardWriter(out_dir, out_split, records_per_shard) as writer:
     for batch in dataset:
       images = batch["image"][:total - done]  # uint8 [B, H, W, 3]
       captions = list(batch["caption"][:total - done])
@@ -256,7 +265,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
 
   metadata = {
       "format": FORMAT,
-      "split": split,
+      "split": out_split,
+      "read_split": split,
       "num_examples": int(done),
       "shards": names,
       "grid": list(tokenizer.grid),
@@ -277,7 +287,7 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       "source": source,
       "seconds": round(progress.elapsed_seconds, 3),
   }
-  write_report(metadata_path(out_dir, split), metadata)
+  write_report(metadata_path(out_dir, out_split), metadata)
   logging.info("Wrote %d examples to %s (codebook usage %.3f, %d captions "
                "truncated).", done, out_dir, metadata["codebook_usage"],
                num_truncated)

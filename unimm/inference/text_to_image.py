@@ -246,6 +246,15 @@ class TextToImageModel:
     """Image ids [N, image_length] -> uint8 images, in padded chunks of one
     size (one compiled decoder)."""
     h, w = self.image_tokenizer.grid
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] != h * w:
+      raise ValueError(f"decode expects ids of shape [N, {h * w}] (the "
+                       f"image_length), got {ids.shape}.")
+    if int(batch_size) <= 0:
+      raise ValueError(f"batch_size={batch_size}; expected > 0.")
+    if not len(ids):
+      s = self.image_tokenizer.image_size
+      return np.zeros((0, s, s, 3), np.uint8)
     chunk = min(int(batch_size), 256)
     images = []
     for begin in range(0, len(ids), chunk):

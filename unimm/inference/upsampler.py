@@ -84,6 +84,13 @@ class Upsampler:
           f"{s}x{s} first (its tokenizer is trained at {s}).")
 
   def _batched(self, from_images: bool, inputs, batch_size: int):
+    if int(batch_size) <= 0:
+      raise ValueError(f"batch_size={batch_size}; expected > 0.")
+    if not len(inputs):  # an empty batch: empty results, nothing to run
+      s = self.tokenizer.image_size
+      high = s * self.factor
+      return (np.zeros((0, s, s, 3), np.uint8),
+              np.zeros((0, high, high, 3), np.uint8))
     fn = _jitted(self.model, self.tokenizer.model, from_images)
     bases, highs = [], []
     for start in range(0, len(inputs), batch_size):

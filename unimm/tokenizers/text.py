@@ -160,20 +160,26 @@ class TextTokenizer:
     body_len = max_len - 1 if add_eos else max_len
     ids = np.full((len(texts), max_len), self.pad_id, np.int32)  # [N, L]
     lengths = np.zeros((len(texts),), np.int32)  # [N]
-    num_truncated = 0
+    truncated = []  # (row, tokens before truncation)
     for row, tokens in enumerate(pieces):
       if len(tokens) > body_len:
-        num_truncated += 1
+        truncated.append((row, len(tokens)))
         tokens = tokens[:body_len]
       if add_eos:
         tokens = tokens + [self.eos_id]
       ids[row, :len(tokens)] = tokens
       lengths[row] = len(tokens)
+    num_truncated = len(truncated)
     if num_truncated:
+      which = ", ".join(f"prompt {row}: {n} tokens"
+                        for row, n in truncated[:5])
       logging.warning(
-          "%d of %d prompts were longer than text length %d and were "
-          "truncated; raise config.text_length (--text_length) to keep them "
-          "whole.", num_truncated, len(texts), max_len)
+          "%d of %d prompts were longer than text length %d (%d tokens%s) "
+          "and were truncated to their first %d tokens (%s%s); raise "
+          "config.text_length (--text_length) to keep them whole.",
+          num_truncated, len(texts), max_len, body_len,
+          " + EOS" if add_eos else "", body_len, which,
+          ", ..." if num_truncated > 5 else "")
     return EncodedText(ids=ids, lengths=lengths, num_truncated=num_truncated)
 
   def pieces(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:

@@ -261,6 +261,8 @@ def encode_images(model: ViTVQGAN, params, images) -> np.ndarray:
         f"encode expects images of shape [N, {s}, {s}, {c}], got "
         f"{images.shape}; resize to the tokenizer's image_size ({s}) "
         "(config.model.image_size).")
+  if not len(images):  # nothing to run (XLA cannot reshape a 0-row batch)
+    return np.zeros((0, *model.grid), np.int32)
   return np.asarray(_jitted(model, "encode")(_plain_params(params), images))
 
 
@@ -277,5 +279,8 @@ def decode_ids(model: ViTVQGAN, params, ids) -> np.ndarray:
     raise ValueError(
         f"decode got ids in [{ids.min()}, {ids.max()}]; expected 0 <= id < "
         f"num_codes={model.num_codes} (config.model.num_codes).")
+  if not len(ids):
+    s = model.image_size
+    return np.zeros((0, s, s, model.channels), np.uint8)
   return np.asarray(_jitted(model, "decode")(_plain_params(params),
                                              ids.astype(np.int32)))

@@ -4,11 +4,14 @@ Example: python -m unimm.tools.train_text_tokenizer --output DIR/spiece \
     --vocab_size 256 --source shapes --num_captions 20000
 Example: python -m unimm.tools.train_text_tokenizer --output DIR/spiece \
     --vocab_size 8000 --captions_file PartiPrompts.tsv
+Example: python -m unimm.tools.train_text_tokenizer --output DIR/spiece \
+    --vocab_size 256 --data data/mine --data_split train
 
 Writes PREFIX.model and PREFIX.vocab (unimm.tokenizers.text) and prints the
 tokens per caption, to set config.text_length by. Built-in sources: shapes
 captions, or the texts (captions and edit instructions) of interleaved
-documents.
+documents; or a captions file; or every caption of a split of a data set
+converted by unimm.tools.convert (--data).
 """
 from collections.abc import Sequence
 
@@ -18,6 +21,7 @@ from absl import logging
 import numpy as np
 
 from unimm.data import interleaved
+from unimm.data import pipeline
 from unimm.data import shapes
 from unimm.tokenizers import text as text_lib
 
@@ -51,6 +55,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("captions_file", None,
                       "One caption per line, or a TSV with a Prompt column.",
                       **kw)
+  flags.DEFINE_string("data", None,
+                      "A directory written by unimm.tools.convert: trains on "
+                      "every caption of its --data_split.", **kw)
+  flags.DEFINE_string("data_split", "train",
+                      "The split of --data (TFDS slicing allowed, e.g. "
+                      "train[:-200]).", **kw)
   flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"],
                     "SentencePiece model type (see train_sentencepiece).",
                     **kw)
@@ -69,11 +79,18 @@ def main(argv: Sequence[str],
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   flag = flag_values
-  if (flag.source is None) == (flag.captions_file is None):
-    raise ValueError("Pass exactly one of --source=shapes|interleaved or "
-                     "--captions_file=FILE.")
+  given = [name for name in ("source", "captions_file", "data")
+           if flag[name].value is not None]
+  if len(given) != 1:
+    raise ValueError(
+        f"Got {['--' + name for name in given] or 'none'}; pass exactly one "
+        "of --source=shapes|interleaved, --captions_file=FILE or "
+        "--data=DIR.")
   if flag.captions_file:
     captions = text_lib.read_prompts(flag.captions_file)
+  elif flag.data:
+    captions = pipeline.read_captions(flag.data, flag.data_split,
+                                      setting="--data")
   else:
     captions = source_texts(flag.source, flag.num_captions, flag.seed)
   logging.info("Training a %s SentencePiece model (vocab_size=%d) on %d "

@@ -60,6 +60,10 @@ class InterleavedTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    config_lib.check_counts(
+        config, "eval", positive=("batch_size", "num_batches",
+                                  "generation_batch_size", "caption_beams"),
+        non_negative=("num_generation",))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
     self.layout = vocab_lib.VocabLayout(
         text_vocab_size=int(config.vocab.text_vocab_size),

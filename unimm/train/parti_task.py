@@ -9,14 +9,21 @@ conditional and the unconditional logits that guidance mixes at sampling.
 
 Sampling is the inference layer's (`ParTask.sampler(params)` is a
 unimm.inference.TextToImageModel over the params being trained, with the
-frozen tokenizer of config.tokenizer_workdir). `evaluate` scores samples of a fixed shapes prompt set with the probe
-classifier (prompt accuracy per attribute, Fréchet distance in probe
-features) and writes eval/report.json and eval/samples.png.
+frozen tokenizer of config.tokenizer_workdir). `evaluate` writes
+eval/report.json with, on any data, the held-out loss and the model's own
+caption-image retrieval (the true caption ranked among N held-out captions
+by log p(image | caption); unimm.evaluation.retrieval). On shapes data it
+also scores samples of a fixed shapes prompt set with the probe classifier
+(prompt accuracy per attribute, Fréchet distance in probe features) and
+writes eval/samples.png; on other data it writes eval/heldout_samples.png,
+held-out captions with their true images beside the samples.
 """
+import functools
 import os
 import time
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,12 +33,14 @@ import optax
 
 from unimm import checkpoints
 from unimm import config_lib
+from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.evaluation import generation_metrics
 from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
 from unimm.evaluation import reports
+from unimm.evaluation import retrieval
 from unimm.inference import text_to_image
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import parti
@@ -48,6 +57,9 @@ EVAL_DEFAULTS = dict(
     loss_split="validation",  # held-out pre-tokenized split ("" = skip)
     num_loss_examples=2048,
     num_grid_samples=32,
+    # Caption retrieval over the first N pairs of loss_split (N^2 scored
+    # pairs; 0 = off).
+    retrieval_pairs=32,
     # FID / CLIP score (unimm.evaluation.generation_metrics; off if empty).
     inception_weights="",
     fid_reference="",
@@ -69,6 +81,20 @@ def apply_cfg_dropout(text_ids, rng, rate: float, unconditional_row):
   return text_ids, dropped
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_scores(model: parti.Parti):
+  """(params, text_ids [B, S], image_ids [B, T]) -> (log p(image_ids |
+  text_ids) [B] summed over the image tokens, token accuracy [B]); teacher
+  forcing, no dropout. Cached per model: tasks of one model share it."""
+  def scores(params, text_ids, image_ids):
+    logits = model.apply({"params": params}, text_ids, image_ids,
+                         deterministic=True).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, image_ids)
+    correct = jnp.argmax(logits, -1) == image_ids
+    return -ce.sum(-1), correct.mean(-1)
+  return jax.jit(scores)
+
+
 class ParTask:
   """Task for unimm.train.trainer: Parti on pre-tokenized image ids."""
 
@@ -80,9 +106,13 @@ class ParTask:
       raise ValueError(f"config.cfg_dropout={self.cfg_dropout}; expected a "
                        "probability in [0, 1) (Parti uses 0.1).")
     self.eval_config = config_lib.with_defaults(EVAL_DEFAULTS, config, "eval")
+    config_lib.check_counts(
+        config, "eval", positive=("batch_size", "num_loss_examples",
+                                  "metrics_num_images"),
+        non_negative=("num_single", "num_pair", "num_grid_samples",
+                      "retrieval_pairs"))
     self._text_tokenizer = None
     self._image_tokenizer = None
-    self._loss_fn = None
 
   # ------------------------------------------------------------ tokenizers
 
@@ -147,6 +177,24 @@ class ParTask:
                                                 self.model.text_length)
 
   # ------------------------------------------------------------------ data
+
+  def data_source(self) -> str:
+    """What the model trains on: the `source` recorded in the pre-tokenized
+    train split's metadata (else loss_split's), else config.data.source;
+    "" when none is known."""
+    d = self.pretokenized_dir
+    for split in ("train", self.eval_config["loss_split"]):
+      if d and split and os.path.isfile(pretokenize.metadata_path(d, split)):
+        source = pretokenize.load_metadata(d, split).get("source") or ""
+        if source:
+          return str(source)
+    return str(self.config.data.get("source") or "")
+
+  def on_shapes_data(self) -> bool:
+    """Whether the shapes probe can judge this model's samples: its data is
+    a shapes source (or unknown, as before sources were recorded)."""
+    source = self.data_source()
+    return not source or source in pipeline.SHAPES_SOURCES
 
   def check_metadata(self, metadata: dict[str, Any]) -> None:
     """Fails early if the shards do not fit config.model."""
@@ -238,16 +286,14 @@ class ParTask:
 
   # ------------------------------------------------------------------ eval
 
+  def _scores(self, params, text_ids, image_ids):
+    """Teacher-forced (log p(image_ids | text_ids) [B], token accuracy [B]):
+    the log-probability summed over the image tokens, no dropout; one
+    compiled program per model and batch shape."""
+    return _jitted_scores(self.model)(nn.unbox(params), text_ids, image_ids)
+
   def token_loss(self, params, batches, max_examples: int) -> dict:
     """Mean token cross-entropy/accuracy of full-text batches (no dropout)."""
-    if self._loss_fn is None:
-      def fn(params, text_ids, image_ids):
-        logits = self.logits(params, text_ids, image_ids).astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                             image_ids)
-        correct = jnp.argmax(logits, -1) == image_ids
-        return ce.mean(-1), correct.mean(-1)  # [B] per example
-      self._loss_fn = jax.jit(fn)
     params = nn.unbox(params)
     losses, accuracies, seen, size = [], [], 0, None
     for batch in batches:
@@ -258,8 +304,8 @@ class ParTask:
       if len(text_ids) < size:  # pad a final partial batch: no recompile
         text_ids, image_ids = (np.concatenate([x, np.repeat(
             x[:1], size - len(x), axis=0)]) for x in (text_ids, image_ids))
-      ce, acc = self._loss_fn(params, text_ids, image_ids)
-      losses.append(np.asarray(ce)[:count])
+      log_prob, acc = self._scores(params, text_ids, image_ids)
+      losses.append(-np.asarray(log_prob)[:count] / image_ids.shape[1])
       accuracies.append(np.asarray(acc)[:count])
       seen += count
       if seen >= max_examples:
@@ -270,6 +316,71 @@ class ParTask:
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss)),
             "eval_accuracy": float(np.concatenate(accuracies).mean()),
             "eval_loss_examples": int(seen)}
+
+  def heldout_examples(self, count: int) -> dict[str, Any] | None:
+    """The first `count` examples of config.eval.loss_split (data set
+    order): {"text_ids" int32 [n, S], "image_ids" int32 [n, T], "captions"
+    [n]}, n <= count; None without that split (or for count 0)."""
+    split = self.eval_config["loss_split"]
+    d = self.pretokenized_dir
+    if count <= 0 or not split or not d or not os.path.isfile(
+        pretokenize.metadata_path(d, split)):
+      return None
+    self.check_metadata(pretokenize.load_metadata(d, split))
+    source = pretokenize.pretokenized_source(d, split)
+    examples = [pretokenize.parse_example(source[i])
+                for i in range(min(count, len(source)))]
+    if not examples:
+      return None
+    return {"text_ids": np.stack([e["text_ids"] for e in examples]),
+            "image_ids": np.stack([e["image_ids"] for e in examples]),
+            "captions": [e["caption"] for e in examples]}
+
+  def retrieval_scores(self, params, text_ids, image_ids) -> np.ndarray:
+    """scores [N, N]: [i, j] = log p(image_ids[i] | text_ids[j]), summed
+    over the image tokens (teacher forcing, one forward per pair, in
+    batches of config.eval.batch_size pairs)."""
+    params = nn.unbox(params)
+    text_ids, image_ids = np.asarray(text_ids), np.asarray(image_ids)
+
+    def score_pairs(images, captions):
+      return self._scores(params, text_ids[captions], image_ids[images])[0]
+    return retrieval.score_matrix(
+        score_pairs, len(image_ids), num_captions=len(text_ids),
+        batch_size=int(self.eval_config["batch_size"]))
+
+  def _retrieval(self, params, heldout) -> dict:
+    """R@1 / R@5 of the true caption among the first
+    config.eval.retrieval_pairs held-out pairs (needs at least 2)."""
+    n = int(self.eval_config["retrieval_pairs"])
+    if heldout is None or n < 2 or len(heldout["captions"]) < 2:
+      return {}
+    scores = self.retrieval_scores(params, heldout["text_ids"][:n],
+                                   heldout["image_ids"][:n])
+    return retrieval.recall_at_k(scores)
+
+  def _heldout_grid(self, sampler, heldout, out_dir: str) -> int:
+    """Writes eval/heldout_samples.png: for the first
+    config.eval.num_grid_samples held-out pairs, the true image (the frozen
+    tokenizer's reconstruction: its decoding of the held-out image ids)
+    beside a sample for the caption; and eval/heldout_captions.txt (one
+    caption a line, in grid order). Returns the number of pairs."""
+    cfg = self.eval_config
+    count = int(cfg["num_grid_samples"])
+    if heldout is None or count <= 0:
+      return 0
+    captions = heldout["captions"][:count]
+    batch_size = int(cfg["batch_size"])
+    true = sampler.decode(heldout["image_ids"][:count], batch_size)
+    samples = sampler.sample(captions, seed=int(cfg["seed"]))
+    if jax.process_index() == 0:
+      os.makedirs(out_dir, exist_ok=True)
+      grids.save_image_grid(grids.side_by_side(true, samples), captions,
+                            os.path.join(out_dir, "heldout_samples.png"),
+                            columns=4)
+      with open(os.path.join(out_dir, "heldout_captions.txt"), "w") as f:
+        f.writelines(" ".join(c.split()) + "\n" for c in captions)
+    return len(captions)
 
   def _heldout_loss(self, params) -> dict:
     split = self.eval_config["loss_split"]
@@ -283,11 +394,18 @@ class ParTask:
                            int(self.eval_config["num_loss_examples"]))
 
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
-    """Probe prompt accuracy + Fréchet distance of samples; eval/ files.
+    """Held-out loss, caption retrieval and samples; eval/ files.
 
-    Samples with the settings load_model's sample() defaults to
-    (config.eval). With config.eval.inception_weights / clip_dir set, also
-    FID / CLIP score over config.eval.metrics_prompts
+    On any data: the held-out loss of config.eval.loss_split (eval_loss,
+    eval_accuracy, eval_perplexity) and caption retrieval over its first
+    config.eval.retrieval_pairs pairs (retrieval_r1 / _r5 against
+    retrieval_chance_r1 / _r5). On shapes data (on_shapes_data): the
+    probe's prompt accuracy and Fréchet distance of samples of the fixed
+    prompt set, and eval/samples.png. On other data the probe cannot judge
+    the samples: eval/heldout_samples.png instead (_heldout_grid). Samples
+    with the settings load_model's sample() defaults to (config.eval).
+    With config.eval.inception_weights / clip_dir set, also FID / CLIP
+    score over config.eval.metrics_prompts
     (unimm.evaluation.generation_metrics).
     """
     del model_state
@@ -296,6 +414,43 @@ class ParTask:
     metrics_on = generation_metrics.check_eval_config(cfg)  # before sampling
     sampler = self.sampler(params)
     cfg_scale = sampler.sampling_params().cfg_scale  # validated here
+    out_dir = os.path.join(workdir, "eval")
+    on_shapes = self.on_shapes_data()
+    heldout = self.heldout_examples(max(
+        int(cfg["retrieval_pairs"]),
+        0 if on_shapes else int(cfg["num_grid_samples"])))
+    result, grid = {}, None
+    if on_shapes:
+      result, grid = self._probe_eval(sampler)
+    else:
+      logging.info("Data source %r is not shapes: no probe; held-out "
+                   "captions with their samples in %s.", self.data_source(),
+                   os.path.join(out_dir, "heldout_samples.png"))
+      result["heldout_grid_samples"] = self._heldout_grid(sampler, heldout,
+                                                          out_dir)
+    result.update(self._heldout_loss(params))
+    result.update(self._retrieval(params, heldout))
+    if metrics_on:  # FID / CLIP score; batch i samples with seed + 1 + i
+      result.update(generation_metrics.from_eval_config(
+          cfg, lambda prompts, i: sampler.sample(
+              prompts, seed=int(cfg["seed"]) + 1 + i),
+          workdir=workdir, image_size=self.image_tokenizer.image_size,
+          default_source=self.data_source(),
+          data_dir=self.config.data.get("data_dir")))
+    result.update(steps=int(step), cfg_scale=cfg_scale,
+                  eval_seconds=time.time() - start)
+    result = reports.write_report(os.path.join(out_dir, "report.json"),
+                                  result)
+    if grid is not None and jax.process_index() == 0:
+      grids.save_image_grid(*grid, os.path.join(out_dir, "samples.png"))
+    return {k: v for k, v in result.items() if v is not None}
+
+  def _probe_eval(self, sampler) -> tuple[dict, tuple | None]:
+    """The shapes probe on samples of the fixed prompt set: (metrics:
+    prompt accuracy per attribute, probe_fd, the tokenizer's ceiling,
+    num_prompts; (images, captions) for eval/samples.png, or None when
+    config.eval.num_grid_samples is 0)."""
+    cfg = self.eval_config
     seed_kw = {} if cfg["prompt_seed"] is None else {
         "seed": int(cfg["prompt_seed"])}
     prompt_set = probe_lib.fixed_prompt_set(
@@ -317,30 +472,12 @@ class ParTask:
         probe=probe, **seed_kw)
     for key in ("prompt_accuracy_single", "prompt_accuracy_pair"):
       result[f"reconstructed_{key}"] = ceiling[key]
-    result.update(self._heldout_loss(params))
-    if metrics_on:  # FID / CLIP score; batch i samples with seed + 1 + i
-      source = ""
-      if self.pretokenized_dir and os.path.isfile(
-          pretokenize.metadata_path(self.pretokenized_dir, "train")):
-        source = pretokenize.load_metadata(self.pretokenized_dir).get(
-            "source", "")
-      result.update(generation_metrics.from_eval_config(
-          cfg, lambda prompts, i: sampler.sample(
-              prompts, seed=int(cfg["seed"]) + 1 + i),
-          workdir=workdir, image_size=image_size, default_source=source,
-          data_dir=self.config.data.get("data_dir")))
-    result.update(num_prompts=len(captions), steps=int(step),
-                  cfg_scale=cfg_scale, eval_seconds=time.time() - start)
-    out_dir = os.path.join(workdir, "eval")
-    result = reports.write_report(os.path.join(out_dir, "report.json"),
-                                  result)
-    if jax.process_index() == 0:
-      count = int(cfg["num_grid_samples"])
-      # Half single-object, half two-object prompts in the grid.
-      single = int(cfg["num_single"])
-      picks = (list(range(min(count // 2, single))) +
-               list(range(single, min(single + count - count // 2,
-                                      len(captions)))))
-      grids.save_image_grid(images[picks], [captions[i] for i in picks],
-                            os.path.join(out_dir, "samples.png"))
-    return {k: v for k, v in result.items() if v is not None}
+    result["num_prompts"] = len(captions)
+    count = int(cfg["num_grid_samples"])
+    # Half single-object, half two-object prompts in the grid.
+    single = int(cfg["num_single"])
+    picks = (list(range(min(count // 2, single))) +
+             list(range(single, min(single + count - count // 2,
+                                    len(captions)))))
+    grid = (images[picks], [captions[i] for i in picks]) if picks else None
+    return result, grid

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping
@@ -42,6 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from unimm import checkpoints
+from unimm import errors
 from unimm import parallel
 from unimm.evaluation import reports
 from unimm.train import optim
@@ -205,6 +207,7 @@ class _Checkpointer:
     self.manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
     self._workdir = workdir
     self._config = json.loads(config.to_json_best_effort())
+    self._config_dict = config
     # Where the run started: relative paths in its config resolve from any
     # working directory (checkpoints.resolve_path).
     self._meta = {"batch_spec": batch_spec, "cwd": os.getcwd(),
@@ -235,7 +238,7 @@ class _Checkpointer:
     the checksum saved with it (ValueError if damaged)."""
     abstract = _state_dict(abstract_state)
     checkpoints.check_checkpoint_tree(self.manager, step, abstract,
-                                      self._workdir)
+                                      self._workdir, config=self._config_dict)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, restore_args=_restore_args(abstract)),
@@ -515,7 +518,51 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
   """
   _check_config(config)
   with workdir_lock.hold(workdir):
-    return _train(config, workdir, task, mesh)
+    try:
+      return _train(config, workdir, task, mesh)
+    except Exception as error:  # pylint: disable=broad-except
+      path = errors.disk_full(error)
+      if path is None:
+        raise
+      raise _disk_full_error(workdir, path) from None
+
+
+def _disk_full_error(workdir: str, path: str) -> errors.DiskFullError:
+  """One message for a full disk: where, and the checkpoint to resume."""
+  directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  # Finished saves only (an interrupted one ends in .orbax-checkpoint-tmp).
+  steps = sorted(int(name) for name in (
+      os.listdir(directory) if os.path.isdir(directory) else ())
+                 if name.isdigit())
+  where = path or os.path.abspath(workdir)
+  kept = (f"the checkpoints at steps {steps} are intact and the same command "
+          f"resumes from step {steps[-1]}" if steps else
+          "no checkpoint was saved yet")
+  return errors.DiskFullError(
+      f"No space left on device writing {where}: free space on that disk "
+      f"(or use a --workdir on a larger one) and run the same command "
+      f"again; {kept}.", where)
+
+
+def _close_all(*closers) -> None:
+  """Runs every closer; while an error is already propagating, their own
+  errors (a full disk fails each one again) are logged, not raised over it."""
+  propagating = sys.exc_info()[1] is not None
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as error:  # pylint: disable=broad-except
+      if propagating:
+        # A full disk fails every closer again: the raised error says it.
+        log = logging.info if errors.disk_full(error) is not None else (
+            logging.warning)
+        log("While stopping: %s", str(error).splitlines()[0][:300]
+            if str(error) else type(error).__name__)
+      elif first is None:
+        first = error
+  if first is not None:
+    raise first
 
 
 def _final_eval_done(workdir: str, step: int) -> bool:
@@ -641,9 +688,7 @@ def _train(config, workdir: str, task, mesh) -> TrainState:
             return state
       return state
   finally:
-    checkpointer.close()
-    writer.flush()
-    writer.close()
+    _close_all(checkpointer.close, writer.flush, writer.close)
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, task,

@@ -69,6 +69,8 @@ class UpsamplerTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    config_lib.check_counts(config, "eval",
+                            positive=("num_images", "batch_size"))
     self.model = config_lib.build_module(upsampler_lib.Upsampler, config.model)
     upsampler_lib.check_factor(self.model.factor)
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")

@@ -81,6 +81,9 @@ class ViTVQGANTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    config_lib.check_counts(config, "eval", positive=("num_images",
+                                                      "batch_size"),
+                            non_negative=("probe_prompts",))
     validate_config(**config.model.to_dict())
     self.model = config_lib.build_module(ViTVQGAN, config.model)
     loss = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
