@@ -1,5 +1,5 @@
-"""A full disk: one error saying so and where, the checkpoints already
-intact, and the same command resuming once there is space.
+"""A full disk: one error saying so and where, the checkpoints saved
+before it intact, and the same command resuming once there is space.
 
 The disk is filled by fault injection (a tmpfs mount needs privileges a CI
 runner may lack): the checkpoint writer fails the way TensorStore reports

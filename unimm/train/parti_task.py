@@ -419,9 +419,9 @@ class ParTask:
     heldout = self.heldout_examples(max(
         int(cfg["retrieval_pairs"]),
         0 if on_shapes else int(cfg["num_grid_samples"])))
-    result, grid = {}, None
+    result, grid, image_size = {}, None, None
     if on_shapes:
-      result, grid = self._probe_eval(sampler)
+      result, grid, image_size = self._probe_eval(sampler)
     else:
       logging.info("Data source %r is not shapes: no probe; held-out "
                    "captions with their samples in %s.", self.data_source(),
@@ -434,7 +434,8 @@ class ParTask:
       result.update(generation_metrics.from_eval_config(
           cfg, lambda prompts, i: sampler.sample(
               prompts, seed=int(cfg["seed"]) + 1 + i),
-          workdir=workdir, image_size=self.image_tokenizer.image_size,
+          workdir=workdir,
+          image_size=image_size or self.image_tokenizer.image_size,
           default_source=self.data_source(),
           data_dir=self.config.data.get("data_dir")))
     result.update(steps=int(step), cfg_scale=cfg_scale,
@@ -445,11 +446,11 @@ class ParTask:
       grids.save_image_grid(*grid, os.path.join(out_dir, "samples.png"))
     return {k: v for k, v in result.items() if v is not None}
 
-  def _probe_eval(self, sampler) -> tuple[dict, tuple | None]:
+  def _probe_eval(self, sampler) -> tuple[dict, tuple | None, int]:
     """The shapes probe on samples of the fixed prompt set: (metrics:
     prompt accuracy per attribute, probe_fd, the tokenizer's ceiling,
     num_prompts; (images, captions) for eval/samples.png, or None when
-    config.eval.num_grid_samples is 0)."""
+    config.eval.num_grid_samples is 0; the samples' size)."""
     cfg = self.eval_config
     seed_kw = {} if cfg["prompt_seed"] is None else {
         "seed": int(cfg["prompt_seed"])}
@@ -480,4 +481,4 @@ class ParTask:
              list(range(single, min(single + count - count // 2,
                                     len(captions)))))
     grid = (images[picks], [captions[i] for i in picks]) if picks else None
-    return result, grid
+    return result, grid, image_size
