@@ -10,10 +10,12 @@ runs, each stage in a subdirectory of the workdir:
                  of a converted data set's training split);
   3. data/       pre-tokenize image-caption pairs once with both frozen
                  tokenizers (config.pretokenize);
-  4. parti/      train Parti on the shards and evaluate it with the shapes
-                 probe: parti/eval/report.json, parti/eval/samples.png
-                 (config.parti);
-  5. parti/samples/  sample config.prompts: one PNG each and grid.png.
+  4. parti/      train Parti on the shards and evaluate it:
+                 parti/eval/report.json, and parti/eval/samples.png (shapes
+                 probe) or heldout_samples.png (own data) (config.parti);
+  5. parti/samples/  sample the prompts: one PNG each, grid.png, and the
+                 prompts in prompts.txt (the stage is skipped while they
+                 match).
 A stage whose output is complete is skipped, so rerunning the command after
 a stop (Ctrl-C, SIGTERM, preemption) resumes where it was. The stage configs
 are ordinary experiment configs; the paths between stages are filled in here.
@@ -24,8 +26,7 @@ its image size, non-empty splits), the text tokenizer is trained first so a
 vocabulary the captions cannot fill fails before the image tokenizer
 trains, training captions longer than Parti's text length are counted and
 logged, and the sample grid's prompts are the first
-config.own_data.num_prompts held-out captions, written beside it in
-prompts.txt.
+config.own_data.num_prompts held-out captions.
 """
 import dataclasses
 import json
@@ -193,17 +194,13 @@ def _count_long_captions(config, paths: Paths, captions: list[str]) -> int:
   lengths = tokenizer.count_tokens(captions) + 1  # EOS included
   text_length = config.parti.model.text_length
   num_long = int((lengths > text_length).sum())
-  logging.info(
-      "Stage text: vocab_size %d; tokens per caption incl. EOS: mean %.1f, "
+  log = logging.warning if num_long else logging.info
+  log("Stage text: vocab_size %d; tokens per caption incl. EOS: mean %.1f, "
       "max %d; %d of %d captions exceed text_length=%d and will be "
       "truncated%s.", tokenizer.vocab_size, lengths.mean(), lengths.max(),
       num_long, len(captions), text_length,
       " (raise the text_length argument to keep them whole)"
       if num_long else "")
-  if num_long:
-    logging.warning("%d of %d training captions are longer than "
-                    "text_length=%d tokens (max %d) and will be truncated.",
-                    num_long, len(captions), text_length, lengths.max())
   return num_long
 
 
@@ -257,12 +254,12 @@ def _prompts(config) -> list[str]:
   return captions[:own.num_prompts]
 
 
-def _samples_done(config, paths: Paths, prompts: list[str]) -> bool:
-  """Whether an own-data grid of exactly these prompts is written."""
+def _samples_done(paths: Paths, prompts: list[str]) -> bool:
+  """Whether the grid of exactly these prompts is written."""
   output_dir = os.path.join(paths.parti, "samples")
   listed = os.path.join(output_dir, "prompts.txt")
-  if _own_data(config) is None or not os.path.isfile(
-      os.path.join(output_dir, "grid.png")) or not os.path.isfile(listed):
+  if not os.path.isfile(os.path.join(output_dir, "grid.png")) or (
+      not os.path.isfile(listed)):
     return False
   with open(listed) as f:
     return f.read().splitlines() == prompts
@@ -271,7 +268,7 @@ def _samples_done(config, paths: Paths, prompts: list[str]) -> bool:
 def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
   sampling = config.sampling
   output_dir = os.path.join(paths.parti, "samples")
-  if _samples_done(config, paths, prompts):
+  if _samples_done(paths, prompts):
     logging.info("Stage samples: %s holds the grid of these prompts; "
                  "skipping.", output_dir)
     return []
@@ -279,9 +276,8 @@ def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
       paths.parti, prompts=prompts, seed=sampling.seed,
       cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
       top_k=sampling.top_k, top_p=sampling.top_p, output_dir=output_dir)
-  if _own_data(config) is not None:
-    with open(os.path.join(output_dir, "prompts.txt"), "w") as f:
-      f.write("".join(f"{prompt}\n" for prompt in prompts))
+  with open(os.path.join(output_dir, "prompts.txt"), "w") as f:
+    f.write("".join(f"{prompt}\n" for prompt in prompts))
   return written
 
 

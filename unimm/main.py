@@ -166,15 +166,12 @@ def main(argv):
     os._exit(1)  # pylint: disable=protected-access
 
 
-def _late_callback(exc_type, exc, tb) -> bool:
-  """A RuntimeError("Event loop is closed") from a TensorStore callback
-  that arrived after a failed checkpoint write had closed orbax's loop."""
-  return exc_type is RuntimeError and "Event loop is closed" in str(exc)
-
-
 def _excepthook(previous):
+  """sys.excepthook without the RuntimeError("Event loop is closed") that
+  TensorStore callbacks report after a failed checkpoint write has closed
+  orbax's loop (the failure itself is reported once, by main)."""
   def hook(exc_type, exc, tb):
-    if not _late_callback(exc_type, exc, tb):
+    if not (exc_type is RuntimeError and "Event loop is closed" in str(exc)):
       previous(exc_type, exc, tb)
   return hook
 
