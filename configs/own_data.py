@@ -1,8 +1,11 @@
-"""The end-to-end text-to-image recipe on your own converted data set.
+"""The end-to-end recipe on your own converted data set: Parti, or the
+decoder-only interleaved model.
 
   python -m unimm.tools.convert --out DIR --image_size 32 \\
       --images_dir photos/ --captions captions.jsonl
   python -m unimm.main --config configs/own_data.py:data=DIR --workdir W
+  python -m unimm.main --config configs/own_data.py:data=DIR,model=interleaved \\
+      --workdir W2
 
 runs unimm.end_to_end on DIR as configs/shapes_demo.py does on shapes, each
 stage in a subdirectory of W, each skipped once complete (rerun the same
@@ -18,6 +21,15 @@ command to resume after Ctrl-C, SIGTERM or preemption):
                    held-out metrics; the shapes probe does not apply);
   5. W/parti/samples/  one sample per held-out caption (the first
                    num_prompts), grid.png, and those captions in prompts.txt.
+With model=interleaved, stage 2 also covers the words that ask for a
+caption (unimm.data.interleaved.CAPTION_PROMPT), stage 3 packs every pair
+as a caption->image and an image->caption document
+(unimm.data.interleaved.write_pairs: W/data/SPLIT.json, captions cut to
+text_length - 1 pieces and counted), and stages 4-5 run in W/interleaved/:
+held-out text and image losses, caption retrieval both ways (R@1/R@5 by
+log p(image | caption) and by log p(caption | image)),
+eval/heldout_samples.png and eval/heldout_captions.tsv (each held-out
+caption beside the model's caption of the image).
 Before any training the recipe checks that DIR is a converted data set, that
 its images are image_size x image_size, that the training and held-out
 splits are not empty, that the captions allow text_vocab pieces, and logs
@@ -30,13 +42,16 @@ all of "train"). They give Parti's held-out loss, the tokenizer's eval
 images and the sample grid's captions.
 
 Variants (arg "key=value,..."): data (required: the converted directory),
-model (parti: the only model this recipe trains so far), image_size (32; the
+model (parti | interleaved), image_size (32; the
 size DIR was converted at), grid (8: the token grid is grid x grid, patches
 of image_size / grid pixels), codes (512), tokenizer_steps, parti_steps,
 batch, size (Parti: tiny | tiny_deep | small ...), lr, optimizer (muon |
 adamw), text_vocab (256 SentencePiece pieces, at most what the captions
 allow), text_length (32 text tokens incl. EOS), num_heldout (200; used
-without a validation split), num_prompts (8 grid captions).
+without a validation split), num_prompts (8 grid captions); for
+model=interleaved: interleaved_steps (600), interleaved_size (tiny_deep:
+unimm.models.interleaved.SIZES), interleaved_batch (32 packed rows of
+3 * (grid^2 + text_length) tokens); lr and optimizer apply to either model.
 
 Measured with the defaults on scikit-learn's handwritten digits (1,597
 training + 200 validation images upsampled from 8x8 to 32x32, one caption
@@ -58,7 +73,7 @@ from unimm.data import pipeline
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-MODELS = ("parti",)
+MODELS = ("parti", "interleaved")
 
 
 def _heldout_splits(info: dict, data: str, num_heldout: int
@@ -97,12 +112,12 @@ def get_config(arg=None):
       arg, data="", model="parti", image_size=32, grid=8, codes=512,
       tokenizer_steps=3000, parti_steps=1200, batch=64, size="tiny", lr=1e-2,
       optimizer="muon", text_vocab=256, text_length=32, num_heldout=200,
-      num_prompts=8)
+      num_prompts=8, interleaved_steps=600, interleaved_size="tiny_deep",
+      interleaved_batch=32)
   if arg.model not in MODELS:
     raise ValueError(
-        f"model={arg.model!r}; only model=parti is supported by this recipe "
-        "so far (configs/own_data.py). Train the interleaved model with "
-        "configs/interleaved_shapes.py and its data tools instead.")
+        f"model={arg.model!r}; expected one of {MODELS} "
+        "(configs/own_data.py:data=DIR,model=parti).")
   if not arg.data:
     raise ValueError(
         "configs/own_data.py needs data=DIR, a directory written by `python "
@@ -129,7 +144,8 @@ def get_config(arg=None):
   # The own-data settings unimm.end_to_end checks before any training.
   config.own_data = ml_collections.ConfigDict(dict(
       dir=data, image_size=arg.image_size, read_splits=read_splits,
-      num_prompts=arg.num_prompts, text_vocab=arg.text_vocab))
+      num_prompts=arg.num_prompts, text_vocab=arg.text_vocab,
+      model=arg.model))
 
   # 1. The image tokenizer on DIR's training images (held-out ones: eval).
   patch = arg.image_size // arg.grid
@@ -153,6 +169,8 @@ def get_config(arg=None):
   config.pretokenize = ml_collections.ConfigDict(dict(
       source=data, splits=sizes, read_splits=read_splits, batch_size=256,
       data_dir=None))
+  if arg.model == "interleaved":
+    return _interleaved(config, arg)
 
   # 4. Parti over the grid x grid codes (paths filled in by end_to_end).
   config.parti = config_lib.load_config(
@@ -172,4 +190,28 @@ def get_config(arg=None):
       seed=0, cfg_scale=config.parti.eval.cfg_scale,
       temperature=config.parti.eval.temperature,
       top_k=config.parti.eval.top_k, top_p=config.parti.eval.top_p))
+  return config
+
+
+def _interleaved(config, arg):
+  """Stages 4 and 5 for model=interleaved: the decoder-only model on the
+  pairs as caption->image and image->caption documents."""
+  # Each document is [BOS, caption (<= text_length - 1 pieces), BOI,
+  # grid^2 codes, EOI, EOS] or the image first, with CAPTION_PROMPT; the
+  # context also holds an image, the prompt and a caption being written
+  # with the sampler's room for one more phase.
+  length = 3 * (arg.grid * arg.grid + arg.text_length)
+  config.pretokenize.max_text_tokens = arg.text_length - 1
+  config.interleaved = config_lib.load_config(
+      os.path.join(_HERE, "interleaved_shapes.py") +
+      f":size={arg.interleaved_size},steps={arg.interleaved_steps},"
+      f"batch={arg.interleaved_batch},length={length},lr={arg.lr},"
+      f"optimizer={arg.optimizer},text_vocab={arg.text_vocab},"
+      f"codes={arg.codes},grid={arg.grid},cfg=1.5,image_temp=0.7,beams=4,"
+      "rerank=0.5")
+  config.interleaved.eval.update(
+      num_generation=0, retrieval_pairs=32, num_grid_samples=arg.num_prompts, seed=0)
+  config.prompts = ()
+  config.sampling = ml_collections.ConfigDict(dict(
+      seed=0, cfg_scale=1.5, temperature=0.7, top_k=0, top_p=1.0))
   return config

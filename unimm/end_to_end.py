@@ -13,7 +13,10 @@ runs, each stage in a subdirectory of the workdir:
   4. parti/      train Parti on the shards and evaluate it:
                  parti/eval/report.json, and parti/eval/samples.png (shapes
                  probe) or heldout_samples.png (own data) (config.parti);
-  5. parti/samples/  sample the prompts: one PNG each, grid.png, and the
+                 or, on own data with model=interleaved, interleaved/: the
+                 decoder-only model on the pairs packed as caption->image
+                 and image->caption documents (config.interleaved);
+  5. MODEL/samples/  sample the prompts: one PNG each, grid.png, and the
                  prompts in prompts.txt (the stage is skipped while they
                  match).
 A stage whose output is complete is skipped, so rerunning the command after
@@ -39,14 +42,16 @@ import ml_collections
 
 from unimm import api
 from unimm import experiments
+from unimm.data import interleaved as il_data
 from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
+from unimm.models import vocab as vocab_lib
 from unimm.tokenizers import text as text_lib
 from unimm.train import trainer
 from unimm.train import workdir_lock
 
-STAGES = ("tokenizer", "text", "data", "parti", "samples")
+STAGES = ("tokenizer", "text", "data", "model", "samples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +79,44 @@ class Paths:
   def parti(self) -> str:
     return os.path.join(self.workdir, "parti")
 
+  @property
+  def interleaved(self) -> str:
+    return os.path.join(self.workdir, "interleaved")
+
+  def model(self, name: str) -> str:
+    """The model stage's directory: parti/ or interleaved/."""
+    return os.path.join(self.workdir, name)
+
 
 def is_end_to_end(config: ml_collections.ConfigDict) -> bool:
   return config.get("task") == "end_to_end"
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+  """The model the recipe trains: "parti", or "interleaved" on own data
+  with model=interleaved."""
+  own = config.get("own_data")
+  return (own.get("model", "parti") if own is not None else "parti")
+
+
+def model_config(config: ml_collections.ConfigDict, workdir: str
+                 ) -> ml_collections.ConfigDict:
+  """The model stage's config with this workdir's paths filled in."""
+  if model_name(config) == "interleaved":
+    paths = Paths(workdir)
+    model = ml_collections.ConfigDict(config.interleaved.to_dict())
+    model.tokenizer_workdir = paths.tokenizer
+    model.text_tokenizer = paths.text_model
+    model.data.packed_dir = paths.data
+    if os.path.exists(paths.text_model):
+      # The joint vocabulary holds the pieces SentencePiece made (captions
+      # may support fewer than text_vocab; the packed rows use this many).
+      text_vocab = text_lib.TextTokenizer.load(paths.text_model).vocab_size
+      model.vocab.text_vocab_size = text_vocab
+      model.model.vocab_size = (vocab_lib.NUM_SPECIALS + text_vocab
+                                + model.vocab.image_vocab_size)
+    return model
+  return parti_config(config, workdir)
 
 
 def parti_config(config: ml_collections.ConfigDict, workdir: str
@@ -171,6 +211,9 @@ def _text_tokenizer(config, paths: Paths) -> None:
     _, captions, _ = shapes.generate(config.text.num_captions,
                                      config.text.seed)
     captions = [str(c) for c in captions]
+  if model_name(config) == "interleaved":
+    # Image-to-text documents ask for their caption with these words.
+    captions += [il_data.CAPTION_PROMPT] * max(1, len(captions) // 20)
   os.makedirs(os.path.dirname(paths.text_prefix), exist_ok=True)
   try:
     text_lib.train_sentencepiece(captions, config.text.vocab_size,
@@ -188,11 +231,19 @@ def _text_tokenizer(config, paths: Paths) -> None:
     _count_long_captions(config, paths, captions)
 
 
+def _text_length(config) -> int:
+  """Text tokens a caption keeps, EOS included: Parti's text_length, or
+  the interleaved documents' max_text_tokens pieces + 1."""
+  if model_name(config) == "interleaved":
+    return int(config.pretokenize.max_text_tokens) + 1
+  return int(config.parti.model.text_length)
+
+
 def _count_long_captions(config, paths: Paths, captions: list[str]) -> int:
-  """Logs (and returns) how many captions exceed Parti's text length."""
+  """Logs (and returns) how many captions exceed the model's text length."""
   tokenizer = text_lib.TextTokenizer.load(paths.text_model)
   lengths = tokenizer.count_tokens(captions) + 1  # EOS included
-  text_length = config.parti.model.text_length
+  text_length = _text_length(config)
   num_long = int((lengths > text_length).sum())
   log = logging.warning if num_long else logging.info
   log("Stage text: vocab_size %d; tokens per caption incl. EOS: mean %.1f, "
@@ -219,6 +270,19 @@ def _pretokenize(config, paths: Paths) -> None:
     if tokenizer is None:
       tokenizer = api.load_tokenizer(paths.tokenizer)
     read_split = config.pretokenize.get("read_splits", {}).get(split, split)
+    if model_name(config) == "interleaved":
+      meta = il_data.write_pairs(
+          tokenizer, paths.text_model, paths.data, split,
+          source=config.pretokenize.source, read_split=read_split,
+          length=config.interleaved.model.max_len, num_examples=num,
+          max_text_tokens=int(config.pretokenize.max_text_tokens),
+          encode_batch_size=config.pretokenize.batch_size,
+          tokenizer_workdir=paths.tokenizer)
+      logging.info("Stage data: %s: %d pairs in %d documents, %d captions "
+                   "cut to %d pieces.", split, meta["num_examples"],
+                   meta["num_documents"], meta["num_truncated_captions"],
+                   meta["max_text_tokens"])
+      continue
     meta = pretokenize.pretokenize(
         tokenizer, paths.text_model, config.pretokenize.source, read_split,
         paths.data, config.parti.model.text_length, num_examples=num,
@@ -254,9 +318,8 @@ def _prompts(config) -> list[str]:
   return captions[:own.num_prompts]
 
 
-def _samples_done(paths: Paths, prompts: list[str]) -> bool:
-  """Whether the grid of exactly these prompts is written."""
-  output_dir = os.path.join(paths.parti, "samples")
+def _samples_done(output_dir: str, prompts: list[str]) -> bool:
+  """Whether output_dir holds the grid of exactly these prompts."""
   listed = os.path.join(output_dir, "prompts.txt")
   if not os.path.isfile(os.path.join(output_dir, "grid.png")) or (
       not os.path.isfile(listed)):
@@ -267,13 +330,14 @@ def _samples_done(paths: Paths, prompts: list[str]) -> bool:
 
 def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
   sampling = config.sampling
-  output_dir = os.path.join(paths.parti, "samples")
-  if _samples_done(paths, prompts):
+  model_dir = paths.model(model_name(config))
+  output_dir = os.path.join(model_dir, "samples")
+  if _samples_done(output_dir, prompts):
     logging.info("Stage samples: %s holds the grid of these prompts; "
                  "skipping.", output_dir)
     return []
   written = experiments.sample(
-      paths.parti, prompts=prompts, seed=sampling.seed,
+      model_dir, prompts=prompts, seed=sampling.seed,
       cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
       top_k=sampling.top_k, top_p=sampling.top_p, output_dir=output_dir)
   with open(os.path.join(output_dir, "prompts.txt"), "w") as f:
@@ -282,7 +346,8 @@ def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every stage (skipping finished ones); returns Parti's report."""
+  """Runs every stage (skipping finished ones); returns the model's
+  report."""
   if jax.process_count() > 1:
     raise ValueError(
         "The end-to-end recipe runs on one host; on a multi-host slice run "
@@ -322,20 +387,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   announce(3, "data", f"pre-tokenize into {paths.data}")
   if lead:
     _pretokenize(config, paths)
-  announce(4, "parti", f"train and evaluate Parti in {paths.parti}")
-  if not _train(parti_config(config, workdir), paths.parti, "parti"):
+  name = model_name(config)
+  model_dir = paths.model(name)
+  announce(4, name, f"train and evaluate the {name} model in {model_dir}")
+  if not _train(model_config(config, workdir), model_dir, name):
     return {}
   prompts = _prompts(config)
   announce(5, "samples", f"sample {len(prompts)} prompts")
   if lead:
     _samples(config, paths, prompts)
-  report_path = os.path.join(paths.parti, "eval", "report.json")
+  report_path = os.path.join(model_dir, "eval", "report.json")
   with open(report_path) as f:
     report = json.load(f)
   if lead:
     keys = ("prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd")
     if own is not None:
-      keys += ("eval_loss", "eval_accuracy") + tuple(
+      keys += ("eval_loss", "eval_accuracy", "eval_text_loss",
+               "eval_image_loss") + tuple(
           k for k in sorted(report) if k.startswith("retrieval_"))
     summary = {k: report[k] for k in keys if k in report}
     if own is not None:
@@ -343,5 +411,5 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Done in %.0f s: %s", time.time() - start, summary)
     print(f"End to end in {time.time() - start:.0f} s: "
           f"{json.dumps(summary)}\nReport: {report_path}\nSamples: "
-          f"{os.path.join(paths.parti, 'samples', 'grid.png')}")
+          f"{os.path.join(model_dir, 'samples', 'grid.png')}")
   return report

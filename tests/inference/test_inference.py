@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +14,8 @@ import unimm
 from unimm import checkpoints
 from unimm.inference import EVAL
 from unimm.inference import text_to_image
+from unimm.models import interleaved as il
+from unimm.models import vocab
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
@@ -59,7 +62,8 @@ def test_api_defaults_are_the_eval_settings(models):
   parti = unimm.load_model(models["parti"])
   # The run's config.eval (configs/parti_shapes.py, cfg_scale changed).
   assert parti.settings == dict(cfg_scale=2.0, temperature=0.7, top_k=0,
-                                top_p=1.0, batch_size=8)
+                                top_p=1.0, contrastive_alpha=None,
+                                contrastive_k=1, batch_size=8)
   np.testing.assert_array_equal(
       parti.sample(PROMPTS, seed=1),
       parti.sample(PROMPTS, seed=1, cfg_scale=2.0, temperature=0.7,
@@ -109,7 +113,9 @@ def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
                          "model_card.json")) as f:
     card = json.load(f)
   assert model.step == card["step"] and card["task"] == "parti"
-  assert model.settings == card["sampling_defaults"]
+  # The card's settings, and the defaults of those it predates (CD-K off).
+  assert model.settings == dict(text_to_image.SAMPLING_DEFAULTS,
+                                **card["sampling_defaults"])
   corners = {"top left": (slice(0, 16), slice(0, 16)),
              "bottom right": (slice(16, 32), slice(16, 32))}
   images = model.sample([f"a big red circle at the {c}" for c in corners],
@@ -169,3 +175,97 @@ def test_empty_batches_give_empty_results(models):
                         3)
   with pytest.raises(ValueError, match="prompts is empty"):
     parti.sample([])
+
+
+def cd_k_argmax(cond, uncond, alpha, k, allowed=None):
+  """Greedy CD-K over logits [..., V] in float64 numpy: the argmax of
+  log p_c - log p_u over the head {v : p_c(v) >= alpha * p_c^(k)}, p_c
+  renormalised over the allowed ids."""
+  cond = np.asarray(cond, np.float64)
+  if allowed is not None:
+    cond = np.where(allowed, cond, -np.inf)
+  expert = np.asarray(jax.nn.log_softmax(cond, axis=-1))
+  amateur = np.asarray(jax.nn.log_softmax(np.asarray(uncond, np.float64),
+                                          axis=-1))
+  kth = -np.sort(-expert, axis=-1)[..., k - 1:k]
+  head = expert >= kth + np.log(alpha)
+  return np.where(head, expert - amateur, -np.inf).argmax(-1)
+
+
+def test_parti_contrastive_decoding_through_the_api(models, monkeypatch):
+  """contrastive_alpha given, cfg_scale left at the eval's 2.0: CD-K
+  without guidance over the doubled batch (the memory check counts 2
+  rows a prompt), greedy CD-K of two teacher-forced full forwards (the
+  prompt; the empty prompt); both given is an error before compiling."""
+  parti = unimm.load_model(models["parti"])
+  sampling = parti.sampling_params(contrastive_alpha=0.1, contrastive_k=2)
+  assert (sampling.cfg_scale, sampling.contrastive_alpha,
+          sampling.contrastive_k, sampling.doubled) == (None, 0.1, 2, True)
+  assert parti.sampling_params(cfg_scale=1.5).contrastive_alpha is None
+  checked = []
+  monkeypatch.setattr(parti, "check_memory",
+                      lambda n, doubled: checked.append(doubled))
+  ids = parti.sample_ids(PROMPTS, temperature=0.0, contrastive_alpha=0.1,
+                         contrastive_k=2)
+  assert checked == [True]
+  model, params = parti.model, {"params": jax.device_get(parti.params)}
+  text_ids = parti.text_tokenizer.encode(PROMPTS, model.text_length).ids
+  uncond = np.tile(parti.unconditional_row(), (len(PROMPTS), 1))
+  full = jax.jit(model.apply)
+  cond_logits = full(params, text_ids, ids)  # [N, T, V]
+  np.testing.assert_array_equal(
+      ids, cd_k_argmax(cond_logits, full(params, uncond, ids), 0.1, 2))
+  # The unconditional half matters: plain greedy would differ.
+  assert (ids != np.argmax(cond_logits, axis=-1)).any()
+
+  def no_compile(*args):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(text_to_image, "_jitted_sample", no_compile)
+  with pytest.raises(ValueError, match="contrastive_alpha=0.1 and cfg_scale="
+                     "2.0 are both set"):
+    parti.sample(PROMPTS, cfg_scale=2.0, contrastive_alpha=0.1)
+
+
+def test_interleaved_contrastive_decoding_through_the_api(models,
+                                                          monkeypatch):
+  """The same for the interleaved model's sample(): the amateur is the
+  prompt with its text dropped, so the first image is greedy CD-K of full
+  forwards over [BOS, text, BOI, codes] and [BOS, BOI, codes]."""
+  interleaved = unimm.load_model(models["interleaved"])
+  assert interleaved.settings["cfg_scale"] == 1.5
+  assert (interleaved.settings["contrastive_alpha"],
+          interleaved.settings["contrastive_k"]) == (None, 1)
+  calls = []
+  continue_documents = il.continue_documents
+
+  def recorded(model, params, prompts, rng, **kwargs):
+    out = continue_documents(model, params, prompts, rng, **kwargs)
+    calls.append((prompts, kwargs["image_sampling"], out))
+    return out
+
+  monkeypatch.setattr(il, "continue_documents", recorded)
+  interleaved.sample(PROMPTS, temperature=0.0, contrastive_alpha=0.1,
+                     contrastive_k=2)
+  (prompts, sampling, out), = calls
+  assert (sampling.cfg_scale, sampling.contrastive_alpha,
+          sampling.contrastive_k) == (None, 0.1, 2)  # guidance off
+  layout, n = interleaved.layout, interleaved.image_length
+  documents = [np.concatenate([p[p != vocab.PAD], c])
+               for p, c in zip(prompts, out[:, :n])]
+  documents += [d[~layout.is_text(d)] for d in documents]  # [cond; uncond]
+  width = max(len(d) for d in documents)
+  logits = np.asarray(jax.jit(interleaved.model.apply)(
+      {"params": interleaved.params},
+      np.stack([np.pad(d, (0, width - len(d))) for d in documents])))
+  at = np.array([len(d) - n - 1 + np.arange(n) for d in documents])
+  cond, uncond = np.split(np.take_along_axis(logits, at[..., None], axis=1),
+                          2)  # [N, n, V] each: the logits of the codes
+  image = np.asarray(layout.is_image(np.arange(layout.size)))
+  np.testing.assert_array_equal(out[:, :n],
+                                cd_k_argmax(cond, uncond, 0.1, 2, image))
+  assert (out[:, :n] != np.where(image, cond, -np.inf).argmax(-1)).any()
+  with pytest.raises(ValueError, match="contrastive_alpha=0.1 and cfg_scale="
+                     "1.5 are both set"):
+    interleaved.sample(PROMPTS, cfg_scale=1.5, contrastive_alpha=0.1)
+  assert len(calls) == 1  # nothing was sampled

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from unimm.models import interleaved as il
+from unimm.sampling.sampler import SamplingParams
 
 VOCAB, BOI, SIDE = 40, 3, 2
 
@@ -104,7 +105,7 @@ def test_image_span_index_counts_from_begin_of_image():
   np.testing.assert_array_equal(np.asarray(span)[0],
                                 [-1, -1, -1, 0, 1, 2, 3, 4, 5])
   assert int(last[0]) == 2
-  # Continuing in a later chunk keeps counting from the earlier BOI.
+  # Continuing in a later chunk keeps counting from the BOI before it.
   span2, _ = il.image_span_index(jnp.asarray([[21]]), jnp.asarray([[4]]),
                                  BOI, last)
   assert int(span2[0, 0]) == 1
@@ -208,7 +209,6 @@ RULES = dict(eos=EOS, eoi=EOI, max_text=6, max_images=2)
 
 def _continue(model, params, image_sampling, text_sampling=None):
   """continue_documents on PROMPTS (left-padded) under RULES."""
-  from unimm.sampling.sampler import SamplingParams
   width = max(len(p) for p in PROMPTS)
   padded = np.stack([np.pad(p, (width - len(p), 0)) for p in PROMPTS])
   return il.continue_documents(
@@ -227,7 +227,6 @@ def _assert_naive(model, params, out, cfg_scale=None):
 
 
 def test_continue_documents_follows_the_rules_like_naive_decoding():
-  from unimm.sampling.sampler import SamplingParams
   model = _model(max_len=96)
   params = model.init(jax.random.PRNGKey(4), jnp.ones((1, 8), jnp.int32))
   out = _continue(model, params, SamplingParams(temperature=0.0))
@@ -243,7 +242,6 @@ def test_guided_image_spans_equal_naive_guidance(cfg_scale):
   """CFG: the unconditional half is the document with its text dropped;
   guided greedy decoding equals mixing full-forward logits by hand, and
   scale 1 equals unguided decoding."""
-  from unimm.sampling.sampler import SamplingParams
   model = _model(max_len=96)
   params = model.init(jax.random.PRNGKey(5), jnp.ones((1, 8), jnp.int32))
   greedy = SamplingParams(temperature=0.0)
@@ -257,6 +255,23 @@ def test_guided_image_spans_equal_naive_guidance(cfg_scale):
   with pytest.raises(ValueError, match="image spans only"):
     _continue(model, params, greedy, SamplingParams(cfg_scale=2.0))
 
+
+def test_text_sampling_takes_neither_guidance_nor_cd_k(model_and_params):
+  """Guidance and CD-K read the text-dropped document, which only image
+  spans have (greedy CD-K through continue_documents equals full forwards:
+  tests/inference/test_inference.py)."""
+  model, params = model_and_params
+  greedy = SamplingParams(temperature=0.0)
+  for text_sampling, given in [
+      (SamplingParams(contrastive_alpha=0.1), "contrastive_alpha=0.1"),
+      (SamplingParams(cfg_scale=2.0), "cfg_scale=2.0")]:
+    with pytest.raises(ValueError, match=f"{given}.*guidance and CD-K apply "
+                       "to image spans only"):
+      il.continue_documents(
+          model, params, np.stack([PROMPTS[1]]), jax.random.PRNGKey(0),
+          text_ids=TEXT_MASK, image_ids=IMAGE_MASK, eos_id=EOS, boi_id=BOI,
+          eoi_id=EOI, text_sampling=text_sampling, image_sampling=greedy,
+          max_new_tokens=4)
 
 
 # Beam search over a small text vocabulary: ids 5, 6, 7 and EOS.

@@ -97,6 +97,16 @@ def test_guided_logits_are_u_plus_s_times_c_minus_u_of_full_forwards(
   assert np.abs(c - u).max() > 1e-2
 
 
+def test_contrastive_decoding_needs_the_unconditional_prompt():
+  """CD-K's amateur is the unconditional half of the doubled batch (greedy
+  CD-K equals full forwards: tests/inference/test_inference.py)."""
+  sampling = SamplingParams(0.0, contrastive_alpha=0.2, contrastive_k=2)
+  assert sampling.doubled
+  with pytest.raises(ValueError, match="contrastive_alpha=0.2: guidance and "
+                     "CD-K need uncond_text_ids"):
+    parti.sample_image_ids(MODEL, PARAMS, TEXT, jax.random.key(0), sampling)
+
+
 def test_learned_2d_positions_need_a_square_grid():
   model = MODEL.clone(positions="learned_2d", image_length=10)
   with pytest.raises(ValueError, match="square token grid"):

@@ -42,7 +42,7 @@ def new_cache(b):
 
 @functools.partial(jax.jit, static_argnames=("n", "sampling"))
 def run(params, first, rng, n, sampling):
-  cache = new_cache(first.shape[0] * (2 if sampling.cfg_scale is not None else 1))
+  cache = new_cache(first.shape[0] * (2 if sampling.doubled else 1))
   return samp.scan_decode(step, params, cache, first, 0, n, rng, sampling)[0]
 
 
@@ -70,16 +70,18 @@ def test_deterministic_per_seed_and_top_k_one_is_greedy():
   np.testing.assert_array_equal(greedy, top1)
 
 
+def step_with_other_uncond(params, cache, tokens, position):
+  """The toy step with the unconditional half fed (token + 5) % V."""
+  b = tokens.shape[0] // 2
+  tokens = tokens.at[b:].set((tokens[b:] + 5) % V)
+  return step(params, cache, tokens, position)
+
+
 def test_cfg_scale_one_equals_conditional_sampling():
-  # Unconditional rows see different first tokens, so they have different
+  # Unconditional rows see different tokens, so they have different
   # logits; with scale 1 they must not matter.
   first = jnp.array([3, 4], jnp.int32)
   plain = run(PARAMS, first, jax.random.key(7), 8, samp.SamplingParams(1.0))
-
-  def step_with_other_uncond(params, cache, tokens, position):
-    tokens = tokens.at[2:].set((tokens[2:] + 5) % V)
-    return step(params, cache, tokens, position)
-
   cache = new_cache(4)
   guided, _ = jax.jit(lambda p, c: samp.scan_decode(
       step_with_other_uncond, p, c, first, 0, 8, jax.random.key(7),
@@ -103,7 +105,7 @@ def test_filters_and_allowed_tokens():
 def test_while_decode_stops_at_stop_token():
   first = jnp.array([1, 2, 3], jnp.int32)
   greedy = run(PARAMS, first, jax.random.key(0), 12, samp.SamplingParams(0.0))
-  stop = int(greedy[0, 3])  # row 0 stops at step 3 (or earlier)
+  stop = int(greedy[0, 3])  # row 0 stops at step 3 at the latest
   out, lengths, _, steps = jax.jit(lambda p: samp.while_decode(
       step, p, new_cache(3), first, 0, 12, jax.random.key(0),
       samp.SamplingParams(0.0), stop_tokens=[stop], pad_id=0))(PARAMS)
@@ -134,7 +136,14 @@ def test_batch_sharded_over_8_devices_gives_same_tokens():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(temperature=-1.0), "temperature"), (dict(top_k=V + 1), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(cfg_scale=-0.5), "cfg_scale")])
+    (dict(cfg_scale=-0.5), "cfg_scale"),
+    (dict(contrastive_alpha=0.0), "contrastive_alpha"),
+    (dict(contrastive_alpha=1.5), "contrastive_alpha"),
+    (dict(contrastive_alpha=float("nan")), "contrastive_alpha"),
+    (dict(contrastive_k=0), "contrastive_k"),
+    (dict(contrastive_alpha=0.1, contrastive_k=V + 1), "contrastive_k"),
+    (dict(cfg_scale=2.0, contrastive_alpha=0.1),
+     r"contrastive_alpha=0.1 and cfg_scale=2.0 .*Set cfg_scale=None")])
 def test_bad_sampling_params(kwargs, match):
   with pytest.raises(ValueError, match=match):
     samp.SamplingParams(**kwargs).validate(V)
@@ -150,3 +159,124 @@ def test_seed_keys_are_distinct_over_64_bits_and_typed():
       samp.seed_key(bad)
   with pytest.raises(ValueError, match=r"\[-2\*\*63, 2\*\*64\)"):
     samp.seed_key(2**64)
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def cd_scores(cond, uncond, alpha, k, allowed=None):
+  """CD-K in float64 numpy: (scores with -inf outside the head, head)."""
+  cond = np.asarray(cond, np.float64)
+  if allowed is not None:
+    cond = np.where(allowed, cond, -np.inf)
+  expert = log_softmax(cond)
+  probs = np.exp(expert)
+  kth = -np.sort(-probs, axis=-1)[:, k - 1:k]
+  head = probs >= alpha * kth
+  return np.where(head, expert - log_softmax(np.asarray(uncond, np.float64)),
+                  -np.inf), head
+
+
+def cd(temperature=1.0, alpha=0.1, k=1, **kwargs):
+  return samp.SamplingParams(temperature, contrastive_alpha=alpha,
+                             contrastive_k=k, **kwargs).validate(V)
+
+
+def draw(cond, uncond, sampling, allowed=None, seed=0, n=4000):
+  """n draws from one [W] pair of logits (n rows of one doubled batch)."""
+  logits = jnp.concatenate([jnp.tile(jnp.asarray(cond, jnp.float32), (n, 1)),
+                            jnp.tile(jnp.asarray(uncond, jnp.float32),
+                                     (n, 1))])
+  return np.asarray(samp.next_token(logits, jax.random.key(seed), sampling,
+                                    allowed))
+
+
+@pytest.mark.parametrize("alpha,k", [(0.1, 1), (0.3, 3), (1.0, 2)])
+def test_contrastive_greedy_is_argmax_over_head(alpha, k):
+  logits = np.random.default_rng(k).normal(0, 2, (2 * 64, V))
+  cond, uncond = logits[:64], logits[64:]
+  scores, head = cd_scores(cond, uncond, alpha, k)
+  got = samp.contrastive_logits(jnp.asarray(logits), alpha, k)
+  got_head = np.asarray(got) > np.finfo(np.float32).min
+  np.testing.assert_array_equal(got_head, head)
+  np.testing.assert_allclose(np.asarray(got)[head], scores[head], atol=1e-4)
+  assert (head.sum(-1) >= k).all() and (head.sum(-1) < V).all()
+  ids = samp.next_token(jnp.asarray(logits), None, cd(0.0, alpha, k))
+  np.testing.assert_array_equal(ids, scores.argmax(-1))
+
+
+def test_contrastive_samples_lie_in_head_at_head_frequencies():
+  rng = np.random.default_rng(0)
+  cond, uncond = rng.normal(0, 2, 8), rng.normal(0, 2, 8)
+  scores, head = cd_scores(cond[None], uncond[None], 0.2, 2)
+  assert head.sum() == 4
+  ids = draw(cond, uncond, cd(1.0, 0.2, 2))
+  assert head[0, ids].all()
+  freq = np.bincount(ids, minlength=8) / len(ids)
+  expected = np.exp(scores[0] - scores[0].max())
+  np.testing.assert_allclose(freq, expected / expected.sum(), atol=0.03)
+
+
+@pytest.mark.parametrize("alpha,k,size", [(0.5, 1, 2), (0.5, 2, 3),
+                                          (0.6, 3, 4)])
+def test_contrastive_with_equal_halves_is_uniform_over_head(alpha, k, size):
+  # log p_c - log p_u = 0 on every token: CD-K keeps the head and forgets
+  # the expert's preferences inside it, whatever the temperature.
+  probs = np.array([0.35, 0.25, 0.15, 0.1, 0.06, 0.04, 0.03, 0.02])
+  logits = np.log(probs)
+  ids = draw(logits, logits, cd(0.7, alpha, k), seed=k)
+  freq = np.bincount(ids, minlength=8) / len(ids)
+  np.testing.assert_allclose(freq[:size], 1 / size, atol=0.03)
+  assert (freq[size:] == 0).all()
+
+
+def test_contrastive_head_is_taken_over_allowed_tokens():
+  # Token 0 holds most of the expert but is disallowed: the head is taken
+  # over tokens 1-3 renormalised (0.5, 0.3, 0.2), so alpha 0.5 keeps 1 and
+  # 2. Masking after the head would leave only the disallowed token 0.
+  cond = np.log([0.89, 0.05, 0.03, 0.02, 0.01, 1e-4, 1e-4, 1e-4])
+  uncond = np.zeros(8)
+  allowed = jnp.isin(jnp.arange(8), jnp.array([1, 2, 3]))
+  ids = draw(cond, uncond, cd(1.0, 0.5, 1), allowed)
+  assert set(np.unique(ids)) == {1, 2}
+  assert set(draw(cond, uncond, cd(0.0, 0.5, 1), allowed)) == {1}
+  # Fewer allowed tokens than k: the head stays inside the allowed set.
+  few = jnp.isin(jnp.arange(8), jnp.array([1, 7]))
+  ids = draw(cond, uncond, cd(1.0, 1e-6, 3), few)
+  assert set(np.unique(ids)) == {1, 7}
+
+
+def test_contrastive_from_config_and_doubled():
+  off = samp.SamplingParams.from_config(
+      dict(cfg_scale=None, contrastive_alpha="", contrastive_k=3), V)
+  assert off.contrastive_alpha is None and not off.doubled
+  on = samp.SamplingParams.from_config(
+      dict(cfg_scale="", contrastive_alpha="0.1", contrastive_k="2"), V)
+  assert (on.contrastive_alpha, on.contrastive_k, on.doubled) == (0.1, 2,
+                                                                   True)
+  assert samp.SamplingParams(cfg_scale=1.0).doubled
+  assert not samp.SamplingParams().doubled
+  with pytest.raises(ValueError, match="contrastive_alpha=0.1 and cfg_scale"):
+    samp.SamplingParams.from_config(
+        dict(cfg_scale=3.0, contrastive_alpha=0.1), V)
+
+
+def test_contrastive_scan_equals_step_by_step_reference():
+  # The scan feeds both halves the chosen token and keeps a 2B-row cache;
+  # the reference recomputes both halves' whole prefixes every step (one
+  # padded shape: the model is causal) and scores CD-K in numpy.
+  first = jnp.array([3, 4], jnp.int32)
+  n = 6
+  toks, _ = jax.jit(lambda p: samp.scan_decode(
+      step_with_other_uncond, p, new_cache(4), first, 0, n,
+      jax.random.key(0), cd(0.0, 0.1, 2)))(PARAMS)
+  forward = jax.jit(lambda p, seq: MODEL.apply(p, seq)[0])
+  seq = np.zeros((2, n + 1), np.int32)
+  seq[:, 0] = first
+  for i in range(n):
+    logits = np.asarray(forward(PARAMS, np.concatenate([seq, (seq + 5) % V])))
+    cond, uncond = np.split(logits[:, i], 2)
+    seq[:, i + 1] = cd_scores(cond, uncond, 0.1, 2)[0].argmax(-1)
+  np.testing.assert_array_equal(toks, seq[:, 1:])

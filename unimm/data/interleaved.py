@@ -1,4 +1,5 @@
-r"""Interleaved text+image documents from the shapes world, tokenized, packed.
+r"""Interleaved text+image documents, tokenized and packed: generated from
+the shapes world, or made of a converted data set's (image, caption) pairs.
 
 A document is a list of segments, each a text or a scene (an image to be
 rendered), plus its ground truth. Three kinds:
@@ -66,6 +67,11 @@ Pre-tokenize (one ArrayRecord record per packed row, SPLIT.json metadata):
 (unimm/tools/pack_interleaved.py: `write_interleaved(tokenizer, ...)` with
 the tokenizer that workdir holds), and read batches with
 `packed_dataset(out_dir, split, batch_size=...)`.
+Own data: `write_pairs(tokenizer, spiece, out_dir, split, source=DIR,
+length=...)` (the same CLI with --source DIR) packs each pair of a
+converted data set as a caption_image and an image_caption document (no
+edit stories: those need the shapes world's ground truth); their rows and
+metadata are the same format, with the data set's path as "source".
 The text tokenizer should be trained on these documents' texts (captions
 and instructions: `document_texts`); unknown pieces are counted in the
 metadata.
@@ -83,6 +89,7 @@ from absl import logging
 from flax import serialization
 import numpy as np
 
+from unimm.data import convert
 from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
@@ -92,6 +99,8 @@ from unimm.progress import Progress
 from unimm.tokenizers import text as text_lib
 
 KINDS = ("caption_image", "image_caption", "edit")
+# The kinds a converted data set's (image, caption) pairs make (write_pairs).
+PAIR_KINDS = ("caption_image", "image_caption")
 EDIT_OPS = ("move", "recolor", "reshape", "resize", "add", "remove")
 MAX_EDITS = 3
 # Move direction -> (d_row, d_col) and its phrase.
@@ -639,6 +648,88 @@ def parse_row(record: bytes) -> dict[str, np.ndarray]:
           for k in ("tokens", "segment_ids", "documents")}
 
 
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if value <= 0:
+      raise ValueError(f"{name}={value}; expected > 0 (--{name}).")
+
+
+def _write_packed(out_dir: str, split: str, length: int, batches,
+                  *, total: int, what: str, text_tokenizer, layout,
+                  records_per_shard: int) -> dict[str, Any]:
+  """Packs and writes batches of documents; returns their statistics.
+
+  batches yields (document_ids [n], kinds [n], tokens [n] int32 [L_i]);
+  each batch is packed on its own (rows never span two batches) and each
+  row records its documents' ids.
+  """
+  progress = Progress(total, what=what, every_seconds=5.0)
+  kind_counts = collections.Counter()
+  num_tokens = max_document_length = num_unknown = num_rows = done = 0
+  with pretokenize.ShardWriter(out_dir, split, records_per_shard) as writer:
+    for ids, kinds, tokens in batches:
+      packed, rows = _pack(tokens, length)
+      for r, row in enumerate(rows):
+        writer.write(serialize_row(packed["tokens"][r],
+                                   packed["segment_ids"][r],
+                                   [ids[i] for i in row]))
+      num_rows += len(rows)
+      kind_counts.update(kinds)
+      num_tokens += sum(len(t) for t in tokens)
+      max_document_length = max([max_document_length]
+                                + [len(t) for t in tokens])
+      num_unknown += sum(int((t == layout.text_offset
+                              + text_tokenizer.unk_id).sum()) for t in tokens)
+      done += len(tokens)
+      progress.update(done)
+  names = writer.commit()
+  with open(os.path.join(out_dir, pretokenize.TEXT_TOKENIZER_FILE), "wb") as f:
+    f.write(text_tokenizer.model_proto)
+  return {
+      "num_rows": int(num_rows),
+      "shards": names,
+      "kind_counts": dict(kind_counts),
+      "num_tokens": int(num_tokens),
+      "fill": round(num_tokens / max(num_rows * length, 1), 4),
+      "max_document_length": int(max_document_length),
+      "num_unknown_text_tokens": int(num_unknown),
+      "seconds": round(progress.elapsed_seconds, 3),
+  }
+
+
+def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
+              tokenizer, text_tokenizer_path: str, tokenizer_workdir: str,
+              **fields) -> dict[str, Any]:
+  """The SPLIT.json of packed rows: what every writer records, + fields."""
+  return {
+      "format": FORMAT,
+      "caption_prompt": CAPTION_PROMPT,
+      "split": split,
+      **fields,
+      "length": int(length),
+      **stats,
+      "layout": {"text_vocab_size": layout.text_vocab_size,
+                 "image_vocab_size": layout.image_vocab_size,
+                 "size": layout.size,
+                 "specials": dict(zip(vocab_lib.SPECIAL_NAMES,
+                                      range(vocab_lib.NUM_SPECIALS)))},
+      "grid": list(tokenizer.grid),
+      "image_length": int(np.prod(tokenizer.grid)),
+      "image_size": int(tokenizer.image_size),
+      "text_tokenizer": os.path.abspath(text_tokenizer_path),
+      "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
+      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
+                            if tokenizer_workdir else ""),
+      "tokenizer_step": int(tokenizer.step),
+  }
+
+
+def _warn_unknown(num_unknown: int, what: str) -> None:
+  if num_unknown:
+    logging.warning("%d text tokens are SentencePiece's unk: train the text "
+                    "tokenizer on %s so they are covered.", num_unknown, what)
+
+
 def write_interleaved(tokenizer, text_tokenizer_path: str,
                       out_dir: str, split: str, num_documents: int,
                       length: int, *, seed: int | None = None,
@@ -648,7 +739,7 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
                       encode_batch_size: int = 256,
                       records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
                       tokenizer_workdir: str = "") -> dict[str, Any]:
-  """Writes documents 0..N-1 of `split`, tokenized and packed, to out_dir.
+  """Writes shapes documents 0..N-1 of `split`, tokenized and packed.
 
   Args:
     tokenizer: the frozen image tokenizer (unimm.load_tokenizer(workdir), or
@@ -676,11 +767,9 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
       raise ValueError(f"Split {split!r} has no default seed (those are "
                        f"{SPLIT_SEEDS}); pass --seed.")
     seed = SPLIT_SEEDS[split]
-  for name, value in (("num_documents", num_documents),
-                      ("documents_per_batch", documents_per_batch),
-                      ("encode_batch_size", encode_batch_size)):
-    if value <= 0:
-      raise ValueError(f"{name}={value}; expected > 0 (--{name}).")
+  _check_positive(num_documents=num_documents,
+                  documents_per_batch=documents_per_batch,
+                  encode_batch_size=encode_batch_size)
   kinds, p = _check_kinds(kinds, weights)
   weights = None if weights is None else [float(w) for w in weights]
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
@@ -689,77 +778,176 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
       tokenizer, images, encode_batch_size)
 
-  progress = Progress(num_documents, what="interleaved documents",
-                      every_seconds=5.0)
-  kind_counts = collections.Counter()
-  num_tokens = max_document_length = num_unknown = num_rows = 0
-  logging.info("Writing %d interleaved documents (%s) of %s into %s, rows of "
-               "%d tokens.", num_documents, ", ".join(kinds), split, out_dir,
-               length)
-  with pretokenize.ShardWriter(out_dir, split, records_per_shard) as writer:
+  def batches():
     for start in range(0, num_documents, documents_per_batch):
       indices = range(start, min(start + documents_per_batch, num_documents))
       documents = [make_document(seed, i, kinds, weights) for i in indices]
-      tokens = tokenize_documents(documents, text_tokenizer, image_ids_fn,
-                                  layout, tokenizer.image_size)
-      packed, rows = _pack(tokens, length)
-      for r, row in enumerate(rows):
-        writer.write(serialize_row(packed["tokens"][r],
-                                   packed["segment_ids"][r],
-                                   [indices[i] for i in row]))
-      num_rows += len(rows)
-      kind_counts.update(d.kind for d in documents)
-      num_tokens += sum(len(t) for t in tokens)
-      max_document_length = max([max_document_length]
-                                + [len(t) for t in tokens])
-      num_unknown += sum(int((t == layout.text_offset
-                              + text_tokenizer.unk_id).sum()) for t in tokens)
-      progress.update(indices.stop)
-  names = writer.commit()
-  with open(os.path.join(out_dir, pretokenize.TEXT_TOKENIZER_FILE), "wb") as f:
-    f.write(text_tokenizer.model_proto)
-  if num_unknown:
-    logging.warning(
-        "%d text tokens are SentencePiece's unk: train the text tokenizer on "
-        "interleaved.document_texts(...) so instructions are covered.",
-        num_unknown)
-  metadata = {
-      "format": FORMAT,
-      "caption_prompt": CAPTION_PROMPT,
-      "split": split,
-      "seed": int(seed),
-      "num_documents": int(num_documents),
-      "num_rows": int(num_rows),
-      "length": int(length),
-      "shards": names,
-      "kinds": list(kinds),
-      "weights": weights,  # as given (None = uniform), for make_document
-      "probabilities": [float(w) for w in p],
-      "kind_counts": {k: int(kind_counts[k]) for k in kinds},
-      "num_tokens": int(num_tokens),
-      "fill": round(num_tokens / max(num_rows * length, 1), 4),
-      "max_document_length": int(max_document_length),
-      "documents_per_batch": int(documents_per_batch),
-      "num_unknown_text_tokens": int(num_unknown),
-      "layout": {"text_vocab_size": layout.text_vocab_size,
-                 "image_vocab_size": layout.image_vocab_size,
-                 "size": layout.size,
-                 "specials": dict(zip(vocab_lib.SPECIAL_NAMES,
-                                      range(vocab_lib.NUM_SPECIALS)))},
-      "grid": list(tokenizer.grid),
-      "image_length": int(np.prod(tokenizer.grid)),
-      "image_size": int(tokenizer.image_size),
-      "text_tokenizer": os.path.abspath(text_tokenizer_path),
-      "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
-      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
-                            if tokenizer_workdir else ""),
-      "tokenizer_step": int(tokenizer.step),
-      "seconds": round(progress.elapsed_seconds, 3),
-  }
+      yield (list(indices), [d.kind for d in documents],
+             tokenize_documents(documents, text_tokenizer, image_ids_fn,
+                                layout, tokenizer.image_size))
+
+  logging.info("Writing %d interleaved documents (%s) of %s into %s, rows of "
+               "%d tokens.", num_documents, ", ".join(kinds), split, out_dir,
+               length)
+  stats = _write_packed(out_dir, split, length, batches(),
+                        total=num_documents, what="interleaved documents",
+                        text_tokenizer=text_tokenizer, layout=layout,
+                        records_per_shard=records_per_shard)
+  _warn_unknown(stats["num_unknown_text_tokens"],
+                "interleaved.document_texts(...) (instructions included)")
+  stats["kind_counts"] = {k: int(stats["kind_counts"].get(k, 0))
+                          for k in kinds}
+  metadata = _metadata(
+      stats, split=split, length=length, layout=layout, tokenizer=tokenizer,
+      text_tokenizer_path=text_tokenizer_path,
+      tokenizer_workdir=tokenizer_workdir,
+      source="shapes", seed=int(seed), num_documents=int(num_documents),
+      kinds=list(kinds),
+      weights=weights,  # as given (None = uniform), for make_document
+      probabilities=[float(w) for w in p],
+      documents_per_batch=int(documents_per_batch))
   write_report(pretokenize.metadata_path(out_dir, split), metadata)
   logging.info("Wrote %d documents in %d rows of %d tokens (fill %.3f) to "
-               "%s.", num_documents, num_rows, length, metadata["fill"],
-               out_dir)
+               "%s.", num_documents, metadata["num_rows"], length,
+               metadata["fill"], out_dir)
+  return metadata
+
+
+def pair_segments(kind: str, caption: str, image) -> list[Any]:
+  """The document of one (image, caption) pair: [caption, image]
+  (caption_image) or [image, CAPTION_PROMPT, caption] (image_caption)."""
+  _check_choice("pair document kind", kind, PAIR_KINDS)
+  return ([caption, image] if kind == "caption_image"
+          else [image, CAPTION_PROMPT, caption])
+
+
+def draw_caption(captions: Sequence[str], seed: int, index: int,
+                 kind: str) -> str:
+  """One of a pair's captions for its `kind` document, drawn by
+  (seed, index, kind) alone; a pair with one caption always gives it."""
+  if len(captions) == 1:
+    return captions[0]
+  rng = np.random.default_rng([int(seed), int(index), KINDS.index(kind),
+                               _RNG_TAG])
+  return captions[int(rng.integers(len(captions)))]
+
+
+def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
+                split: str, *, source: str, length: int,
+                read_split: str | None = None, num_examples: int | None = None,
+                kinds: Sequence[str] = PAIR_KINDS, seed: int = 0,
+                max_text_tokens: int = 64, examples_per_batch: int = 512,
+                encode_batch_size: int = 256,
+                records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
+                tokenizer_workdir: str = "") -> dict[str, Any]:
+  """Writes the documents of a converted data set's (image, caption) pairs,
+  tokenized and packed like write_interleaved's.
+
+  Each example gives one document per kind in `kinds` (document id 2 * i
+  for caption_image, 2 * i + 1 for image_caption: pair_segments), its image
+  encoded once. An example with several captions (the data set's
+  "captions") gives each document one of them, drawn by (seed, example,
+  kind) (draw_caption). Captions are cut to max_text_tokens pieces (counted
+  in the metadata as num_truncated_captions).
+
+  Args:
+    tokenizer, text_tokenizer_path, out_dir, length, encode_batch_size,
+      records_per_shard, tokenizer_workdir: as for write_interleaved.
+    split: the split name written (out_dir/SPLIT.json).
+    source: a directory written by unimm.tools.convert.
+    read_split: the split of `source` to read (TFDS slicing allowed, e.g.
+      "train[-200:]"); default `split`.
+    num_examples: the first N examples only (None = all).
+    kinds: a non-empty subset of PAIR_KINDS.
+    seed: the caption draws.
+    max_text_tokens: caption pieces kept per document.
+    examples_per_batch: examples read, encoded and packed together.
+
+  Returns:
+    The metadata (also written to out_dir/SPLIT.json).
+  """
+  kinds = tuple(kinds)
+  if not kinds or any(k not in PAIR_KINDS for k in kinds):
+    raise ValueError(f"kinds={kinds!r}; pairs make documents of the kinds "
+                     f"{PAIR_KINDS} (edit stories need the shapes world).")
+  _check_positive(max_text_tokens=max_text_tokens,
+                  examples_per_batch=examples_per_batch,
+                  encode_batch_size=encode_batch_size)
+  if num_examples is not None:
+    _check_positive(num_examples=num_examples)
+  read_split = split if read_split is None else read_split
+  text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
+  layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
+                                 tokenizer.num_codes)
+  data_source, _ = pipeline.image_text_source(source, read_split,
+                                              image_size=tokenizer.image_size)
+  total = len(data_source) if num_examples is None else min(num_examples,
+                                                           len(data_source))
+  if total == 0:
+    raise ValueError(f"{source!r} split {read_split!r} has no examples; "
+                     "convert images with captions into it first.")
+  dataset = pipeline.image_text_dataset(
+      source, read_split, batch_size=examples_per_batch,
+      image_size=tokenizer.image_size, shuffle=False, seed=0, num_epochs=1,
+      drop_remainder=False)
+  truncated = [0]
+
+  def pieces(texts):
+    out = text_tokenizer.pieces(texts)
+    truncated[0] += sum(len(p) > max_text_tokens for p in out)
+    return [p[:max_text_tokens] for p in out]
+
+  def batches():
+    done = 0
+    for batch in dataset:
+      n = min(len(batch["image"]), total - done)
+      codes = pretokenize.encode_images(tokenizer, batch["image"][:n],
+                                        encode_batch_size)  # [n, h, w]
+      all_captions = batch.get("captions", batch["caption"])
+      documents, ids, doc_kinds = [], [], []
+      for i in range(n):
+        example = done + i
+        captions = [c for c in str(all_captions[i]).split(
+            convert.CAPTION_SEPARATOR) if c.strip()] or [
+                str(batch["caption"][i])]
+        for kind in kinds:
+          # The image stands in as its index into `codes` (one encoding).
+          documents.append(pair_segments(
+              kind, draw_caption(captions, seed, example, kind),
+              np.array([i])))
+          ids.append(2 * example + PAIR_KINDS.index(kind))
+          doc_kinds.append(kind)
+      tokens = vocab_lib.encode_documents(
+          documents, layout, pieces, lambda index: codes[index[:, 0]])
+      yield ids, doc_kinds, tokens
+      done += n
+      if done >= total:
+        return
+
+  logging.info("Writing the documents of %d pairs of %s/%s (%s) into %s, "
+               "rows of %d tokens.", total, source, read_split,
+               ", ".join(kinds), out_dir, length)
+  stats = _write_packed(out_dir, split, length, batches(),
+                        total=total * len(kinds), what="pair documents",
+                        text_tokenizer=text_tokenizer, layout=layout,
+                        records_per_shard=records_per_shard)
+  _warn_unknown(stats["num_unknown_text_tokens"],
+                f"the captions of {source!r} and {CAPTION_PROMPT!r}")
+  if truncated[0]:
+    logging.warning("%d captions were cut to max_text_tokens=%d pieces.",
+                    truncated[0], max_text_tokens)
+  metadata = _metadata(
+      stats, split=split, length=length, layout=layout, tokenizer=tokenizer,
+      text_tokenizer_path=text_tokenizer_path,
+      tokenizer_workdir=tokenizer_workdir,
+      source=os.path.abspath(source), read_split=read_split, seed=int(seed),
+      num_examples=int(total), num_documents=int(total * len(kinds)),
+      kinds=list(kinds), max_text_tokens=int(max_text_tokens),
+      num_truncated_captions=int(truncated[0]))
+  write_report(pretokenize.metadata_path(out_dir, split), metadata)
+  logging.info("Wrote %d pair documents in %d rows of %d tokens (fill %.3f) "
+               "to %s.", metadata["num_documents"], metadata["num_rows"],
+               length, metadata["fill"], out_dir)
   return metadata
 
 

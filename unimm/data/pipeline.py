@@ -283,12 +283,16 @@ def _as_str(value) -> str:
 
 def parse_image_text(example: Mapping[str, Any], *,
                      image_size: int) -> dict[str, Any]:
-  """TFDS example -> {"image": uint8 [S, S, 3], "caption": str[, "scene"]}."""
+  """TFDS example -> {"image": uint8 [S, S, 3], "caption": str[, "captions",
+  "scene"]}: "captions" (a converted set's every caption, joined by
+  convert.CAPTION_SEPARATOR) when the data set stores them."""
   image = np.asarray(example["image"], dtype=np.uint8)  # [H, W, 3]
   if image.shape != (image_size, image_size, 3):
     image = np.asarray(convert.resize_and_center_crop(
         convert.to_rgb(Image.fromarray(image.squeeze())), image_size))
   parsed = {"image": image, "caption": _as_str(example["caption"])}
+  if "captions" in example:
+    parsed["captions"] = _as_str(example["captions"])
   if "scene" in example:
     parsed["scene"] = _as_str(example["scene"])
   return parsed

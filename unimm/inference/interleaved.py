@@ -20,6 +20,7 @@ import numpy as np
 from unimm import checkpoints
 from unimm import config_lib
 from unimm.data import interleaved as documents_lib
+from unimm.evaluation import retrieval
 from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import interleaved as il
@@ -32,10 +33,12 @@ EVAL = settings_lib.EVAL
 # The settings of the interleaved eval (config.eval overrides them; the
 # shapes config sets cfg_scale 1.5, image_temperature 0.5, 8 beams
 # reranked at 0.5): text greedy, images at image_temperature (None: the
-# text temperature), guided by cfg_scale (None: unguided), captions by
+# text temperature), guided by cfg_scale (None: unguided) or decoded by
+# CD-K with contrastive_alpha / contrastive_k (None: off), captions by
 # beam search of caption_beams reranked by caption_rerank.
 SAMPLING_DEFAULTS = dict(temperature=0.0, image_temperature=None,
-                         cfg_scale=None, caption_beams=1, caption_rerank=0.0)
+                         cfg_scale=None, contrastive_alpha=None,
+                         contrastive_k=1, caption_beams=1, caption_rerank=0.0)
 
 
 def left_pad(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -54,6 +57,9 @@ class InterleavedModel:
   takes them, so the API draws what the eval scored. cfg_scale guides image
   spans by the same document with its text dropped (trained with
   config.loss.drop_text_rate); None or 1 is plain sampling.
+  contrastive_alpha decodes image spans by CD-K instead, with that
+  text-dropped document as the amateur (same rules as Parti's: see
+  unimm.inference.settings.resolve_guidance).
   """
   model: il.InterleavedLM
   layout: vocab.VocabLayout
@@ -114,12 +120,16 @@ class InterleavedModel:
 
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
                 max_new_tokens, max_images, max_text_tokens=64,
-                cfg_scale=None, image_temperature=None):
+                cfg_scale=None, image_temperature=None,
+                contrastive_alpha=None, contrastive_k=1):
     temperature = settings_lib.resolve(temperature, self.settings,
                                        "temperature")
     image_temperature = settings_lib.resolve(
         image_temperature, self.settings, "image_temperature")
-    cfg_scale = settings_lib.resolve(cfg_scale, self.settings, "cfg_scale")
+    cfg_scale, contrastive_alpha = settings_lib.resolve_guidance(
+        self.settings, cfg_scale, contrastive_alpha)
+    contrastive_k = settings_lib.resolve(contrastive_k, self.settings,
+                                         "contrastive_k")
     model = self.model
     longest = max(len(r) for r in rows)
     room = max_new_tokens + max_text_tokens + model.image_length + 2
@@ -135,15 +145,18 @@ class InterleavedModel:
     text = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     sampling = SamplingParams.from_config(text, self.layout.size)
     image_sampling = SamplingParams.from_config(dict(
-        text, cfg_scale=cfg_scale, temperature=(
+        text, cfg_scale=cfg_scale, contrastive_alpha=contrastive_alpha,
+        contrastive_k=contrastive_k, temperature=(
             temperature if image_temperature is None else image_temperature)),
                                                 self.layout.size)
-    if (image_sampling.cfg_scale is not None and not self.config.get("loss", {}).get(
-        "drop_text_rate", 0.0)):
+    if image_sampling.doubled and not self.config.get("loss", {}).get(
+        "drop_text_rate", 0.0):
       logging.warning(
-          "cfg_scale=%s but this run was trained without dropped text "
-          "(config.loss.drop_text_rate = 0): its unconditional half is a "
-          "document the model never saw.", cfg_scale)
+          "cfg_scale=%s, contrastive_alpha=%s but this run was trained "
+          "without dropped text (config.loss.drop_text_rate = 0): the "
+          "unconditional half (guidance's, or CD-K's amateur) is a document "
+          "the model never saw.", image_sampling.cfg_scale,
+          image_sampling.contrastive_alpha)
     out = il.continue_documents(
         model, {"params": self.params}, prompts, sampler_lib.seed_key(seed),
         text_ids=text_ids,
@@ -176,23 +189,28 @@ class InterleavedModel:
   def generate(self, segments, *, seed: int = 0, temperature=EVAL,
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
                max_images: int = 2, max_text_tokens: int = 64,
-               cfg_scale=EVAL, image_temperature=EVAL) -> list[Any]:
+               cfg_scale=EVAL, image_temperature=EVAL,
+               contrastive_alpha=EVAL, contrastive_k=EVAL) -> list[Any]:
     """Continues one document: text, then an image when the model opens one
-    (exactly h*w codes, EOI forced, guided by cfg_scale, sampled at
-    image_temperature), until EOS or the budget. Defaults: the eval's
-    settings (`settings`). Returns the new segments (str or uint8
-    [H, W, 3])."""
+    (exactly h*w codes, EOI forced, guided by cfg_scale or decoded by CD-K
+    with contrastive_alpha / contrastive_k, sampled at image_temperature),
+    until EOS or the budget. Defaults: the eval's settings (`settings`).
+    contrastive_alpha given with cfg_scale left at its default turns
+    guidance off (CD-K replaces it); giving both is a ValueError. Returns
+    the new segments (str or uint8 [H, W, 3])."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
-        image_temperature=image_temperature)[0]
+        image_temperature=image_temperature,
+        contrastive_alpha=contrastive_alpha, contrastive_k=contrastive_k)[0]
 
   def generate_batch(self, documents, *, seed: int = 0, temperature=EVAL,
                      top_k: int = 0, top_p: float = 1.0,
                      max_new_tokens: int = 128, max_images: int = 2,
                      max_text_tokens: int = 64, cfg_scale=EVAL,
-                     image_temperature=EVAL) -> list[list[Any]]:
+                     image_temperature=EVAL, contrastive_alpha=EVAL,
+                     contrastive_k=EVAL) -> list[list[Any]]:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
     rows = self._encode(documents)
@@ -200,7 +218,9 @@ class InterleavedModel:
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=max_new_tokens, max_images=max_images,
                          max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
-                         image_temperature=image_temperature)
+                         image_temperature=image_temperature,
+                         contrastive_alpha=contrastive_alpha,
+                         contrastive_k=contrastive_k)
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
@@ -289,13 +309,98 @@ class InterleavedModel:
         np.stack([pad(r) for r in rows]),
         np.stack([pad(t) for t in targets])).reshape(n, k)
 
+  def _pair_scorer(self, images, captions):
+    """score(image_index [R], caption_index [R]) -> (log p(image | caption),
+    log p(caption | image)), each float [R], over these images (encoded
+    once) and captions."""
+    images = np.asarray(images)
+    s = self.tokenizer.image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3) or (
+        images.dtype != np.uint8):
+      raise ValueError(f"images of shape {images.shape} and dtype "
+                       f"{images.dtype}; expected uint8 [N, {s}, {s}, 3], "
+                       "the tokenizer's resolution.")
+    if isinstance(captions, (str, bytes)):
+      raise ValueError("captions must be a list of strings, got one string; "
+                       "wrap it in a list.")
+    spans = [self.layout.image_span(c) for c in self.tokenizer.encode(images)]
+    prompt = self.layout.text_to_joint(self.text_tokenizer.pieces(
+        [documents_lib.CAPTION_PROMPT])[0])
+    # Room for [BOS, BOI, codes, EOI, prompt, caption, EOS]: longer
+    # captions are cut (both directions alike).
+    room = self.model.max_len - len(spans[0]) - len(prompt) - 2
+    texts = [self.layout.text_to_joint(p[:room])
+             for p in self.text_tokenizer.pieces(list(captions))]
+    bos, eos = np.array([vocab.BOS]), np.array([vocab.EOS])
+
+    def score(image_index, caption_index):
+      rows, targets = [], []
+      for i, j in zip(image_index, caption_index):
+        span, text = spans[i], texts[j]
+        # log p(image | caption): the codes of [BOS, caption, BOI, codes, EOI].
+        rows.append(np.concatenate([bos, text, span]))
+        targets.append(np.arange(len(rows[-1])) > len(text) + 1)
+        targets[-1][-1] = False  # EOI follows the codes by construction
+        # log p(caption | image): the caption and EOS of
+        # [BOS, BOI, codes, EOI, prompt, caption, EOS].
+        rows.append(np.concatenate([bos, span, prompt, text, eos]))
+        targets.append(np.arange(len(rows[-1])) > len(span) + len(prompt))
+      width = max(len(r) for r in rows)
+      pad = lambda r: np.pad(r, (0, width - len(r)))  # noqa: E731
+      logprobs = il.sequence_logprob(
+          self.model, {"params": self.params},
+          np.stack([pad(r) for r in rows]),
+          np.stack([pad(t) for t in targets])).reshape(-1, 2)
+      return logprobs[:, 0], logprobs[:, 1]
+    return score
+
+  def score(self, images, captions: Sequence[str]) -> dict[str, np.ndarray]:
+    """How well N images and their N captions go together, by the model.
+
+    Returns {"image_given_caption": log p(image_n | caption_n) (the codes
+    teacher-forced after the caption, as in caption-then-image documents),
+    "caption_given_image": log p(caption_n | image_n) (the caption and EOS
+    after the image and CAPTION_PROMPT, as in image-then-caption
+    documents)}, each float [N].
+    """
+    if len(images) != len(captions):
+      raise ValueError(f"{len(images)} images but {len(captions)} captions; "
+                       "expected one caption per image.")
+    index = np.arange(len(images))
+    image, caption = self._pair_scorer(images, captions)(index, index)
+    return {"image_given_caption": image, "caption_given_image": caption}
+
+  def retrieval_scores(self, images, captions: Sequence[str], *,
+                       batch_size: int = 64) -> dict[str, np.ndarray]:
+    """score() for every (image i, caption j) of N images and N captions:
+    {"image_given_caption", "caption_given_image"}, each float [N, N]
+    (row i: image i), for unimm.evaluation.retrieval.recall_at_k."""
+    scorer = self._pair_scorer(images, captions)
+    n = len(images)
+    found = {}
+
+    def image_scores(image_index, caption_index):
+      image, caption = scorer(image_index, caption_index)
+      for i, j, value in zip(image_index, caption_index, caption):
+        found[int(i), int(j)] = value
+      return image
+
+    image = retrieval.score_matrix(image_scores, n, num_captions=len(captions),
+                                   batch_size=batch_size)
+    caption = np.array([[found[i, j] for j in range(len(captions))]
+                        for i in range(n)], np.float64)
+    return {"image_given_caption": image, "caption_given_image": caption}
+
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              temperature=EVAL, top_k: int = 0, top_p: float = 1.0,
-             cfg_scale=EVAL):
+             cfg_scale=EVAL, contrastive_alpha=EVAL, contrastive_k=EVAL):
     """uint8 images [N, H, W, 3] for N prompts (text, then one image).
 
     Defaults: the eval's settings (`settings`): images at
-    image_temperature, guided by cfg_scale (None: unguided)."""
+    image_temperature, guided by cfg_scale (None: unguided), or decoded by
+    CD-K with contrastive_alpha / contrastive_k against the text-dropped
+    document. contrastive_alpha given with cfg_scale left at its default
+    turns guidance off (CD-K replaces it); giving both is a ValueError."""
     if isinstance(prompts, (str, bytes)):
       raise ValueError(f"prompts must be a list of strings, got one "
                        f"{type(prompts).__name__}; wrap it in a list.")
@@ -308,7 +413,10 @@ class InterleavedModel:
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=self.image_length + 1, max_images=1,
-                         cfg_scale=cfg_scale, image_temperature=temperature)
+                         max_text_tokens=1,  # no text follows the image
+                         cfg_scale=cfg_scale, image_temperature=temperature,
+                         contrastive_alpha=contrastive_alpha,
+                         contrastive_k=contrastive_k)
     h, w = self.tokenizer.grid
     codes = out[:, :self.image_length] - self.layout.image_offset
     return self.tokenizer.decode(codes.reshape(-1, h, w))

@@ -24,3 +24,19 @@ def eval_settings(defaults: Mapping[str, Any], config) -> dict[str, Any]:
 def resolve(value: Any, settings: Mapping[str, Any], key: str) -> Any:
   """settings[key] when value is EVAL, else value."""
   return settings[key] if value is EVAL else value
+
+
+def resolve_guidance(settings, cfg_scale=EVAL, contrastive_alpha=EVAL):
+  """(cfg_scale, contrastive_alpha) from the arguments, the eval's settings
+  for EVAL. Guidance and CD-K are alternatives over the same doubled batch,
+  so a value (not None) given for one turns off the other when that one is
+  left at EVAL: contrastive_alpha=0.1 decodes by CD-K even under an eval
+  that guides. Both given is SamplingParams' ValueError."""
+  given = lambda v: v is not EVAL and v not in (None, "")  # noqa: E731
+  if given(contrastive_alpha) and cfg_scale is EVAL:
+    cfg_scale = None
+  if given(cfg_scale) and contrastive_alpha is EVAL:
+    contrastive_alpha = None
+  return (resolve(cfg_scale, settings, "cfg_scale"),
+          resolve(contrastive_alpha, settings,
+                               "contrastive_alpha"))

@@ -33,8 +33,10 @@ from unimm.tokenizers import text as text_lib
 EVAL = settings_lib.EVAL
 
 # The sampling settings of Parti's eval (config.eval overrides them); the
-# API samples with the same ones unless told otherwise.
+# API samples with the same ones unless told otherwise. contrastive_alpha
+# None: no contrastive decoding (CD-K); it and cfg_scale are alternatives.
 SAMPLING_DEFAULTS = dict(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0,
+                         contrastive_alpha=None, contrastive_k=1,
                          batch_size=64)
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"  # in a pre-tokenized dir
 
@@ -47,7 +49,8 @@ def unconditional_text_ids(eos_id: int, text_length: int) -> np.ndarray:
 
 
 def estimate_sampling_bytes(model: parti.Parti, rows: int) -> int:
-  """Rough device bytes of one sampling call with `rows` rows (2B with CFG).
+  """Rough device bytes of one sampling call with `rows` rows (2B with CFG
+  or CD-K).
 
   The KV cache (self + cross, [L, rows, len, K, H]) dominates; activations
   are bounded by a few [rows, text_length, max(mlp, 4 D)] float32 buffers of
@@ -165,9 +168,10 @@ class TextToImageModel:
       self._placed = (self.params, params)
     return self._placed[1]
 
-  def check_memory(self, batch_size: int, guided: bool) -> None:
-    """ValueError if one sampling batch will not fit (a rough estimate)."""
-    rows = batch_size * (2 if guided else 1)
+  def check_memory(self, batch_size: int, doubled: bool) -> None:
+    """ValueError if one sampling batch will not fit (a rough estimate);
+    doubled: guidance or CD-K, 2 rows per prompt."""
+    rows = batch_size * (2 if doubled else 1)
     devices = list(self.mesh.devices.flat)
     # Rows are split over the batch shards; CPU devices share host memory.
     need = estimate_sampling_bytes(self.model, rows)
@@ -177,23 +181,30 @@ class TextToImageModel:
     if need > free:
       raise ValueError(
           f"Sampling {batch_size} prompts per batch"
-          f"{' with CFG (2x rows)' if guided else ''} needs about "
+          f"{' with CFG / CD-K (2x rows)' if doubled else ''} needs about "
           f"{need / 2**30:.2f} GiB (KV cache + activations) but "
           f"{free / 2**30:.2f} GiB of {where} is free; lower batch_size "
           "(config.eval.batch_size / sample(batch_size=...)).")
 
   def sampling_params(self, cfg_scale=EVAL, temperature=EVAL, top_k=EVAL,
-                      top_p=EVAL) -> SamplingParams:
-    """SamplingParams from the arguments, the eval's settings for EVAL."""
-    given = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                 top_p=top_p)
+                      top_p=EVAL, contrastive_alpha=EVAL,
+                      contrastive_k=EVAL) -> SamplingParams:
+    """SamplingParams from the arguments, the eval's settings for EVAL
+    (cfg_scale and contrastive_alpha by resolve_guidance)."""
+    cfg_scale, contrastive_alpha = settings_lib.resolve_guidance(
+        self.settings, cfg_scale, contrastive_alpha)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                 contrastive_k=contrastive_k)
+    resolved = {k: settings_lib.resolve(v, self.settings, k)
+                for k, v in given.items()}
     return SamplingParams.from_config(
-        {k: settings_lib.resolve(v, self.settings, k)
-         for k, v in given.items()},
+        dict(resolved, cfg_scale=cfg_scale,
+             contrastive_alpha=contrastive_alpha),
         self.model.image_vocab_size)
 
   def sample_ids(self, prompts: Sequence[str], *, seed: int = 0,
                  cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,
+                 contrastive_alpha=EVAL, contrastive_k=EVAL,
                  batch_size=EVAL, log_progress: bool = True) -> np.ndarray:
     """Image ids int32 [N, image_length] for N prompts (see `sample`)."""
     if isinstance(prompts, (str, bytes)):
@@ -203,7 +214,8 @@ class TextToImageModel:
     if not prompts:
       raise ValueError("prompts is empty; pass at least one prompt.")
     key = sampler_lib.seed_key(seed)
-    sampling = self.sampling_params(cfg_scale, temperature, top_k, top_p)
+    sampling = self.sampling_params(cfg_scale, temperature, top_k, top_p,
+                                    contrastive_alpha, contrastive_k)
     batch_size = int(settings_lib.resolve(batch_size, self.settings,
                                           "batch_size"))
     if batch_size <= 0:
@@ -212,15 +224,14 @@ class TextToImageModel:
     batch_size = min(batch_size, len(prompts))
     shards = self._batch_shards()
     batch_size = -(-batch_size // shards) * shards
-    guided = sampling.cfg_scale is not None
-    self.check_memory(batch_size, guided)
+    self.check_memory(batch_size, sampling.doubled)
     text_ids = self.text_tokenizer.encode(
         prompts, self.model.text_length).ids  # [N, S]; ValueError if empty
 
     sharding = parallel.batch_sharding(self.mesh, self.rules)
     params = self._on_mesh()
     uncond = None
-    if guided:
+    if sampling.doubled:  # the unconditional half: guidance's, CD-K's amateur
       uncond = jax.device_put(np.tile(self.unconditional_row(),
                                       (batch_size, 1)), sharding)
     fn = _jitted_sample(self.model, sampling)
@@ -267,25 +278,34 @@ class TextToImageModel:
 
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,
+             contrastive_alpha=EVAL, contrastive_k=EVAL,
              batch_size=EVAL, upscale: int = 1, return_base: bool = False):
     """uint8 images [N, H, W, 3] for N prompts; deterministic per seed.
 
     Defaults: the model's eval settings (`settings`: by default cfg_scale
-    3, temperature 1, no top-k / top-p). cfg_scale None samples without
-    guidance; s >= 0 mixes u + s (c - u) (Parti §3; 1 = plain conditional
-    sampling). Prompts are tokenized to config.model.text_length (an empty
-    prompt is a ValueError naming its index; longer ones are truncated,
-    counted and warned about). Batch i draws with fold_in(PRNGKey(seed), i).
-    upscale 2 or 4 runs the matching upsampler on the sampled tokens
-    (Parti's super-resolution stage) and returns images at upscale x the
-    tokenizer's resolution (with return_base, the pair (base images,
-    upscaled images)). Bad settings, or a batch that would not fit in
-    memory, raise ValueError before anything is compiled.
+    3, temperature 1, no top-k / top-p, no CD-K). cfg_scale None samples
+    without guidance; s >= 0 mixes u + s (c - u) (Parti §3; 1 = plain
+    conditional sampling). contrastive_alpha in (0, 1] decodes by CD-K
+    instead (CM3Leon; docs/parti.md): log p_c - log p_u over the head
+    {v : p_c(v) >= alpha * p_c^(contrastive_k)}, the amateur p_u being the
+    empty prompt. CD-K replaces guidance: contrastive_alpha given with
+    cfg_scale left at its default turns guidance off (and a cfg_scale
+    given with contrastive_alpha at its default turns CD-K off); giving
+    both is a ValueError. Prompts are tokenized to
+    config.model.text_length (an empty prompt is a ValueError naming its
+    index; longer ones are truncated, counted and warned about). Batch i
+    draws with fold_in(PRNGKey(seed), i). upscale 2 or 4 runs the matching
+    upsampler on the sampled tokens (Parti's super-resolution stage) and
+    returns images at upscale x the tokenizer's resolution (with
+    return_base, the pair (base images, upscaled images)). Bad settings,
+    or a batch that would not fit in memory, raise ValueError before
+    anything is compiled.
     """
     upsampler = self.upsampler(upscale) if upscale != 1 else None
     ids = self.sample_ids(prompts, seed=seed, cfg_scale=cfg_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p,
-                          batch_size=batch_size)
+                          contrastive_alpha=contrastive_alpha,
+                          contrastive_k=contrastive_k, batch_size=batch_size)
     if upsampler is None:
       return self.decode(ids, settings_lib.resolve(
           batch_size, self.settings, "batch_size"))

@@ -264,20 +264,22 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   """The compiled pieces of continue_documents (one program each), cached
   per model, sampling settings and vocabulary masks (tuples of bools).
 
-  With guidance (image_sampling.cfg_scale set) the cache holds 2B rows,
+  With guidance or CD-K (image_sampling.doubled) the cache holds 2B rows,
   [cond; uncond]: the unconditional half is fed the same tokens with text
   turned into PAD (invisible, no position), i.e. the document with its
   text dropped, as trained (config.loss.drop_text_rate). Text phases sample
-  from the conditional half only; image phases mix both halves' logits.
+  from the conditional half only; image phases score tokens from both
+  halves' logits (guidance's mix, or CD-K with the text-dropped document
+  as the amateur).
   """
-  guided = image_sampling.cfg_scale is not None
+  doubled = image_sampling.doubled
   text_allowed, image_allowed, drop_ids = (
       jnp.asarray(m, bool) for m in (text_allowed, image_allowed, drop_ids))
 
   step = _step_fn(model)
 
-  def both(tokens):  # [B, T] -> [2B, T] (cond; text dropped) when guided
-    if not guided:
+  def both(tokens):  # [B, T] -> [2B, T] (cond; text dropped) when doubled
+    if not doubled:
       return tokens
     return jnp.concatenate(
         [tokens, jnp.where(drop_ids[tokens], pad_id, tokens)], axis=0)
@@ -325,8 +327,10 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   stops at EOS, after max_text_tokens of text without BOI or EOS, or when
   it asks for more than max_images images; the batch stops once
   max_new_tokens are made. image_sampling.cfg_scale guides image spans
-  by the same document with its text dropped (see _jitted_phases); text
-  is sampled with text_sampling (no guidance).
+  by the same document with its text dropped, and
+  image_sampling.contrastive_alpha decodes them by CD-K against that
+  document (see _jitted_phases); text is sampled with text_sampling (no
+  guidance, no CD-K).
 
   text_ids / image_ids: bool [V] masks of the two vocabularies (text_ids:
   the pieces the model may write). drop_ids: bool [V], the ids the
@@ -334,9 +338,12 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   int32 [B, N] new tokens (PAD after a row's EOS; N <= max_new_tokens +
   the last phase's overshoot).
   """
-  if text_sampling.cfg_scale is not None:
-    raise ValueError("Guidance applies to image spans only; pass cfg_scale "
-                     "in image_sampling, not text_sampling.")
+  if text_sampling.doubled:
+    raise ValueError(
+        f"text_sampling has cfg_scale={text_sampling.cfg_scale}, "
+        f"contrastive_alpha={text_sampling.contrastive_alpha}: guidance and "
+        "CD-K apply to image spans only; pass them in image_sampling and "
+        "leave both None in text_sampling.")
   prompts = np.asarray(prompts, np.int32)
   room = max_new_tokens + max_text_tokens + model.image_length + 2
   # Left-pad (PAD is invisible) to a multiple of 16 where it fits: fewer
@@ -360,8 +367,7 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
       model, text_sampling, image_sampling, max_text_tokens,
       (boi_id, eos_id), as_key(text_allowed), as_key(image_ids), PAD_ID,
       as_key(drop_ids))
-  guided = image_sampling.cfg_scale is not None
-  cache = model.init_cache(2 * b if guided else b, capacity)
+  cache = model.init_cache(2 * b if image_sampling.doubled else b, capacity)
   cache = prefill(params, cache, prompts[:, :-1])
   # Each row's next token to feed; a prompt ending in BOI starts an image.
   first, slot = np.asarray(prompts[:, -1]), p - 1

@@ -256,15 +256,21 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
 
   The encoder runs once; the first decoder step (prefill) computes the
   cross-attention K/V into the cache; the remaining tokens are one lax.scan
-  of the shared sampler. With sampling.cfg_scale set, `uncond_text_ids`
-  [B, S] (the dropped-text prompt used in training) forms the second half
-  of a doubled batch. Call under jax.jit: one compiled program.
+  of the shared sampler. With sampling.doubled (cfg_scale or
+  contrastive_alpha set), `uncond_text_ids` [B, S] (the dropped-text prompt
+  used in training) forms the second half of a doubled batch: guidance's
+  unconditional logits, or CD-K's amateur. Call under jax.jit: one
+  compiled program.
   """
   b = text_ids.shape[0]
-  if sampling.cfg_scale is not None:
+  if sampling.doubled:
     if uncond_text_ids is None:
-      raise ValueError("cfg_scale needs uncond_text_ids (the empty prompt).")
-    text_ids = jnp.concatenate([text_ids, uncond_text_ids], axis=0)
+      raise ValueError(
+          f"cfg_scale={sampling.cfg_scale}, contrastive_alpha="
+          f"{sampling.contrastive_alpha}: guidance and CD-K need "
+          "uncond_text_ids [B, S] (the empty prompt) for the second half of "
+          "the batch; pass them, or set both to None.")
+    text_ids = jnp.concatenate([text_ids, uncond_text_ids], axis=0)  # [2B, S]
   encoded, text_mask = model.apply(params, text_ids, method=Parti.encode)
   cache = model.init_cache(text_ids.shape[0], text_mask)
 

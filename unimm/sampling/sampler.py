@@ -6,9 +6,9 @@ Image spans have a static length and decode with one `jax.lax.scan` over a
 preallocated cache carried in the loop; text spans that stop at EOS use the
 same step inside `jax.lax.while_loop`, and so does beam search
 (`beam_decode`, for captions: the cache holds each example's beams and is
-gathered after each step). Classifier-free guidance doubles the batch
-([cond; uncond]) and mixes the logits; both halves then receive the same
-token.
+gathered after each step). Classifier-free guidance and contrastive
+decoding double the batch ([cond; uncond]) and score tokens from both
+halves' logits; both halves then receive the same token.
 """
 import dataclasses
 from typing import Any, Callable
@@ -29,24 +29,46 @@ class SamplingParams:
   cfg_scale None disables classifier-free guidance; with a scale s the
   logits are u + s (c - u) (Parti §3, after Ho & Salimans 2022), so s = 1 is
   plain conditional sampling.
+
+  contrastive_alpha None disables contrastive decoding; with alpha set,
+  tokens are scored by CD-K (CM3Leon, arXiv 2309.02591, after Li et al.
+  2022, arXiv 2210.15097): log p_c - log p_u over the plausible head
+  {v : p_c(v) >= alpha * p_c^(k)}, where p_c^(k) is the contrastive_k-th
+  largest conditional probability (k = 1 is Li et al.'s alpha * max);
+  tokens outside the head are never drawn. The expert is the conditional
+  half and the amateur the unconditional half of the same doubled batch
+  that guidance uses, so CD-K and cfg_scale are alternatives, not a
+  composition: setting both is an error.
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   cfg_scale: float | None = None
+  contrastive_alpha: float | None = None
+  contrastive_k: int = 1
+
+  @property
+  def doubled(self) -> bool:
+    """Whether the decoder runs a [cond; uncond] batch (2B rows): with
+    guidance or contrastive decoding."""
+    return self.cfg_scale is not None or self.contrastive_alpha is not None
 
   @classmethod
   def from_config(cls, settings, vocab_size: int) -> "SamplingParams":
     """Validated SamplingParams from a config section or dict: the keys
-    temperature, top_k, top_p, cfg_scale (missing ones take the defaults
-    above; cfg_scale None or "" is no guidance, as a config writes it)."""
+    temperature, top_k, top_p, cfg_scale, contrastive_alpha, contrastive_k
+    (missing ones take the defaults above; cfg_scale or contrastive_alpha
+    None or "" turns that option off, as a config writes it)."""
     get = settings.get
     cfg_scale = get("cfg_scale", None)
+    alpha = get("contrastive_alpha", None)
     return cls(
         temperature=float(get("temperature", cls.temperature)),
         top_k=int(get("top_k", cls.top_k)),
         top_p=float(get("top_p", cls.top_p)),
         cfg_scale=None if cfg_scale in (None, "") else float(cfg_scale),
+        contrastive_alpha=None if alpha in (None, "") else float(alpha),
+        contrastive_k=int(get("contrastive_k", cls.contrastive_k)),
     ).validate(vocab_size)
 
   def validate(self, vocab_size: int) -> "SamplingParams":
@@ -61,6 +83,20 @@ class SamplingParams:
                        f"{self.top_p}.")
     if self.cfg_scale is not None and not self.cfg_scale >= 0:
       raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}.")
+    alpha = self.contrastive_alpha
+    if alpha is not None and not 0 < alpha <= 1:
+      raise ValueError(f"contrastive_alpha must be in (0, 1] (None disables "
+                       f"contrastive decoding), got {self.contrastive_alpha}.")
+    if not 1 <= self.contrastive_k <= vocab_size:
+      raise ValueError(f"contrastive_k must be in [1, vocab size {vocab_size}]"
+                       f", got {self.contrastive_k}.")
+    if self.contrastive_alpha is not None and self.cfg_scale is not None:
+      raise ValueError(
+          f"contrastive_alpha={self.contrastive_alpha} and cfg_scale="
+          f"{self.cfg_scale} are both set; contrastive decoding and guidance "
+          "are alternatives over the same [cond; uncond] batch. Set "
+          "cfg_scale=None to decode contrastively, or contrastive_alpha=None "
+          "to guide.")
     return self
 
 
@@ -85,6 +121,31 @@ def guided_logits(logits, cfg_scale):
   return uncond + cfg_scale * (cond - uncond)
 
 
+def contrastive_logits(logits, alpha: float, k: int, allowed=None):
+  """[2B, V] logits of [cond; uncond] -> [B, V] CD-K scores.
+
+  The score is log p_c - log p_u (CM3Leon's CD-K; Li et al. 2022)
+  inside the head {v : p_c(v) >= alpha * p_c^(k)} and the float32 minimum
+  outside it. The allowed mask (bool [V] or [B, V]) applies to the expert
+  before the head is taken, so p_c is renormalised over the allowed tokens,
+  p_c^(k) is the k-th largest allowed probability, and a disallowed token
+  is never in the head. The amateur is normalised over the whole
+  vocabulary: renormalising it too would shift a row's scores by a
+  constant, which changes no draw.
+  """
+  cond, uncond = jnp.split(logits.astype(jnp.float32), 2, axis=0)
+  neg = jnp.finfo(jnp.float32).min
+  if allowed is not None:
+    cond = jnp.where(allowed, cond, neg)
+  expert = jax.nn.log_softmax(cond, axis=-1)  # [B, V]
+  amateur = jax.nn.log_softmax(uncond, axis=-1)  # [B, V]
+  kth = jax.lax.top_k(expert, k)[0][:, -1:]  # [B, 1]
+  head = expert >= kth + jnp.log(jnp.float32(alpha))
+  if allowed is not None:  # fewer than k allowed tokens: kth is disallowed
+    head &= allowed
+  return jnp.where(head, expert - amateur, neg)
+
+
 def filter_logits(logits, sampling: SamplingParams, allowed=None):
   """Applies the allowed-token mask, top-k and top-p to logits [B, V]."""
   logits = logits.astype(jnp.float32)
@@ -106,9 +167,19 @@ def filter_logits(logits, sampling: SamplingParams, allowed=None):
 
 
 def next_token(logits, rng, sampling: SamplingParams, allowed=None):
-  """Samples one token per row from logits [B or 2B (CFG), V] -> [B]."""
+  """Samples one token per row from logits [B, V], or [2B, V] when
+  sampling.doubled -> [B].
+
+  Guidance or CD-K first turns the two halves into one score per token;
+  the allowed mask, top-k and top-p then filter it and the temperature
+  scales what is left, as for plain logits (so top-p takes the mass of
+  softmax(CD score), within the head).
+  """
   if sampling.cfg_scale is not None:
     logits = guided_logits(logits, sampling.cfg_scale)
+  elif sampling.contrastive_alpha is not None:
+    logits = contrastive_logits(logits, sampling.contrastive_alpha,
+                                sampling.contrastive_k, allowed)
   logits = filter_logits(logits, sampling, allowed)
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -117,7 +188,7 @@ def next_token(logits, rng, sampling: SamplingParams, allowed=None):
 
 
 def _both_halves(tokens, sampling):
-  if sampling.cfg_scale is None:
+  if not sampling.doubled:
     return tokens
   return jnp.concatenate([tokens, tokens], axis=0)
 
@@ -129,7 +200,8 @@ def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
 
   first_tokens [B]: the token at `start_position` (e.g. BOS or the last
   prompt token); each scan step feeds one token and samples the next.
-  With CFG the cache holds 2B rows ([cond; uncond]). active [B] bool
+  When sampling.doubled (CFG or CD-K) the cache holds 2B rows
+  ([cond; uncond]). active [B] bool
   (optional): inactive rows are fed and emit pad_id (for steps that, like
   the interleaved model's, ignore pad tokens). Returns (tokens
   [B, num_tokens] int32, cache).

@@ -1,15 +1,22 @@
-r"""Writes interleaved shapes documents, tokenized and packed into rows.
+r"""Writes interleaved documents, tokenized and packed into rows.
 
-Example: python -m unimm.tools.pack_interleaved \
-    --tokenizer_workdir WORKDIRS/tokenizer \
-    --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
-    --split train --num_documents 100000 --length 512
+Shapes documents (captions, images, edit stories):
+  python -m unimm.tools.pack_interleaved \
+      --tokenizer_workdir WORKDIRS/tokenizer \
+      --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
+      --split train --num_documents 100000 --length 512
+The (image, caption) pairs of your own converted data set, each as a
+caption->image and an image->caption document:
+  python -m unimm.tools.pack_interleaved --source DIR --split train \
+      --tokenizer_workdir W/tokenizer --text_tokenizer W/text/spiece.model \
+      --out W/data --length 160
 
 Loads the tokenizer (unimm.api.load_tokenizer) and runs
-unimm.data.interleaved.write_interleaved, which describes the documents,
-tokens and packing; prints the metadata (also in OUT/SPLIT.json). Train
-the text tokenizer on these documents' texts first
-(unimm.tools.train_text_tokenizer --source interleaved).
+unimm.data.interleaved.write_interleaved (shapes) or write_pairs (--source
+DIR), which describe the documents, tokens and packing; prints the
+metadata (also in OUT/SPLIT.json). Train the text tokenizer on these
+documents' texts first (unimm.tools.train_text_tokenizer --source
+interleaved, or --data DIR for a converted set).
 """
 import json
 
@@ -33,13 +40,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       required=True, **kw)
   flags.DEFINE_string("out", None, "Output directory.", required=True, **kw)
   flags.DEFINE_string("split", "train", "Split name.", **kw)
-  flags.DEFINE_integer("num_documents", None, "Documents to write.",
-                       required=True, **kw)
+  flags.DEFINE_string("source", "shapes", "shapes (generated documents) or "
+                      "a directory written by unimm.tools.convert (its "
+                      "pairs as caption->image and image->caption "
+                      "documents).", **kw)
+  flags.DEFINE_string("read_split", None, "With --source DIR: the split to "
+                      "read (TFDS slicing allowed; default --split).", **kw)
+  flags.DEFINE_integer("num_documents", None, "Shapes documents to write "
+                       "(required for --source shapes); with --source DIR "
+                       "the first num_documents / 2 pairs (default all).",
+                       **kw)
   flags.DEFINE_integer("length", None, "Tokens per packed row "
                        "(config.model.max_len).", required=True, **kw)
   flags.DEFINE_integer("seed", None, "Document stream (default: train 0, "
                        "validation 1, test 2).", **kw)
-  flags.DEFINE_list("kinds", list(interleaved.KINDS), "Document kinds.", **kw)
+  flags.DEFINE_list("kinds", list(interleaved.KINDS), "Document kinds "
+                    "(pairs of --source DIR make caption_image and "
+                    "image_caption ones only).", **kw)
   flags.DEFINE_list("weights", None, "Weights of --kinds (default uniform).",
                     **kw)
   flags.DEFINE_integer("documents_per_batch", 1024, "Documents tokenized and "
@@ -57,8 +74,25 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   logging.set_verbosity(logging.INFO)
   f = flag_values
   weights = None if f.weights is None else [float(w) for w in f.weights]
+  tokenizer = api.load_tokenizer(f.tokenizer_workdir)
+  if f.source != "shapes":
+    metadata = interleaved.write_pairs(
+        tokenizer, f.text_tokenizer, f.out, f.split, source=f.source,
+        length=f.length, read_split=f.read_split,
+        num_examples=(None if f.num_documents is None
+                      else max(1, f.num_documents // 2)),
+        seed=0 if f.seed is None else f.seed,
+        kinds=[k for k in f.kinds if k in interleaved.PAIR_KINDS],
+        encode_batch_size=f.encode_batch_size,
+        records_per_shard=f.records_per_shard,
+        tokenizer_workdir=f.tokenizer_workdir)
+    print(json.dumps(metadata, indent=1))
+    return metadata
+  if f.num_documents is None:
+    raise ValueError("--num_documents is required with --source shapes "
+                     "(the number of generated documents to write).")
   metadata = interleaved.write_interleaved(
-      api.load_tokenizer(f.tokenizer_workdir), f.text_tokenizer, f.out,
+      tokenizer, f.text_tokenizer, f.out,
       f.split, f.num_documents, f.length, seed=f.seed, kinds=f.kinds,
       weights=weights, documents_per_batch=f.documents_per_batch,
       encode_batch_size=f.encode_batch_size,

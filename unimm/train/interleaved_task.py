@@ -21,12 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from unimm import checkpoints
 from unimm import config_lib
 from unimm.data import interleaved as il_data
+from unimm.data import pipeline
+from unimm.evaluation import grids
 from unimm.evaluation import interleaved_eval
 from unimm.evaluation import reports
+from unimm.evaluation import retrieval
 from unimm.inference import interleaved as inference
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import interleaved as il
@@ -63,7 +67,8 @@ class InterleavedTask:
     config_lib.check_counts(
         config, "eval", positive=("batch_size", "num_batches",
                                   "generation_batch_size", "caption_beams"),
-        non_negative=("num_generation",))
+        non_negative=("num_generation", "retrieval_pairs",
+                      "num_grid_samples"))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
     self.layout = vocab_lib.VocabLayout(
         text_vocab_size=int(config.vocab.text_vocab_size),
@@ -177,10 +182,12 @@ class InterleavedTask:
   # ------------------------------------------------------------------ eval
 
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
-    """Held-out losses on config.eval.split (packed rows) and, with
-    config.eval.num_generation > 0, prompt / caption / edit accuracy of
-    generated documents (unimm.evaluation.interleaved_eval; images guided
-    by config.eval.cfg_scale; "", None or 1 for none)."""
+    """Held-out losses on config.eval.split (packed rows), then on shapes
+    documents with config.eval.num_generation > 0, prompt / caption / edit
+    accuracy of generated documents (unimm.evaluation.interleaved_eval;
+    images guided by config.eval.cfg_scale; "", None or 1 for none), or on
+    a converted data set's pairs, retrieval and held-out grids
+    (_heldout_eval)."""
     eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
     split = eval_cfg.get("split", "validation")
     batch_size = int(eval_cfg.get("batch_size", self.config.data.batch_size))
@@ -203,7 +210,11 @@ class InterleavedTask:
     result = {f"eval_{k}": v / count for k, v in totals.items()}
     result.update(steps=int(step))
     out_dir = os.path.join(workdir, "eval")
-    if int(eval_cfg.get("num_generation", 0)) > 0:
+    metadata = il_data.load_metadata(self.packed_dir, split)
+    if metadata.get("source", "shapes") != "shapes":
+      # Pairs of a converted data set: no shapes probe applies.
+      result.update(self._heldout_eval(params, step, metadata, out_dir))
+    elif int(eval_cfg.get("num_generation", 0)) > 0:
       # Generation read back by the shapes probe, with the settings
       # load_model's methods default to (config.eval).
       n = int(eval_cfg["num_generation"])
@@ -223,6 +234,64 @@ class InterleavedTask:
           caption_rerank=float(settings["caption_rerank"])))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     return reports.write_report(os.path.join(out_dir, "report.json"), result)
+
+  def _heldout_eval(self, params, step: int, metadata: dict,
+                    out_dir: str) -> dict:
+    """The eval on a converted data set's held-out pairs (the eval split's
+    source and read_split, first caption of each): caption retrieval both
+    ways over the first config.eval.retrieval_pairs pairs (retrieval_r1 /
+    _r5 ranking captions by log p(image | caption), retrieval_caption_r1 /
+    _r5 by log p(caption | image), chance beside them), and for the first
+    config.eval.num_grid_samples pairs eval/heldout_samples.png (each true
+    image beside a sample for its caption) and eval/heldout_captions.tsv
+    (true caption, the model's caption of the image)."""
+    eval_cfg = self.config.eval
+    num_pairs = int(eval_cfg.get("retrieval_pairs", 32))
+    num_grid = int(eval_cfg.get("num_grid_samples", 8))
+    images, captions = self.heldout_pairs(metadata, max(num_pairs, num_grid))
+    model = self.inference_model(params, step)
+    result = {}
+    if num_pairs >= 2 and len(captions) >= 2:
+      scores = model.retrieval_scores(
+          images[:num_pairs], captions[:num_pairs],
+          batch_size=int(eval_cfg.get("batch_size", 32)))
+      result.update(retrieval.recall_at_k(scores["image_given_caption"]))
+      result.update({
+          k.replace("retrieval_", "retrieval_caption_"): v
+          for k, v in retrieval.recall_at_k(
+              scores["caption_given_image"]).items()
+          if "chance" not in k and k != "retrieval_pairs"})
+    if num_grid > 0:
+      images, captions = images[:num_grid], captions[:num_grid]
+      seed = int(eval_cfg.get("seed", 0))
+      samples = model.sample(captions, seed=seed)
+      written = model.caption(  # as long as the training captions
+          images, seed=seed,
+          max_new_tokens=int(metadata.get("max_text_tokens", 47)) + 1)
+      if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        grids.save_image_grid(grids.side_by_side(images, samples), captions,
+                              os.path.join(out_dir, "heldout_samples.png"),
+                              columns=4)
+        with open(os.path.join(out_dir, "heldout_captions.tsv"), "w") as f:
+          f.write("caption\tgenerated\n")
+          f.writelines(f"{' '.join(c.split())}\t{' '.join(g.split())}\n"
+                       for c, g in zip(captions, written))
+      result["heldout_grid_samples"] = len(captions)
+    return result
+
+  def heldout_pairs(self, metadata: dict, count: int
+                    ) -> tuple[np.ndarray, list[str]]:
+    """(uint8 images [n, S, S, 3], first captions [n]): the first `count`
+    pairs of the converted data set a split of pairs was packed from."""
+    source, split = metadata["source"], metadata["read_split"]
+    size = int(metadata["image_size"])
+    dataset = pipeline.image_text_dataset(
+        source, split, batch_size=max(1, count), image_size=size,
+        shuffle=False, seed=0, num_epochs=1, drop_remainder=False)
+    batch = next(iter(dataset))
+    return (np.asarray(batch["image"][:count], np.uint8),
+            [str(c) for c in batch["caption"][:count]])
 
   def dependencies(self) -> dict[str, str]:
     """Fingerprints of the frozen tokenizers (saved with the checkpoints;

@@ -216,7 +216,10 @@ class ParTask:
           f"text ids but config.model.text_vocab_size={m.text_vocab_size}.")
 
   def _dataset(self, split, batch_size, *, shuffle, seed, num_epochs,
-               process_index=0, process_count=1, drop_remainder=True):
+               process_index=0, process_count=1, drop_remainder=True,
+               draw_caption=False):
+    """Batches of `split`; draw_caption: one of each record's captions per
+    example and epoch (pretokenize.caption_index), else the first."""
     if not self.pretokenized_dir:
       raise ValueError("config.data.pretokenized_dir is empty; pre-tokenize "
                        "first (python -m unimm.tools.pretokenize --out DIR).")
@@ -227,14 +230,17 @@ class ParTask:
         shuffle=shuffle, seed=seed, num_epochs=num_epochs,
         process_index=process_index, process_count=process_count,
         worker_count=self.config.data.get("worker_count", 0),
-        drop_remainder=drop_remainder)
+        drop_remainder=drop_remainder, draw_caption=draw_caption)
 
   def train_data(self, process_index: int, process_count: int):
+    """Training batches: a record with several captions gives one of them
+    per epoch, drawn from (config.seed, epoch, record index), so a resumed
+    run draws the same; held-out reads keep the first caption."""
     batch_size = config_lib.per_host_batch_size(self.config, process_count)
     return self._dataset("train", batch_size, shuffle=True,
                          seed=self.config.seed, num_epochs=None,
                          process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, draw_caption=True)
 
   # ------------------------------------------------------------ init, loss
 

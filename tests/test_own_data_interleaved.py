@@ -1,0 +1,74 @@
+"""The own-data recipe with model=interleaved (configs/own_data.py) at toy
+size on scikit-learn's digits (tests/test_own_data.py makes the data set):
+the decoder-only model on caption->image and image->caption documents."""
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from unimm import end_to_end
+from unimm.data import pipeline
+
+from test_own_data import digits  # noqa: F401  pylint: disable=unused-import
+from test_own_data import NUM_TRAIN
+from test_own_data import toy_config
+
+
+def toy_interleaved_config(data: str):
+  """configs/own_data.py:model=interleaved at seconds of CPU."""
+  config = toy_config(data, ",model=interleaved,interleaved_steps=3,"
+                      "interleaved_batch=8,text_length=12")
+  model = config.interleaved
+  model.model.update(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                     num_layers=2)
+  model.log_every_steps = 1
+  model.eval.update(batch_size=8, num_batches=2, retrieval_pairs=6,
+                    num_grid_samples=4, caption_beams=1, caption_rerank=0.0)
+  return config
+
+
+def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path):
+  config = toy_interleaved_config(digits["both"])
+  assert "parti" not in config
+  workdir = str(tmp_path / "own_il")
+  paths = end_to_end.Paths(workdir)
+  report = end_to_end.run(config, workdir)
+
+  # Every pair became a caption->image and an image->caption document,
+  # captions cut to text_length - 1 = 11 pieces.
+  with open(os.path.join(paths.data, "train.json")) as f:
+    train_meta = json.load(f)
+  assert train_meta["num_examples"] == NUM_TRAIN
+  assert train_meta["kind_counts"] == {"caption_image": NUM_TRAIN,
+                                       "image_caption": NUM_TRAIN}
+  assert train_meta["max_text_tokens"] == 11
+  assert train_meta["num_unknown_text_tokens"] == 0  # the prompt is covered
+  assert train_meta["source"] == os.path.abspath(digits["both"])
+
+  # Held-out loss (text and image apart), retrieval both ways, the grids.
+  assert report["steps"] == 3
+  for key in ("eval_loss", "eval_text_loss", "eval_image_loss"):
+    assert np.isfinite(report[key]), key
+  assert report["retrieval_pairs"] == 6
+  assert report["retrieval_chance_r1"] == pytest.approx(1 / 6)
+  for key in ("retrieval_r1", "retrieval_r5", "retrieval_caption_r1",
+              "retrieval_caption_r5"):
+    assert 0.0 <= report[key] <= 1.0, key
+  assert "prompt_accuracy_single" not in report  # no shapes probe
+  eval_dir = os.path.join(paths.interleaved, "eval")
+  assert Image.open(os.path.join(eval_dir, "heldout_samples.png")).size[0] > 0
+  with open(os.path.join(eval_dir, "heldout_captions.tsv")) as f:
+    rows = [line.rstrip("\n").split("\t") for line in f]
+  first = pipeline.read_captions(digits["both"], "validation",
+                                 all_captions=False)
+  assert rows[0] == ["caption", "generated"]
+  assert [r[0] for r in rows[1:]] == first[:4]
+
+  samples = os.path.join(paths.interleaved, "samples")
+  with open(os.path.join(samples, "prompts.txt")) as f:
+    assert f.read().splitlines() == first[:4]
+  assert os.path.isfile(os.path.join(samples, "grid.png"))
+  # A rerun skips every finished stage.
+  assert end_to_end.run(config, workdir) == report
