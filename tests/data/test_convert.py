@@ -80,7 +80,9 @@ def _read_all(out: str, split: str, image_size: int = SIZE) -> dict:
       num_epochs=1)
   images = {}
   for batch in dataset:
-    assert set(batch) == {"image", "caption"}
+    assert set(batch) == {"image", "caption", "captions"}
+    # Every caption of the record, the first one first.
+    assert batch["captions"][0].split("\n")[0] == batch["caption"][0]
     assert batch["image"].shape == (1, image_size, image_size, 3)
     assert batch["image"].dtype == np.uint8
     assert batch["caption"].dtype == object

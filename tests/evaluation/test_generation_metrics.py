@@ -16,6 +16,7 @@ from unimm.evaluation import clip
 from unimm.evaluation import fid
 from unimm.evaluation import generation_metrics as gm
 from unimm.evaluation import inception
+from unimm.inference import text_to_image
 
 torch = pytest.importorskip("torch")  # the "torch-ref" / "test" extra
 pytest.importorskip("transformers")
@@ -247,8 +248,9 @@ def test_parti_eval_adds_clip_score_to_the_report(clip_dir, clip_model,
                                                "prompt_accuracy_pair": 0.6})
   task.evaluate(None, {}, str(tmp_path), step=3)
   report = json.load(open(tmp_path / "eval" / "report.json"))
-  sampling = dict(cfg_scale=1.5, temperature=0.7, top_k=0, top_p=1.0,
-                  batch_size=BATCH)
+  # Every sampling setting, as the eval's config gives it.
+  sampling = dict(text_to_image.SAMPLING_DEFAULTS, cfg_scale=1.5,
+                  temperature=0.7, top_k=0, top_p=1.0, batch_size=BATCH)
   assert [kw for _, kw in calls] == [dict(seed=5, **sampling),
                                      dict(seed=6, **sampling),
                                      dict(seed=7, **sampling)]

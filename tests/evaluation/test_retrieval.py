@@ -39,6 +39,30 @@ def test_ranks_count_ties_against_the_model():
   assert report["retrieval_r1"] == 0.0 and report["retrieval_r5"] == 0.0
 
 
+def test_captions_with_the_true_text_count_as_true():
+  # Images 0 and 2 share a caption's text (as label-made captions do).
+  captions = ["a digit seven", "a digit one", "A digit  seven"]
+  scores = np.array([[-2.0, -3.0, -1.0],   # the twin scores best: rank 1
+                     [-1.0, -2.0, -3.0],   # one different caption ahead: 2
+                     [-1.0, -4.0, -5.0]])  # the twin's score counts: 1
+  np.testing.assert_array_equal(
+      retrieval.true_caption_ranks(scores, captions), [1, 2, 1])
+  # Without the texts the twin counts as a wrong caption.
+  np.testing.assert_array_equal(retrieval.true_caption_ranks(scores),
+                                [2, 2, 3])
+  report = retrieval.recall_at_k(scores, ks=(1,), captions=captions)
+  assert report["retrieval_r1"] == pytest.approx(2 / 3)
+  assert report["retrieval_distinct_captions"] == 2
+  # Chance: a random order puts one of g true captions first with g / N.
+  assert report["retrieval_chance_r1"] == pytest.approx((2 + 1 + 2) / 9)
+  # A scorer blind to the caption stays at or below chance.
+  blind = np.tile(np.arange(3.0)[:, None], (1, 3))
+  assert retrieval.recall_at_k(blind, ks=(1,),
+                               captions=captions)["retrieval_r1"] == 0.0
+  with pytest.raises(ValueError, match="2 captions for a \\[3, 3\\]"):
+    retrieval.true_caption_ranks(scores, captions[:2])
+
+
 def test_nan_true_score_ranks_last():
   scores = np.array([[np.nan, -3.0, -4.0], [-1.0, -0.5, np.nan],
                      [0.0, 0.0, 1.0]])

@@ -3,17 +3,19 @@
 For N held-out (image, caption) pairs a generative model scores every image
 against every caption, scores[i, j] = log p(image_i | caption_j), and each
 image ranks the N captions by that score. Recall@k is the fraction of
-images whose true caption (j = i) is among the k best; a model that ignores
-its text ranks at random, chance recall@k = min(k, N) / N.
+images whose true caption (j = i, or any caption with the same text) is
+among the k best; a model that ignores its text ranks at random, chance
+recall@k = min(k, N) / N when the captions all differ.
 
   scores = score_matrix(score_pairs, n, batch_size=64)
-  report = recall_at_k(scores)  # retrieval_r1, retrieval_r5, chance, pairs
+  report = recall_at_k(scores, captions=captions)  # r1, r5, chance, pairs
 
 Model-agnostic: `score_pairs(image_index [R], caption_index [R]) -> [R]`
 is whatever scores a batch of pairs (for Parti, unimm.train.parti_task's
 teacher-forced sum of log-probabilities over the image tokens).
 """
 from collections.abc import Callable, Sequence
+import math
 
 import numpy as np
 
@@ -62,44 +64,78 @@ def score_matrix(score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray],
   return out.reshape(num_pairs, num_captions)
 
 
-def true_caption_ranks(scores) -> np.ndarray:
+def _same_text(captions, n: int) -> np.ndarray:
+  """bool [N, N]: captions i and j have the same text (whitespace and case
+  aside); the identity without captions."""
+  if captions is None:
+    return np.eye(n, dtype=bool)
+  if len(captions) != n:
+    raise ValueError(f"{len(captions)} captions for a [{n}, {n}] score "
+                     "matrix; expected one caption per image.")
+  texts = np.array([" ".join(str(c).lower().split()) for c in captions],
+                   dtype=object)
+  return texts[:, None] == texts[None, :]
+
+
+def true_caption_ranks(scores, captions: Sequence[str] | None = None
+                       ) -> np.ndarray:
   """int [N]: the rank (1 = best) of caption i among row i of scores [N, N].
 
-  Ties count against the model: a caption scoring exactly as high as the
-  true one ranks ahead of it (a constant scorer ranks every true caption
-  last). NaN scores count as -inf, so a NaN true score ranks last.
+  captions (optional): the N caption texts. A caption with the same text
+  as the true one is as true (a data set whose captions come from labels
+  has many): the rank is then that of the best-scoring true caption among
+  the captions that differ from it, so duplicates neither help nor hurt.
+  Ties count against the model: a different caption scoring exactly as high
+  as the true one ranks ahead of it (a constant scorer ranks every true
+  caption behind all the different ones). NaN scores count as -inf, so a
+  NaN true score ranks last.
   """
   scores = np.asarray(scores, np.float64)
   if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
     raise ValueError(f"scores must be a square [N images, N captions] "
                      f"matrix; got shape {scores.shape}.")
   scores = np.where(np.isnan(scores), -np.inf, scores)
-  n = len(scores)
-  true = scores[np.arange(n), np.arange(n)]  # [N]
-  others = scores >= true[:, None]  # [N, N], the diagonal always True
-  return others.sum(axis=1).astype(np.int64)  # diagonal = rank 1 alone
+  if not len(scores):
+    return np.zeros(0, np.int64)
+  same = _same_text(captions, len(scores))  # [N, N], the diagonal True
+  best_true = np.where(same, scores, -np.inf).max(axis=1)  # [N]
+  ahead = (scores >= best_true[:, None]) & ~same  # [N, N]
+  return (1 + ahead.sum(axis=1)).astype(np.int64)
 
 
-def recall_at_k(scores, ks: Sequence[int] = KS) -> dict:
+def recall_at_k(scores, ks: Sequence[int] = KS,
+                captions: Sequence[str] | None = None) -> dict:
   """Retrieval of the true caption from scores [N images, N captions].
 
   Args:
     scores: scores[i, j] = log p(image_i | caption_j) (any score where
       higher means a better match); caption i belongs to image i.
     ks: the recall cut-offs.
+    captions: the N caption texts, when several images may share a
+      caption's text (true_caption_ranks).
 
   Returns:
     {"retrieval_r{k}": fraction of images whose true caption ranks <= k,
-     "retrieval_chance_r{k}": min(k, N) / N (a model blind to its text),
-     "retrieval_pairs": N}; empty for N = 0.
+     "retrieval_chance_r{k}": the mean over images of the chance that a
+     random order puts one of its g true captions among the first k,
+     1 - C(N - g, k) / C(N, k) (min(k, N) / N when all differ),
+     "retrieval_pairs": N, and with captions "retrieval_distinct_captions"};
+    empty for N = 0.
   """
-  ranks = true_caption_ranks(scores)
+  ranks = true_caption_ranks(scores, captions)
   n = len(ranks)
   if not n:
     return {}
+  true_counts = _same_text(captions, n).sum(axis=1)  # g per image
   result = {}
   for k in ks:
+    k = int(k)
     result[f"retrieval_r{k}"] = float((ranks <= k).mean())
-    result[f"retrieval_chance_r{k}"] = min(int(k), n) / n
+    result[f"retrieval_chance_r{k}"] = float(np.mean([
+        1.0 if k >= n else k / n if g == 1 else
+        1.0 - math.comb(n - g, k) / math.comb(n, k) for g in true_counts]))
   result["retrieval_pairs"] = n
+  if captions is not None:
+    result["retrieval_distinct_captions"] = len(
+        {" ".join(str(c).lower().split()) for c in captions})
   return result

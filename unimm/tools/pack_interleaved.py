@@ -1,12 +1,12 @@
 r"""Writes interleaved documents, tokenized and packed into rows.
 
-Shapes documents (captions, images, edit stories):
-  python -m unimm.tools.pack_interleaved \
+Example: python -m unimm.tools.pack_interleaved \
       --tokenizer_workdir WORKDIRS/tokenizer \
       --text_tokenizer WORKDIRS/spiece.model --out WORKDIRS/interleaved \
       --split train --num_documents 100000 --length 512
-The (image, caption) pairs of your own converted data set, each as a
-caption->image and an image->caption document:
+writes shapes documents (captions, images, edit stories); the (image,
+caption) pairs of your own converted data set, each as a caption->image
+and an image->caption document:
   python -m unimm.tools.pack_interleaved --source DIR --split train \
       --tokenizer_workdir W/tokenizer --text_tokenizer W/text/spiece.model \
       --out W/data --length 160

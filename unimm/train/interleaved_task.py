@@ -17,6 +17,7 @@ invisible and does not advance positions.
 """
 import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -255,12 +256,14 @@ class InterleavedTask:
       scores = model.retrieval_scores(
           images[:num_pairs], captions[:num_pairs],
           batch_size=int(eval_cfg.get("batch_size", 32)))
-      result.update(retrieval.recall_at_k(scores["image_given_caption"]))
+      pairs = captions[:num_pairs]
+      result.update(retrieval.recall_at_k(scores["image_given_caption"],
+                                          captions=pairs))
       result.update({
           k.replace("retrieval_", "retrieval_caption_"): v
           for k, v in retrieval.recall_at_k(
-              scores["caption_given_image"]).items()
-          if "chance" not in k and k != "retrieval_pairs"})
+              scores["caption_given_image"], captions=pairs).items()
+          if k.startswith("retrieval_r")})
     if num_grid > 0:
       images, captions = images[:num_grid], captions[:num_grid]
       seed = int(eval_cfg.get("seed", 0))
@@ -269,14 +272,14 @@ class InterleavedTask:
           images, seed=seed,
           max_new_tokens=int(metadata.get("max_text_tokens", 47)) + 1)
       if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
         grids.save_image_grid(grids.side_by_side(images, samples), captions,
                               os.path.join(out_dir, "heldout_samples.png"),
                               columns=4)
-        with open(os.path.join(out_dir, "heldout_captions.tsv"), "w") as f:
-          f.write("caption\tgenerated\n")
-          f.writelines(f"{' '.join(c.split())}\t{' '.join(g.split())}\n"
-                       for c, g in zip(captions, written))
+        epath.Path(out_dir, "heldout_captions.tsv").write_text(
+            "caption\tgenerated\n" + "".join(
+                f"{' '.join(c.split())}\t{' '.join(g.split())}\n"
+                for c, g in zip(captions, written)))
       result["heldout_grid_samples"] = len(captions)
     return result
 

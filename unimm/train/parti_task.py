@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,7 @@ class ParTask:
       if not path and self.pretokenized_dir:
         path = os.path.join(self.pretokenized_dir,
                             pretokenize.TEXT_TOKENIZER_FILE)
-      if not path or not os.path.exists(path):
+      if not path or not epath.Path(path).exists():
         raise ValueError(
             f"No text tokenizer: config.text_tokenizer={path!r} does not "
             "exist and config.data.pretokenized_dir has no "
@@ -184,7 +185,8 @@ class ParTask:
     "" when none is known."""
     d = self.pretokenized_dir
     for split in ("train", self.eval_config["loss_split"]):
-      if d and split and os.path.isfile(pretokenize.metadata_path(d, split)):
+      if d and split and epath.Path(
+          pretokenize.metadata_path(d, split)).is_file():
         source = pretokenize.load_metadata(d, split).get("source") or ""
         if source:
           return str(source)
@@ -329,8 +331,8 @@ class ParTask:
     [n]}, n <= count; None without that split (or for count 0)."""
     split = self.eval_config["loss_split"]
     d = self.pretokenized_dir
-    if count <= 0 or not split or not d or not os.path.isfile(
-        pretokenize.metadata_path(d, split)):
+    if count <= 0 or not split or not d or not epath.Path(
+        pretokenize.metadata_path(d, split)).is_file():
       return None
     self.check_metadata(pretokenize.load_metadata(d, split))
     source = pretokenize.pretokenized_source(d, split)
@@ -363,7 +365,7 @@ class ParTask:
       return {}
     scores = self.retrieval_scores(params, heldout["text_ids"][:n],
                                    heldout["image_ids"][:n])
-    return retrieval.recall_at_k(scores)
+    return retrieval.recall_at_k(scores, captions=heldout["captions"][:n])
 
   def _heldout_grid(self, sampler, heldout, out_dir: str) -> int:
     """Writes eval/heldout_samples.png: for the first
@@ -380,18 +382,18 @@ class ParTask:
     true = sampler.decode(heldout["image_ids"][:count], batch_size)
     samples = sampler.sample(captions, seed=int(cfg["seed"]))
     if jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
+      epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
       grids.save_image_grid(grids.side_by_side(true, samples), captions,
                             os.path.join(out_dir, "heldout_samples.png"),
                             columns=4)
-      with open(os.path.join(out_dir, "heldout_captions.txt"), "w") as f:
-        f.writelines(" ".join(c.split()) + "\n" for c in captions)
+      epath.Path(out_dir, "heldout_captions.txt").write_text("".join(
+          " ".join(c.split()) + "\n" for c in captions))
     return len(captions)
 
   def _heldout_loss(self, params) -> dict:
     split = self.eval_config["loss_split"]
-    if not split or not self.pretokenized_dir or not os.path.isfile(
-        pretokenize.metadata_path(self.pretokenized_dir, split)):
+    if not split or not self.pretokenized_dir or not epath.Path(
+        pretokenize.metadata_path(self.pretokenized_dir, split)).is_file():
       return {}
     batch_size = int(self.eval_config["batch_size"])
     data = self._dataset(split, batch_size, shuffle=False, seed=0,
