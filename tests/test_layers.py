@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "unimm")
 LAYERS = {
     "unimm.nn": 0, "unimm.parallel": 0, "unimm.sampling": 0,
     "unimm.config_lib": 0, "unimm.progress": 0, "unimm.host_memory": 0,
-    "unimm.errors": 0,
+    "unimm.errors": 0, "unimm.paths": 0,
     "unimm.models": 1, "unimm.tokenizers": 1,
     "unimm.checkpoints": 2,
     "unimm.data": 3, "unimm.evaluation": 3,

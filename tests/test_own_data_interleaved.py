@@ -10,6 +10,7 @@ import pytest
 
 from unimm import end_to_end
 from unimm.data import pipeline
+from unimm.evaluation import generation_metrics
 
 from test_own_data import digits  # noqa: F401  pylint: disable=unused-import
 from test_own_data import NUM_TRAIN
@@ -29,12 +30,33 @@ def toy_interleaved_config(data: str):
   return config
 
 
-def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path):
+def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path,
+                                                      monkeypatch):
   config = toy_interleaved_config(digits["both"])
   assert "parti" not in config
   workdir = str(tmp_path / "own_il")
   paths = end_to_end.Paths(workdir)
+  # FID / CLIP score (their networks are tested in tests/evaluation): the
+  # eval hands them the held-out captions and a sampler of this model.
+  scored = []
+
+  def fake_metrics(eval_config, sample_fn, *, workdir, image_size):
+    prompts = generation_metrics.load_prompts(
+        eval_config["metrics_prompts"], num_images=2, image_size=image_size)
+    scored.append((prompts, sample_fn(prompts, 0).shape))
+    return {"clip_score": 0.25}
+
+  monkeypatch.setattr(generation_metrics, "check_eval_config",
+                      lambda eval_config: True)
+  monkeypatch.setattr(generation_metrics, "from_eval_config", fake_metrics)
   report = end_to_end.run(config, workdir)
+  first = pipeline.read_captions(digits["both"], "validation",
+                                 all_captions=False)
+  # Held-out captions (SOURCE:SPLIT reads them in a fixed shuffled order).
+  [(prompts, shape)] = scored
+  assert len(prompts) == 2 and set(prompts) <= set(first)
+  assert shape == (2, 32, 32, 3)
+  assert report["clip_score"] == 0.25
 
   # Every pair became a caption->image and an image->caption document,
   # captions cut to text_length - 1 = 11 pieces.
@@ -61,8 +83,6 @@ def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path):
   assert Image.open(os.path.join(eval_dir, "heldout_samples.png")).size[0] > 0
   with open(os.path.join(eval_dir, "heldout_captions.tsv")) as f:
     rows = [line.rstrip("\n").split("\t") for line in f]
-  first = pipeline.read_captions(digits["both"], "validation",
-                                 all_captions=False)
   assert rows[0] == ["caption", "generated"]
   assert [r[0] for r in rows[1:]] == first[:4]
 

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unimm import parallel
+from unimm import paths
 
 CHECKPOINT_DIR = "checkpoints"
 # Exported models that ship inside the package, loadable by name
@@ -45,7 +46,7 @@ def pretrained_names() -> list[str]:
 def find(path: str) -> str:
   """`path` itself, or the packaged model of that name (or a part of one,
   such as "shapes-parti/tokenizer") when no such folder exists here."""
-  if path and not os.path.exists(path):
+  if path and not paths.is_uri(path) and not os.path.exists(path):
     packaged = os.path.join(PRETRAINED_DIR, path)
     if os.path.isdir(packaged):
       return packaged
@@ -70,12 +71,12 @@ def checkpoint_manager(workdir: str, *, keep: int | None = None,
       max_to_keep=keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+      paths.absolute(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
 
 
 def has_checkpoints(path: str) -> bool:
   """Whether `path` is a run folder (it has a checkpoints/ directory)."""
-  return bool(path) and os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
+  return bool(path) and epath.Path(path, CHECKPOINT_DIR).is_dir()
 
 
 def rules_of(config) -> tuple[tuple[str, Any], ...]:
@@ -114,7 +115,7 @@ def saved(workdir: str, step: int | None = None
   if not has_checkpoints(workdir):
     raise ValueError(
         f"{workdir!r} is not a trained run: it has no {CHECKPOINT_DIR}/ "
-        f"folder (looked in {os.path.abspath(workdir)!r}). Pass a training "
+        f"folder (looked in {paths.absolute(workdir)!r}). Pass a training "
         "workdir, a folder written by `python -m unimm.export`, or the name "
         f"of a packaged model ({', '.join(pretrained_names()) or 'none'}).")
   manager = checkpoint_manager(workdir, read_only=True)
@@ -147,20 +148,20 @@ def resolve_path(value: str, workdir: str, meta: Mapping[str, Any],
   if not value:
     raise ValueError(f"The run in {workdir!r} has no {setting} (empty in its "
                      "saved config); it cannot be loaded without it.")
-  if os.path.isabs(value):
+  if os.path.isabs(value) or paths.is_uri(value):
     candidates = [value]
   else:
     candidates = [os.path.join(workdir, value)]
     cwd, trained_in = meta.get("cwd"), meta.get("workdir")
     if cwd:
-      trained_at = os.path.normpath(os.path.join(cwd, value))
+      trained_at = paths.normalized(os.path.join(cwd, value))
       if trained_in:
-        candidates.append(os.path.normpath(os.path.join(
+        candidates.append(paths.normalized(os.path.join(
             workdir, os.path.relpath(trained_at, trained_in))))
       candidates.append(trained_at)
     candidates.append(value)
   for path in candidates:
-    if os.path.exists(path):
+    if epath.Path(path).exists():
       return path
   tried = ", ".join(dict.fromkeys(repr(c) for c in candidates))
   raise ValueError(

@@ -37,6 +37,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -108,7 +109,7 @@ def model_config(config: ml_collections.ConfigDict, workdir: str
     model.tokenizer_workdir = paths.tokenizer
     model.text_tokenizer = paths.text_model
     model.data.packed_dir = paths.data
-    if os.path.exists(paths.text_model):
+    if epath.Path(paths.text_model).exists():
       # The joint vocabulary holds the pieces SentencePiece made (captions
       # may support fewer than text_vocab; the packed rows use this many).
       text_vocab = text_lib.TextTokenizer.load(paths.text_model).vocab_size
@@ -132,7 +133,7 @@ def parti_config(config: ml_collections.ConfigDict, workdir: str
 
 def _trained_step(workdir: str) -> int:
   """The latest checkpoint step in workdir (0 if none)."""
-  if not os.path.isdir(os.path.join(workdir, trainer.CHECKPOINT_DIR)):
+  if not epath.Path(workdir, trainer.CHECKPOINT_DIR).is_dir():
     return 0
   manager = trainer.checkpoint_manager(workdir, read_only=True)
   try:
@@ -195,7 +196,7 @@ def check_own_data(config) -> dict:
 
 
 def _text_tokenizer(config, paths: Paths) -> None:
-  if os.path.exists(paths.text_model):
+  if epath.Path(paths.text_model).exists():
     logging.info("Stage text: %s exists; skipping.", paths.text_model)
     return
   if _own_data(config) is not None:
@@ -214,7 +215,7 @@ def _text_tokenizer(config, paths: Paths) -> None:
   if model_name(config) == "interleaved":
     # Image-to-text documents ask for their caption with these words.
     captions += [il_data.CAPTION_PROMPT] * max(1, len(captions) // 20)
-  os.makedirs(os.path.dirname(paths.text_prefix), exist_ok=True)
+  epath.Path(paths.text_prefix).parent.mkdir(parents=True, exist_ok=True)
   try:
     text_lib.train_sentencepiece(captions, config.text.vocab_size,
                                  paths.text_prefix,
@@ -260,9 +261,8 @@ def _pretokenize(config, paths: Paths) -> None:
   tokenizer = None  # loaded once, when a split needs it
   for split, num in config.pretokenize.splits.items():
     meta_path = pretokenize.metadata_path(paths.data, split)
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        meta = json.load(f)
+    if epath.Path(meta_path).exists():
+      meta = json.loads(epath.Path(meta_path).read_text())
       if (meta.get("num_examples") == num and
           meta.get("tokenizer_step") == tokenizer_step):
         logging.info("Stage data: %s is up to date; skipping.", meta_path)
@@ -298,12 +298,10 @@ def _pretokenize(config, paths: Paths) -> None:
 def _truncated_captions(paths: Paths) -> dict[str, int]:
   """Captions truncated per pre-tokenized split (from its metadata)."""
   counts = {}
-  for name in sorted(os.listdir(paths.data)):
-    if name.endswith(".json"):
-      with open(os.path.join(paths.data, name)) as f:
-        meta = json.load(f)
-      if "num_truncated_captions" in meta:
-        counts[name[:-len(".json")]] = meta["num_truncated_captions"]
+  for path in sorted(epath.Path(paths.data).glob("*.json")):
+    meta = json.loads(path.read_text())
+    if "num_truncated_captions" in meta:
+      counts[path.stem] = meta["num_truncated_captions"]
   return counts
 
 
@@ -320,12 +318,10 @@ def _prompts(config) -> list[str]:
 
 def _samples_done(output_dir: str, prompts: list[str]) -> bool:
   """Whether output_dir holds the grid of exactly these prompts."""
-  listed = os.path.join(output_dir, "prompts.txt")
-  if not os.path.isfile(os.path.join(output_dir, "grid.png")) or (
-      not os.path.isfile(listed)):
+  listed = epath.Path(output_dir, "prompts.txt")
+  if not epath.Path(output_dir, "grid.png").is_file() or not listed.is_file():
     return False
-  with open(listed) as f:
-    return f.read().splitlines() == prompts
+  return listed.read_text().splitlines() == prompts
 
 
 def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
@@ -340,8 +336,8 @@ def _samples(config, paths: Paths, prompts: list[str]) -> list[str]:
       model_dir, prompts=prompts, seed=sampling.seed,
       cfg_scale=sampling.cfg_scale, temperature=sampling.temperature,
       top_k=sampling.top_k, top_p=sampling.top_p, output_dir=output_dir)
-  with open(os.path.join(output_dir, "prompts.txt"), "w") as f:
-    f.write("".join(f"{prompt}\n" for prompt in prompts))
+  epath.Path(output_dir, "prompts.txt").write_text(
+      "".join(f"{prompt}\n" for prompt in prompts))
   return written
 
 
@@ -397,8 +393,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if lead:
     _samples(config, paths, prompts)
   report_path = os.path.join(model_dir, "eval", "report.json")
-  with open(report_path) as f:
-    report = json.load(f)
+  report = json.loads(epath.Path(report_path).read_text())
   if lead:
     keys = ("prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd")
     if own is not None:

@@ -4,6 +4,7 @@ import json
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -95,13 +96,13 @@ def _scalars(metrics: dict) -> dict:
 def _output_dir(path: str, output_dir: str | None, what: str) -> str:
   """output_dir, else a new PATH/WHAT/<time>/ (never a recipe's own files)."""
   if output_dir:
-    os.makedirs(output_dir, exist_ok=True)
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     return output_dir
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   for n in range(1000):
     output_dir = os.path.join(path, what, stamp + (f"-{n}" if n else ""))
     try:
-      os.makedirs(output_dir)
+      epath.Path(output_dir).mkdir(parents=True)
       return output_dir
     except FileExistsError:
       continue
@@ -111,7 +112,9 @@ def _output_dir(path: str, output_dir: str | None, what: str) -> str:
 
 def sample(workdir: str, *, prompts=None, prompts_file=None, seed=0,
            cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,
-           upscale=1, upsamplers=None, output_dir=None) -> list[str]:
+           contrastive_alpha=EVAL, contrastive_k=EVAL, sjd_window=EVAL,
+           upscale=1,
+           upsamplers=None, output_dir=None) -> list[str]:
   """Samples one image per prompt: PNGs, grid.png and prompts.txt in
   output_dir (default: a new WORKDIR/samples/<time>/). Settings left at
   EVAL are the model's eval settings. upscale 2 / 4 runs the upsampler
@@ -124,7 +127,8 @@ def sample(workdir: str, *, prompts=None, prompts_file=None, seed=0,
     raise ValueError("--mode sample needs --prompts or --prompts_file.")
   model = api.load_model(workdir, upsamplers=upsamplers)
   given = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-               top_p=top_p)
+               top_p=top_p, contrastive_alpha=contrastive_alpha,
+               contrastive_k=contrastive_k, sjd_window=sjd_window)
   settings = {k: v for k, v in given.items() if v is not EVAL}
   base = None
   if isinstance(model, api.InterleavedModel) and upscale != 1:
@@ -140,7 +144,7 @@ def sample(workdir: str, *, prompts=None, prompts_file=None, seed=0,
   paths = []
   for i, image in enumerate(images):
     paths.append(os.path.join(out_dir, f"{i:05d}.png"))
-    Image.fromarray(image).save(paths[-1])
+    grids.save_image(Image.fromarray(image), paths[-1])
   if base is None:
     grids.save_image_grid(images, prompts, os.path.join(out_dir, "grid.png"))
   else:
@@ -151,8 +155,7 @@ def sample(workdir: str, *, prompts=None, prompts_file=None, seed=0,
     grids.save_image_grid(grids.side_by_side(enlarged, images), prompts,
                           os.path.join(out_dir, "grid.png"), columns=4,
                           cell=size)
-  with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-    f.write("\n".join(prompts) + "\n")
+  epath.Path(out_dir, "prompts.txt").write_text("\n".join(prompts) + "\n")
   print(f"Wrote {len(paths)} samples and grid.png to {out_dir}")
   return paths
 
@@ -162,7 +165,7 @@ def read_images(paths, size: int) -> np.ndarray:
   cropped as the data converter does)."""
   images = []
   for path in paths:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:
       images.append(np.asarray(convert.resize_and_center_crop(
           convert.to_rgb(image), size)))
   return np.stack(images)
@@ -185,9 +188,10 @@ def caption(workdir: str, *, images, seed=0, num_beams=EVAL,
   captions = model.caption(pixels, seed=seed, num_beams=num_beams,
                            rerank_weight=rerank_weight)
   out_dir = _output_dir(api.model_path(workdir), output_dir, "captions")
-  with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
-    for path, text in zip(images, captions):
-      f.write(json.dumps({"image": path, "caption": text}) + "\n")
-      print(f"{path}\t{text}")
+  lines = []
+  for path, text in zip(images, captions):
+    lines.append(json.dumps({"image": path, "caption": text}) + "\n")
+    print(f"{path}\t{text}")
+  epath.Path(out_dir, "captions.jsonl").write_text("".join(lines))
   grids.save_image_grid(pixels, captions, os.path.join(out_dir, "grid.png"))
   return captions

@@ -24,12 +24,12 @@ workdir (its parti/ stage and upsamplers) or another export.
 import datetime
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 import unimm
 from unimm import checkpoints
 from unimm import inference
+from unimm import paths
 from unimm.evaluation import reports
 
 TOKENIZER_DIR = "tokenizer"
@@ -71,18 +72,18 @@ def _parameter_count(params) -> int:
 
 
 def _eval_report(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, "eval", "report.json")
-  if not os.path.isfile(path):
+  path = epath.Path(workdir, "eval", "report.json")
+  if not path.is_file():
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _check_out(out: str, source: str) -> None:
-  if os.path.abspath(out) == os.path.abspath(source):
+  if paths.absolute(out) == paths.absolute(source):
     raise ValueError(f"--out {out!r} is the run being exported; pick a new "
                      "folder.")
-  if os.path.exists(out) and os.listdir(out):
+  folder = epath.Path(out)
+  if folder.exists() and any(folder.iterdir()):
     raise ValueError(f"--out {out!r} exists and is not empty; export into a "
                      "new folder (nothing was written).")
 
@@ -114,10 +115,10 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   step, config, meta = checkpoints.saved(path, step)
   task = config.get("task")
   card = {
-      "name": os.path.basename(os.path.normpath(out)),
+      "name": os.path.basename(paths.normalized(out)),
       "task": task,
       "step": int(step),
-      "exported_from": os.path.abspath(path),
+      "exported_from": paths.absolute(path),
       "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "unimm_version": unimm.__version__,
@@ -125,7 +126,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
       "model": config.model.to_dict(),
       "eval_report": _eval_report(path),
   }
-  os.makedirs(out, exist_ok=True)
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
   if task == "vit_vqgan":
     tokenizer = inference.load_tokenizer(path, step)
     export_tokenizer(path, out, step)
@@ -144,8 +145,8 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
     tokenizer = (model.image_tokenizer if task == "parti"
                  else model.tokenizer)
     export_tokenizer(tokenizer.path, os.path.join(out, TOKENIZER_DIR))
-    with open(os.path.join(out, TEXT_TOKENIZER_FILE), "wb") as f:
-      f.write(model.text_tokenizer.model_proto)
+    epath.Path(out, TEXT_TOKENIZER_FILE).write_bytes(
+        model.text_tokenizer.model_proto)
     config.tokenizer_workdir = TOKENIZER_DIR
     config.text_tokenizer = TEXT_TOKENIZER_FILE
     write_params_checkpoint(out, model.step, model.params, config, meta)
@@ -160,7 +161,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
         _export_upsampler(source, os.path.join(out, name))
         card["upsamplers"][str(factor)] = name
   else:
-    shutil.rmtree(out, ignore_errors=True)
+    epath.Path(out).rmtree(missing_ok=True)
     raise ValueError(f"{path!r} holds a {task!r} run; export takes a "
                      "tokenizer, upsampler, text-to-image or interleaved run.")
   reports.write_json(os.path.join(out, MODEL_CARD), card)

@@ -60,6 +60,17 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "--mode sample (0 = off; "
                               "default: the eval's setting).")
 _TOP_P = flags.DEFINE_float("top_p", None, "--mode sample (1 = off; "
                             "default: the eval's setting).")
+_CONTRASTIVE_ALPHA = flags.DEFINE_float(
+    "contrastive_alpha", None, "--mode sample: CM3Leon's contrastive "
+    "decoding (CD-K) with this plausibility factor in (0, 1], instead of "
+    "guidance (default: the eval's setting).")
+_CONTRASTIVE_K = flags.DEFINE_integer(
+    "contrastive_k", None, "--mode sample: CD-K's head is taken at the k-th "
+    "likeliest token (default: the eval's setting).")
+_SJD_WINDOW = flags.DEFINE_integer(
+    "sjd_window", None, "--mode sample: speculative Jacobi decoding of image "
+    "spans with windows of this many tokens (0 = off; the same "
+    "distribution in fewer model steps; default: the eval's setting).")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", None, "--mode caption: beam "
                                   "width (default: the eval's setting).")
 _RERANK_WEIGHT = flags.DEFINE_float(
@@ -204,7 +215,11 @@ def _run(argv):
                        cfg_scale=_cfg_scale(_CFG_SCALE.value),
                        temperature=_given(_TEMPERATURE.value),
                        top_k=_given(_TOP_K.value),
-                       top_p=_given(_TOP_P.value), upscale=_UPSCALE.value,
+                       top_p=_given(_TOP_P.value),
+                       contrastive_alpha=_given(_CONTRASTIVE_ALPHA.value),
+                       contrastive_k=_given(_CONTRASTIVE_K.value),
+                       sjd_window=_given(_SJD_WINDOW.value),
+                       upscale=_UPSCALE.value,
                        upsamplers=_UPSAMPLER_WORKDIR.value,
                        output_dir=_OUTPUT_DIR.value)
 

@@ -63,7 +63,8 @@ def test_api_defaults_are_the_eval_settings(models):
   # The run's config.eval (configs/parti_shapes.py, cfg_scale changed).
   assert parti.settings == dict(cfg_scale=2.0, temperature=0.7, top_k=0,
                                 top_p=1.0, contrastive_alpha=None,
-                                contrastive_k=1, batch_size=8)
+                                contrastive_k=1, sjd_window=0,
+                                batch_size=8)
   np.testing.assert_array_equal(
       parti.sample(PROMPTS, seed=1),
       parti.sample(PROMPTS, seed=1, cfg_scale=2.0, temperature=0.7,
@@ -269,3 +270,27 @@ def test_interleaved_contrastive_decoding_through_the_api(models,
                      "1.5 are both set"):
     interleaved.sample(PROMPTS, cfg_scale=1.5, contrastive_alpha=0.1)
   assert len(calls) == 1  # nothing was sampled
+
+
+def test_sjd_window_through_the_api(models, monkeypatch):
+  """sample_ids(sjd_window=4) decodes by speculative Jacobi decoding: at
+  temperature 0 (the eval's guidance on) it gives the plain greedy ids; a
+  bad window is a ValueError naming the setting before compiling, for
+  both kinds of model."""
+  parti = unimm.load_model(models["parti"])
+  assert parti.sampling_params().sjd_window == 0
+  assert parti.sampling_params(sjd_window=4).sjd_window == 4
+  np.testing.assert_array_equal(
+      parti.sample_ids(PROMPTS, temperature=0.0, sjd_window=4),
+      parti.sample_ids(PROMPTS, temperature=0.0))
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(text_to_image, "_jitted_sample", no_compile)
+  monkeypatch.setattr(il, "_jitted_phases", no_compile)
+  with pytest.raises(ValueError, match="sjd_window=1; expected 0"):
+    parti.sample(PROMPTS, sjd_window=1)
+  interleaved_model = unimm.load_model(models["interleaved"])
+  with pytest.raises(ValueError, match="sjd_window=-4; expected 0"):
+    interleaved_model.sample(PROMPTS, sjd_window=-4)

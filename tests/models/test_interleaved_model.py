@@ -256,6 +256,22 @@ def test_guided_image_spans_equal_naive_guidance(cfg_scale):
     _continue(model, params, greedy, SamplingParams(cfg_scale=2.0))
 
 
+def test_sjd_image_spans_equal_greedy_decoding():
+  """Speculative Jacobi decoding of guided image spans at temperature 0
+  gives the greedy tokens (row 1 idles on PAD through the span; the
+  text-dropped half has other positions), and sjd_window belongs to image
+  spans only."""
+  model = _model(max_len=96)
+  params = model.init(jax.random.PRNGKey(5), jnp.ones((1, 8), jnp.int32))
+  greedy = SamplingParams(temperature=0.0, cfg_scale=8.0)
+  sjd = SamplingParams(temperature=0.0, cfg_scale=8.0, sjd_window=3)
+  np.testing.assert_array_equal(_continue(model, params, sjd),
+                                _continue(model, params, greedy))
+  with pytest.raises(ValueError, match="sjd_window=3: speculative Jacobi "
+                     "decoding applies to image spans only"):
+    _continue(model, params, greedy, SamplingParams(0.0, sjd_window=3))
+
+
 def test_text_sampling_takes_neither_guidance_nor_cd_k(model_and_params):
   """Guidance and CD-K read the text-dropped document, which only image
   spans have (greedy CD-K through continue_documents equals full forwards:

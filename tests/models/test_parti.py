@@ -56,6 +56,20 @@ def test_greedy_cached_tokens_equal_uncached():
   np.testing.assert_array_equal(ids, seq)
 
 
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+def test_sjd_greedy_equals_greedy_decoding(cfg_scale):
+  """Speculative Jacobi decoding at temperature 0 gives the greedy tokens
+  (window 4 over 9 tokens: the window moves and meets the end), in at most
+  image_length decoder calls."""
+  greedy = SamplingParams(0.0, cfg_scale=cfg_scale)
+  sjd = SamplingParams(0.0, cfg_scale=cfg_scale, sjd_window=4)
+  ids, calls = jax.jit(lambda text: parti.sample_image_ids(
+      MODEL, PARAMS, text, jax.random.key(0), sjd, UNCOND,
+      return_steps=True))(TEXT)
+  np.testing.assert_array_equal(ids, sample(TEXT, jax.random.key(0), greedy))
+  assert 2 <= int(calls) <= T
+
+
 def test_cfg_scale_one_is_conditional_sampling_and_seeded():
   sp = SamplingParams(3.0)
   plain = sample(TEXT, jax.random.key(5), sp)

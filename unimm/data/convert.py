@@ -115,6 +115,7 @@ from PIL import Image
 from PIL import ImageOps
 import tensorflow_datasets as tfds
 
+from unimm import paths as paths_lib
 from unimm.evaluation.reports import write_json
 from unimm.progress import Progress
 
@@ -1022,6 +1023,12 @@ def convert(*, out: str, image_size: int, split: str = "train",
     raise ValueError(
         f"--max_pixels={max_pixels}; expected 1 to {2 * pillow_limit} "
         "(Pillow refuses images above twice Image.MAX_IMAGE_PIXELS).")
+  if paths_lib.is_uri(out):
+    raise ValueError(
+        f"--out={out!r}: convert writes a local directory (its shards go "
+        "through local temporary files and renames); convert into a local "
+        "--out, then copy it (gsutil -m cp -r OUT gs://...) and point "
+        "config.data.source there.")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out={out!r} is a file; expected a directory.")
   if os.path.isdir(out):

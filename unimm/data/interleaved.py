@@ -80,15 +80,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax import serialization
 import numpy as np
 
+from unimm import paths
 from unimm.data import convert
 from unimm.data import pipeline
 from unimm.data import pretokenize
@@ -683,8 +684,8 @@ def _write_packed(out_dir: str, split: str, length: int, batches,
       done += len(tokens)
       progress.update(done)
   names = writer.commit()
-  with open(os.path.join(out_dir, pretokenize.TEXT_TOKENIZER_FILE), "wb") as f:
-    f.write(text_tokenizer.model_proto)
+  epath.Path(out_dir, pretokenize.TEXT_TOKENIZER_FILE).write_bytes(
+      text_tokenizer.model_proto)
   return {
       "num_rows": int(num_rows),
       "shards": names,
@@ -716,9 +717,9 @@ def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
       "grid": list(tokenizer.grid),
       "image_length": int(np.prod(tokenizer.grid)),
       "image_size": int(tokenizer.image_size),
-      "text_tokenizer": os.path.abspath(text_tokenizer_path),
+      "text_tokenizer": paths.absolute(text_tokenizer_path),
       "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
-      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
+      "tokenizer_workdir": (paths.absolute(tokenizer_workdir)
                             if tokenizer_workdir else ""),
       "tokenizer_step": int(tokenizer.step),
   }
@@ -940,7 +941,7 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
       stats, split=split, length=length, layout=layout, tokenizer=tokenizer,
       text_tokenizer_path=text_tokenizer_path,
       tokenizer_workdir=tokenizer_workdir,
-      source=os.path.abspath(source), read_split=read_split, seed=int(seed),
+      source=paths.absolute(source), read_split=read_split, seed=int(seed),
       num_examples=int(total), num_documents=int(total * len(kinds)),
       kinds=list(kinds), max_text_tokens=int(max_text_tokens),
       num_truncated_captions=int(truncated[0]))

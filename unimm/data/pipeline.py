@@ -18,10 +18,10 @@ examples at 32 px, for long text-to-image runs), or a directory written by
 any random-access source (e.g. pre-tokenised shards).
 """
 import functools
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import grain
 import numpy as np
 from PIL import Image
@@ -200,7 +200,7 @@ def converted_builder(source: str, setting: str = "config.data.source"):
       `setting`, the config field or argument that gave it, and the
       command that writes one).
   """
-  if not os.path.isfile(os.path.join(source, "dataset_info.json")):
+  if not epath.Path(source, "dataset_info.json").is_file():
     raise ValueError(
         f"{setting}={source!r} is neither one of {sorted(SHAPES_SOURCES)} "
         "nor a directory written by `python -m unimm.tools.convert --out "

@@ -40,15 +40,16 @@ differs from epoch to epoch; evaluation reads the first caption.
 """
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
 from array_record.python import array_record_module
+from etils import epath
 from flax import serialization
 import grain
 import numpy as np
 
+from unimm import paths
 from unimm.data import convert
 from unimm.data import pipeline
 from unimm.evaluation.reports import write_report
@@ -148,9 +149,9 @@ class ShardWriter:
     self.num_records = 0
     self._writer = None
     self._tmp_names: list[str] = []
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.rmtree(self.tmp_dir, ignore_errors=True)
-    os.makedirs(self.tmp_dir)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    epath.Path(self.tmp_dir).rmtree(missing_ok=True)  # left by a killed run
+    epath.Path(self.tmp_dir).mkdir()
 
   def write(self, record: bytes) -> None:
     if self.num_records % self.records_per_shard == 0:
@@ -172,18 +173,19 @@ class ShardWriter:
     self._close_shard()
     num_shards = len(self._tmp_names)
     names = [shard_name(self.split, i, num_shards) for i in range(num_shards)]
-    for name in os.listdir(self.out_dir):
-      if name.startswith(f"{self.split}-") and name.endswith(".array_record"):
-        os.remove(os.path.join(self.out_dir, name))
+    out_dir, tmp_dir = epath.Path(self.out_dir), epath.Path(self.tmp_dir)
+    for old in out_dir.iterdir():
+      if old.name.startswith(f"{self.split}-") and old.name.endswith(
+          ".array_record"):
+        old.unlink()
     for tmp_name, name in zip(self._tmp_names, names):
-      os.replace(os.path.join(self.tmp_dir, tmp_name),
-                 os.path.join(self.out_dir, name))
-    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+      (tmp_dir / tmp_name).replace(out_dir / name)
+    tmp_dir.rmtree(missing_ok=True)
     return names
 
   def abort(self) -> None:
     self._close_shard()
-    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+    epath.Path(self.tmp_dir).rmtree(missing_ok=True)
 
   def __enter__(self) -> "ShardWriter":
     return self
@@ -343,8 +345,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       raise ValueError(f"{source}/{split} has no examples to pre-tokenize.")
   # Replace this split's old files only once the new ones are complete.
   names = writer.commit()
-  with open(os.path.join(out_dir, TEXT_TOKENIZER_FILE), "wb") as f:
-    f.write(text_tokenizer.model_proto)
+  epath.Path(out_dir, TEXT_TOKENIZER_FILE).write_bytes(
+      text_tokenizer.model_proto)
 
   metadata = {
       "format": FORMAT,
@@ -371,9 +373,9 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       "caption_limit": int(max_captions),
       "num_dropped_captions": int(num_dropped),
       "num_truncated_all_captions": int(num_truncated_all),
-      "text_tokenizer": os.path.abspath(text_tokenizer_path),
+      "text_tokenizer": paths.absolute(text_tokenizer_path),
       "text_tokenizer_copy": TEXT_TOKENIZER_FILE,
-      "tokenizer_workdir": (os.path.abspath(tokenizer_workdir)
+      "tokenizer_workdir": (paths.absolute(tokenizer_workdir)
                             if tokenizer_workdir else ""),
       "tokenizer_step": int(tokenizer.step),
       "source": source,
@@ -392,16 +394,16 @@ def load_metadata(out_dir: str, split: str = "train",
                   command: str = "unimm.tools.pretokenize") -> dict[str, Any]:
   """The metadata of a pre-tokenized split; ValueError naming the fix
   (`command` is the module that writes such splits)."""
-  path = metadata_path(out_dir, split)
-  if not os.path.isfile(path):
-    have = sorted(n[:-5] for n in os.listdir(out_dir)
-                  if n.endswith(".json")) if os.path.isdir(out_dir) else []
+  path = epath.Path(metadata_path(out_dir, split))
+  if not path.is_file():
+    folder = epath.Path(out_dir)
+    have = sorted(p.name[:-5] for p in folder.iterdir()
+                  if p.name.endswith(".json")) if folder.is_dir() else []
     raise ValueError(
         f"No pre-tokenized split {split!r} in {out_dir!r} (found splits "
         f"{have}); run `python -m {command} --split {split} "
         f"--out {out_dir} ...` first (config.data.pretokenized_dir).")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def shard_source(out_dir: str, split: str, metadata: dict[str, Any],
@@ -409,12 +411,12 @@ def shard_source(out_dir: str, split: str, metadata: dict[str, Any],
                  ) -> grain.sources.ArrayRecordDataSource:
   """Random access over the shards metadata["shards"], checked to exist and
   to hold `num_records` records."""
-  paths = [os.path.join(out_dir, name) for name in metadata["shards"]]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  shards = [os.path.join(out_dir, name) for name in metadata["shards"]]
+  missing = [p for p in shards if not epath.Path(p).is_file()]
   if missing:
     raise ValueError(f"Pre-tokenized shards are missing: {missing[:3]}; "
                      f"re-run {command} for this split.")
-  source = grain.sources.ArrayRecordDataSource(paths)
+  source = grain.sources.ArrayRecordDataSource(shards)
   if len(source) != num_records:
     raise ValueError(
         f"{out_dir!r} split {split!r} holds {len(source)} records but its "

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -61,6 +62,11 @@ INCEPTION_BATCH = 50  # pytorch-fid's default batch size
 SampleFn = Callable[[list[str], int], Any]
 
 
+# The config.eval keys above and their defaults (FID and CLIP score off).
+CONFIG_DEFAULTS = dict(inception_weights="", fid_reference="", clip_dir="",
+                       metrics_prompts="", metrics_num_images=1000)
+
+
 def _setting(name: str) -> str:
   return f"config.eval.{name}"
 
@@ -72,7 +78,10 @@ def _is_data_spec(value: str) -> bool:
 
 def _parse_data_spec(value: str, name: str) -> tuple[str, str]:
   """(source, split) of "SOURCE:SPLIT"; ValueError naming the setting."""
-  source, split = value.rsplit(":", 1)
+  # The split may slice (TFDS: "train[-200:]"), so it is the part after
+  # the last ":" outside brackets.
+  match = re.fullmatch(r"(.*):(\w+(?:\[[^\]]*\])?)", value)
+  source, split = (match.groups() if match else value.rsplit(":", 1))
   if not split or not (source in pipeline.SHAPES_SOURCES or os.path.isfile(
       os.path.join(source, "dataset_info.json"))):
     raise ValueError(

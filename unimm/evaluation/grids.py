@@ -8,8 +8,10 @@ high and its caption wrapped beneath it in up to `text_lines` lines. To
 show images side by side in one cell (an original beside its
 reconstruction), concatenate them along the width first (`side_by_side`).
 """
+import io
 from collections.abc import Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -40,12 +42,25 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int
   return lines
 
 
-def save_image_grid(images, captions: Sequence[str] | None, path: str, *,
-                    columns: int = 8, cell: int = 128,
-                    text_lines: int = 4) -> None:
+def save_image(image: Image.Image, path: epath.PathLike) -> None:
+  """Writes `image` at `path` (local or gs://...) in the format its
+  extension names (".png", ".jpg", ...)."""
+  path = epath.Path(path)
+  image_format = Image.registered_extensions().get(path.suffix.lower())
+  if image_format is None:
+    raise ValueError(f"Cannot tell the image format of {str(path)!r}; name "
+                     "the file .png or .jpg.")
+  buffer = io.BytesIO()
+  image.save(buffer, format=image_format)
+  path.write_bytes(buffer.getvalue())
+
+
+def save_image_grid(images, captions: Sequence[str] | None,
+                    path: epath.PathLike, *, columns: int = 8,
+                    cell: int = 128, text_lines: int = 4) -> None:
   """Writes image_grid(images, captions, ...) as a PNG at `path`."""
-  image_grid(images, captions, columns=columns, cell=cell,
-             text_lines=text_lines).save(path)
+  save_image(image_grid(images, captions, columns=columns, cell=cell,
+                        text_lines=text_lines), path)
 
 
 def image_grid(images, captions: Sequence[str] | None = None, *,

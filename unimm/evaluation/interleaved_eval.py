@@ -30,6 +30,7 @@ checkpoints document by document.
 import json
 import os
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -203,10 +204,9 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       [s["correct"] for s in score_images(expected, reconstructed)])
 
   if jax.process_index() == 0:  # one writer (every process computed these)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "verdicts.jsonl"), "w") as f:
-      for verdict in verdicts:
-        f.write(json.dumps(reports.to_json(verdict)) + "\n")
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    epath.Path(out_dir, "verdicts.jsonl").write_text("".join(
+        json.dumps(reports.to_json(verdict)) + "\n" for verdict in verdicts))
     _save_documents(edits[:8], sources[:8], edited[:8], captions[:8],
                     images[:8], samples[:8], prompts[:8],
                     os.path.join(out_dir, "documents.png"))

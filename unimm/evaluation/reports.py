@@ -2,18 +2,20 @@
 
 Evaluators return plain values; `write_report` saves them: numpy scalars
 and arrays become JSON numbers and lists, the file is written by process 0
-only, and atomically (a temporary file in the same directory, then
-os.replace), so a reader never sees half a report and a failed write
-leaves the previous one intact. `write_json` is the same write without the
+only, and atomically (a temporary file in the same directory, then a
+rename), so a reader never sees half a report and a failed write leaves
+the previous one intact. Paths go through etils.epath: a report may live
+on gs://. `write_json` is the same write without the
 process check, for single-process tools that never start jax (asking jax
 for the process index starts its backend).
 """
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -40,28 +42,26 @@ def to_json(value: Any) -> Any:
                   "report; convert it to a number, string, list or dict.")
 
 
-def write_json(path: str, value: Any) -> Any:
+def write_json(path: epath.PathLike, value: Any) -> Any:
   """Writes to_json(value) to `path` atomically, from this process, whatever
   its index (for single-process tools that never start jax); returns it.
   Parent directories are created."""
   converted = to_json(value)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp", dir=directory)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
   try:
-    with os.fdopen(fd, "w") as f:
+    with tmp.open("w") as f:
       json.dump(converted, f, indent=2)
       f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    tmp.replace(target)
   except BaseException:
-    os.remove(tmp)
+    tmp.unlink(missing_ok=True)
     raise
   return converted
 
 
-def write_report(path: str, report: Mapping[str, Any]) -> dict:
+def write_report(path: epath.PathLike, report: Mapping[str, Any]) -> dict:
   """Writes `report` as JSON to `path`, on process 0 only, atomically.
 
   Numpy scalars and arrays become JSON numbers and lists (to_json); parent

@@ -38,7 +38,8 @@ EVAL = settings_lib.EVAL
 # beam search of caption_beams reranked by caption_rerank.
 SAMPLING_DEFAULTS = dict(temperature=0.0, image_temperature=None,
                          cfg_scale=None, contrastive_alpha=None,
-                         contrastive_k=1, caption_beams=1, caption_rerank=0.0)
+                         contrastive_k=1, sjd_window=0, caption_beams=1,
+                         caption_rerank=0.0)
 
 
 def left_pad(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -121,9 +122,11 @@ class InterleavedModel:
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
                 max_new_tokens, max_images, max_text_tokens=64,
                 cfg_scale=None, image_temperature=None,
-                contrastive_alpha=None, contrastive_k=1):
+                contrastive_alpha=None, contrastive_k=1, sjd_window=0):
     temperature = settings_lib.resolve(temperature, self.settings,
                                        "temperature")
+    sjd_window = settings_lib.resolve(sjd_window, self.settings,
+                                      "sjd_window")
     image_temperature = settings_lib.resolve(
         image_temperature, self.settings, "image_temperature")
     cfg_scale, contrastive_alpha = settings_lib.resolve_guidance(
@@ -146,7 +149,7 @@ class InterleavedModel:
     sampling = SamplingParams.from_config(text, self.layout.size)
     image_sampling = SamplingParams.from_config(dict(
         text, cfg_scale=cfg_scale, contrastive_alpha=contrastive_alpha,
-        contrastive_k=contrastive_k, temperature=(
+        contrastive_k=contrastive_k, sjd_window=sjd_window, temperature=(
             temperature if image_temperature is None else image_temperature)),
                                                 self.layout.size)
     if image_sampling.doubled and not self.config.get("loss", {}).get(
@@ -190,27 +193,31 @@ class InterleavedModel:
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
                max_images: int = 2, max_text_tokens: int = 64,
                cfg_scale=EVAL, image_temperature=EVAL,
-               contrastive_alpha=EVAL, contrastive_k=EVAL) -> list[Any]:
+               contrastive_alpha=EVAL, contrastive_k=EVAL,
+               sjd_window=EVAL) -> list[Any]:
     """Continues one document: text, then an image when the model opens one
     (exactly h*w codes, EOI forced, guided by cfg_scale or decoded by CD-K
     with contrastive_alpha / contrastive_k, sampled at image_temperature),
     until EOS or the budget. Defaults: the eval's settings (`settings`).
     contrastive_alpha given with cfg_scale left at its default turns
-    guidance off (CD-K replaces it); giving both is a ValueError. Returns
+    guidance off (CD-K replaces it); giving both is a ValueError.
+    sjd_window W >= 2 decodes image spans by speculative Jacobi decoding
+    (docs/parti.md; same distribution, fewer model calls). Returns
     the new segments (str or uint8 [H, W, 3])."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
         max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
         image_temperature=image_temperature,
-        contrastive_alpha=contrastive_alpha, contrastive_k=contrastive_k)[0]
+        contrastive_alpha=contrastive_alpha, contrastive_k=contrastive_k,
+        sjd_window=sjd_window)[0]
 
   def generate_batch(self, documents, *, seed: int = 0, temperature=EVAL,
                      top_k: int = 0, top_p: float = 1.0,
                      max_new_tokens: int = 128, max_images: int = 2,
                      max_text_tokens: int = 64, cfg_scale=EVAL,
                      image_temperature=EVAL, contrastive_alpha=EVAL,
-                     contrastive_k=EVAL) -> list[list[Any]]:
+                     contrastive_k=EVAL, sjd_window=EVAL) -> list[list[Any]]:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
     rows = self._encode(documents)
@@ -220,7 +227,7 @@ class InterleavedModel:
                          max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
                          image_temperature=image_temperature,
                          contrastive_alpha=contrastive_alpha,
-                         contrastive_k=contrastive_k)
+                         contrastive_k=contrastive_k, sjd_window=sjd_window)
     return [self._segments(row) for row in out]
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
@@ -393,14 +400,16 @@ class InterleavedModel:
 
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              temperature=EVAL, top_k: int = 0, top_p: float = 1.0,
-             cfg_scale=EVAL, contrastive_alpha=EVAL, contrastive_k=EVAL):
+             cfg_scale=EVAL, contrastive_alpha=EVAL, contrastive_k=EVAL,
+             sjd_window=EVAL):
     """uint8 images [N, H, W, 3] for N prompts (text, then one image).
 
     Defaults: the eval's settings (`settings`): images at
     image_temperature, guided by cfg_scale (None: unguided), or decoded by
     CD-K with contrastive_alpha / contrastive_k against the text-dropped
     document. contrastive_alpha given with cfg_scale left at its default
-    turns guidance off (CD-K replaces it); giving both is a ValueError."""
+    turns guidance off (CD-K replaces it); giving both is a ValueError.
+    sjd_window W >= 2 decodes the images by speculative Jacobi decoding."""
     if isinstance(prompts, (str, bytes)):
       raise ValueError(f"prompts must be a list of strings, got one "
                        f"{type(prompts).__name__}; wrap it in a list.")
@@ -416,7 +425,7 @@ class InterleavedModel:
                          max_text_tokens=1,  # no text follows the image
                          cfg_scale=cfg_scale, image_temperature=temperature,
                          contrastive_alpha=contrastive_alpha,
-                         contrastive_k=contrastive_k)
+                         contrastive_k=contrastive_k, sjd_window=sjd_window)
     h, w = self.tokenizer.grid
     codes = out[:, :self.image_length] - self.layout.image_offset
     return self.tokenizer.decode(codes.reshape(-1, h, w))

@@ -37,7 +37,7 @@ EVAL = settings_lib.EVAL
 # None: no contrastive decoding (CD-K); it and cfg_scale are alternatives.
 SAMPLING_DEFAULTS = dict(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0,
                          contrastive_alpha=None, contrastive_k=1,
-                         batch_size=64)
+                         sjd_window=0, batch_size=64)
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"  # in a pre-tokenized dir
 
 
@@ -188,13 +188,13 @@ class TextToImageModel:
 
   def sampling_params(self, cfg_scale=EVAL, temperature=EVAL, top_k=EVAL,
                       top_p=EVAL, contrastive_alpha=EVAL,
-                      contrastive_k=EVAL) -> SamplingParams:
+                      contrastive_k=EVAL, sjd_window=EVAL) -> SamplingParams:
     """SamplingParams from the arguments, the eval's settings for EVAL
     (cfg_scale and contrastive_alpha by resolve_guidance)."""
     cfg_scale, contrastive_alpha = settings_lib.resolve_guidance(
         self.settings, cfg_scale, contrastive_alpha)
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                 contrastive_k=contrastive_k)
+                 contrastive_k=contrastive_k, sjd_window=sjd_window)
     resolved = {k: settings_lib.resolve(v, self.settings, k)
                 for k, v in given.items()}
     return SamplingParams.from_config(
@@ -205,7 +205,8 @@ class TextToImageModel:
   def sample_ids(self, prompts: Sequence[str], *, seed: int = 0,
                  cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,
                  contrastive_alpha=EVAL, contrastive_k=EVAL,
-                 batch_size=EVAL, log_progress: bool = True) -> np.ndarray:
+                 sjd_window=EVAL, batch_size=EVAL,
+                 log_progress: bool = True) -> np.ndarray:
     """Image ids int32 [N, image_length] for N prompts (see `sample`)."""
     if isinstance(prompts, (str, bytes)):
       raise ValueError(f"prompts must be a list of strings, got one "
@@ -215,7 +216,8 @@ class TextToImageModel:
       raise ValueError("prompts is empty; pass at least one prompt.")
     key = sampler_lib.seed_key(seed)
     sampling = self.sampling_params(cfg_scale, temperature, top_k, top_p,
-                                    contrastive_alpha, contrastive_k)
+                                    contrastive_alpha, contrastive_k,
+                                    sjd_window)
     batch_size = int(settings_lib.resolve(batch_size, self.settings,
                                           "batch_size"))
     if batch_size <= 0:
@@ -278,7 +280,7 @@ class TextToImageModel:
 
   def sample(self, prompts: Sequence[str], *, seed: int = 0,
              cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,
-             contrastive_alpha=EVAL, contrastive_k=EVAL,
+             contrastive_alpha=EVAL, contrastive_k=EVAL, sjd_window=EVAL,
              batch_size=EVAL, upscale: int = 1, return_base: bool = False):
     """uint8 images [N, H, W, 3] for N prompts; deterministic per seed.
 
@@ -291,7 +293,10 @@ class TextToImageModel:
     empty prompt. CD-K replaces guidance: contrastive_alpha given with
     cfg_scale left at its default turns guidance off (and a cfg_scale
     given with contrastive_alpha at its default turns CD-K off); giving
-    both is a ValueError. Prompts are tokenized to
+    both is a ValueError. sjd_window W >= 2 decodes the image tokens by
+    speculative Jacobi decoding (docs/parti.md): the same distribution
+    (greedy: the same images) in fewer decoder calls; 0 is one token per
+    call. Prompts are tokenized to
     config.model.text_length (an empty prompt is a ValueError naming its
     index; longer ones are truncated, counted and warned about). Batch i
     draws with fold_in(PRNGKey(seed), i). upscale 2 or 4 runs the matching
@@ -305,7 +310,8 @@ class TextToImageModel:
     ids = self.sample_ids(prompts, seed=seed, cfg_scale=cfg_scale,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           contrastive_alpha=contrastive_alpha,
-                          contrastive_k=contrastive_k, batch_size=batch_size)
+                          contrastive_k=contrastive_k, sjd_window=sjd_window,
+                          batch_size=batch_size)
     if upsampler is None:
       return self.decode(ids, settings_lib.resolve(
           batch_size, self.settings, "batch_size"))

@@ -16,6 +16,7 @@ import numpy as np
 
 from unimm import checkpoints
 from unimm import config_lib
+from unimm import paths
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.tokenizers import upsampler as upsampler_lib
 from unimm.tokenizers import vit_vqgan
@@ -181,7 +182,7 @@ def find_upsamplers(path: str, given=None) -> dict[int, str]:
   (an export) or beside it (an end-to-end recipe's stages)."""
   candidates = list(given or [])
   if not candidates:
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(paths.absolute(path))
     for root in (path, parent):
       for factor in (2, 4):
         folder = os.path.join(root, f"upsampler_x{factor}")

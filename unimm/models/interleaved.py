@@ -186,9 +186,30 @@ class InterleavedLM(nn.Module):
     (left padding; rows idling while others decode). Returns (logits
     [B, V] after the last token, cache). T > 1 is the prefill.
     """
+    x, cache = self._decode(tokens, cache, slot, cache["length"])
+    return self.embed.decode(x[:, -1:])[:, 0], cache  # [B, V]
+
+  def decode_window(self, tokens, cache, slot):
+    """decode_step's logits after every token: tokens [B, T] into slots
+    slot..slot+T-1 -> (logits [B, T, V], cache).
+
+    Positions count the valid slots before `slot`, not cache["length"], so
+    a window may be fed again from any slot (speculative decoding inside an
+    image span): slots from `slot` on are overwritten. The re-fed slots
+    must hold no BOI (last_boi is carried, not recomputed).
+    """
+    slot = jnp.asarray(slot, jnp.int32)
+    before = jnp.arange(cache["valid"].shape[1]) < slot  # [S]
+    length = jnp.sum(cache["valid"] & before, axis=1).astype(jnp.int32)
+    x, cache = self._decode(tokens, cache, slot, length)
+    return self.embed.decode(x), cache  # [B, T, V]
+
+  def _decode(self, tokens, cache, slot, length):
+    """tokens [B, T] at slots slot.., positions from length [B] on ->
+    (the stack's output [B, T, D], cache)."""
     slot = jnp.asarray(slot, jnp.int32)
     real = tokens != PAD_ID  # [B, T]
-    positions = cache["length"][:, None] + jnp.cumsum(real, axis=1) - 1
+    positions = length[:, None] + jnp.cumsum(real, axis=1) - 1
     positions = jnp.maximum(positions, 0).astype(jnp.int32)
     valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, slot))
     span, last_boi = image_span_index(tokens, positions, self.boi_id,
@@ -198,10 +219,8 @@ class InterleavedLM(nn.Module):
     x, layers = self.stack(x, segment_ids=real.astype(jnp.int32),
                            positions=positions, cache=layers,
                            cache_index=slot, cache_valid=valid)
-    logits = self.embed.decode(x[:, -1:])[:, 0]  # [B, V]
-    return logits, dict(layers, valid=valid,
-                        length=cache["length"] + real.sum(axis=1),
-                        last_boi=last_boi)
+    return x, dict(layers, valid=valid, length=length + real.sum(axis=1),
+                   last_boi=last_boi)
 
 
 def token_logprobs(logits, targets):
@@ -257,6 +276,14 @@ def _step_fn(model: "InterleavedLM"):
   return step
 
 
+def _window_step_fn(model: "InterleavedLM"):
+  """The sampler's window step (sampler.WindowStepFn) for this model."""
+  def window_step(params, cache, tokens, slot):
+    return model.apply(params, tokens, cache, slot,
+                       method=InterleavedLM.decode_window)
+  return window_step
+
+
 @functools.lru_cache(maxsize=16)
 def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
                    max_text_tokens: int, stop_ids, text_allowed, image_allowed,
@@ -270,7 +297,9 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   text dropped, as trained (config.loss.drop_text_rate). Text phases sample
   from the conditional half only; image phases score tokens from both
   halves' logits (guidance's mix, or CD-K with the text-dropped document
-  as the amateur).
+  as the amateur). With image_sampling.sjd_window, image spans decode by
+  speculative Jacobi decoding (sampler.sjd_decode). The image phase also
+  returns its model calls.
   """
   doubled = image_sampling.doubled
   text_allowed, image_allowed, drop_ids = (
@@ -299,13 +328,21 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
     return out, lengths, cache, steps
 
   def image(params, cache, first, slot, rng, active):
-    codes, cache = samp.scan_decode(
-        step, params, cache, first, slot, model.image_length, rng,
-        image_sampling, allowed=image_allowed, active=active, pad_id=pad_id)
+    if image_sampling.sjd_window and model.image_length > 1:
+      codes, cache, calls = samp.sjd_decode(
+          _window_step_fn(model), params, cache, first, slot,
+          model.image_length, rng, image_sampling, allowed=image_allowed,
+          active=active, pad_id=pad_id)
+    else:
+      codes, cache = samp.scan_decode(
+          step, params, cache, first, slot, model.image_length, rng,
+          image_sampling, allowed=image_allowed, active=active,
+          pad_id=pad_id)
+      calls = jnp.int32(model.image_length)
     # Feed the last code: the text phase that follows feeds the forced EOI.
     last = jnp.where(active, codes[:, -1], pad_id)[:, None]
     _, cache = step(params, cache, both(last), slot + model.image_length)
-    return codes, cache
+    return codes, cache, calls
 
   return (jax.jit(prefill), jax.jit(text), jax.jit(image))
 
@@ -314,14 +351,17 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
                        text_ids, image_ids, eos_id: int, boi_id: int,
                        eoi_id: int, text_sampling, image_sampling,
                        max_new_tokens: int, max_text_tokens: int = 64,
-                       max_images: int = 4, drop_ids=None):
+                       max_images: int = 4, drop_ids=None,
+                       return_image_steps: bool = False):
   """Continues each prompt row until EOS (or a budget), mixing modalities.
 
   prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
   with an image. The model writes text (ids restricted to text_ids, BOI and
   EOS) until it emits BOI; then exactly
   model.image_length image tokens restricted to image_ids, decoded by one
-  lax.scan of the shared sampler; then EOI is forced and text resumes. Rows
+  lax.scan of the shared sampler (or, with image_sampling.sjd_window, by
+  speculative Jacobi decoding: the same distribution in fewer model calls);
+  then EOI is forced and text resumes. Rows
   that finished idle on PAD (which the model ignores) while others go on.
   Each phase is one compiled program over the preallocated cache. A row
   stops at EOS, after max_text_tokens of text without BOI or EOS, or when
@@ -336,8 +376,16 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   the pieces the model may write). drop_ids: bool [V], the ids the
   unconditional half drops (default text_ids; all text pieces). Returns
   int32 [B, N] new tokens (PAD after a row's EOS; N <= max_new_tokens +
-  the last phase's overshoot).
+  the last phase's overshoot); with return_image_steps, also the model
+  calls of each image phase (a list of ints; image_length each without
+  SJD).
   """
+  if text_sampling.sjd_window:
+    raise ValueError(
+        f"text_sampling has sjd_window={text_sampling.sjd_window}: "
+        "speculative Jacobi decoding applies to image spans only; pass it in "
+        "image_sampling and leave text_sampling.sjd_window 0.")
+  image_sampling.check_sjd_window()
   if text_sampling.doubled:
     raise ValueError(
         f"text_sampling has cfg_scale={text_sampling.cfg_scale}, "
@@ -373,15 +421,16 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   first, slot = np.asarray(prompts[:, -1]), p - 1
   wants_image = first == boi_id
   done = np.zeros((b,), bool)
-  pieces, made = [], 0
+  pieces, made, image_steps = [], 0, []
   images = np.zeros((b,), np.int32)  # per row: at most max_images each
   while True:
     rng, text_rng, image_rng = jax.random.split(rng, 3)
     done |= wants_image & (images >= max_images)
     wants_image &= images < max_images
     if wants_image.any():
-      codes, cache = image(params, cache, jnp.asarray(first), slot,
-                           image_rng, jnp.asarray(wants_image))
+      codes, cache, calls = image(params, cache, jnp.asarray(first), slot,
+                                  image_rng, jnp.asarray(wants_image))
+      image_steps.append(int(calls))
       pieces.append(np.asarray(codes))
       pieces.append(np.where(wants_image, eoi_id, PAD_ID)[:, None])
       slot += model.image_length + 1
@@ -407,7 +456,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
     first = np.where(wants_image, boi_id, PAD_ID)
     if not wants_image.any():
       break
-  return np.concatenate(pieces, axis=1).astype(np.int32)
+  out = np.concatenate(pieces, axis=1).astype(np.int32)
+  return (out, image_steps) if return_image_steps else out
 
 
 @functools.lru_cache(maxsize=8)

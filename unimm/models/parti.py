@@ -206,6 +206,14 @@ class Parti(nn.Module):
     Pass `encoded` on the first step (prefill): the cross-attention K/V are
     computed once and kept in the cache for every later step.
     """
+    logits, cache = self.decode_window(tokens, cache, position, encoded)
+    return logits[:, -1], cache
+
+  def decode_window(self, tokens, cache, position, encoded=None):
+    """tokens [B, T] at position..position+T-1 -> logits [B, T, V] (token
+    i's next-token logits, causal within the window and over the cache
+    before it), cache. Slots from `position` on are overwritten, so a
+    window may be fed again from any slot (speculative decoding)."""
     b = tokens.shape[0]
     positions = jnp.full((b, tokens.shape[1]), position, jnp.int32) + \
         jnp.arange(tokens.shape[1], dtype=jnp.int32)
@@ -215,7 +223,7 @@ class Parti(nn.Module):
                              encoded_mask=cache["text_mask"],
                              positions=positions, cache=layers,
                              cache_index=position)
-    logits = self.logits_proj(x)[:, -1]  # [B, V]
+    logits = self.logits_proj(x)  # [B, T, V]
     return logits, dict(layers, text_mask=cache["text_mask"])
 
   def init_cache(self, batch_size: int, text_mask):
@@ -251,17 +259,21 @@ def load_t5_into(params, checkpoint: str):
 
 
 def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
-                     uncond_text_ids=None):
+                     uncond_text_ids=None, return_steps: bool = False):
   """Samples image ids [B, image_length] for text_ids [B, S].
 
   The encoder runs once; the first decoder step (prefill) computes the
   cross-attention K/V into the cache; the remaining tokens are one lax.scan
-  of the shared sampler. With sampling.doubled (cfg_scale or
+  of the shared sampler, or with sampling.sjd_window one while_loop of
+  speculative Jacobi decoding (sampler.sjd_decode: the same distribution
+  in fewer decoder calls). With sampling.doubled (cfg_scale or
   contrastive_alpha set), `uncond_text_ids` [B, S] (the dropped-text prompt
   used in training) forms the second half of a doubled batch: guidance's
-  unconditional logits, or CD-K's amateur. Call under jax.jit: one
-  compiled program.
+  unconditional logits, or CD-K's amateur. return_steps: also return the
+  decoder calls made (scalar int32; image_length without SJD). Call under
+  jax.jit: one compiled program.
   """
+  sampling.check_sjd_window()
   b = text_ids.shape[0]
   if sampling.doubled:
     if uncond_text_ids is None:
@@ -278,10 +290,21 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
     return model.apply(params, tokens, cache, position, encoded,
                        method=Parti.decode_step)
 
+  def window_step(params, cache, tokens, position):
+    return model.apply(params, tokens, cache, position,
+                       method=Parti.decode_window)
+
   bos = jnp.full((text_ids.shape[0], 1), model.bos_id, jnp.int32)
   logits, cache = step(params, cache, bos, 0, encoded)
   rng_first, rng_rest = jax.random.split(rng)
   first = samp.next_token(logits, rng_first, sampling)  # [B]
-  rest, _ = samp.scan_decode(step, params, cache, first, 1,
-                             model.image_length - 1, rng_rest, sampling)
-  return jnp.concatenate([first[:, None], rest], axis=1)[:b]
+  n = model.image_length - 1
+  if sampling.sjd_window and n > 1:
+    rest, _, calls = samp.sjd_decode(window_step, params, cache, first, 1, n,
+                                     rng_rest, sampling)
+  else:
+    rest, _ = samp.scan_decode(step, params, cache, first, 1, n, rng_rest,
+                               sampling)
+    calls = jnp.int32(n)
+  ids = jnp.concatenate([first[:, None], rest], axis=1)[:b]
+  return (ids, calls + 1) if return_steps else ids

@@ -9,6 +9,11 @@ same step inside `jax.lax.while_loop`, and so does beam search
 gathered after each step). Classifier-free guidance and contrastive
 decoding double the batch ([cond; uncond]) and score tokens from both
 halves' logits; both halves then receive the same token.
+
+Speculative Jacobi decoding (`sjd_decode`, SamplingParams.sjd_window)
+decodes an image span with a window step that scores W tokens per model
+call and accepts a prefix of them; its output has the distribution of
+scan_decode's (greedy: the same tokens).
 """
 import dataclasses
 from typing import Any, Callable
@@ -39,6 +44,11 @@ class SamplingParams:
   half and the amateur the unconditional half of the same doubled batch
   that guidance uses, so CD-K and cfg_scale are alternatives, not a
   composition: setting both is an error.
+
+  sjd_window 0 decodes image spans one token per model call; W >= 2
+  decodes them by speculative Jacobi decoding (Teng et al. 2024, arXiv
+  2410.01699) with W tokens per call (sjd_decode): the same distribution
+  (greedy: the same tokens) in fewer calls.
   """
   temperature: float = 1.0
   top_k: int = 0
@@ -46,6 +56,7 @@ class SamplingParams:
   cfg_scale: float | None = None
   contrastive_alpha: float | None = None
   contrastive_k: int = 1
+  sjd_window: int = 0
 
   @property
   def doubled(self) -> bool:
@@ -56,12 +67,14 @@ class SamplingParams:
   @classmethod
   def from_config(cls, settings, vocab_size: int) -> "SamplingParams":
     """Validated SamplingParams from a config section or dict: the keys
-    temperature, top_k, top_p, cfg_scale, contrastive_alpha, contrastive_k
-    (missing ones take the defaults above; cfg_scale or contrastive_alpha
-    None or "" turns that option off, as a config writes it)."""
+    temperature, top_k, top_p, cfg_scale, contrastive_alpha, contrastive_k,
+    sjd_window (missing ones take the defaults above; cfg_scale or
+    contrastive_alpha None or "" turns that option off, as a config writes
+    it, and sjd_window None or "" is 0)."""
     get = settings.get
     cfg_scale = get("cfg_scale", None)
     alpha = get("contrastive_alpha", None)
+    window = get("sjd_window", cls.sjd_window)
     return cls(
         temperature=float(get("temperature", cls.temperature)),
         top_k=int(get("top_k", cls.top_k)),
@@ -69,6 +82,7 @@ class SamplingParams:
         cfg_scale=None if cfg_scale in (None, "") else float(cfg_scale),
         contrastive_alpha=None if alpha in (None, "") else float(alpha),
         contrastive_k=int(get("contrastive_k", cls.contrastive_k)),
+        sjd_window=0 if window in (None, "") else window,
     ).validate(vocab_size)
 
   def validate(self, vocab_size: int) -> "SamplingParams":
@@ -97,7 +111,18 @@ class SamplingParams:
           "are alternatives over the same [cond; uncond] batch. Set "
           "cfg_scale=None to decode contrastively, or contrastive_alpha=None "
           "to guide.")
+    self.check_sjd_window()
     return self
+
+  def check_sjd_window(self) -> None:
+    """ValueError unless sjd_window is 0 (off) or an int >= 2."""
+    window = self.sjd_window
+    if (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+        or window == 1 or window < 0):
+      raise ValueError(
+          f"sjd_window={window!r}; expected 0 (off: one token per model "
+          "call) or an int >= 2 (the draft tokens speculative Jacobi "
+          "decoding scores per model call, e.g. 8).")
 
 
 def seed_key(seed) -> jax.Array:
@@ -166,21 +191,27 @@ def filter_logits(logits, sampling: SamplingParams, allowed=None):
   return logits
 
 
-def next_token(logits, rng, sampling: SamplingParams, allowed=None):
-  """Samples one token per row from logits [B, V], or [2B, V] when
-  sampling.doubled -> [B].
+def processed_logits(logits, sampling: SamplingParams, allowed=None):
+  """The scores tokens are drawn from: logits [B, V], or [2B, V] when
+  sampling.doubled -> [B, V] (before the temperature).
 
   Guidance or CD-K first turns the two halves into one score per token;
-  the allowed mask, top-k and top-p then filter it and the temperature
-  scales what is left, as for plain logits (so top-p takes the mass of
-  softmax(CD score), within the head).
+  the allowed mask, top-k and top-p then filter it, as for plain logits
+  (so top-p takes the mass of softmax(CD score), within the head).
   """
   if sampling.cfg_scale is not None:
     logits = guided_logits(logits, sampling.cfg_scale)
   elif sampling.contrastive_alpha is not None:
     logits = contrastive_logits(logits, sampling.contrastive_alpha,
                                 sampling.contrastive_k, allowed)
-  logits = filter_logits(logits, sampling, allowed)
+  return filter_logits(logits, sampling, allowed)
+
+
+def next_token(logits, rng, sampling: SamplingParams, allowed=None):
+  """Samples one token per row from logits [B, V], or [2B, V] when
+  sampling.doubled -> [B]: processed_logits scaled by the temperature
+  (0: the argmax)."""
+  logits = processed_logits(logits, sampling, allowed)
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits / sampling.temperature).astype(
@@ -223,6 +254,164 @@ def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
       body, (cache, first_tokens.astype(jnp.int32)),
       jnp.arange(num_tokens, dtype=jnp.int32))
   return tokens.T, cache  # [B, num_tokens]
+
+
+WindowStepFn = Callable[[Any, Any, jax.Array, jax.Array],
+                        tuple[jax.Array, Any]]
+
+
+@flax.struct.dataclass
+class _JacobiState:
+  cache: Any
+  seq: jax.Array  # [B, N + W]: the fed token, then tokens and drafts
+  q: jax.Array  # [B, W - 1, V] the distributions the drafts were drawn from
+  t: jax.Array  # [B] tokens accepted per row
+  i: jax.Array  # scalar: model calls so far
+
+
+def sjd_decode(window_step: WindowStepFn, params, cache, first_tokens,
+               start_position, num_tokens: int, rng, sampling: SamplingParams,
+               allowed=None, active=None, pad_id: int = 0):
+  """scan_decode's tokens by speculative Jacobi decoding, in one while_loop.
+
+  Speculative Jacobi decoding (SJD; Teng et al. 2024, arXiv 2410.01699)
+  keeps W - 1 draft tokens (W = sampling.sjd_window, cut to num_tokens)
+  after each row's accepted ones. One call window_step(params, cache,
+  tokens [B', W], position) -> (logits [B', W, V], cache) scores the last
+  accepted token and the drafts, fed at position..position+W-1 (causal
+  within the window, the cache before it). Drafts are accepted left to
+  right by the speculative test (accept x w.p. min(1, p(x) / q(x)), q the
+  distribution x was drawn from); the first rejected one is replaced by a
+  draw from the residual max(0, p - q) normalised, or, when every draft
+  passes, one more token is drawn from p (Leviathan et al. 2023, §2.3).
+  So each call makes 1 to W tokens, and the output has exactly the
+  distribution of scan_decode's; at temperature 0 a draft passes iff it is
+  the argmax, which gives scan_decode's greedy tokens. p is
+  processed_logits (guidance or CD-K over [cond; uncond], the allowed mask,
+  top-k, top-p) over the temperature. The tokens p gives after the new
+  one are the next drafts (q = p, as SJD's Jacobi iteration); drafts
+  beyond the window are drawn uniformly over the allowed tokens.
+
+  Rows accept different numbers of tokens but share the cache position:
+  each call starts at the slowest row's first unaccepted token (at most
+  num_tokens - W), and a row that is ahead feeds its accepted tokens again
+  (their keys and values do not change) before its drafts. Cache slots
+  past the accepted tokens hold drafts' keys and values until a later call
+  overwrites them; causal masks keep them unseen. active [B] bool and
+  pad_id as scan_decode. Returns (tokens [B, num_tokens] int32, cache,
+  model calls: a scalar int32, num_tokens or fewer).
+  """
+  sampling.check_sjd_window()
+  if not sampling.sjd_window:
+    raise ValueError("sjd_decode needs sampling.sjd_window >= 2 (0 decodes "
+                     "with scan_decode).")
+  n, b = num_tokens, first_tokens.shape[0]
+  w = min(sampling.sjd_window, n)
+  greedy = sampling.temperature == 0
+  first_tokens = first_tokens.astype(jnp.int32)
+  if active is not None:
+    first_tokens = jnp.where(active, first_tokens, pad_id)
+  # The vocabulary size V, from the window step's output shape.
+  probe = jnp.zeros((first_tokens.shape[0] * (2 if sampling.doubled else 1),
+                     w), jnp.int32)
+  v = jax.eval_shape(lambda c, x: window_step(params, c, x, start_position)[0],
+                     cache, probe).shape[-1]
+  # Uniform drafts over the allowed tokens (SJD's initialisation).
+  allowed_v = jnp.ones((v,), bool) if allowed is None else allowed
+  uniform = jnp.broadcast_to(allowed_v / jnp.sum(allowed_v, axis=-1,
+                                                 keepdims=True),
+                             (b, v)).astype(jnp.float32)  # [B, V]
+  log_uniform = jnp.log(uniform)
+
+  def uniform_drafts(key):  # [B, W - 1]
+    return jax.random.categorical(key, log_uniform[:, None], axis=-1,
+                                  shape=(b, w - 1)).astype(jnp.int32)
+
+  def per_row(x, index):  # x [B, K, ...] at index [B, J] -> [B, J, ...]
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+  def cond(s):
+    return (s.i < n) & (jnp.min(s.t) < n)
+
+  def body(s):
+    key_accept, key_new, key_fresh, key_init = jax.random.split(
+        jax.random.fold_in(rng, s.i), 4)
+    start = jnp.minimum(jnp.min(s.t), n - w)  # the window's first slot
+    window = jax.lax.dynamic_slice_in_dim(s.seq, start, w, axis=1)  # [B, W]
+    logits, cache = window_step(params, s.cache,
+                                _both_halves(window, sampling),
+                                start_position + start)  # [B', W, V]
+    rows_allowed = allowed
+    if allowed is not None and allowed.ndim == 2:  # [B, V] -> [B * W, V]
+      rows_allowed = jnp.repeat(allowed, w, axis=0)
+    scores = processed_logits(logits.reshape(-1, v), sampling, rows_allowed)
+    scores = scores.reshape(b, w, v)  # [B, W, V]
+    # Relative to each row's first unaccepted token t: j = 0..W-1 scores
+    # token t + j given the accepted tokens and drafts t..t+j-1.
+    offset = s.t - start  # [B] >= 0
+    valid = jnp.maximum(w - offset, 0)  # [B] positions this call scores
+    rel = jnp.clip(offset[:, None] + jnp.arange(w), 0, w - 1)  # [B, W]
+    scores = per_row(scores, rel)
+    drafts = per_row(s.seq, 1 + s.t[:, None] + jnp.arange(w - 1))  # [B, W-1]
+    checked = jnp.arange(w - 1) < valid[:, None] - 1  # drafts in the window
+    if greedy:
+      best = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B, W]
+      passed = drafts == best[:, :-1]
+    else:
+      logp = jax.nn.log_softmax(scores / sampling.temperature, axis=-1)
+      p = jnp.exp(logp)  # [B, W, V]
+      p_draft = jnp.take_along_axis(p[:, :-1], drafts[..., None],
+                                    axis=-1)[..., 0]  # [B, W - 1]
+      q_draft = jnp.take_along_axis(s.q, drafts[..., None], axis=-1)[..., 0]
+      u = jax.random.uniform(key_accept, (b, w - 1))
+      passed = u * q_draft < p_draft  # w.p. min(1, p / q)
+    passed &= checked
+    k = jnp.sum(jnp.cumprod(passed, axis=1), axis=1)  # [B] accepted drafts
+    moves = valid > 0
+    k = jnp.where(moves, k, 0)
+    if greedy:
+      token = per_row(best, k[:, None])[:, 0]
+      fresh = best
+    else:
+      p_k = per_row(p, k[:, None])[:, 0]  # [B, V]
+      q_k = per_row(s.q, jnp.minimum(k, w - 2)[:, None])[:, 0]
+      residual = jnp.maximum(p_k - q_k, 0.0)
+      use_residual = (k < valid - 1) & (jnp.sum(residual, axis=-1) > 0)
+      token_logits = jnp.where(use_residual[:, None], jnp.log(residual),
+                               per_row(logp, k[:, None])[:, 0])
+      token = jax.random.categorical(key_new, token_logits).astype(jnp.int32)
+      fresh = jax.random.categorical(key_fresh, logp).astype(jnp.int32)
+    # The next drafts: this call's tokens after the new one, then uniform.
+    source = k[:, None] + 1 + jnp.arange(w - 1)  # [B, W - 1]
+    scored = source < valid[:, None]
+    new_drafts = jnp.where(scored, per_row(fresh, jnp.minimum(source, w - 1)),
+                           uniform_drafts(key_init))
+    if greedy:
+      new_q = s.q
+    else:
+      new_q = jnp.where(scored[..., None],
+                        per_row(p, jnp.minimum(source, w - 1)),
+                        uniform[:, None])
+      new_q = jnp.where(moves[:, None, None], new_q, s.q)
+    tail = jnp.concatenate([token[:, None], new_drafts], axis=1)  # [B, W]
+    written = jax.vmap(lambda row, x, i: jax.lax.dynamic_update_slice(
+        row, x, (i,)))(s.seq, tail, 1 + s.t + k)
+    seq = jnp.where(moves[:, None], written, s.seq)
+    t = jnp.where(moves, s.t + k + 1, s.t)
+    return _JacobiState(cache, seq, new_q, t, s.i + 1)
+
+  drafts = uniform_drafts(jax.random.fold_in(rng, n))  # keys < n: calls
+  t = jnp.zeros((b,), jnp.int32)
+  if active is not None:  # inactive rows are done: PAD throughout
+    drafts = jnp.where(active[:, None], drafts, pad_id)
+    t = jnp.where(active, t, n)
+  seq = jnp.full((b, n + w), pad_id, jnp.int32).at[:, 0].set(first_tokens)
+  seq = seq.at[:, 1:w].set(drafts)
+  q = jnp.broadcast_to(uniform[:, None], (b, w - 1, v))
+  s = jax.lax.while_loop(cond, body, _JacobiState(cache, seq, q, t,
+                                                  jnp.zeros((), jnp.int32)))
+  return s.seq[:, 1:n + 1], s.cache, s.i
 
 
 @flax.struct.dataclass

@@ -28,6 +28,7 @@ from unimm import checkpoints
 from unimm import config_lib
 from unimm.data import interleaved as il_data
 from unimm.data import pipeline
+from unimm.evaluation import generation_metrics
 from unimm.evaluation import grids
 from unimm.evaluation import interleaved_eval
 from unimm.evaluation import reports
@@ -80,6 +81,13 @@ class InterleavedTask:
           f"(config.vocab) has {self.layout.size} ids; set vocab_size = 5 + "
           "text_vocab_size + image_vocab_size.")
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+    # FID / CLIP score of held-out captions' samples (own data; off if the
+    # settings are empty), checked before training.
+    eval_section = config.get("eval") or {}
+    self.metrics_config = {
+        k: eval_section.get(k, v)
+        for k, v in generation_metrics.CONFIG_DEFAULTS.items()}
+    generation_metrics.check_eval_config(self.metrics_config)
     # The eval continues held-out edit documents (a source image and its
     # instruction) by one more image: about 3 images' worth of context.
     eval_cfg = config.get("eval", {})
@@ -281,6 +289,21 @@ class InterleavedTask:
                 f"{' '.join(c.split())}\t{' '.join(g.split())}\n"
                 for c, g in zip(captions, written)))
       result["heldout_grid_samples"] = len(captions)
+    if generation_metrics.check_eval_config(self.metrics_config):
+      # FID / CLIP score; batch i samples with seed + 1 + i. Prompts default
+      # to the held-out pairs' captions (config.eval.metrics_prompts).
+      seed = int(eval_cfg.get("seed", 0))
+      metrics_config = dict(self.metrics_config)
+      metrics_config.setdefault("batch_size", int(eval_cfg.get(
+          "batch_size", 32)))
+      if not metrics_config["metrics_prompts"]:
+        metrics_config["metrics_prompts"] = (
+            f"{metadata['source']}:{metadata['read_split']}")
+      result.update(generation_metrics.from_eval_config(
+          metrics_config, lambda prompts, i: model.sample(
+              prompts, seed=seed + 1 + i),
+          workdir=os.path.dirname(out_dir),
+          image_size=int(metadata["image_size"])))
     return result
 
   def heldout_pairs(self, metadata: dict, count: int

@@ -62,11 +62,7 @@ EVAL_DEFAULTS = dict(
     # pairs; 0 = off).
     retrieval_pairs=32,
     # FID / CLIP score (unimm.evaluation.generation_metrics; off if empty).
-    inception_weights="",
-    fid_reference="",
-    clip_dir="",
-    metrics_prompts="",
-    metrics_num_images=1000,
+    **generation_metrics.CONFIG_DEFAULTS,
 )
 
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax
 import flax.linen as nn
 import grain
@@ -45,6 +46,7 @@ import orbax.checkpoint as ocp
 from unimm import checkpoints
 from unimm import errors
 from unimm import parallel
+from unimm import paths
 from unimm.evaluation import reports
 from unimm.train import optim
 from unimm.train import workdir_lock
@@ -211,7 +213,7 @@ class _Checkpointer:
     # Where the run started: relative paths in its config resolve from any
     # working directory (checkpoints.resolve_path).
     self._meta = {"batch_spec": batch_spec, "cwd": os.getcwd(),
-                  "workdir": os.path.abspath(workdir),
+                  "workdir": paths.absolute(workdir),
                   "dependencies": dict(dependencies or {})}
     self._finite = jax.jit(lambda s: _all_finite((s.params, s.model_state)))
     self.last_saved_step = self.manager.latest_step()
@@ -264,11 +266,11 @@ class _Checkpointer:
     if damaged and jax.process_index() == 0:
       # Out of orbax's sight (training goes on from `step` and saves those
       # steps anew), kept for inspection.
-      aside = os.path.join(self._workdir, DAMAGED_DIR)
-      os.makedirs(aside, exist_ok=True)
+      aside = epath.Path(self._workdir, DAMAGED_DIR)
+      aside.mkdir(parents=True, exist_ok=True)
       for s in damaged:
-        os.replace(os.path.join(str(self.manager.directory), str(s)),
-                   os.path.join(aside, f"{s}-{int(time.time())}"))
+        epath.Path(self.manager.directory, str(s)).rename(
+            aside / f"{s}-{int(time.time())}")
         logging.warning("Moved the damaged checkpoint %d to %s.", s, aside)
     if damaged:
       multihost_utils.sync_global_devices("unimm_damaged_checkpoints")
@@ -529,12 +531,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task,
 
 def _disk_full_error(workdir: str, path: str) -> errors.DiskFullError:
   """One message for a full disk: where, and the checkpoint to resume."""
-  directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  directory = epath.Path(workdir, checkpoints.CHECKPOINT_DIR)
   # Finished saves only (an interrupted one ends in .orbax-checkpoint-tmp).
-  steps = sorted(int(name) for name in (
-      os.listdir(directory) if os.path.isdir(directory) else ())
-                 if name.isdigit())
-  where = path or os.path.abspath(workdir)
+  steps = sorted(int(p.name) for p in (
+      directory.iterdir() if directory.is_dir() else ()) if p.name.isdigit())
+  where = path or paths.absolute(workdir)
   kept = (f"the checkpoints at steps {steps} are intact and the same command "
           f"resumes from step {steps[-1]}" if steps else
           "no checkpoint was saved yet")
@@ -566,15 +567,15 @@ def _close_all(*closers) -> None:
 
 
 def _final_eval_done(workdir: str, step: int) -> bool:
+  path = epath.Path(workdir, EVALUATED_FILE)
   try:
-    with open(os.path.join(workdir, EVALUATED_FILE)) as f:
-      return json.load(f).get("step") == step
+    return path.exists() and json.loads(path.read_text()).get("step") == step
   except (OSError, ValueError):
     return False
 
 
 def _train(config, workdir: str, task, mesh) -> TrainState:
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh or parallel.make_mesh(config.mesh)
   rules = parallel.validate_rules(_rules(config), mesh)
   process_index, process_count = jax.process_index(), jax.process_count()

@@ -32,6 +32,7 @@ from unimm import config_lib
 from unimm.data import convert
 from unimm.data import pipeline
 from unimm.data import shapes
+from unimm.evaluation import grids
 from unimm.evaluation import reports
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.inference import upsampler as inference
@@ -276,4 +277,4 @@ def save_comparison(truth, bicubic, upsampled, path: str) -> None:
   rows = [np.concatenate(list(r), axis=1) for r in (truth, bicubic, upsampled)]
   gutter = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
   grid = np.concatenate([rows[0], gutter, rows[1], gutter, rows[2]], axis=0)
-  Image.fromarray(grid).save(path)
+  grids.save_image(Image.fromarray(grid), path)

@@ -8,6 +8,10 @@ run fails at once, naming the first. A lock left by a process that no
 longer runs on this host (killed with -9, a crash) is stale: it is taken
 over with a warning. A lock from another host cannot be checked from here:
 the error says how to remove it if that run is gone.
+
+A workdir on another filesystem (gs://...) gets the same lock through
+etils.epath, except that its creation is a check then a write: object
+stores offer no O_EXCL, so two runs started within that gap both proceed.
 """
 import contextlib
 import datetime
@@ -16,7 +20,10 @@ import os
 import socket
 
 from absl import logging
+from etils import epath
 import jax
+
+from unimm import paths
 
 LOCK_FILE = "LOCK"
 
@@ -33,13 +40,18 @@ def _alive(pid: int) -> bool:
 
 def _read(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except (OSError, ValueError):
     return {}  # being written, or garbage: treated as held below
 
 
 def _create(path: str, record: dict) -> bool:
+  if paths.is_uri(path):
+    lock = epath.Path(path)
+    if lock.exists():
+      return False
+    lock.write_text(json.dumps(record))
+    return True
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
@@ -51,7 +63,7 @@ def _create(path: str, record: dict) -> bool:
 
 def acquire(workdir: str) -> str:
   """Takes workdir's lock (see the module doc); returns its path."""
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   record = {"host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -67,8 +79,7 @@ def acquire(workdir: str) -> str:
       logging.warning("Taking over the stale lock %s of process %d (started "
                       "%s), which no longer runs.", path, pid,
                       held.get("started", "?"))
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+      epath.Path(path).unlink(missing_ok=True)
       continue
     raise RuntimeError(
         f"{workdir!r} is in use by another run: process {pid} on host "
@@ -83,15 +94,14 @@ def release(path: str) -> None:
   held = _read(path)
   if held.get("pid") == os.getpid() and held.get(
       "host") == socket.gethostname():
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(path)
+    epath.Path(path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def hold(workdir: str):
   """The lock of `workdir` for the duration of the block (process 0 takes
   it for all hosts of a multi-host run)."""
-  if jax.process_index() != 0 or "://" in workdir:
+  if jax.process_index() != 0:
     yield None
     return
   path = acquire(workdir)

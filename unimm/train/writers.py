@@ -3,7 +3,9 @@
 `create_writer(workdir)` is what the trainer uses: process 0 writes
 TensorBoard summaries under workdir/tensorboard, logs scalars to the console
 and appends one JSON object per write to workdir/metrics.jsonl; other
-processes only log.
+processes only log. On another filesystem (gs://...), which cannot append,
+the JSONL file is written whole at each write (it holds a few numbers per
+logged step).
 """
 import json
 import math
@@ -11,8 +13,11 @@ import os
 from typing import Any, Mapping
 
 from clu import metric_writers
+from etils import epath
 import jax
 import numpy as np
+
+from unimm import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,17 +45,25 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def __init__(self, path: str):
     self._path = path
-    dirname = os.path.dirname(path)
-    if dirname:
-      os.makedirs(dirname, exist_ok=True)
-    self._file = open(path, "a", encoding="utf-8")
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    self._file, self._text = None, ""
+    if paths.is_uri(path):
+      self._text = target.read_text() if target.exists() else ""
+    else:
+      self._file = open(path, "a", encoding="utf-8")
 
   @property
   def path(self) -> str:
     return self._path
 
   def _write(self, record: Mapping[str, Any]) -> None:
-    self._file.write(json.dumps(record, sort_keys=False) + "\n")
+    line = json.dumps(record, sort_keys=False) + "\n"
+    if self._file is None:
+      self._text += line
+      epath.Path(self._path).write_text(self._text)
+      return
+    self._file.write(line)
     self._file.flush()
 
   def write_summaries(self, step, values, metadata=None):
@@ -86,18 +99,18 @@ class JsonlWriter(metric_writers.MetricWriter):
     del step, arrays, num_buckets
 
   def flush(self):
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self):
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
       self._file.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of workdir/metrics.jsonl, in order."""
-  path = os.path.join(workdir, METRICS_FILE)
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = epath.Path(workdir, METRICS_FILE).read_text(encoding="utf-8")
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def create_writer(workdir: str, *, process_index: int | None = None,

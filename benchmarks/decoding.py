@@ -1,0 +1,167 @@
+r"""Image decoding: plain (one token per model call) against speculative
+Jacobi decoding (SJD, sampler.sjd_decode), side by side.
+
+  python benchmarks/decoding.py [--workdir shapes-parti] [--windows 4,8]
+      [--batches 1,8] [--cfg_scale 3.0] [--temperature 1.0]
+
+Prints, from one run on this machine, for each model, decoding and batch:
+model calls per image (the decoder steps of one image span; a batch makes
+its images together) and images/s (best wall time of --repeats calls after
+a warm-up call that compiles). By default the models are tiny ones with
+random weights (a Parti and an interleaved decoder-only model, image spans
+of --image_length tokens), so it runs in about a minute on a CPU; random
+weights are hard to predict, so their SJD call counts are an upper bound
+for trained models. --workdir measures a trained model instead (anything
+unimm.load_model takes: a workdir, an export, a packaged name).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common
+import unimm
+from unimm.inference import text_to_image
+from unimm.models import interleaved as il
+from unimm.models import parti
+from unimm.models import vocab
+from unimm.sampling.sampler import SamplingParams
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "", "A trained model for unimm.load_model (Parti or "
+    "interleaved); empty: tiny random models.")
+_WINDOWS = flags.DEFINE_list("windows", ["4", "8"], "SJD windows to run.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", 3.0, "Guidance scale (the "
+                                "batch is doubled); negative: no guidance.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Image temperature.")
+_IMAGE_LENGTH = flags.DEFINE_integer("image_length", 64, "Random models: "
+                                     "image tokens (h * w).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best is kept).")
+_PROMPT = flags.DEFINE_string("prompt", "a big red circle at the top left",
+                              "Prompt of every row (trained models).")
+
+
+def sampling(window: int) -> SamplingParams:
+  cfg = _CFG_SCALE.value if _CFG_SCALE.value >= 0 else None
+  return SamplingParams(temperature=_TEMPERATURE.value, cfg_scale=cfg,
+                        sjd_window=window).validate(2**31 - 1)
+
+
+def random_parti():
+  """(model, params, text row, unconditional row) of a tiny random Parti."""
+  model = parti.Parti(**parti.parti_config(
+      "tiny", text_vocab_size=256, image_vocab_size=256, text_length=16,
+      image_length=_IMAGE_LENGTH.value, embed_dim=64, mlp_dim=256,
+      num_heads=4, head_dim=16, num_kv_heads=4, encoder_layers=2,
+      decoder_layers=2, scan_layers=False))
+  text = np.arange(2, 18, dtype=np.int32) % 200 + 2
+  text[-4:] = 0
+  params = model.init(jax.random.key(0), text[None],
+                      jnp.zeros((1, model.image_length), jnp.int32))
+  return model, params, text, text_to_image.unconditional_text_ids(
+      1, model.text_length)
+
+
+def parti_runner(model, params, text, uncond):
+  """run(window, batch) -> (calls per image, seconds per batch)."""
+  def run(window, batch):
+    sp = sampling(window)
+    fn = jax.jit(lambda p, x, u, r: parti.sample_image_ids(
+        model, p, x, r, sp, u if sp.doubled else None, return_steps=True))
+    rows = jnp.asarray(np.tile(text, (batch, 1)))
+    urows = jnp.asarray(np.tile(uncond, (batch, 1)))
+    _, calls = fn(params, rows, urows, jax.random.key(1))
+    seconds = common.timed(fn, params, rows, urows, jax.random.key(2),
+                           repeats=_REPEATS.value)
+    return int(calls), seconds
+  return run
+
+
+def random_interleaved():
+  """(model, params, prompt row, layout) of a tiny random decoder-only
+  model."""
+  layout = vocab.VocabLayout(text_vocab_size=64, image_vocab_size=256)
+  model = il.InterleavedLM(
+      vocab_size=layout.size, max_len=_IMAGE_LENGTH.value + 96, embed_dim=64,
+      num_heads=4, num_kv_heads=1, head_dim=16, mlp_dim=256, num_layers=2,
+      boi_id=vocab.BOI, image_length=_IMAGE_LENGTH.value, scan_layers=False)
+  params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+  text = layout.text_to_joint(np.arange(3, 15))
+  prompt = np.concatenate([[vocab.BOS], text, [vocab.BOI]]).astype(np.int32)
+  return model, params, prompt, layout
+
+
+def interleaved_runner(model, params, prompt, layout):
+  ids = np.arange(layout.size)
+  is_text = np.asarray(layout.is_text(ids))
+
+  def run(window, batch):
+    def fn(rng):
+      return il.continue_documents(
+          model, params, np.tile(prompt, (batch, 1)), rng, text_ids=is_text,
+          image_ids=np.asarray(layout.is_image(ids)), eos_id=vocab.EOS,
+          boi_id=vocab.BOI, eoi_id=vocab.EOI,
+          text_sampling=SamplingParams(temperature=0.0),
+          image_sampling=sampling(window),
+          max_new_tokens=model.image_length + 1, max_text_tokens=1,
+          max_images=1, drop_ids=is_text, return_image_steps=True)
+    _, calls = fn(jax.random.key(1))
+    seconds = common.timed(lambda r: fn(r)[0], jax.random.key(2),
+                           repeats=_REPEATS.value)
+    return calls[0], seconds
+  return run
+
+
+def runners():
+  """[(name, image tokens, run)] for the models to measure."""
+  if not _WORKDIR.value:
+    p = random_parti()
+    i = random_interleaved()
+    return [("random Parti", p[0].image_length, parti_runner(*p)),
+            ("random interleaved", i[0].image_length,
+             interleaved_runner(*i))]
+  loaded = unimm.load_model(_WORKDIR.value)
+  params = {"params": jax.device_get(nn.unbox(loaded.params))}
+  name = os.path.basename(os.path.normpath(_WORKDIR.value))
+  if isinstance(loaded, text_to_image.TextToImageModel):
+    text = loaded.text_tokenizer.encode([_PROMPT.value],
+                                        loaded.model.text_length).ids[0]
+    return [(f"Parti {name}", loaded.model.image_length, parti_runner(
+        loaded.model, params, text, loaded.unconditional_row()))]
+  prompt = np.concatenate([loaded._encode([[_PROMPT.value]])[0],  # pylint: disable=protected-access
+                           [vocab.BOI]]).astype(np.int32)
+  return [(f"interleaved {name}", loaded.model.image_length,
+           interleaved_runner(loaded.model, params, prompt, loaded.layout))]
+
+
+def main(_):
+  windows = [0] + [int(w) for w in _WINDOWS.value]
+  batches = [int(b) for b in _BATCHES.value]
+  print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
+        f"temperature {_TEMPERATURE.value}, cfg_scale {_CFG_SCALE.value}")
+  header = (f"{'model':<22} {'decoding':<9} {'tokens':>6} {'batch':>5} "
+            f"{'model steps/image':>17} {'steps ratio':>11} {'images/s':>9}")
+  print(header)
+  print("-" * len(header))
+  for name, tokens, run in runners():
+    plain_steps = {}
+    for window in windows:
+      for batch in batches:
+        steps, seconds = run(window, batch)
+        plain_steps.setdefault(batch, steps)
+        label = f"SJD W={window}" if window else "plain"
+        print(f"{name:<22} {label:<9} {tokens:>6} {batch:>5} {steps:>17} "
+              f"{steps / plain_steps[batch]:>11.2f} "
+              f"{batch / seconds:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
