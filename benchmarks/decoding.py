@@ -3,6 +3,7 @@ Jacobi decoding (SJD, sampler.sjd_decode), side by side.
 
   python benchmarks/decoding.py [--workdir shapes-parti] [--windows 4,8]
       [--batches 1,8] [--cfg_scale 3.0] [--temperature 1.0]
+  python benchmarks/decoding.py --workdir shapes-parti --probe 200
 
 Prints, from one run on this machine, for each model, decoding and batch:
 model calls per image (the decoder steps of one image span; a batch makes
@@ -16,6 +17,7 @@ unimm.load_model takes: a workdir, an export, a packaged name).
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,8 @@ import numpy as np
 
 import common
 import unimm
+from unimm.data import shapes
+from unimm.evaluation import probe as probe_lib
 from unimm.inference import text_to_image
 from unimm.models import interleaved as il
 from unimm.models import parti
@@ -47,6 +51,16 @@ _IMAGE_LENGTH = flags.DEFINE_integer("image_length", 64, "Random models: "
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best is kept).")
 _PROMPT = flags.DEFINE_string("prompt", "a big red circle at the top left",
                               "Prompt of every row (trained models).")
+_PROBE = flags.DEFINE_integer(
+    "probe", 0, "With --workdir (a model trained on shapes): also sample "
+    "this many one-object and as many two-object prompts of the probe's "
+    "fixed set with each decoding (plain, SJD at --windows, no guidance, "
+    "CD-K at --contrastive_alpha) and print the probe's prompt accuracy "
+    "and probe_fd (the evals' Frechet distance in probe features).")
+_CONTRASTIVE_ALPHA = flags.DEFINE_list(
+    "contrastive_alpha", ["0.1"], "--probe: CD-K plausibility factors.")
+_PROBE_BATCH = flags.DEFINE_integer("probe_batch", 50, "--probe: prompts per "
+                                    "sampling call.")
 
 
 def sampling(window: int) -> SamplingParams:
@@ -142,6 +156,43 @@ def runners():
            interleaved_runner(loaded.model, params, prompt, loaded.layout))]
 
 
+def probe_table(model) -> None:
+  """Prompt accuracy of each decoding on the probe's fixed prompt set:
+  model.sample with the eval's settings but the decoding changed."""
+  prompt_set = probe_lib.fixed_prompt_set(_PROBE.value, _PROBE.value)
+  prompts = [caption for caption, _ in prompt_set]
+  real = np.stack([shapes.render(scene, model.tokenizer.image_size)
+                   for _, scene in prompt_set])
+  probe = probe_lib.get_probe(model.tokenizer.image_size)
+  eval_cfg = model.settings.get("cfg_scale")
+  rows = [("plain", {})] + [
+      (f"SJD W={w}", {"sjd_window": int(w)}) for w in _WINDOWS.value] + [
+          ("no guidance", {"cfg_scale": None})] + [
+              (f"CD-K a={a}", {"contrastive_alpha": float(a)})
+              for a in _CONTRASTIVE_ALPHA.value]
+  print(f"\nprobe: {len(prompts)} prompts ({_PROBE.value} single, "
+        f"{_PROBE.value} pair) at batch {_PROBE_BATCH.value}; the eval's "
+        f"settings (cfg_scale {eval_cfg}, temperature "
+        f"{model.settings.get('temperature')}) unless the row says")
+  header = (f"{'decoding':<12} {'single':>7} {'pair':>7} {'probe_fd':>9} "
+            f"{'images/s':>9}")
+  print(header)
+  print("-" * len(header))
+  n = _PROBE_BATCH.value
+  for label, settings in rows:
+    model.sample(prompts[:n], seed=0, **settings)  # compiles
+    start = time.perf_counter()
+    images = np.concatenate([
+        model.sample(prompts[i:i + n], seed=i, **settings)
+        for i in range(0, len(prompts), n)])
+    seconds = time.perf_counter() - start
+    accuracy = probe_lib.prompt_accuracy(prompts, images, probe=probe)
+    fd = probe_lib.probe_fd(real, images, probe=probe)
+    print(f"{label:<12} {accuracy['prompt_accuracy_single']:>7.3f} "
+          f"{accuracy['prompt_accuracy_pair']:>7.3f} {fd:>9.2f} "
+          f"{len(prompts) / seconds:>9.2f}", flush=True)
+
+
 def main(_):
   windows = [0] + [int(w) for w in _WINDOWS.value]
   batches = [int(b) for b in _BATCHES.value]
@@ -161,6 +212,11 @@ def main(_):
         print(f"{name:<22} {label:<9} {tokens:>6} {batch:>5} {steps:>17} "
               f"{steps / plain_steps[batch]:>11.2f} "
               f"{batch / seconds:>9.2f}", flush=True)
+  if _PROBE.value:
+    if not _WORKDIR.value:
+      raise app.UsageError("--probe needs --workdir, a model trained on "
+                           "shapes (e.g. shapes-parti).")
+    probe_table(unimm.load_model(_WORKDIR.value))
 
 
 if __name__ == "__main__":
