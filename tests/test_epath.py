@@ -34,6 +34,7 @@ from unimm import export
 from unimm.data import convert
 from unimm.data import pipeline
 from unimm.data import pretokenize
+from unimm.evaluation import fid
 from unimm.evaluation import grids
 from unimm.evaluation import reports
 from unimm.tokenizers import text as text_lib
@@ -121,6 +122,16 @@ def test_image_grid_png(gcs):
     np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
   with pytest.raises(ValueError, match="image format"):
     grids.save_image(expected, f"{ROOT}/w/eval/samples")
+
+
+def test_fid_statistics_cache(gcs):
+  del gcs
+  path = f"{ROOT}/w/eval/fid_reference_x.npz"
+  mu, sigma = np.arange(3.0), np.eye(3) * 2.0
+  fid.save_stats(path, mu, sigma)
+  loaded = fid.load_stats(path)
+  np.testing.assert_array_equal(loaded[0], mu)
+  np.testing.assert_array_equal(loaded[1], sigma)
 
 
 def test_text_tokenizer_trained_and_loaded(gcs):

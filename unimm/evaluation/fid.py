@@ -13,12 +13,14 @@ them (np.cov rowvar=False, scipy.linalg.sqrtm).
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 from collections.abc import Iterable
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 import scipy.linalg
@@ -139,13 +141,17 @@ class RunningStats:
 
 
 def save_stats(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
-  """Writes pytorch-fid's statistics file: .npz with keys mu and sigma."""
-  np.savez_compressed(path, mu=np.asarray(mu), sigma=np.asarray(sigma))
+  """Writes pytorch-fid's statistics file: .npz with keys mu and sigma
+  (any epath path: local or gs://)."""
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, mu=np.asarray(mu), sigma=np.asarray(sigma))
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D, D]) from a pytorch-fid .npz statistics file."""
-  with np.load(path, allow_pickle=False) as npz:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes()),
+               allow_pickle=False) as npz:
     if "mu" not in npz.files or "sigma" not in npz.files:
       raise ValueError(f"{path} has arrays {npz.files}; an FID statistics "
                        "file (pytorch-fid --save-stats) has mu and sigma.")

@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -237,17 +238,17 @@ def reference_statistics(net: inception.Inception, fid_reference: str, *,
     source = (batch["image"] for batch in _read_split(
         name, split, num_images, image_size=image_size,
         batch_size=batch_size, data_dir=data_dir))
-  if os.path.isfile(path):
+  if epath.Path(path).is_file():
     logging.info("FID reference statistics: cached %s.", path)
     return fid.load_stats(path)
   logging.info("FID reference statistics of %s (cached as %s).",
                fid_reference, path)
   mu, sigma = fid.compute_statistics(net, source, batch_size=batch_size)
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
+    epath.Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tmp = f"{path[:-4]}.tmp{os.getpid()}.npz"
     fid.save_stats(tmp, mu, sigma)
-    os.replace(tmp, path)  # readers never see half a file
+    epath.Path(tmp).rename(path)  # readers never see half a file
   return mu, sigma
 
 
