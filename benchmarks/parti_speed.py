@@ -1,7 +1,14 @@
-r"""Parti sampling and training speed against baselines, side by side.
+r"""Parti and interleaved sampling and training speed against baselines.
 
   python benchmarks/parti_speed.py [--image_length 256] [--size tiny]
       [--models parti,interleaved]
+
+Training where matrix multiplies dominate (width 512; both train steps, no
+sampling, about 7 minutes on 2 CPU cores, 9 GB of memory):
+
+  python benchmarks/parti_speed.py --size small --embed_dim 512 \
+      --sample_batches= --train_rounds 3 --train_steps 2 \
+      --noother_layout --profile_dir /tmp/train_profile
 
 Prints, from one run on this machine:
 - sampler tokens/s of unimm's compiled scan + KV-cache sampler
@@ -12,18 +19,30 @@ Prints, from one run on this machine:
   batch 1 and 8; compile time separately;
 - training tokens/s of the real unimm train step (unimm.train.trainer's
   program for the Parti task: forward, backward, AdamW), with the layers
-  as the config lays them out (--scan; tiny: unrolled) and the other way,
-  against the same HF model in PyTorch eager (forward, backward, AdamW),
-  timed in --train_rounds interleaved rounds (medians; the ratio's range
-  over rounds is printed too);
-- model FLOP/s of the train step as a fraction of the measured f32 matmul
-  peak, with MaxText's FLOP formula (6 x matmul params x tokens + attention,
-  maxtext/MaxText/maxtext_utils.py calculate_tflops_training_per_device);
+  as the config lays them out (--scan; tiny: unrolled) and the other way
+  (--other_layout), against the same HF model in PyTorch eager (forward,
+  backward, AdamW), timed in --train_rounds interleaved rounds (medians;
+  the ratio of each round is printed too);
+- the same for the interleaved task's train step (unimm.train.
+  interleaved_task on configs/interleaved_shapes.py, one document per row:
+  BOS, prompt, BOI, image, EOI, text, EOS) against a same-size Llama
+  (LlamaForCausalLM: the same key/value heads, RoPE, SwiGLU hidden width
+  2/3 of ours so the MLP parameters match) in PyTorch eager;
+- model FLOP/s of each train step as a fraction of the f32 matmul peak
+  measured at the start of the run, with MaxText's FLOP formula (6 x matmul
+  params x tokens + attention, maxtext/MaxText/maxtext_utils.py
+  calculate_tflops_training_per_device);
+- with --profile_dir: for each unimm train step, the forward and the
+  forward + backward timed alone, and a jax.profiler trace of two steps
+  split into matmul thunks (dots and fusions holding one) and the rest;
 - the interleaved decoder-only model's sampler (continue_documents drawing
   one image after a text prompt: prefill, then the scan over the KV cache)
   against the same model recomputing the prefix and against HF `generate`
   on a same-size Llama (multi-query attention, RoPE; its SwiGLU hidden
   width is 2/3 of ours so the MLP parameters match), at batch 1 and 8.
+
+--embed_dim overrides the size's width (mlp_dim 4x, head_dim width /
+num_heads): the `small` rows of both size tables are 256 wide.
 """
 import os
 import sys
@@ -37,14 +56,20 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import common
 from unimm import config_lib
 from unimm import host_memory
 from unimm import parallel
+from unimm.data import interleaved as il_data
 from unimm.inference import text_to_image
+from unimm.models import interleaved
 from unimm.models import parti
+from unimm.models import vocab
 from unimm.sampling.sampler import SamplingParams
+from unimm.train import interleaved_task
+from unimm.train import optim
 from unimm.train import parti_task
 from unimm.train import trainer
 
@@ -76,13 +101,41 @@ _MODELS = flags.DEFINE_list("models", ["parti", "interleaved"],
                             "Which models to measure.")
 _PROMPT_LENGTH = flags.DEFINE_integer(
     "prompt_length", 16, "Interleaved model: prompt tokens before BOI.")
+_TRAIN_LENGTH = flags.DEFINE_integer(
+    "train_length", 320, "Interleaved training: tokens per row (at least "
+    "prompt_length + image_length + 2).")
+_EMBED_DIM = flags.DEFINE_integer(
+    "embed_dim", 0, "Width of both models (0: the size's); mlp_dim becomes "
+    "4x the width and head_dim width / num_heads.")
+_OPTIMIZER = flags.DEFINE_enum(
+    "optimizer", "adamw", ["adamw", "muon"], "unimm's optimizer in the "
+    "train steps (PyTorch's is AdamW).")
+_OTHER_LAYOUT = flags.DEFINE_bool(
+    "other_layout", True, "Also time the train steps with the layers laid "
+    "out the other way (scanned / unrolled).")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "", "Where to write a jax.profiler trace of each unimm "
+    "train step (empty: no profile).")
+
+
+def width_overrides(num_heads: int) -> dict:
+  """Model fields that --embed_dim sets (none when it is 0)."""
+  d = _EMBED_DIM.value
+  if not d:
+    return {}
+  if d % num_heads:
+    raise ValueError(f"--embed_dim={d} is not a multiple of the size's "
+                     f"num_heads={num_heads}; pick a multiple.")
+  return dict(embed_dim=d, mlp_dim=4 * d, head_dim=d // num_heads)
 
 
 def parti_config(size: str, image_length: int):
   """The shapes Parti config at this benchmark's lengths and vocabularies."""
   config = config_lib.load_config(
       os.path.join(os.path.dirname(__file__), "..", "configs",
-                   "parti_shapes.py") + f":size={size},positions=learned")
+                   "parti_shapes.py") +
+      f":size={size},positions=learned,optimizer={_OPTIMIZER.value}")
+  config.model.update(width_overrides(config.model.num_heads))
   config.model.update(image_length=image_length,
                       text_length=_TEXT_LENGTH.value,
                       image_vocab_size=_IMAGE_VOCAB.value,
@@ -117,8 +170,8 @@ def parti_train_task(m_cfg) -> parti_task.ParTask:
 
 
 def unimm_train_s(m_cfg, task, batch):
-  """(compile s, timer, params) of the real trainer program; timer(steps)
-  returns seconds per step over `steps` more steps."""
+  """(compile s, timer, params, compiled step) of the real trainer program;
+  timer(steps) returns seconds per step over `steps` more steps."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           batch)
   mesh = parallel.make_mesh(dict(data=1), jax.devices()[:1])
@@ -146,7 +199,7 @@ def unimm_train_s(m_cfg, task, batch):
       holder[0] = state
     return (time.perf_counter() - start) / steps
 
-  return compile_s, timer, params
+  return compile_s, timer, params, compiled
 
 
 def unimm_sampler(model, params, text, sampling):
@@ -214,17 +267,27 @@ def torch_generate_s(model, batch: int, m: parti.Parti) -> float:
   return time.perf_counter() - start
 
 
-def torch_train_s(model, batch: int, m: parti.Parti):
-  """A timer: timer(steps) -> seconds per PyTorch eager AdamW step."""
+def torch_loss_fn(model, **arrays):
+  """loss_fn() -> the HF model's loss on these int arrays (None without a
+  model); Llama shifts labels = input_ids itself."""
+  if model is None:
+    return None
+  import torch  # pylint: disable=g-import-not-at-top
+  tensors = {k: torch.as_tensor(np.asarray(v), dtype=torch.long)
+             for k, v in arrays.items()}
+  return lambda: model(**tensors).loss
+
+
+def torch_train_timer(model, loss_fn):
+  """A timer: timer(steps) -> seconds per PyTorch eager step (loss_fn(),
+  backward, AdamW)."""
   import torch  # pylint: disable=g-import-not-at-top
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  ids = torch.randint(2, m.text_vocab_size, (batch, m.text_length))
-  labels = torch.randint(0, m.image_vocab_size, (batch, m.image_length))
 
   def step():
     opt.zero_grad()
-    model(input_ids=ids, labels=labels).loss.backward()
+    loss_fn().backward()
     opt.step()
 
   step()
@@ -240,9 +303,9 @@ def torch_train_s(model, batch: int, m: parti.Parti):
 
 
 def interleaved_model(size: str, image_length: int, prompt_length: int):
-  from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
   return interleaved.InterleavedLM(**interleaved.interleaved_config(
-      size, vocab_size=5 + _TEXT_VOCAB.value + _IMAGE_VOCAB.value,
+      size, **width_overrides(interleaved.SIZES[size]["num_heads"]),
+      vocab_size=5 + _TEXT_VOCAB.value + _IMAGE_VOCAB.value,
       max_len=prompt_length + 2 * image_length + 8, image_length=image_length,
       image_positions="2d", qk_norm=True,
       scan_layers=config_lib.scan_layers(_SCAN.value, size)))
@@ -251,7 +314,6 @@ def interleaved_model(size: str, image_length: int, prompt_length: int):
 def interleaved_sampler_s(model, params, prompts):
   """(first call s, timed call s) of continue_documents drawing one image
   after each prompt (which ends in BOI): the first call compiles."""
-  from unimm.models import interleaved  # pylint: disable=g-import-not-at-top
   ids = np.arange(model.vocab_size)
   text_ids = (ids >= 5) & (ids < 5 + _TEXT_VOCAB.value)
   greedy = SamplingParams(temperature=0.0)
@@ -361,17 +423,185 @@ def run_interleaved(rng) -> list[tuple[str, str]]:
   return rows
 
 
+def interleaved_training_flops(m: interleaved.InterleavedLM, batch: int,
+                               length: int) -> float:
+  """MaxText-style training FLOPs of one step of the decoder-only model
+  (the tied read-out is a matmul, the embedding lookup is not)."""
+  d, hd = m.embed_dim, m.num_heads * m.head_dim
+  qkvo = 2 * d * hd + 2 * d * m.num_kv_heads * m.head_dim
+  gated = m.mlp_activation in ("swiglu", "geglu")
+  mlp = (3 if gated else 2) * d * m.mlp_dim
+  matmul = 6 * batch * length * (m.num_layers * (qkvo + mlp) +
+                                 d * m.vocab_size)
+  attention = 12 * batch * hd * m.num_layers * length * length
+  return float(matmul + attention)
+
+
+def interleaved_train_config(size: str, image_length: int, length: int):
+  """configs/interleaved_shapes.py at this benchmark's lengths and
+  vocabularies, with AdamW (--optimizer) and no generation eval."""
+  side = int(round(image_length ** 0.5))
+  if side * side != image_length:
+    raise ValueError(f"--image_length={image_length} is not a square; the "
+                     "interleaved model's 2-D image positions need one.")
+  config = config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), "..", "configs",
+                   "interleaved_shapes.py") +
+      f":size={size},grid={side},length={length},"
+      f"text_vocab={_TEXT_VOCAB.value},codes={_IMAGE_VOCAB.value},"
+      f"optimizer={_OPTIMIZER.value},scan={_SCAN.value}")
+  config.model.update(width_overrides(config.model.num_heads))
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.eval.num_generation = 0
+  return config
+
+
+def interleaved_train_batch(rng, batch: int, length: int, image_length: int,
+                            prompt_length: int) -> dict[str, np.ndarray]:
+  """Packed rows of one document each: BOS, prompt text, BOI, image codes,
+  EOI, text, EOS ([B, L] tokens, segment_ids, positions, loss_mask)."""
+  tail = length - prompt_length - image_length - 2
+  if tail < 0:
+    raise ValueError(
+        f"--train_length={length} holds no document of prompt_length="
+        f"{prompt_length} + image_length={image_length} + 2 (EOI, EOS); "
+        f"raise it to at least {length - tail}.")
+  first_code = vocab.NUM_SPECIALS + _TEXT_VOCAB.value
+
+  def text(n):
+    return rng.integers(vocab.NUM_SPECIALS, first_code, (batch, n))
+
+  def special(token):
+    return np.full((batch, 1), token)
+
+  tokens = np.concatenate([
+      special(vocab.BOS), text(prompt_length - 2), special(vocab.BOI),
+      rng.integers(first_code, first_code + _IMAGE_VOCAB.value,
+                   (batch, image_length)),
+      special(vocab.EOI), text(tail), special(vocab.EOS)], axis=1)
+  segment_ids = np.ones((batch, length), np.int32)
+  return dict(tokens=tokens.astype(np.int32), segment_ids=segment_ids,
+              **il_data.packed_features(segment_ids))
+
+
+def profile_rows(name: str, config, task, params, batch, compiled, timer,
+                 step_s: float, flops: float,
+                 peak: float) -> list[tuple[str, str]]:
+  """Where a unimm train step's time goes: the forward (loss), the forward
+  + backward and the optimizer update (clipping, AdamW) compiled alone, and
+  two steps traced by jax.profiler, their thunks split into matmuls and the
+  rest."""
+  rng = jax.random.PRNGKey(0)
+
+  def loss(p, b):
+    return task.loss(p, {}, b, rng)[0]
+
+  p = params["params"]
+  b = jax.tree.map(jnp.asarray, batch)
+  forward_s = common.timed(jax.jit(loss), p, b, repeats=2)
+  backward_s = common.timed(jax.jit(jax.grad(loss)), p, b, repeats=2)
+  tx = optim.make_optimizer(config.optimizer, config.total_steps)
+
+  @jax.jit
+  def update(grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  optimizer_s = common.timed(update, p, tx.init(p), p, repeats=2)
+  steps = 2
+  split = common.time_by_op_class(
+      common.profile_op_seconds(lambda: timer(steps),
+                                os.path.join(_PROFILE_DIR.value, name)),
+      compiled.as_text())
+  total = sum(sum(kinds.values()) for kinds in split.values())
+  matmul_total = sum(split["matmul"].values())
+  matmul_s = matmul_total / steps
+
+  def shares(kinds):
+    top = sorted(kinds.items(), key=lambda kv: -kv[1])[:5]
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in top)
+
+  return [(f"[{name}] profile: forward alone / forward + backward / step",
+           f"{forward_s:.2f} / {backward_s:.2f} / {step_s:.2f} s "
+           f"(forward {forward_s / step_s:.0%}, backward "
+           f"{(backward_s - forward_s) / step_s:.0%}, optimizer and the "
+           f"rest {(step_s - backward_s) / step_s:.0%} of the step)"),
+          (f"[{name}] profile: optimizer update alone (clipping, AdamW)",
+           f"{optimizer_s:.2f} s ({optimizer_s / step_s:.0%} of the step)"),
+          (f"[{name}] profile: thunk time, matmuls",
+           f"{matmul_total / total:.0%} ({shares(split['matmul'])})"
+           f"; at {flops / matmul_s / 1e9:.0f} GFLOP/s = "
+           f"{flops / matmul_s / peak:.0%} of the peak (model FLOPs / "
+           f"matmul thunk time)"),
+          (f"[{name}] profile: thunk time, the rest",
+           f"{sum(split['other'].values()) / total:.0%} "
+           f"({shares(split['other'])}); thunks "
+           f"{total / steps:.2f} s per step")]
+
+
+def compare_training(name: str, config, make_task, batch, tokens: int,
+                     flops: float, peak: float, torch_ref=None,
+                     torch_loss=None, torch_label: str = ""):
+  """Rows for one model's train step against PyTorch eager, timed in
+  --train_rounds interleaved rounds; returns (rows, params)."""
+  compile_s, timer, params, compiled = unimm_train_s(
+      config, make_task(config), batch)
+  timers = {"ours": timer}
+  layout = "scanned" if not config.model.scan_layers else "unrolled"
+  if _OTHER_LAYOUT.value:  # the layers laid out the other way
+    other = config.copy_and_resolve_references()
+    other.model.scan_layers = not config.model.scan_layers
+    timers["other"] = unimm_train_s(other, make_task(other), batch)[1]
+  if torch_ref is not None:
+    timers["torch"] = torch_train_timer(torch_ref, torch_loss)
+  rounds = {key: [] for key in timers}
+  for _ in range(_TRAIN_ROUNDS.value):  # interleaved: drift hits all alike
+    for key, round_timer in timers.items():
+      rounds[key].append(round_timer(_TRAIN_STEPS.value))
+  median = {key: float(np.median(v)) for key, v in rounds.items()}
+
+  def per_round(times):
+    return ", ".join(f"{tokens / t:,.0f}" for t in times)
+
+  rows = [(f"[{name}] train step compile (unimm)", f"{compile_s:.1f} s"),
+          (f"[{name}] train tokens/s (unimm)",
+           f"{tokens / median['ours']:,.0f}; per round "
+           f"{per_round(rounds['ours'])}"),
+          (f"[{name}] train model FLOP/s (MaxText formula)",
+           f"{flops / median['ours'] / 1e9:.1f} GFLOP/s = "
+           f"{flops / median['ours'] / peak:.1%} of the matmul peak")]
+  if "other" in median:
+    rows.append((f"[{name}] train tokens/s (unimm, layers {layout})",
+                 f"{tokens / median['other']:,.0f}"))
+  if "torch" in median:
+    ratios = [t / o for t, o in zip(rounds["torch"], rounds["ours"])]
+    rows.append((f"[{name}] train tokens/s ({torch_label})",
+                 f"{tokens / median['torch']:,.0f}; per round "
+                 f"{per_round(rounds['torch'])}"))
+    rows.append((f"[{name}] train speed, unimm / PyTorch",
+                 f"median of rounds {np.median(ratios):.2f}x; per round " +
+                 ", ".join(f"{r:.2f}x" for r in ratios)))
+  if _PROFILE_DIR.value:
+    rows += profile_rows(name, config, make_task(config), params, batch,
+                         compiled, timer, median["ours"], flops, peak)
+  return rows, params
+
+
 def main(_):
   run()
 
 
 def run() -> list[tuple[str, str]]:
   """Measures and prints every row; returns them as (name, value)."""
-  rows = []
   rng = np.random.default_rng(0)
+  peak = common.matmul_peak_flops()
+  print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
+        f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  rows = [("f32 matmul peak (2048^3 jnp.dot)", f"{peak / 1e9:.1f} GFLOP/s")]
   if "parti" in _MODELS.value:
-    rows += run_parti(rng)
+    rows += run_parti(rng, peak)
   if "interleaved" in _MODELS.value:
+    rows += run_interleaved_training(rng, peak)
     print(f"Interleaved {_SIZE.value}: prompt {_PROMPT_LENGTH.value} tokens "
           f"(ending in BOI), then {_IMAGE_LENGTH.value} image tokens")
     rows += run_interleaved(rng)
@@ -381,54 +611,49 @@ def run() -> list[tuple[str, str]]:
   return rows
 
 
-def run_parti(rng) -> list[tuple[str, str]]:
+def run_interleaved_training(rng, peak: float) -> list[tuple[str, str]]:
+  """The interleaved task's train step against a same-size Llama."""
+  config = interleaved_train_config(_SIZE.value, _IMAGE_LENGTH.value,
+                                    _TRAIN_LENGTH.value)
+  model = interleaved_task.InterleavedTask(config).model
+  b, length = _TRAIN_BATCH.value, _TRAIN_LENGTH.value
+  print(f"Interleaved {_SIZE.value} training: width {model.embed_dim}, "
+        f"{model.num_layers} layers, {model.num_kv_heads} key/value heads, "
+        f"batch {b} x {length} tokens")
+  batch = interleaved_train_batch(rng, b, length, model.image_length,
+                                  _PROMPT_LENGTH.value)
+  llama = torch_llama(model) if _TORCH.value else None
+  loss = torch_loss_fn(llama, input_ids=batch["tokens"],
+                       labels=batch["tokens"])
+  rows, _ = compare_training(
+      "interleaved", config, interleaved_task.InterleavedTask, batch,
+      b * length, interleaved_training_flops(model, b, length), peak,
+      llama, loss, "PyTorch eager, HF Llama same size")
+  return rows
+
+
+def run_parti(rng, peak: float) -> list[tuple[str, str]]:
   """The Parti rows: training and sampling."""
   m_cfg = parti_config(_SIZE.value, _IMAGE_LENGTH.value)
-  task = parti_train_task(m_cfg)
-  model = task.model
-  peak = common.matmul_peak_flops()
-  print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
-        f"f32 matmul peak {peak / 1e9:.1f} GFLOP/s; Parti {_SIZE.value}, "
+  model = parti_train_task(m_cfg).model
+  print(f"Parti {_SIZE.value}: width {model.embed_dim}, "
+        f"{model.encoder_layers} + {model.decoder_layers} layers, "
         f"{model.image_length} image tokens, text {model.text_length}")
 
-  # ---- training: the real trainer program vs PyTorch eager, with the
-  # layers laid out as configured (--scan) and, for comparison, the other
-  # way.
+  # ---- training: the real trainer program vs PyTorch eager.
   b = _TRAIN_BATCH.value
   batch = {"text_ids": rng.integers(2, model.text_vocab_size,
                                     (b, model.text_length)).astype(np.int32),
            "image_ids": rng.integers(0, model.image_vocab_size,
                                      (b, model.image_length)).astype(np.int32)}
-  train_compile_s, ours_timer, params = unimm_train_s(m_cfg, task, batch)
-  other = m_cfg.copy_and_resolve_references()
-  other.model.scan_layers = not m_cfg.model.scan_layers
-  _, other_timer, _ = unimm_train_s(other, parti_train_task(other), batch)
-  layout = "scanned" if other.model.scan_layers else "unrolled"
   torch_ref = torch_model(model) if _TORCH.value else None
-  timers = {"ours": ours_timer, "other": other_timer}
+  loss = torch_loss_fn(torch_ref, input_ids=batch["text_ids"],
+                       labels=batch["image_ids"])
+  rows, params = compare_training(
+      "parti", m_cfg, parti_train_task, batch, b * model.image_length,
+      training_flops(model, b), peak, torch_ref, loss,
+      "PyTorch eager, HF T5 same size")
   if torch_ref is not None:
-    timers["torch"] = torch_train_s(torch_ref, b, model)
-  rounds = {name: [] for name in timers}
-  for _ in range(_TRAIN_ROUNDS.value):  # interleaved: drift hits all alike
-    for name, timer in timers.items():
-      rounds[name].append(timer(_TRAIN_STEPS.value))
-  train_s, other_s = (float(np.median(rounds[k])) for k in ("ours", "other"))
-  tokens = b * model.image_length
-  flops = training_flops(model, b)
-  rows = [("train step compile (unimm)", f"{train_compile_s:.1f} s"),
-          ("train tokens/s (unimm)", f"{tokens / train_s:,.0f}"),
-          ("train model FLOP/s (MaxText formula)",
-           f"{flops / train_s / 1e9:.1f} GFLOP/s = "
-           f"{flops / train_s / peak:.1%} of the matmul peak"),
-          (f"train tokens/s (unimm, layers {layout})",
-           f"{tokens / other_s:,.0f}")]
-  if torch_ref is not None:
-    t_train = float(np.median(rounds["torch"]))
-    per_round = [t / o for t, o in zip(rounds["torch"], rounds["ours"])]
-    rows.append(("train tokens/s (PyTorch eager, HF T5 same size)",
-                 f"{tokens / t_train:,.0f}  -> unimm {t_train / train_s:.2f}x"
-                 f" ({layout} {t_train / other_s:.2f}x); per round "
-                 f"{min(per_round):.2f}x-{max(per_round):.2f}x"))
     torch_ref.eval()
 
   # ---- sampling.
