@@ -24,10 +24,12 @@ PARAMS = MODEL.init(jax.random.key(0), TEXT, jnp.zeros((B, T), jnp.int32))
 def test_cached_logits_equal_full_forward(positions):
   t = 9  # a square grid for learned_2d
   model = MODEL.clone(positions=positions, image_length=t)
-  params = model.init(jax.random.key(0), TEXT, jnp.zeros((B, t), jnp.int32))
+  params = jax.jit(model.init)(jax.random.key(0), TEXT,
+                               jnp.zeros((B, t), jnp.int32))
   ids = jax.random.randint(jax.random.key(1), (B, t), 0, V)
-  full = model.apply(params, TEXT, ids)  # [B, T, V]
-  encoded, mask = model.apply(params, TEXT, method=parti.Parti.encode)
+  full = jax.jit(model.apply)(params, TEXT, ids)  # [B, T, V]
+  encoded, mask = jax.jit(lambda p, x: model.apply(
+      p, x, method=parti.Parti.encode))(params, TEXT)
   cache = model.init_cache(B, mask)
   inputs = jnp.concatenate([jnp.full((B, 1), model.bos_id), ids[:, :-1]], 1)
   step = jax.jit(lambda c, tok, pos, enc: model.apply(
@@ -48,11 +50,10 @@ def sample(text, rng, sampling):
 def test_greedy_cached_tokens_equal_uncached():
   ids = sample(TEXT, jax.random.key(0), SamplingParams(0.0))
   assert ids.shape == (B, T)
-  seq = jnp.zeros((B, 0), jnp.int32)
-  for _ in range(T):  # uncached: the whole prefix every step
-    padded = jnp.pad(seq, ((0, 0), (0, T - seq.shape[1])))
-    logits = MODEL.apply(PARAMS, TEXT, padded)[:, seq.shape[1]]
-    seq = jnp.concatenate([seq, jnp.argmax(logits, -1)[:, None]], 1)
+  full = jax.jit(lambda image_ids: MODEL.apply(PARAMS, TEXT, image_ids))
+  seq = jnp.zeros((B, T), jnp.int32)
+  for t in range(T):  # uncached: the whole (padded) prefix every step
+    seq = seq.at[:, t].set(jnp.argmax(full(seq)[:, t], -1))
   np.testing.assert_array_equal(ids, seq)
 
 

@@ -50,10 +50,13 @@ def run(params, first, rng, n, sampling):
 def test_greedy_cached_equals_greedy_uncached():
   first = jnp.array([1, 5, 7], jnp.int32)
   cached = run(PARAMS, first, jax.random.key(0), 10, samp.SamplingParams(0.0))
-  seq = first[:, None]
-  for _ in range(10):  # recompute the whole prefix every step
-    logits, _ = MODEL.apply(PARAMS, seq)
-    seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], 1)
+  # Recompute the whole prefix every step: one compiled full forward over
+  # a fixed-length row (causal, so the zeros after position t are unseen).
+  full = jax.jit(lambda params, seq: MODEL.apply(params, seq)[0])
+  seq = jnp.zeros((3, 11), jnp.int32).at[:, 0].set(first)
+  for t in range(10):
+    logits = full(PARAMS, seq)
+    seq = seq.at[:, t + 1].set(jnp.argmax(logits[:, t], -1))
   np.testing.assert_array_equal(cached, seq[:, 1:])
 
 
