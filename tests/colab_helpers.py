@@ -22,6 +22,27 @@ def run(name, tmp_path, **env):
   return nb
 
 
+def run_quick(name, tmp_path, *, steps: int, one_device: bool = False,
+              **env):
+  """Runs a notebook in its quick mode: `steps` training steps on
+  shapes_small, data and an untrained probe (seed_untrained_probe) under
+  tmp_path/data; one_device: one CPU device, as on a Colab CPU runtime (8
+  simulated devices cost ~30 s more in compiles and checkpoint copies)."""
+  data_dir = str(tmp_path / "data")
+  seed_untrained_probe(data_dir)
+  env.update(UNIMM_COLAB_STEPS=str(steps), UNIMM_COLAB_SOURCE="shapes_small",
+             UNIMM_DATA_DIR=data_dir)
+  if one_device:
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return run(name, tmp_path, **env)
+
+
+def images(nb):
+  """The PNG outputs of a run notebook, in order."""
+  return [out for cell in nb.cells if cell.cell_type == "code"
+          for out in cell.outputs if "image/png" in out.get("data", {})]
+
+
 def text(nb):
   return "\n".join(out.get("text", "") for cell in nb.cells
                    if cell.cell_type == "code" for out in cell.outputs)

@@ -1,21 +1,17 @@
 """The interleaved Colab runs top to bottom on a CPU (briefly)."""
 
+import json
+
 import colab_helpers
 
 
 def test_interleaved_colab(tmp_path):
   """Trains every stage for a few steps on a handful of documents, then
   captions, samples (with and without guidance) and edits."""
-  import json  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path / "data")
-  colab_helpers.seed_untrained_probe(data_dir)
   workdir = tmp_path / "interleaved"
-  nb = colab_helpers.run(
-      "interleaved.ipynb", tmp_path,
-      UNIMM_INTERLEAVED_WORKDIR=str(workdir),
-      UNIMM_COLAB_STEPS="2", UNIMM_COLAB_SOURCE="shapes_small",
-      UNIMM_DATA_DIR=data_dir,
-      XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  nb = colab_helpers.run_quick(
+      "interleaved.ipynb", tmp_path, steps=2, one_device=True,
+      UNIMM_INTERLEAVED_WORKDIR=str(workdir))
   text = colab_helpers.text(nb)
   with open(workdir / "interleaved" / "eval" / "report.json") as f:
     report = json.load(f)
@@ -29,6 +25,5 @@ def test_interleaved_colab(tmp_path):
   for name in ("captions.png", "samples_cfgNone.png", "samples_cfg3.0.png",
                "edit_story.png"):
     assert (workdir / name).exists(), name
-  images = [out for cell in nb.cells if cell.cell_type == "code"
-            for out in cell.outputs if "image/png" in out.get("data", {})]
+  images = colab_helpers.images(nb)
   assert len(images) == 5  # documents.png, captions, two samples, the story

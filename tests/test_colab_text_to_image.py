@@ -1,22 +1,17 @@
 """The text-to-image Colab runs top to bottom on a CPU (briefly)."""
 
+import json
+
+from PIL import Image
+
 import colab_helpers
 
 
 def test_text_to_image_colab(tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path / "data")
-  colab_helpers.seed_untrained_probe(data_dir)
   workdir = tmp_path / "t2i"
-  nb = colab_helpers.run(
-      "text_to_image.ipynb", tmp_path,
-      UNIMM_TEXT_TO_IMAGE_WORKDIR=str(workdir),
-      UNIMM_COLAB_STEPS="2", UNIMM_COLAB_SOURCE="shapes_small",
-      UNIMM_DATA_DIR=data_dir,
-      # One CPU device, as on a Colab CPU runtime (8 simulated devices
-      # cost ~30 s more in compiles and checkpoint copies).
-      XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  nb = colab_helpers.run_quick(
+      "text_to_image.ipynb", tmp_path, steps=2, one_device=True,
+      UNIMM_TEXT_TO_IMAGE_WORKDIR=str(workdir))
   text = colab_helpers.text(nb)
   # First the packaged model draws 4 prompts.
   assert "shapes-parti, step 1600" in text and "uint8 (4, 32, 32, 3)" in text
@@ -30,7 +25,6 @@ def test_text_to_image_colab(tmp_path):
   # Three settings sampled 3 prompts each, as uint8 32x32 RGB images.
   assert text.count("uint8 (3, 32, 32, 3)") == 3
   assert "ids int32 (2, 8, 8) in [0, 512)" in text
-  images = [out for cell in nb.cells if cell.cell_type == "code"
-            for out in cell.outputs if "image/png" in out.get("data", {})]
+  images = colab_helpers.images(nb)
   # The packaged model's grid, two recipe grids, three settings, the tokens.
   assert len(images) == 7

@@ -64,6 +64,11 @@ def score_matrix(score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray],
   return out.reshape(num_pairs, num_captions)
 
 
+def _text_key(caption) -> str:
+  """A caption's text with case and spacing set aside."""
+  return " ".join(str(caption).lower().split())
+
+
 def _same_text(captions, n: int) -> np.ndarray:
   """bool [N, N]: captions i and j have the same text (whitespace and case
   aside); the identity without captions."""
@@ -72,7 +77,7 @@ def _same_text(captions, n: int) -> np.ndarray:
   if len(captions) != n:
     raise ValueError(f"{len(captions)} captions for a [{n}, {n}] score "
                      "matrix; expected one caption per image.")
-  texts = np.array([" ".join(str(c).lower().split()) for c in captions],
+  texts = np.array([_text_key(c) for c in captions],
                    dtype=object)
   return texts[:, None] == texts[None, :]
 
@@ -137,5 +142,5 @@ def recall_at_k(scores, ks: Sequence[int] = KS,
   result["retrieval_pairs"] = n
   if captions is not None:
     result["retrieval_distinct_captions"] = len(
-        {" ".join(str(c).lower().split()) for c in captions})
+        {_text_key(c) for c in captions})
   return result
