@@ -37,13 +37,18 @@ documents trained without their text, for classifier-free guidance), cfg
 log p(image | caption) when reranking those beams; 0 = none), dtype,
 remat, scan (auto | true | false: nn.scan over layers; auto unrolls them
 at the CPU sizes, unimm.config_lib.scan_layers), optimizer (muon | adamw:
-unimm.train.optim).
+unimm.train.optim), image_input (codes | patches | resampler: how the image
+opening a document is read, unimm.models.image_input; pack the rows with
+the same --image_input, --patch_size, --num_queries), patch (pixels per
+patch side), queries (the resampler's READ slots per image), experts
+(OneLLM's routed resamplers).
 """
 import ml_collections
 
 from unimm import config_lib
 from unimm import parallel
 from unimm.models.interleaved import interleaved_config
+from unimm.models.vocab import VocabLayout
 
 
 def get_config(arg=None):
@@ -54,15 +59,21 @@ def get_config(arg=None):
       text_tokenizer="workdirs/interleaved_text/spiece.model", lr=1e-2,
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, beams=8, rerank=0.5, dtype="float32",
-      remat="none", scan="auto", optimizer="muon")
+      remat="none", scan="auto", optimizer="muon", image_input="codes",
+      patch=4, queries=16, experts=1)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
   config.vocab = ml_collections.ConfigDict(dict(
       text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes))
+  layout = VocabLayout(arg.text_vocab, arg.codes,
+                       read_ids=arg.image_input != "codes")
   config.model = ml_collections.ConfigDict(interleaved_config(
-      arg.size, num_kv_heads=arg.kv_heads,
-      vocab_size=5 + arg.text_vocab + arg.codes, max_len=arg.length,
+      arg.size, num_kv_heads=arg.kv_heads, vocab_size=layout.size,
+      image_input=arg.image_input, patch_size=arg.patch,
+      num_queries=arg.queries, num_experts=arg.experts,
+      feature_length=arg.grid * arg.grid, read_id=layout.read_id,
+      newline_id=layout.newline_id, max_len=arg.length,
       image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat,

@@ -178,7 +178,8 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
   # forward pass over [BOS, caption, BOI, codes].
   from unimm.models import interleaved as il  # pylint: disable=g-import-not-at-top
   from unimm.models import vocab  # pylint: disable=g-import-not-at-top
-  rows = model._encode([[image, il_data.CAPTION_PROMPT] for image in images])  # pylint: disable=protected-access
+  rows, _ = model._encode([[image, il_data.CAPTION_PROMPT]  # pylint: disable=protected-access
+                           for image in images])
   beams, _ = il.beam_search_text(
       model.model, {"params": model.params}, inference.left_pad(rows),
       text_ids=model._text_ids(), eos_id=vocab.EOS, beam_size=3,  # pylint: disable=protected-access

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -95,6 +96,7 @@ from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
 from unimm.evaluation.reports import write_report
+from unimm.models import image_input as image_input_lib
 from unimm.models import vocab as vocab_lib
 from unimm.progress import Progress
 from unimm.tokenizers import text as text_lib
@@ -529,6 +531,17 @@ def tokenize_documents(documents: Sequence[Document], text_tokenizer,
   image_ids_fn(uint8 [N, S, S, 3]) -> int [N, h, w] is called once, on every
   scene of the batch rendered at image_size.
   """
+  return tokenize_documents_and_reads(documents, text_tokenizer,
+                                      image_ids_fn, layout, image_size)[0]
+
+
+def tokenize_documents_and_reads(
+    documents: Sequence[Document], text_tokenizer, image_ids_fn: ImageIdsFn,
+    layout: vocab_lib.VocabLayout, image_size: int = IMAGE_SIZE,
+    image_input=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """tokenize_documents with an image-input setting that reads the image
+  opening each document (vocab.encode_documents_and_reads): (tokens,
+  reads), reads[i] uint8 [R_i, p*p*3]."""
   if text_tokenizer.vocab_size > layout.text_vocab_size:
     raise ValueError(
         f"The text tokenizer has {text_tokenizer.vocab_size} ids but the "
@@ -536,8 +549,9 @@ def tokenize_documents(documents: Sequence[Document], text_tokenizer,
         "tokenizer (VocabLayout(text_tokenizer.vocab_size, num_codes)).")
   rendered = [[s if isinstance(s, str) else shapes.render(s, image_size)
                for s in d.segments] for d in documents]
-  return vocab_lib.encode_documents(rendered, layout, text_tokenizer.pieces,
-                                    image_ids_fn)
+  return vocab_lib.encode_documents_and_reads(
+      rendered, layout, text_tokenizer.pieces, image_ids_fn,
+      image_input=image_input)
 
 
 def tokenize_document(document: Document, text_tokenizer,
@@ -633,20 +647,27 @@ def pack(documents: Sequence[np.ndarray], length: int
 # Pre-tokenized shards.
 
 
-def serialize_row(tokens, segment_ids, documents) -> bytes:
+def serialize_row(tokens, segment_ids, documents, reads=None) -> bytes:
   """One record: tokens, segment_ids int32 [L]; documents int32 [k] (the
-  indices of the row's documents, for make_document)."""
-  return serialization.msgpack_serialize({
-      "tokens": np.asarray(tokens, np.int32),
-      "segment_ids": np.asarray(segment_ids, np.int32),
-      "documents": np.asarray(documents, np.int32)})
+  indices of the row's documents, for make_document); with an image-input
+  setting that reads images, reads uint8 [R, F] (the row's READ slots'
+  pixel patches, in order)."""
+  row = {"tokens": np.asarray(tokens, np.int32),
+         "segment_ids": np.asarray(segment_ids, np.int32),
+         "documents": np.asarray(documents, np.int32)}
+  if reads is not None:
+    row["reads"] = np.asarray(reads, np.uint8)
+  return serialization.msgpack_serialize(row)
 
 
 def parse_row(record: bytes) -> dict[str, np.ndarray]:
   """Inverse of serialize_row (msgpack; never unpickles)."""
   row = serialization.msgpack_restore(record)
-  return {k: np.asarray(row[k], np.int32)
-          for k in ("tokens", "segment_ids", "documents")}
+  out = {k: np.asarray(row[k], np.int32)
+         for k in ("tokens", "segment_ids", "documents")}
+  if "reads" in row:
+    out["reads"] = np.asarray(row["reads"], np.uint8)
+  return out
 
 
 def _check_positive(**values: int) -> None:
@@ -660,20 +681,26 @@ def _write_packed(out_dir: str, split: str, length: int, batches,
                   records_per_shard: int) -> dict[str, Any]:
   """Packs and writes batches of documents; returns their statistics.
 
-  batches yields (document_ids [n], kinds [n], tokens [n] int32 [L_i]);
-  each batch is packed on its own (rows never span two batches) and each
-  row records its documents' ids.
+  batches yields (document_ids [n], kinds [n], tokens [n] int32 [L_i],
+  reads [n] uint8 [R_i, F] or None); each batch is packed on its own (rows
+  never span two batches) and each row records its documents' ids (and
+  their reads, concatenated in order).
   """
   progress = Progress(total, what=what, every_seconds=5.0)
   kind_counts = collections.Counter()
   num_tokens = max_document_length = num_unknown = num_rows = done = 0
+  max_reads = 0
   with pretokenize.ShardWriter(out_dir, split, records_per_shard) as writer:
-    for ids, kinds, tokens in batches:
+    for ids, kinds, tokens, reads in batches:
       packed, rows = _pack(tokens, length)
       for r, row in enumerate(rows):
+        row_reads = None if reads is None else np.concatenate(
+            [reads[i] for i in row])
+        if row_reads is not None:
+          max_reads = max(max_reads, len(row_reads))
         writer.write(serialize_row(packed["tokens"][r],
                                    packed["segment_ids"][r],
-                                   [ids[i] for i in row]))
+                                   [ids[i] for i in row], row_reads))
       num_rows += len(rows)
       kind_counts.update(kinds)
       num_tokens += sum(len(t) for t in tokens)
@@ -694,6 +721,7 @@ def _write_packed(out_dir: str, split: str, length: int, batches,
       "fill": round(num_tokens / max(num_rows * length, 1), 4),
       "max_document_length": int(max_document_length),
       "num_unknown_text_tokens": int(num_unknown),
+      "max_reads": int(max_reads),
       "seconds": round(progress.elapsed_seconds, 3),
   }
 
@@ -711,6 +739,7 @@ def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
       **stats,
       "layout": {"text_vocab_size": layout.text_vocab_size,
                  "image_vocab_size": layout.image_vocab_size,
+                 "read_ids": layout.read_ids,
                  "size": layout.size,
                  "specials": dict(zip(vocab_lib.SPECIAL_NAMES,
                                       range(vocab_lib.NUM_SPECIALS)))},
@@ -739,7 +768,8 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
                       documents_per_batch: int = 1024,
                       encode_batch_size: int = 256,
                       records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
-                      tokenizer_workdir: str = "") -> dict[str, Any]:
+                      tokenizer_workdir: str = "",
+                      image_input=None) -> dict[str, Any]:
   """Writes shapes documents 0..N-1 of `split`, tokenized and packed.
 
   Args:
@@ -759,10 +789,15 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
     records_per_shard: packed rows per ArrayRecord shard.
     tokenizer_workdir: where the tokenizer was loaded from, recorded in the
       metadata.
+    image_input: an unimm.models.image_input.ImageInput that reads images
+      (the image opening each document becomes READ slots and the rows
+      carry its pixel patches); None or "codes": every image coded.
 
   Returns:
     The metadata (also written to out_dir/SPLIT.json).
   """
+  image_input = image_input_lib.ImageInput() if image_input is None else (
+      image_input)
   if seed is None:
     if split not in SPLIT_SEEDS:
       raise ValueError(f"Split {split!r} has no default seed (those are "
@@ -775,7 +810,8 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   weights = None if weights is None else [float(w) for w in weights]
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
   layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
-                                 tokenizer.num_codes)
+                                 tokenizer.num_codes,
+                                 read_ids=image_input.reads_images)
   image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
       tokenizer, images, encode_batch_size)
 
@@ -783,9 +819,11 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
     for start in range(0, num_documents, documents_per_batch):
       indices = range(start, min(start + documents_per_batch, num_documents))
       documents = [make_document(seed, i, kinds, weights) for i in indices]
-      yield (list(indices), [d.kind for d in documents],
-             tokenize_documents(documents, text_tokenizer, image_ids_fn,
-                                layout, tokenizer.image_size))
+      tokens, reads = tokenize_documents_and_reads(
+          documents, text_tokenizer, image_ids_fn, layout,
+          tokenizer.image_size, image_input)
+      yield (list(indices), [d.kind for d in documents], tokens,
+             reads if image_input.reads_images else None)
 
   logging.info("Writing %d interleaved documents (%s) of %s into %s, rows of "
                "%d tokens.", num_documents, ", ".join(kinds), split, out_dir,
@@ -806,7 +844,8 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
       kinds=list(kinds),
       weights=weights,  # as given (None = uniform), for make_document
       probabilities=[float(w) for w in p],
-      documents_per_batch=int(documents_per_batch))
+      documents_per_batch=int(documents_per_batch),
+      image_input=dataclasses.asdict(image_input))
   write_report(pretokenize.metadata_path(out_dir, split), metadata)
   logging.info("Wrote %d documents in %d rows of %d tokens (fill %.3f) to "
                "%s.", num_documents, metadata["num_rows"], length,
@@ -920,7 +959,7 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
           doc_kinds.append(kind)
       tokens = vocab_lib.encode_documents(
           documents, layout, pieces, lambda index: codes[index[:, 0]])
-      yield ids, doc_kinds, tokens
+      yield ids, doc_kinds, tokens, None
       done += n
       if done >= total:
         return
@@ -972,11 +1011,31 @@ def load_metadata(out_dir: str, split: str = "train") -> dict[str, Any]:
   return metadata
 
 
-def _as_batch_arrays(record: bytes) -> dict[str, np.ndarray]:
+def image_input_of(metadata: dict[str, Any]) -> image_input_lib.ImageInput:
+  """The image-input setting packed rows were written for."""
+  return image_input_lib.ImageInput(**metadata.get("image_input", {}))
+
+
+def read_length(metadata: dict[str, Any]) -> int:
+  """The reads every batch row is padded to: the longest row's, rounded up
+  to whole images of the tokenizer's size (0 when nothing is read)."""
+  setting = image_input_of(metadata)
+  if not setting.reads_images:
+    return 0
+  per_image = (int(metadata["image_size"]) // setting.patch_size) ** 2
+  return max(1, -(-int(metadata["max_reads"]) // per_image)) * per_image
+
+
+def _as_batch_arrays(record: bytes, reads: int = 0
+                     ) -> dict[str, np.ndarray]:
   row = parse_row(record)
   features = packed_features(row["segment_ids"][None])
-  return {"tokens": row["tokens"], "segment_ids": row["segment_ids"],
-          **{k: v[0] for k, v in features.items()}}
+  out = {"tokens": row["tokens"], "segment_ids": row["segment_ids"],
+         **{k: v[0] for k, v in features.items()}}
+  if reads:
+    out["reads"] = np.pad(row["reads"],
+                          ((0, reads - len(row["reads"])), (0, 0)))
+  return out
 
 
 def packed_dataset(out_dir: str, split: str = "train", *, batch_size: int,
@@ -984,7 +1043,8 @@ def packed_dataset(out_dir: str, split: str = "train", *, batch_size: int,
                    process_index: int = 0, process_count: int = 1,
                    worker_count: int = 0, drop_remainder: bool = True):
   """Batches of packed rows: tokens, segment_ids, positions, loss_mask, each
-  int32 [B, length] (see pack).
+  int32 [B, length] (see pack); with an image-input setting that reads
+  images, also reads uint8 [B, read_length(metadata), p*p*3].
 
   Sharded per host, shuffled per epoch and checkpointable, through
   unimm.data.pipeline.batched_dataset; see it for the arguments.
@@ -996,5 +1056,7 @@ def packed_dataset(out_dir: str, split: str = "train", *, batch_size: int,
   return pipeline.batched_dataset(
       source, batch_size=batch_size, shuffle=shuffle, seed=seed,
       num_epochs=num_epochs, process_index=process_index,
-      process_count=process_count, transform=_as_batch_arrays,
+      process_count=process_count,
+      transform=functools.partial(_as_batch_arrays,
+                                  reads=read_length(metadata)),
       drop_remainder=drop_remainder, worker_count=worker_count)

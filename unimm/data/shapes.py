@@ -10,6 +10,7 @@ from the scene, so the ground truth of every example is known exactly:
   shapes.render(scene, image_size)          # uint8 [S, S, 3]
   shapes.caption(scene)                     # "a big red circle at the top left"
   shapes.parse_caption(text)                # back to shapes, colours, ...
+  shapes.object_boxes(scene, image_size)    # pixel boxes [n, 4] of the render
   shapes.object_labels(scene)               # class indices for a probe
 
 Geometry lives in continuous coordinates ([0, 1]^2, x to the right, y down)
@@ -390,6 +391,32 @@ def object_coverage(obj: Object, image_size: int
   h, w = y1 - y0, x1 - x0
   alpha = inside.reshape(h, ss, w, ss).mean(axis=(1, 3), dtype=np.float32)
   return alpha, (slice(y0, y1), slice(x0, x1))
+
+
+def object_box(obj: Object, image_size: int = 32) -> np.ndarray:
+  """The box of the pixels `render` draws `obj` on, at `image_size`.
+
+  Returns float32 [4] (x0, y0, x1, y1): pixel edges, x to the right and y
+  down, so the drawn pixels (coverage > 0 in `object_coverage`, the
+  renderer's own supersampled geometry) are columns x0..x1-1 and rows
+  y0..y1-1, and the box is the tightest pixel-aligned one holding them.
+  """
+  image_size = _check_image_size(image_size)
+  alpha, (rows, cols) = object_coverage(obj, image_size)
+  drawn_cols = np.flatnonzero(alpha.max(axis=0) > 0)
+  drawn_rows = np.flatnonzero(alpha.max(axis=1) > 0)
+  return np.array([cols.start + drawn_cols[0], rows.start + drawn_rows[0],
+                   cols.start + drawn_cols[-1] + 1,
+                   rows.start + drawn_rows[-1] + 1], np.float32)
+
+
+def object_boxes(scene: Scene, image_size: int = 32) -> np.ndarray:
+  """float32 [n, 4]: `object_box` of each of the scene's objects, in order.
+
+  Together they hold every pixel `render(scene, image_size)` draws an
+  object on (objects stay inside their cells and never overlap).
+  """
+  return np.stack([object_box(obj, image_size) for obj in scene.objects])
 
 
 @functools.lru_cache(maxsize=64)

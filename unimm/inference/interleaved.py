@@ -23,6 +23,7 @@ from unimm.data import interleaved as documents_lib
 from unimm.evaluation import retrieval
 from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import image_input as image_input_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab
 from unimm.sampling import sampler as sampler_lib
@@ -85,10 +86,22 @@ class InterleavedModel:
   def image_length(self) -> int:
     return self.model.image_length
 
-  def _encode(self, documents) -> list[np.ndarray]:
+  @property
+  def image_input(self) -> image_input_lib.ImageInput:
+    """How the model reads given images (config.model.image_input)."""
+    return image_input_lib.ImageInput(
+        self.model.image_input, self.model.patch_size,
+        self.model.num_queries)
+
+  def _encode(self, documents) -> tuple[list[np.ndarray], Any]:
     """Documents (lists of segments; a bare str or image is one segment)
-    -> joint ids from BOS, without EOS (to be continued)."""
+    -> (joint ids from BOS, without EOS (to be continued); the rows'
+    reads [B, R, F], or None when the model reads no image). The image
+    opening a document is read by the model's image-input setting;
+    "patches" reads any multiple of its patch size, every other image must
+    be at the tokenizer's resolution."""
     s = self.tokenizer.image_size
+    reading = self.image_input.reads_images
     checked = []
     for d, segments in enumerate(documents):
       if isinstance(segments, (str, np.ndarray)):
@@ -100,16 +113,33 @@ class InterleavedModel:
             raise ValueError(f"Document {d}, segment {i} is empty text.")
           continue
         image = np.asarray(segment)
-        if image.dtype != np.uint8 or image.shape != (s, s, 3):
+        if (reading and i == 0 and self.image_input.kind == "patches"
+            and image.dtype == np.uint8):
+          self.image_input.check_image(image.shape)
+        elif image.dtype != np.uint8 or image.shape != (s, s, 3):
           raise ValueError(
               f"Document {d}, segment {i}: an image of shape {image.shape} "
               f"and dtype {image.dtype}; expected uint8 [{s}, {s}, 3], the "
               f"tokenizer's resolution (resize it to {s}x{s}).")
         segments[i] = image
       checked.append(segments)
-    return vocab.encode_documents(checked, self.layout,
-                                  self.text_tokenizer.pieces,
-                                  self.tokenizer.encode, end=False)
+    rows, reads = vocab.encode_documents_and_reads(
+        checked, self.layout, self.text_tokenizer.pieces,
+        self.tokenizer.encode, end=False, image_input=self.image_input)
+    return rows, self._stack_reads(reads)
+
+  def _stack_reads(self, reads: Sequence[np.ndarray]):
+    """Per-row pixel patches -> what the model reads [B, R, F] (zeros
+    after a row's own; encoder tokens for "resampler"), or None."""
+    if not self.image_input.reads_images or not any(len(r) for r in reads):
+      return None
+    longest = max(len(r) for r in reads)
+    stacked = np.stack([np.pad(r, ((0, longest - len(r)), (0, 0)))
+                        for r in reads])
+    if self.image_input.kind == "resampler":
+      return np.asarray(self.tokenizer.reader_features(
+          stacked, self.image_input.patch_size))
+    return stacked
 
   def _text_ids(self):
     """bool [V]: text the model may write: SentencePiece pieces except its
@@ -122,7 +152,8 @@ class InterleavedModel:
   def _continue(self, rows, *, seed, temperature, top_k, top_p,
                 max_new_tokens, max_images, max_text_tokens=64,
                 cfg_scale=None, image_temperature=None,
-                contrastive_alpha=None, contrastive_k=1, sjd_window=0):
+                contrastive_alpha=None, contrastive_k=1, sjd_window=0,
+                reads=None):
     temperature = settings_lib.resolve(temperature, self.settings,
                                        "temperature")
     sjd_window = settings_lib.resolve(sjd_window, self.settings,
@@ -167,7 +198,8 @@ class InterleavedModel:
         eos_id=vocab.EOS, boi_id=vocab.BOI, eoi_id=vocab.EOI,
         text_sampling=sampling, image_sampling=image_sampling,
         max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
-        max_images=max_images, drop_ids=np.asarray(self.layout.is_text(ids)))
+        max_images=max_images, drop_ids=np.asarray(self.layout.is_text(ids)),
+        reads=reads)
     return out
 
   def _segments(self, row) -> list[Any]:
@@ -220,8 +252,9 @@ class InterleavedModel:
                      contrastive_k=EVAL, sjd_window=EVAL) -> list[list[Any]]:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
-    rows = self._encode(documents)
-    out = self._continue(rows, seed=seed, temperature=temperature,
+    rows, reads = self._encode(documents)
+    out = self._continue(rows, reads=reads, seed=seed,
+                         temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=max_new_tokens, max_images=max_images,
                          max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
@@ -273,22 +306,25 @@ class InterleavedModel:
                        "or rerank_weight=0.")
     if prompt is None:
       prompt = documents_lib.CAPTION_PROMPT
-    rows = self._encode([[image, prompt] if prompt.strip() else [image]
-                         for image in images])
+    rows, reads = self._encode([[image, prompt] if prompt.strip()
+                                else [image] for image in images])
     if num_beams > 1:
       beams, scores = il.beam_search_text(
           self.model, {"params": self.params}, left_pad(rows),
           text_ids=self._text_ids(), eos_id=vocab.EOS, beam_size=num_beams,
-          max_text_tokens=max_new_tokens)
+          max_text_tokens=max_new_tokens, reads=reads)
       best = np.zeros(len(rows), int)  # beams come best first
       if rerank_weight:
-        # _encode's rows start [BOS, BOI, codes, EOI, ...].
-        spans = [r[1:2 + self.model.image_length] for r in rows]
+        # The images' [BOI, codes] as a caption-then-image document has
+        # them.
+        spans = [self.layout.image_span(c)[:-1]
+                 for c in self.tokenizer.encode(np.asarray(images))]
         scores = scores + rerank_weight * self._image_logprob(beams, spans)
         best = np.argmax(scores, axis=1)
       out = beams[np.arange(len(rows)), best]
     else:
-      out = self._continue(rows, seed=seed, temperature=temperature,
+      out = self._continue(rows, reads=reads, seed=seed,
+                           temperature=temperature,
                            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                            max_images=0, max_text_tokens=max_new_tokens)
     texts = []
@@ -331,33 +367,45 @@ class InterleavedModel:
       raise ValueError("captions must be a list of strings, got one string; "
                        "wrap it in a list.")
     spans = [self.layout.image_span(c) for c in self.tokenizer.encode(images)]
+    # How the model reads each image (codes: the same spans, no reads).
+    read_rows, read_patches = vocab.encode_documents_and_reads(
+        [[image] for image in images], self.layout, self.text_tokenizer.pieces,
+        self.tokenizer.encode, end=False, image_input=self.image_input)
+    read_spans = [r[1:] for r in read_rows]  # without BOS
     prompt = self.layout.text_to_joint(self.text_tokenizer.pieces(
         [documents_lib.CAPTION_PROMPT])[0])
     # Room for [BOS, BOI, codes, EOI, prompt, caption, EOS]: longer
     # captions are cut (both directions alike).
-    room = self.model.max_len - len(spans[0]) - len(prompt) - 2
+    room = self.model.max_len - max(len(spans[0]), len(read_spans[0])) - len(
+        prompt) - 2
     texts = [self.layout.text_to_joint(p[:room])
              for p in self.text_tokenizer.pieces(list(captions))]
     bos, eos = np.array([vocab.BOS]), np.array([vocab.EOS])
 
+    no_reads = read_patches[0][:0]
+
     def score(image_index, caption_index):
-      rows, targets = [], []
+      rows, targets, reads = [], [], []
       for i, j in zip(image_index, caption_index):
         span, text = spans[i], texts[j]
         # log p(image | caption): the codes of [BOS, caption, BOI, codes, EOI].
         rows.append(np.concatenate([bos, text, span]))
         targets.append(np.arange(len(rows[-1])) > len(text) + 1)
         targets[-1][-1] = False  # EOI follows the codes by construction
+        reads.append(no_reads)
         # log p(caption | image): the caption and EOS of
-        # [BOS, BOI, codes, EOI, prompt, caption, EOS].
-        rows.append(np.concatenate([bos, span, prompt, text, eos]))
-        targets.append(np.arange(len(rows[-1])) > len(span) + len(prompt))
+        # [BOS, image read, prompt, caption, EOS].
+        read = read_spans[i]
+        rows.append(np.concatenate([bos, read, prompt, text, eos]))
+        targets.append(np.arange(len(rows[-1])) > len(read) + len(prompt))
+        reads.append(read_patches[i])
       width = max(len(r) for r in rows)
       pad = lambda r: np.pad(r, (0, width - len(r)))  # noqa: E731
       logprobs = il.sequence_logprob(
           self.model, {"params": self.params},
           np.stack([pad(r) for r in rows]),
-          np.stack([pad(t) for t in targets])).reshape(-1, 2)
+          np.stack([pad(t) for t in targets]),
+          reads=self._stack_reads(reads)).reshape(-1, 2)
       return logprobs[:, 0], logprobs[:, 1]
     return score
 
@@ -418,7 +466,7 @@ class InterleavedModel:
     if temperature is None:
       temperature = self.settings["temperature"]
     rows = [np.concatenate([r, [vocab.BOI]]).astype(np.int32)
-            for r in self._encode([[p] for p in prompts])]
+            for r in self._encode([[p] for p in prompts])[0]]
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=self.image_length + 1, max_images=1,
@@ -431,12 +479,28 @@ class InterleavedModel:
     return self.tokenizer.decode(codes.reshape(-1, h, w))
 
 
-def params_init(model: il.InterleavedLM) -> checkpoints.InitFn:
-  """init(rng, batch) of the params an interleaved run saves and loads."""
+def params_init(model: il.InterleavedLM,
+                read_width: int = 0) -> checkpoints.InitFn:
+  """init(rng, batch) of the params an interleaved run saves and loads;
+  read_width: the width F of what its READ slots read (reading settings:
+  patch_size**2 * 3 for "patches", the encoder's width for "resampler")."""
   def init(rng, batch):
+    reads = None
+    if model.image_input != "codes":
+      reads = np.zeros((1, model.feature_length, read_width), np.float32)
     return {"params": model.init(rng, np.zeros(batch["tokens"].shape,
-                                               np.int32))["params"]}
+                                               np.int32),
+                                 reads=reads)["params"]}
   return init
+
+
+def read_width(model: il.InterleavedLM, tokenizer) -> int:
+  """The width of what the model's READ slots read (0 for "codes")."""
+  if model.image_input == "patches":
+    return model.patch_size ** 2 * 3
+  if model.image_input == "resampler":
+    return int(tokenizer.model.encoder_embed_dim)
+  return 0
 
 
 def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
@@ -449,10 +513,12 @@ def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
   model = config_lib.build_module(il.InterleavedLM, config.model)
   layout = vocab.VocabLayout(
       text_vocab_size=int(config.vocab.text_vocab_size),
-      image_vocab_size=int(config.vocab.image_vocab_size))
+      image_vocab_size=int(config.vocab.image_vocab_size),
+      read_ids=model.image_input != "codes")
   tokenizer = tokenizer_lib.load_dependency(path, config, meta)
   text_tokenizer = tokenizer_lib.load_text_dependency(
       path, config.get("text_tokenizer") or "", meta)
-  restored = checkpoints.restore(path, params_init(model), config, step)
+  restored = checkpoints.restore(
+      path, params_init(model, read_width(model, tokenizer)), config, step)
   return InterleavedModel(model, layout, restored.params, tokenizer,
                           text_tokenizer, config, restored.step, path)

@@ -1,5 +1,6 @@
 """A trained ViT-VQGAN for inference: images <-> ids, no training code."""
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -8,6 +9,7 @@ import ml_collections
 
 from unimm import checkpoints
 from unimm import config_lib
+from unimm.models import image_input as image_input_lib
 from unimm.tokenizers import text as text_lib
 from unimm.tokenizers import vit_vqgan
 
@@ -40,6 +42,42 @@ class Tokenizer:
   def decode(self, ids):
     """int ids [N, h, w] in [0, num_codes) -> uint8 images [N, H, W, 3]."""
     return vit_vqgan.decode_ids(self.model, self.params, ids)
+
+  def reader_features(self, reads, patch_size: int):
+    """reader_features with this tokenizer's frozen params (host arrays in,
+    a device array out)."""
+    return _jitted_reader_features(self.model, patch_size)(
+        vit_vqgan._plain_params(self.params), jnp.asarray(reads))
+
+
+def reader_features(model: vit_vqgan.ViTVQGAN, params, reads,
+                    patch_size: int):
+  """What the interleaved model's resampler reads (image_input="resampler"):
+  rows of pixel patches uint8 [B, R, p*p*3], whole images of
+  model.image_size one after another (as packed rows carry them) -> the
+  frozen encoder's tokens [B, R / n * T, D_enc] (n patches and T encoder
+  tokens per image). Traceable: the train step runs it on the frozen
+  params it carries."""
+  b, r, f = reads.shape
+  side = model.image_size // patch_size
+  n = side * side
+  if r % n or f != patch_size * patch_size * model.channels:
+    raise ValueError(
+        f"Reads of shape {reads.shape} are not whole {model.image_size}px "
+        f"images in {patch_size}px patches ({n} patches of "
+        f"{patch_size * patch_size * model.channels} values each); re-pack "
+        "the rows for this tokenizer.")
+  images = image_input_lib.unpatchify(
+      reads.reshape(b * (r // n), n, f), (side, side), patch_size)
+  tokens = model.apply({"params": params}, images,
+                       method=vit_vqgan.ViTVQGAN.encoder_tokens)
+  return jax.lax.stop_gradient(tokens.reshape(b, -1, tokens.shape[-1]))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_reader_features(model: vit_vqgan.ViTVQGAN, patch_size: int):
+  return jax.jit(lambda params, reads: reader_features(model, params, reads,
+                                                       patch_size))
 
 
 def check_task(config, path: str, task: str, what: str) -> None:

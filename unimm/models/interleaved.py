@@ -14,6 +14,12 @@ Padding is the PAD id (0): PAD tokens are invisible (attention never reads
 them) and do not advance positions, in training (segment id 0) and in
 decoding (the cache marks their slots invalid), so a row can be left-padded
 or can idle while other rows of the batch decode.
+
+Given images are read by the setting image_input (unimm.models.image_input:
+"codes" as above, "patches" as in Fuyu, "resampler" as in Flamingo / BLIP-2
+/ OneLLM): with a reading setting, READ slots (read_id) take the reader's
+embeddings of `reads` [B, R, F] in order, and NEWLINE (newline_id) ends each
+row of Fuyu patches; images are still written as codes.
 """
 import functools
 
@@ -23,6 +29,7 @@ import flax.linen as nn
 import numpy as np
 
 from unimm import nn as unn
+from unimm.models import image_input as image_input_lib
 from unimm.sampling import sampler as samp
 
 PAD_ID = 0  # = VocabLayout.PAD
@@ -100,10 +107,30 @@ class InterleavedLM(nn.Module):
   dropout_rate: float = 0.0
   scan_layers: bool = True
   remat_policy: str = "none"
+  image_input: str = "codes"  # "codes" | "patches" | "resampler"
+  patch_size: int = 4  # pixels per patch side ("patches"; rows' reads)
+  read_id: int = -1  # VocabLayout.read_id (reading settings)
+  newline_id: int = -1  # VocabLayout.newline_id
+  num_queries: int = 16  # READ slots per image ("resampler")
+  feature_length: int = 64  # encoder features per image ("resampler")
+  resampler_layers: int = 2
+  num_experts: int = 1  # OneLLM's routed resamplers
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def setup(self):
+    if self.image_input not in image_input_lib.IMAGE_INPUTS:
+      raise ValueError(
+          f"image_input={self.image_input!r}; expected one of "
+          f"{image_input_lib.IMAGE_INPUTS} (config.model.image_input).")
+    if self.image_input != "codes" and not (
+        0 <= self.read_id < self.vocab_size
+        and 0 <= self.newline_id < self.vocab_size):
+      raise ValueError(
+          f"image_input={self.image_input!r} needs read_id and newline_id "
+          f"inside the vocabulary of {self.vocab_size}; got "
+          f"{self.read_id}, {self.newline_id} (VocabLayout(..., "
+          "image_input=...).read_id / newline_id).")
     if self.image_positions not in ("1d", "2d"):
       raise ValueError(
           f"image_positions must be '1d' or '2d', got "
@@ -134,12 +161,24 @@ class InterleavedLM(nn.Module):
                                              self.param_dtype)
       self.image_cols = unn.LearnedPositions(side, self.embed_dim,
                                              self.param_dtype)
+    if self.image_input != "codes":
+      self.reader = image_input_lib.ImageReader(
+          self.image_input, self.embed_dim, num_heads=self.num_heads,
+          mlp_dim=self.mlp_dim, num_queries=self.num_queries,
+          feature_length=self.feature_length,
+          resampler_layers=self.resampler_layers,
+          num_experts=self.num_experts, norm=self.norm, **kw)
 
-  def _embed(self, tokens, span_index):
+  def _embed(self, tokens, span_index, reads=None):
     x = self.embed.encode(tokens)  # [B, T, D]
+    if self.image_input != "codes" and reads is not None:
+      x = image_input_lib.place_reads(x, tokens, self.reader(reads),
+                                      self.read_id)
     if self.image_positions == "2d":
       side = int(round(self.image_length ** 0.5))
       inside = (span_index >= 0) & (span_index < self.image_length)
+      if self.image_input != "codes":  # READ spans have no 2-D places
+        inside &= (tokens != self.read_id) & (tokens != self.newline_id)
       index = jnp.where(inside, span_index, 0)
       with_2d = self.image_cols(self.image_rows(x, index // side),
                                 index % side)
@@ -147,13 +186,14 @@ class InterleavedLM(nn.Module):
     return x
 
   def __call__(self, tokens, segment_ids=None, positions=None,
-               deterministic=True):
+               deterministic=True, reads=None):
     """Teacher forcing over packed rows.
 
     tokens [B, T]; segment_ids [B, T] (one id per document, 0 = padding;
     default: PAD tokens are 0, others 1); positions [B, T] (restarting per
-    document; default arange). Returns logits [B, T, V]: position t
-    predicts token t + 1.
+    document; default arange); reads [B, R, F]: what the row's READ slots
+    read, in order (reading settings; module doc). Returns logits
+    [B, T, V]: position t predicts token t + 1.
     """
     b, t = tokens.shape
     if segment_ids is None:
@@ -161,7 +201,7 @@ class InterleavedLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     span, _ = image_span_index(tokens, positions, self.boi_id)
-    x = self._embed(tokens, span)
+    x = self._embed(tokens, span, reads)
     x = self.stack(x, segment_ids=segment_ids, positions=positions,
                    deterministic=deterministic)
     return self.embed.decode(x)  # [B, T, V]
@@ -179,14 +219,16 @@ class InterleavedLM(nn.Module):
                 length=jnp.zeros((batch_size,), jnp.int32),
                 last_boi=jnp.full((batch_size,), -1, jnp.int32))
 
-  def decode_step(self, tokens, cache, slot):
+  def decode_step(self, tokens, cache, slot, reads=None):
     """Feeds tokens [B, T] into cache slots slot..slot+T-1.
 
     PAD tokens fill a slot without being seen or advancing the position
     (left padding; rows idling while others decode). Returns (logits
-    [B, V] after the last token, cache). T > 1 is the prefill.
+    [B, V] after the last token, cache). T > 1 is the prefill; reads
+    [B, R, F] are what the READ slots among these tokens read (the READ
+    slots of a call count from 0).
     """
-    x, cache = self._decode(tokens, cache, slot, cache["length"])
+    x, cache = self._decode(tokens, cache, slot, cache["length"], reads)
     return self.embed.decode(x[:, -1:])[:, 0], cache  # [B, V]
 
   def decode_window(self, tokens, cache, slot):
@@ -204,7 +246,7 @@ class InterleavedLM(nn.Module):
     x, cache = self._decode(tokens, cache, slot, length)
     return self.embed.decode(x), cache  # [B, T, V]
 
-  def _decode(self, tokens, cache, slot, length):
+  def _decode(self, tokens, cache, slot, length, reads=None):
     """tokens [B, T] at slots slot.., positions from length [B] on ->
     (the stack's output [B, T, D], cache)."""
     slot = jnp.asarray(slot, jnp.int32)
@@ -214,7 +256,7 @@ class InterleavedLM(nn.Module):
     valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, slot))
     span, last_boi = image_span_index(tokens, positions, self.boi_id,
                                       cache["last_boi"])
-    x = self._embed(tokens, span)
+    x = self._embed(tokens, span, reads)
     layers = {k: cache[k] for k in ("k", "v")}
     x, layers = self.stack(x, segment_ids=real.astype(jnp.int32),
                            positions=positions, cache=layers,
@@ -231,17 +273,20 @@ def token_logprobs(logits, targets):
 
 @functools.lru_cache(maxsize=4)
 def _jitted_logprob(model: "InterleavedLM"):
-  def logprob(params, tokens, target_mask):
-    lp = token_logprobs(model.apply(params, tokens)[:, :-1], tokens[:, 1:])
+  def logprob(params, tokens, target_mask, reads):
+    logits = model.apply(params, tokens, reads=reads)[:, :-1]
+    lp = token_logprobs(logits, tokens[:, 1:])
     return jnp.sum(jnp.where(target_mask[:, 1:], lp, 0.0), axis=1)
   return jax.jit(logprob)
 
 
-def sequence_logprob(model: "InterleavedLM", params, tokens, target_mask):
+def sequence_logprob(model: "InterleavedLM", params, tokens, target_mask,
+                     reads=None):
   """Teacher-forced log-probability of documents: tokens int32 [B, T],
   each row one document from BOS, right-padded with PAD; target_mask bool
-  [B, T], the tokens to score (each given all before it). Returns float
-  [B]: the sum of their log-probabilities (full vocabulary)."""
+  [B, T], the tokens to score (each given all before it); reads [B, R, F]:
+  what each row's READ slots read (reading settings). Returns float [B]:
+  the sum of their log-probabilities (full vocabulary)."""
   tokens = np.asarray(tokens, np.int32)
   target_mask = np.asarray(target_mask, bool)
   if tokens.shape != target_mask.shape or tokens.ndim != 2:
@@ -255,7 +300,7 @@ def sequence_logprob(model: "InterleavedLM", params, tokens, target_mask):
   extra = min(-tokens.shape[1] % 32, model.max_len - tokens.shape[1])
   pad = ((0, 0), (0, extra))
   return np.asarray(_jitted_logprob(model)(
-      params, np.pad(tokens, pad), np.pad(target_mask, pad)))
+      params, np.pad(tokens, pad), np.pad(target_mask, pad), reads))
 
 
 def reorder_cache(cache: dict, rows) -> dict:
@@ -269,9 +314,10 @@ def reorder_cache(cache: dict, rows) -> dict:
 
 
 def _step_fn(model: "InterleavedLM"):
-  """The sampler's step (unimm.sampling.sampler.StepFn) for this model."""
-  def step(params, cache, tokens, slot):
-    return model.apply(params, tokens, cache, slot,
+  """The sampler's step (unimm.sampling.sampler.StepFn) for this model;
+  the prefill also passes reads (what its READ slots read)."""
+  def step(params, cache, tokens, slot, reads=None):
+    return model.apply(params, tokens, cache, slot, reads,
                        method=InterleavedLM.decode_step)
   return step
 
@@ -317,8 +363,10 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
     logits, cache = step(params, cache, both(tokens), slot)
     return logits[:tokens.shape[0]], cache
 
-  def prefill(params, cache, tokens):
-    return step(params, cache, both(tokens), 0)[1]
+  def prefill(params, cache, tokens, reads):
+    if doubled and reads is not None:  # the text-dropped half sees images
+      reads = jnp.concatenate([reads, reads], axis=0)
+    return step(params, cache, both(tokens), 0, reads)[1]
 
   def text(params, cache, first, slot, rng, done):
     out, lengths, cache, steps = samp.while_decode(
@@ -352,7 +400,7 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
                        eoi_id: int, text_sampling, image_sampling,
                        max_new_tokens: int, max_text_tokens: int = 64,
                        max_images: int = 4, drop_ids=None,
-                       return_image_steps: bool = False):
+                       return_image_steps: bool = False, reads=None):
   """Continues each prompt row until EOS (or a budget), mixing modalities.
 
   prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
@@ -378,7 +426,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   int32 [B, N] new tokens (PAD after a row's EOS; N <= max_new_tokens +
   the last phase's overshoot); with return_image_steps, also the model
   calls of each image phase (a list of ints; image_length each without
-  SJD).
+  SJD). reads [B, R, F]: what the prompts' READ slots read (reading
+  settings; READ slots sit in the prompts only).
   """
   if text_sampling.sjd_window:
     raise ValueError(
@@ -416,7 +465,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
       (boi_id, eos_id), as_key(text_allowed), as_key(image_ids), PAD_ID,
       as_key(drop_ids))
   cache = model.init_cache(2 * b if image_sampling.doubled else b, capacity)
-  cache = prefill(params, cache, prompts[:, :-1])
+  cache = prefill(params, cache, prompts[:, :-1],
+                  None if reads is None else jnp.asarray(reads))
   # Each row's next token to feed; a prompt ending in BOI starts an image.
   first, slot = np.asarray(prompts[:, -1]), p - 1
   wants_image = first == boi_id
@@ -467,9 +517,9 @@ def _jitted_beam(model: "InterleavedLM", beam_size: int, max_tokens: int,
   allowed = jnp.asarray(allowed, bool)
   step = _step_fn(model)
 
-  def search(params, cache, prompts):
+  def search(params, cache, prompts, reads):
     # Prefill each prompt once, then copy its cache row to its beams.
-    cache = step(params, cache, prompts[:, :-1], 0)[1]
+    cache = step(params, cache, prompts[:, :-1], 0, reads)[1]
     rows = jnp.repeat(jnp.arange(prompts.shape[0]), beam_size)
     return samp.beam_decode(step, params, reorder_cache(cache, rows),
                             prompts[rows, -1],
@@ -481,7 +531,8 @@ def _jitted_beam(model: "InterleavedLM", beam_size: int, max_tokens: int,
 
 
 def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
-                     eos_id: int, beam_size: int, max_text_tokens: int = 64):
+                     eos_id: int, beam_size: int, max_text_tokens: int = 64,
+                     reads=None):
   """The likeliest text continuation of each prompt row by beam search
   (unimm.sampling.sampler.beam_decode, the same step and cache as
   continue_documents): text ids from text_ids until EOS. prompts int32
@@ -489,7 +540,8 @@ def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
   tokens, EOS included and PAD after it, as continue_documents gives
   them; float [B, beam_size] their summed log-probabilities): each row's
   final beams, best first. A beam that never scored (a search with fewer
-  live continuations than beams) has score -inf.
+  live continuations than beams) has score -inf. reads: as for
+  continue_documents.
   """
   if not (isinstance(beam_size, int) and beam_size >= 1):
     raise ValueError(f"beam_size={beam_size!r}; expected an int >= 1.")
@@ -506,6 +558,7 @@ def beam_search_text(model: "InterleavedLM", params, prompts, *, text_ids,
   search = _jitted_beam(model, beam_size, max_text_tokens, (eos_id,),
                         tuple(allowed.tolist()), PAD_ID)
   cache = model.init_cache(prompts.shape[0], capacity)
-  out, scores, steps = search(params, cache, jnp.asarray(prompts))
+  out, scores, steps = search(params, cache, jnp.asarray(prompts),
+                              None if reads is None else jnp.asarray(reads))
   out = np.asarray(out)[:, :, :max(int(steps), 1)]
   return out.astype(np.int32), np.asarray(scores)

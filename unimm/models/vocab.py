@@ -16,6 +16,13 @@ share one vocabulary the same way). With T text ids and C image codes:
 
   size = 5 + T + C.
 
+With read_ids (an image-input setting that reads images: patches or a
+resampler, unimm.models.image_input), two more ids follow the codes:
+READ = 5 + T + C (a slot that takes a reader embedding) and NEWLINE =
+READ + 1 (ends a row of Fuyu patches); size = 5 + T + C + 2. A read image's
+span is [BOI, READ / NEWLINE ..., EOI]; the image that opens a document
+(and only it) is read, every other image is written as codes.
+
 SentencePiece's own pad and eos (ids 0 and 1 in the T5 layout) are never
 used inside a document: documents are delimited by BOS/EOS and text spans
 end where an image or the document begins, so joint ids 5 + pad and
@@ -33,6 +40,8 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from unimm.models import image_input as image_input_lib
 
 PAD, BOS, EOS, BOI, EOI = 0, 1, 2, 3, 4
 NUM_SPECIALS = 5
@@ -62,6 +71,7 @@ class VocabLayout:
   """Specials, then text ids, then image codes (see the module table)."""
   text_vocab_size: int
   image_vocab_size: int
+  read_ids: bool = False
 
   PAD = PAD
   BOS = BOS
@@ -89,9 +99,29 @@ class VocabLayout:
     return NUM_SPECIALS + self.text_vocab_size
 
   @property
+  def code_end(self) -> int:
+    """One past the last image code."""
+    return NUM_SPECIALS + self.text_vocab_size + self.image_vocab_size
+
+  @property
   def size(self) -> int:
     """Total joint vocabulary (config.model.vocab_size)."""
-    return NUM_SPECIALS + self.text_vocab_size + self.image_vocab_size
+    return self.code_end + (2 if self.read_ids else 0)
+
+  @property
+  def read_id(self) -> int:
+    """READ: a slot that takes a reader embedding (-1 without read_ids)."""
+    return self.code_end if self.read_ids else -1
+
+  @property
+  def newline_id(self) -> int:
+    """NEWLINE: ends a row of read patches (-1 without read_ids)."""
+    return self.code_end + 1 if self.read_ids else -1
+
+  def is_read(self, ids):
+    """bool mask of READ and NEWLINE ids (no loss: given, not written)."""
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
+    return (ids >= self.code_end) & (ids < self.size)
 
   # ------------------------------------------------------------ conversions
 
@@ -122,7 +152,7 @@ class VocabLayout:
   def joint_to_image(self, ids) -> np.ndarray:
     """Joint ids of image tokens -> image codes (int32)."""
     ids = _as_int_array(ids, "Joint ids")
-    _check_range(ids, self.image_offset, self.size,
+    _check_range(ids, self.image_offset, self.code_end,
                  "Joint ids given as image codes", "the image block of "
                  f"{self}; specials are [0, {NUM_SPECIALS}), text "
                  f"[{self.text_offset}, {self.image_offset})")
@@ -136,7 +166,15 @@ class VocabLayout:
   def is_image(self, ids):
     """bool mask of image ids (numpy or jax arrays alike)."""
     ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
-    return (ids >= self.image_offset) & (ids < self.size)
+    return (ids >= self.image_offset) & (ids < self.code_end)
+
+  def read_span(self, rows: int, cols: int, newline: bool) -> np.ndarray:
+    """A read image's span: BOI, rows x (cols READ [+ NEWLINE]), EOI."""
+    if not self.read_ids:
+      raise ValueError("This layout has no READ ids; build it with "
+                       "VocabLayout(..., read_ids=True).")
+    row = [self.read_id] * cols + ([self.newline_id] if newline else [])
+    return np.array([BOI] + row * rows + [EOI], np.int32)
 
   def image_span(self, codes) -> np.ndarray:
     """codes [h, w] -> int32 [h*w + 2]: BOI, the codes row-major, EOI."""
@@ -156,7 +194,7 @@ class VocabLayout:
 
     PAD, BOS and EOS are skipped (they delimit documents, not segments).
     Returns [("text", SentencePiece ids [n]) | ("image", codes [h*w])] in
-    order. Raises ValueError naming the position of a malformed stream: an
+    order; a read image's span gives ("read", its READ / NEWLINE ids). Raises ValueError naming the position of a malformed stream: an
     image id outside a BOI..EOI span, a text/special id inside one, an EOI
     without BOI or a span never closed.
     """
@@ -169,6 +207,8 @@ class VocabLayout:
       if in_image:
         if token == EOI:
           in_image = False
+        elif self.read_ids and token >= self.code_end:
+          runs[-1] = ("read", runs[-1][1] + [token])
         elif self.image_offset <= token:
           runs[-1][1].append(token)
         else:
@@ -193,8 +233,9 @@ class VocabLayout:
         runs[-1][1].append(token)
     if in_image:
       raise ValueError("The last image span (BOI) is never closed by EOI.")
-    return [(kind, self.joint_to_text(run) if kind == "text"
-             else self.joint_to_image(run)) for kind, run in runs]
+    convert = {"text": self.joint_to_text, "image": self.joint_to_image,
+               "read": lambda run: np.asarray(run, np.int32)}
+    return [(kind, convert[kind](run)) for kind, run in runs]
 
 
 def encode_documents(documents: Sequence[Sequence[Any]], layout: VocabLayout,
@@ -208,8 +249,35 @@ def encode_documents(documents: Sequence[Sequence[Any]], layout: VocabLayout,
   SentencePiece ids per text and image_ids(uint8 [N, H, W, 3]) -> codes
   [N, h, w] are each called once, on all the documents' texts / images.
   """
+  return encode_documents_and_reads(documents, layout, text_pieces,
+                                    image_ids, end=end)[0]
+
+
+def encode_documents_and_reads(
+    documents: Sequence[Sequence[Any]], layout: VocabLayout,
+    text_pieces: Callable[[list[str]], list[np.ndarray]],
+    image_ids: Callable[[np.ndarray], np.ndarray], *, end: bool = True,
+    image_input=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """encode_documents, with an image-input setting that reads images
+  (unimm.models.image_input.ImageInput; None or "codes": none read).
+
+  The image that opens a document becomes a read span (layout.read_span)
+  and its pixel patches (uint8 [rows * cols, p*p*3], row-major) the
+  document's reads; every other image is coded. Returns (tokens, reads):
+  reads[i] uint8 [R_i, p*p*3] (R_i = 0 when nothing is read). Images read
+  may have any size the setting reads ("patches"); coded images are
+  encoded together, so they share one size.
+  """
+  reading = image_input is not None and image_input.reads_images
+  if reading and not layout.read_ids:
+    raise ValueError(f"image_input={image_input.kind!r} reads images but the "
+                     "layout has no READ ids (VocabLayout(..., "
+                     "read_ids=True)).")
+  is_read = [[reading and j == 0 and not isinstance(s, str)
+              for j, s in enumerate(d)] for d in documents]
   texts = [s for d in documents for s in d if isinstance(s, str)]
-  images = [s for d in documents for s in d if not isinstance(s, str)]
+  images = [s for d, r in zip(documents, is_read)
+            for s, read in zip(d, r) if not isinstance(s, str) and not read]
   text_ids = iter(text_pieces(texts) if texts else [])
   spans = []
   if images:
@@ -220,13 +288,29 @@ def encode_documents(documents: Sequence[Sequence[Any]], layout: VocabLayout,
           "images; expected [N, h, w] ids (e.g. Tokenizer.encode).")
     spans = [layout.image_span(c) for c in codes]
   spans = iter(spans)
-  tokens = []
-  for document in documents:
+  width = image_input.patch_size ** 2 * 3 if reading else 0
+  tokens, reads = [], []
+  for document, read_flags in zip(documents, is_read):
     parts = [np.array([BOS], np.int32)]
-    for segment in document:
-      parts.append(layout.text_to_joint(next(text_ids))
-                   if isinstance(segment, str) else next(spans))
+    document_reads = np.zeros((0, width), np.uint8)
+    for segment, read in zip(document, read_flags):
+      if isinstance(segment, str):
+        parts.append(layout.text_to_joint(next(text_ids)))
+      elif read:
+        image = np.asarray(segment)
+        if image.dtype != np.uint8:
+          raise ValueError(f"An image to read has dtype {image.dtype}; "
+                           "expected uint8 pixels.")
+        rows, cols = image_input.check_image(image.shape)
+        parts.append(layout.read_span(rows, cols,
+                                      newline=image_input.kind == "patches"))
+        document_reads = image_input_lib.patchify(image,
+                                                  image_input.patch_size)
+      else:
+        parts.append(next(spans))
     if end:
       parts.append(np.array([EOS], np.int32))
     tokens.append(np.concatenate(parts).astype(np.int32))
-  return tokens
+    reads.append(document_reads)
+  return tokens, reads
+

@@ -172,12 +172,17 @@ class ViTVQGAN(nn.Module):
     self.patch_unembed = unn.PatchUnembed(self.patch_size, 2 * self.channels,
                                           name="patch_unembed", **kw)
 
-  def _encode_features(self, images, deterministic):
-    """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
+  def encoder_tokens(self, images, deterministic: bool = True):
+    """images [B, H, W, C] -> the ViT encoder's output [B, T, D_enc] (what
+    the interleaved model's resampler reads, unimm.models.image_input)."""
     x = to_unit_interval(images) * 2.0 - 1.0
     x = self.patch_embed(x)  # [B, T, D_enc]
     x = self.encoder_positions(x)
-    x = self.encoder(x, deterministic=deterministic)
+    return self.encoder(x, deterministic=deterministic)
+
+  def _encode_features(self, images, deterministic):
+    """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
+    x = self.encoder_tokens(images, deterministic)
     return jnp.tanh(self.encoder_head(x))  # [B, T, F_enc]
 
   def _decode_tokens(self, x, deterministic):

@@ -28,6 +28,7 @@ from unimm import api
 from unimm import host_memory
 from unimm.data import interleaved
 from unimm.data import pretokenize
+from unimm.models import image_input
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -65,6 +66,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        **kw)
   flags.DEFINE_integer("records_per_shard", pretokenize.RECORDS_PER_SHARD,
                        "Packed rows per ArrayRecord shard.", **kw)
+  flags.DEFINE_enum("image_input", "codes", list(image_input.IMAGE_INPUTS),
+                    "How the model reads the image opening a document "
+                    "(config.model.image_input; unimm.models.image_input).",
+                    **kw)
+  flags.DEFINE_integer("patch_size", 4, "Pixels per patch side (patches; "
+                       "the resampler's rows carry patches too).", **kw)
+  flags.DEFINE_integer("num_queries", 16, "READ slots per image (resampler).",
+                       **kw)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
@@ -74,8 +83,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   logging.set_verbosity(logging.INFO)
   f = flag_values
   weights = None if f.weights is None else [float(w) for w in f.weights]
+  setting = image_input.ImageInput(f.image_input, f.patch_size,
+                                   f.num_queries)
   tokenizer = api.load_tokenizer(f.tokenizer_workdir)
   if f.source != "shapes":
+    if setting.reads_images:
+      raise ValueError(
+          f"--image_input={f.image_input} packs shapes documents only; own "
+          "pairs (--source DIR) are packed for --image_input=codes.")
     metadata = interleaved.write_pairs(
         tokenizer, f.text_tokenizer, f.out, f.split, source=f.source,
         length=f.length, read_split=f.read_split,
@@ -97,7 +112,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
       weights=weights, documents_per_batch=f.documents_per_batch,
       encode_batch_size=f.encode_batch_size,
       records_per_shard=f.records_per_shard,
-      tokenizer_workdir=f.tokenizer_workdir)
+      tokenizer_workdir=f.tokenizer_workdir, image_input=setting)
   print(json.dumps(metadata, indent=1))
   return metadata
 

@@ -35,6 +35,7 @@ from unimm.evaluation import reports
 from unimm.evaluation import retrieval
 from unimm.inference import interleaved as inference
 from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import image_input as image_input_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab as vocab_lib
 from unimm.sampling.sampler import SamplingParams
@@ -72,14 +73,31 @@ class InterleavedTask:
         non_negative=("num_generation", "retrieval_pairs",
                       "num_grid_samples"))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
+    self.image_input = image_input_lib.ImageInput(
+        self.model.image_input, self.model.patch_size,
+        self.model.num_queries)
     self.layout = vocab_lib.VocabLayout(
         text_vocab_size=int(config.vocab.text_vocab_size),
-        image_vocab_size=int(config.vocab.image_vocab_size))
+        image_vocab_size=int(config.vocab.image_vocab_size),
+        read_ids=self.image_input.reads_images)
     if self.layout.size != self.model.vocab_size:
       raise ValueError(
           f"config.model.vocab_size={self.model.vocab_size} but the layout "
-          f"(config.vocab) has {self.layout.size} ids; set vocab_size = 5 + "
-          "text_vocab_size + image_vocab_size.")
+          f"(config.vocab, image_input={self.image_input.kind!r}) has "
+          f"{self.layout.size} ids; set vocab_size = 5 + text_vocab_size + "
+          "image_vocab_size (+ 2 READ / NEWLINE ids when images are read).")
+    if self.image_input.reads_images and (
+        self.model.read_id, self.model.newline_id) != (
+            self.layout.read_id, self.layout.newline_id):
+      raise ValueError(
+          f"config.model.read_id / newline_id = {self.model.read_id} / "
+          f"{self.model.newline_id}; the layout's are {self.layout.read_id} "
+          f"/ {self.layout.newline_id} (set them from VocabLayout).")
+    # The resampler reads the frozen tokenizer's encoder (loaded here, out
+    # of any trace; its params travel in the model state).
+    self.reader_tokenizer = (
+        tokenizer_lib.load_tokenizer(config.tokenizer_workdir)
+        if self.image_input.kind == "resampler" else None)
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
     # FID / CLIP score of held-out captions' samples (own data; off if the
     # settings are empty), checked before training.
@@ -107,13 +125,25 @@ class InterleavedTask:
 
   def _check_metadata(self, split: str) -> None:
     metadata = il_data.load_metadata(self.packed_dir, split)
+    packed = il_data.image_input_of(metadata)
+    mine = self.image_input
+    if packed.kind != mine.kind or (mine.reads_images and (
+        packed.patch_size, packed.num_queries) != (mine.patch_size,
+                                                   mine.num_queries)):
+      raise ValueError(
+          f"Packed data in {self.packed_dir!r} was written for {packed} but "
+          f"the model reads images as {mine} (config.model.image_input, "
+          "patch_size, num_queries); re-pack with "
+          "`python -m unimm.tools.pack_interleaved --image_input ...` or "
+          "point config.data.packed_dir at rows packed for this setting.")
     layout = metadata["layout"]
-    size = 5 + layout["text_vocab_size"] + layout["image_vocab_size"]
+    size = layout.get("size", 5 + layout["text_vocab_size"]
+                      + layout["image_vocab_size"])
     if size != self.model.vocab_size:
       raise ValueError(
           f"Packed data in {self.packed_dir!r} uses a joint vocabulary of "
           f"{size} ids (text {layout['text_vocab_size']} + image "
-          f"{layout['image_vocab_size']} + 5 specials) but "
+          f"{layout['image_vocab_size']} + specials) but "
           f"config.model.vocab_size={self.model.vocab_size}; make them match "
           "(config args text_vocab=..., codes=...).")
     if metadata["length"] > self.model.max_len:
@@ -144,16 +174,37 @@ class InterleavedTask:
 
   def init(self, rng, batch):
     tokens = jnp.asarray(batch["tokens"])
-    params = jax.jit(self.model.init)(rng, tokens)["params"]
-    return params, {}
+    model_state = {}
+    if self.image_input.kind == "resampler":
+      # The frozen encoder the resampler reads travels in the state, not in
+      # the compiled step (unimm.inference.tokenizer.reader_features).
+      model_state = {"image_encoder": jax.tree.map(
+          jnp.asarray, nn.unbox(self.reader_tokenizer.params))}
+    reads = self.reads(model_state, batch)
+    params = jax.jit(lambda r, t, x: self.model.init(r, t, reads=x))(
+        rng, tokens, reads)["params"]
+    return params, model_state
+
+
+  def reads(self, model_state, batch):
+    """What the READ slots of a batch read: None ("codes"), the pixel
+    patches ("patches"), or the frozen encoder's tokens ("resampler")."""
+    if not self.image_input.reads_images:
+      return None
+    reads = jnp.asarray(batch["reads"])
+    if self.image_input.kind == "resampler":
+      return tokenizer_lib.reader_features(
+          self.reader_tokenizer.model, model_state["image_encoder"], reads,
+          self.image_input.patch_size)
+    return reads
 
   def image_target_mask(self, targets):
     """bool: which joint ids are image codes (the rest count as text)."""
-    return targets >= vocab_lib.NUM_SPECIALS + self.layout.text_vocab_size
+    return self.layout.is_image(targets)
 
   def is_text(self, ids):
     """bool: which joint ids are text pieces (not specials, not codes)."""
-    return (ids >= vocab_lib.NUM_SPECIALS) & ~self.image_target_mask(ids)
+    return self.layout.is_text(ids)
 
   def loss(self, params, model_state, batch, rng):
     cfg = self.loss_config
@@ -161,10 +212,13 @@ class InterleavedTask:
       batch = drop_text(batch, rng, cfg["drop_text_rate"], self.is_text)
     tokens = batch["tokens"]  # [B, L]
     logits = self.model.apply({"params": params}, tokens,
-                              batch["segment_ids"], batch["positions"])
+                              batch["segment_ids"], batch["positions"],
+                              reads=self.reads(model_state, batch))
     logits = logits[:, :-1].astype(jnp.float32)  # [B, L-1, V]
     targets = tokens[:, 1:]
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    # READ / NEWLINE slots are given, never predicted.
+    mask = (batch["loss_mask"][:, 1:]
+            * ~self.layout.is_read(targets)).astype(jnp.float32)
     nll = -il.token_logprobs(logits, targets)  # [B, L-1]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     is_image = self.image_target_mask(targets).astype(jnp.float32)
