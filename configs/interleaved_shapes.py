@@ -41,7 +41,11 @@ unimm.train.optim), image_input (codes | patches | resampler: how the image
 opening a document is read, unimm.models.image_input; pack the rows with
 the same --image_input, --patch_size, --num_queries), patch (pixels per
 patch side), queries (the resampler's READ slots per image), experts
-(OneLLM's routed resamplers).
+(OneLLM's routed resamplers), questions (held-out questions the eval asks:
+question_accuracy, for models packed with --kinds ...,question), bins
+(Kosmos-2 location bins per side: 16 for rows packed with --kinds ...,refer;
+0 = no location ids), referring (held-out referring expressions the eval
+grounds: referring_accuracy).
 """
 import ml_collections
 
@@ -60,14 +64,16 @@ def get_config(arg=None):
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, beams=8, rerank=0.5, dtype="float32",
       remat="none", scan="auto", optimizer="muon", image_input="codes",
-      patch=4, queries=16, experts=1)
+      patch=4, queries=16, experts=1, questions=0, bins=0, referring=0)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
   config.vocab = ml_collections.ConfigDict(dict(
-      text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes))
+      text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
+      location_bins=arg.bins))
   layout = VocabLayout(arg.text_vocab, arg.codes,
-                       read_ids=arg.image_input != "codes")
+                       read_ids=arg.image_input != "codes",
+                       location_bins=arg.bins)
   config.model = ml_collections.ConfigDict(interleaved_config(
       arg.size, num_kv_heads=arg.kv_heads, vocab_size=layout.size,
       image_input=arg.image_input, patch_size=arg.patch,
@@ -91,7 +97,8 @@ def get_config(arg=None):
       split="validation", batch_size=arg.batch, num_batches=8,
       num_generation=200, generation_batch_size=50, temperature=0.0,
       image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg),
-      caption_beams=int(arg.beams), caption_rerank=float(arg.rerank)))
+      caption_beams=int(arg.beams), caption_rerank=float(arg.rerank),
+      num_questions=int(arg.questions), num_referring=int(arg.referring)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

@@ -14,6 +14,7 @@ import pytest
 from unimm import api
 from unimm.data import interleaved as il
 from unimm.data import pretokenize
+from unimm.data import questions
 from unimm.data import shapes
 from unimm.models import vocab
 from unimm.tokenizers import text as text_lib
@@ -68,7 +69,7 @@ def test_documents_are_deterministic_per_seed_and_index():
       == [(d.kind, d.texts, [_full(s) for s in d.scenes]) for d in again]
   other = [il.make_document(4, i) for i in range(40)]
   assert [d.texts for d in other] != [d.texts for d in first]
-  assert {d.kind for d in first} == set(il.KINDS)
+  assert {d.kind for d in first} == set(il.DEFAULT_KINDS)
   assert all(d.seed == 3 and d.index == i for i, d in enumerate(first))
   edits = [il.make_document(0, i, kinds=("edit",)) for i in range(20)]
   assert {d.kind for d in edits} == {"edit"}
@@ -437,3 +438,40 @@ def test_cli_writes_shards_that_packed_dataset_reads(written, text_tokenizer):
     json.dump({"format": il.FORMAT.replace("/v2", "/v1")}, open(
         os.path.join(out, "train.json"), "w"))
     il.packed_dataset(out, "train", batch_size=2, shuffle=False, seed=0)
+
+
+def test_question_documents_ask_about_their_scene():
+  docs = [il.make_document(3, i, kinds=("question",)) for i in range(20)]
+  for d in docs:
+    assert d.kind == "question" and d.segments[0] == d.scenes[0]
+    assert d.segments[1:] == [d.question, d.answer]
+    kind = questions.kind_of(d.question)
+    if kind in ("color", "shape", "size", "relation"):  # no drawn negatives
+      assert (d.question, d.answer) in questions.questions(
+          d.scenes[0], np.random.default_rng(0))
+  texts = il.document_texts(20, 3, kinds=("question",))
+  assert texts == [t for d in docs for t in (d.question, d.answer)]
+  # Not in the default mix: the default stream is unchanged.
+  assert il.DEFAULT_KINDS == ("caption_image", "image_caption", "edit")
+  assert [il.make_document(0, i).kind for i in range(30)] == [
+      il.make_document(0, i, il.DEFAULT_KINDS).kind
+      for i in range(30)]
+
+
+def test_refer_documents_box_the_object_they_name():
+  from unimm.data import grounding  # pylint: disable=g-import-not-at-top
+  docs = [il.make_document(4, i, kinds=("refer",)) for i in range(60)]
+  absent = 0
+  for d in docs:
+    scene = d.scenes[0]
+    assert d.segments == [scene, d.question, d.answer]
+    phrase = d.question[len("where is "):-1]
+    if isinstance(d.answer, str):  # names nothing in the scene
+      absent += 1
+      assert not grounding.find_objects(scene, phrase)
+      assert d.answer == grounding.not_found_answer(phrase)
+    else:
+      index = grounding.find_object(scene, phrase)
+      assert d.answer == grounding.box_to_locations(
+          shapes.object_boxes(scene, 32)[index], 32)
+  assert 0 < absent < 30

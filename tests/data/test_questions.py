@@ -197,3 +197,13 @@ def test_exact_match_accuracy():
     questions.exact_match_accuracy(["a", "b"], ["a"])
   with pytest.raises(ValueError, match="0 predictions for 0 answers"):
     questions.exact_match_accuracy([], [])
+
+
+def test_kind_of_reads_back_each_generated_kind():
+  rng = np.random.default_rng(7)
+  for _ in range(40):
+    scene = shapes.scene_from_rng(rng)
+    for kind, found in questions.questions_by_kind(scene, rng).items():
+      assert {questions.kind_of(q) for q, _ in found} == {kind}
+  with pytest.raises(ValueError, match="not a question"):
+    questions.kind_of("describe the image")

@@ -22,7 +22,7 @@ def _model(kind):
       num_kv_heads=1, head_dim=8, mlp_dim=64, num_layers=2, boi_id=3,
       image_length=4, image_input=kind, read_id=LAYOUT.read_id,
       newline_id=LAYOUT.newline_id, num_queries=3, feature_length=FEATURES,
-      num_experts=2 if kind == "resampler" else 1)
+      num_experts=2 if kind == "resampler" else 1, resampler_layers=1)
 
 
 def _document(kind, rng, image_size=8):
@@ -127,12 +127,12 @@ def test_patches_read_32_and_64_pixel_images_in_one_batch():
                       reads=docs[0][1][None])
   assert [len(r) for _, r in docs] == [64, 256]
   assert [int((d == LAYOUT.newline_id).sum()) for d, _ in docs] == [8, 16]
-  alone = [np.asarray(model.apply(params, d[None], reads=r[None]))[0]
-           for d, r in docs]
+  forward = jax.jit(lambda t, r: model.apply(params, t, reads=r))
+  alone = [np.asarray(forward(d[None], r[None]))[0] for d, r in docs]
   length = max(len(d) for d, _ in docs)
   tokens = np.stack([np.pad(d, (0, length - len(d))) for d, _ in docs])
   reads = np.stack([_pad_reads(r, 256) for _, r in docs])
-  batch = np.asarray(model.apply(params, tokens, reads=reads))
+  batch = np.asarray(forward(tokens, reads))
   for r, (d, _) in enumerate(docs):
     np.testing.assert_allclose(batch[r, :len(d)], alone[r], atol=2e-5,
                                rtol=2e-5)

@@ -116,3 +116,40 @@ def test_out_of_range_ids_name_the_range(layout):
     VocabLayout(0, CODES)
   with pytest.raises(ValueError, match="num_codes"):
     VocabLayout(TEXT, -3)
+
+
+def test_read_and_location_ids_follow_the_codes():
+  layout = VocabLayout(text_vocab_size=10, image_vocab_size=20, read_ids=True,
+                       location_bins=4)
+  assert (layout.read_id, layout.newline_id) == (35, 36)
+  assert layout.location_offset == 37 and layout.size == 37 + 16
+  ids = np.arange(layout.size)
+  # Every id is exactly one of: special, text, code, READ/NEWLINE, location.
+  blocks = (ids < vocab.NUM_SPECIALS, layout.is_text(ids),
+            layout.is_image(ids), layout.is_read(ids), layout.is_location(ids))
+  np.testing.assert_array_equal(np.sum(blocks, axis=0), np.ones(layout.size))
+  np.testing.assert_array_equal(layout.location_to_joint([0, 15]), [37, 52])
+  with pytest.raises(ValueError, match="location_bins=4"):
+    layout.location_to_joint([16])
+  doc = np.concatenate([[vocab.BOS], layout.read_span(1, 2, newline=True),
+                        layout.text_to_joint([3]),
+                        layout.location_to_joint([5, 10]), [vocab.EOS]])
+  kinds = [(kind, list(run)) for kind, run in layout.segments(doc)]
+  assert kinds[0][0] == "read" and kinds[1:] == [("text", [3]),
+                                                   ("location", [5, 10])]
+
+
+def test_boxes_encode_as_two_location_ids():
+  from unimm.data import grounding  # pylint: disable=g-import-not-at-top
+  layout = VocabLayout(10, 20, location_bins=16)
+  box = grounding.BoxTokens(17, 52, 16)
+  tokens = vocab.encode_documents(
+      [["where", box]], layout, lambda texts: [np.array([1]) for _ in texts],
+      lambda images: images)[0]
+  np.testing.assert_array_equal(
+      tokens, [vocab.BOS, layout.text_to_joint([1])[0],
+               layout.location_offset + 17, layout.location_offset + 52,
+               vocab.EOS])
+  with pytest.raises(ValueError, match="location_bins=4"):
+    vocab.encode_documents([[box]], VocabLayout(10, 20, location_bins=4),
+                           lambda t: [], lambda i: i)

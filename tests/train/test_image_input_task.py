@@ -1,14 +1,19 @@
 """The interleaved task with images read as Fuyu patches or through a
 resampler: packed rows carry the read images, the trainer trains and saves
-the model, and the loaded model's captions and scores are those of the
-full forward pass (cached decoding with reads is exact)."""
+the model, and the loaded model's captions, answers and scores are those of
+the full forward pass (cached decoding with reads is exact)."""
+import functools
 import json
 import os
 
+import flax
+import jax
 import numpy as np
+import optax
 import pytest
 
 from unimm import api
+from unimm.data import grounding
 from unimm.data import interleaved as il_data
 from unimm.data import shapes
 from unimm.models import image_input as image_input_lib
@@ -23,14 +28,21 @@ import test_pretokenize  # pylint: disable=g-import-not-at-top
 QUERIES, PATCH = 3, 8
 
 
-@pytest.fixture(scope="module", params=["patches", "resampler"])
-def run(request, tmp_path_factory):
-  kind = request.param
-  root = tmp_path_factory.mktemp(f"image_input_{kind}")
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+  root = tmp_path_factory.mktemp("image_input_tokenizers")
   tokenizer_workdir = test_pretokenize.make_tokenizer_workdir(
       str(root / "tok"), str(root / "tfds"))
   spiece = text_lib.train_sentencepiece(il_data.document_texts(300),
                                         base.TEXT_VOCAB, str(root / "spiece"))
+  return tokenizer_workdir, spiece
+
+
+@pytest.fixture(scope="module", params=["patches", "resampler"])
+def run(request, tokenizers, tmp_path_factory):
+  kind = request.param
+  root = tmp_path_factory.mktemp(f"image_input_{kind}")
+  tokenizer_workdir, spiece = tokenizers
   packed = str(root / "packed")
   setting = image_input_lib.ImageInput(kind, PATCH, QUERIES)
   tokenizer = api.load_tokenizer(tokenizer_workdir)
@@ -45,10 +57,18 @@ def run(request, tmp_path_factory):
                       vocab_size=layout.size, read_id=layout.read_id,
                       newline_id=layout.newline_id, resampler_layers=1)
   config.data.batch_size = 8  # the 8 test devices each take a row
+  config.eval.num_batches = 1
   workdir = str(root / "run")
-  trainer.train(config, workdir, InterleavedTask(config))
+  task = InterleavedTask(config)
+  if kind == "resampler":  # the frozen encoder travels in the model state
+    trainer.train(config, workdir, task)
+    model = api.load_model(workdir)
+  else:  # the same code paths, without the trainer's cost
+    params, _ = task.init(jax.random.PRNGKey(0),
+                          next(iter(task.train_data(0, 1))))
+    model = task.inference_model(params)
   return dict(kind=kind, packed=packed, workdir=workdir, setting=setting,
-              model=api.load_model(workdir))
+              model=model)
 
 
 def test_rows_carry_the_image_opening_each_document(run):
@@ -85,24 +105,38 @@ def test_rows_carry_the_image_opening_each_document(run):
   assert read_rows >= 2
 
 
-def test_the_trained_model_loads_and_reports(run):
-  with open(os.path.join(run["workdir"], "eval", "report.json")) as f:
-    report = json.load(f)
-  assert report["steps"] == 2 and np.isfinite(report["eval_loss"])
+def test_the_model_reads_as_packed(run):
   assert run["model"].image_input == run["setting"]
+  if run["kind"] == "resampler":  # trained, evaluated, saved and loaded
+    with open(os.path.join(run["workdir"], "eval", "report.json")) as f:
+      report = json.load(f)
+    assert report["steps"] == 2 and np.isfinite(report["eval_loss"])
 
 
-def _naive_caption(model, image, max_tokens):
-  """Greedy caption by full forward passes over [BOS, image read, prompt,
-  caption so far] (no cache)."""
-  rows, reads = model._encode([[image, il_data.CAPTION_PROMPT]])  # pylint: disable=protected-access
+@functools.lru_cache(maxsize=4)
+def _forward(module):
+  return jax.jit(lambda params, tokens, reads: module.apply(
+      params, tokens, reads=reads))
+
+
+def _logits(model, doc, reads):
+  """Full-forward logits of one document [T, V] (no cache): right-padded
+  to a fixed length, which changes nothing before it (causal)."""
+  tokens = np.zeros((1, 2 * base.LENGTH), np.int32)
+  tokens[0, :len(doc)] = doc
+  return np.asarray(_forward(model.model)(
+      {"params": model.params}, tokens, reads), np.float64)[0, :len(doc)]
+
+
+def _naive_text(model, image, prompt, max_tokens):
+  """Greedy text by full forward passes over [BOS, image read, prompt,
+  text so far] (no cache)."""
+  rows, reads = model._encode([[image, prompt]])  # pylint: disable=protected-access
   doc = list(rows[0])
   allowed = model._text_ids().copy()  # pylint: disable=protected-access
   allowed[vocab.EOS] = True
   for _ in range(max_tokens):
-    logits = np.asarray(model.model.apply(
-        {"params": model.params}, np.asarray(doc, np.int32)[None],
-        reads=reads))[0, -1]
+    logits = _logits(model, doc, reads)[-1]
     token = int(np.argmax(np.where(allowed, logits, -np.inf)))
     if token == vocab.EOS:
       break
@@ -118,9 +152,15 @@ def test_captions_are_the_full_forward_greedy_ones(run):
   images = [shapes.render(shapes.scene_from_rng(rng), 32) for _ in range(2)]
   if run["kind"] == "patches":  # any size: a 64-pixel image beside them
     images.append(shapes.render(shapes.scene_from_rng(rng), 64))
-  got = [model.caption([image], num_beams=1, rerank_weight=0.0,
-                       max_new_tokens=6)[0] for image in images]
-  assert got == [_naive_caption(model, image, 6) for image in images]
+  got = model.caption(np.stack(images[:2]), num_beams=1, rerank_weight=0.0,
+                      max_new_tokens=4)
+  got += [model.caption([image], num_beams=1, rerank_weight=0.0,
+                        max_new_tokens=4)[0] for image in images[2:]]
+  assert got == [_naive_text(model, image, il_data.CAPTION_PROMPT, 4)
+                 for image in images]
+  asked = ["what colour is the star?", "how many objects are there?"]
+  assert model.answer(images[:2], asked, max_new_tokens=3) == [
+      _naive_text(model, image, q, 3) for image, q in zip(images, asked)]
 
 
 def test_scores_are_the_full_forward_ones(run):
@@ -133,10 +173,66 @@ def test_scores_are_the_full_forward_ones(run):
   for image, caption, score in zip(images, captions, scores):
     rows, reads = model._encode([[image, il_data.CAPTION_PROMPT, caption]])  # pylint: disable=protected-access
     doc = np.concatenate([rows[0], [vocab.EOS]]).astype(np.int32)
-    logits = np.asarray(model.model.apply({"params": model.params},
-                                          doc[None], reads=reads),
-                        np.float64)[0]
+    logits = _logits(model, doc, reads)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     start = len(model._encode([[image, il_data.CAPTION_PROMPT]])[0][0])  # pylint: disable=protected-access
     expected = sum(logp[t - 1, doc[t]] for t in range(start, len(doc)))
     np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_ground_gives_the_full_forward_greedy_boxes(tokenizers, tmp_path):
+  tokenizer_workdir, spiece = tokenizers
+  packed = str(tmp_path / "packed")
+  il_data.write_interleaved(api.load_tokenizer(tokenizer_workdir), spiece,
+                            packed, "train", 24, base.LENGTH,
+                            kinds=("refer",), encode_batch_size=16)
+  config = base.tiny_config(packed, tokenizer_workdir=tokenizer_workdir,
+                            text_tokenizer=spiece)
+  config.vocab.location_bins = 16
+  config.model.vocab_size = vocab.VocabLayout(
+      base.TEXT_VOCAB, base.CODES, location_bins=16).size
+  task = InterleavedTask(config)
+  batch = {k: jax.numpy.asarray(v)
+           for k, v in next(iter(task.train_data(0, 1))).items()}
+  params, state = task.init(jax.random.PRNGKey(0), batch)
+  params = flax.linen.unbox(params)
+  tx = optax.adam(3e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: task.loss(p, state, batch, None)[0])(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(30):  # enough to learn that boxes follow "where is"
+    params, opt_state = step(params, opt_state)
+  model = task.inference_model(params)
+  docs = [il_data.make_document(9, i, kinds=("refer",)) for i in range(6)]
+  images = np.stack([shapes.render(d.scenes[0], 32) for d in docs])
+  phrases = [d.question[len("where is "):-1] for d in docs]
+  boxes = model.ground(images, phrases)
+  layout = model.layout
+  allowed = model._text_ids() | layout.is_location(np.arange(layout.size))  # pylint: disable=protected-access
+  allowed[[vocab.EOS, vocab.BOI]] = True
+  for image, phrase, box in zip(images, phrases, boxes):
+    rows, reads = model._encode([[image, f"where is {phrase}?"]])  # pylint: disable=protected-access
+    doc = list(rows[0])
+    for _ in range(2):
+      logits = _logits(model, doc, reads)[-1]
+      doc.append(int(np.argmax(np.where(allowed, logits, -np.inf))))
+    pair = np.array(doc[-2:])
+    if layout.is_location(pair).all():
+      np.testing.assert_allclose(box, grounding.locations_to_box(
+          grounding.BoxTokens(*(pair - layout.location_offset).tolist(), 16),
+          32))
+    else:
+      assert box is None
+  assert any(box is not None for box in boxes)
+  with pytest.raises(ValueError, match="Phrase 0 is empty"):
+    model.ground(images[:1], [" "])
+
+
+def test_ground_needs_location_ids(run):
+  with pytest.raises(ValueError, match="no location ids"):
+    run["model"].ground(np.zeros((1, 32, 32, 3), np.uint8), ["the star"])

@@ -51,7 +51,7 @@ for scene = shapes.Scene:
                                   image"] when the phrase names no object
   draw_request(scene)             ["draw a red star in", BoxTokens, ...]
 
-Objects are named as edit instructions name them (interleaved.object_ref):
+Objects are named as edit instructions name them (shapes.object_ref):
 "the [COLOR] SHAPE", the colour only when both objects share the shape, so
 the phrase picks out exactly one object (`object_phrase`); `find_object`
 resolves such a phrase, raising ObjectNotFoundError (no object) or
@@ -68,7 +68,6 @@ from typing import Union
 
 import numpy as np
 
-from unimm.data import interleaved
 from unimm.data import shapes
 
 DEFAULT_BINS = 16
@@ -278,20 +277,20 @@ def _normal(text: str) -> str:
   return " ".join(str(text).lower().split()).rstrip(".?!").strip()
 
 
-def ref_text(ref: interleaved.ObjectRef) -> str:
+def ref_text(ref: shapes.ObjectRef) -> str:
   """"the [color] shape" of an ObjectRef."""
   return f"the {ref.color} {ref.shape}" if ref.color else f"the {ref.shape}"
 
 
-def object_ref(scene: shapes.Scene, index: int) -> interleaved.ObjectRef:
+def object_ref(scene: shapes.Scene, index: int) -> shapes.ObjectRef:
   """The shortest ObjectRef that picks out scene.objects[index] alone: the
   shape, with the colour when both objects share the shape (as
-  interleaved.object_ref, with the shape instead of "it" for one object)."""
+  shapes.object_ref, with the shape instead of "it" for one object)."""
   if not 0 <= index < len(scene.objects):
     raise ValueError(f"Object index {index!r} is not in the scene's "
                      f"{len(scene.objects)} objects.")
-  ref = interleaved.object_ref(scene, index)
-  return ref if ref is not None else interleaved.ObjectRef(
+  ref = shapes.object_ref(scene, index)
+  return ref if ref is not None else shapes.ObjectRef(
       scene.objects[index].shape)
 
 
@@ -300,7 +299,7 @@ def object_phrase(scene: shapes.Scene, index: int) -> str:
   return ref_text(object_ref(scene, index))
 
 
-def parse_phrase(phrase: str) -> interleaved.ObjectRef:
+def parse_phrase(phrase: str) -> shapes.ObjectRef:
   """"[the|a|an] [COLOR] SHAPE" -> ObjectRef (case, spaces and a final
   period or question mark ignored). ValueError for anything else."""
   match = _PHRASE.fullmatch(_normal(phrase))
@@ -308,26 +307,26 @@ def parse_phrase(phrase: str) -> interleaved.ObjectRef:
     raise ValueError(f"Cannot read the phrase {phrase!r}; expected "
                      "'[the] [COLOR] SHAPE' with COLOR in "
                      f"{shapes.COLORS} and SHAPE in {shapes.SHAPES}.")
-  return interleaved.ObjectRef(match["shape"], match["color"])
+  return shapes.ObjectRef(match["shape"], match["color"])
 
 
 def find_objects(scene: shapes.Scene,
-                 phrase: str | interleaved.ObjectRef) -> list[int]:
+                 phrase: str | shapes.ObjectRef) -> list[int]:
   """Indices of the scene's objects that `phrase` describes."""
-  ref = phrase if isinstance(phrase, interleaved.ObjectRef) else (
+  ref = phrase if isinstance(phrase, shapes.ObjectRef) else (
       parse_phrase(phrase))
   return [k for k, obj in enumerate(scene.objects) if ref.matches(obj)]
 
 
-def not_found_answer(phrase: str | interleaved.ObjectRef) -> str:
+def not_found_answer(phrase: str | shapes.ObjectRef) -> str:
   """"there is no blue square in this image" for "the blue square"."""
-  ref = phrase if isinstance(phrase, interleaved.ObjectRef) else (
+  ref = phrase if isinstance(phrase, shapes.ObjectRef) else (
       parse_phrase(phrase))
   return NOT_FOUND_ANSWER.format(ref_text(ref)[len("the "):])
 
 
 def find_object(scene: shapes.Scene,
-                phrase: str | interleaved.ObjectRef) -> int:
+                phrase: str | shapes.ObjectRef) -> int:
   """The index of the one object `phrase` names.
 
   Raises:
@@ -520,7 +519,7 @@ def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
-def where_answer(scene: shapes.Scene, phrase: str | interleaved.ObjectRef,
+def where_answer(scene: shapes.Scene, phrase: str | shapes.ObjectRef,
                  image_size: int = 32,
                  bins: int = DEFAULT_BINS) -> list[Segment]:
   """The answer to "where is PHRASE?": [BoxTokens] of the object it names,

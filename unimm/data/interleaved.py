@@ -2,13 +2,21 @@ r"""Interleaved text+image documents, tokenized and packed: generated from
 the shapes world, or made of a converted data set's (image, caption) pairs.
 
 A document is a list of segments, each a text or a scene (an image to be
-rendered), plus its ground truth. Three kinds:
+rendered), plus its ground truth. Four kinds:
 
   caption_image   [caption, scene]            text-to-image
   image_caption   [scene, CAPTION_PROMPT, caption]
                                               image-to-text
   edit            [scene0, instruction1, scene1, ..., instructionK, sceneK]
                   with K = 1..3 edits, each legal for the scene it edits
+  question        [scene, question, one-word answer]   (not in the default
+                  mix; unimm.data.questions, --kinds ...,question)
+  refer           [scene, "where is the blue square?", box] (Kosmos-2
+                  grounding, unimm.data.grounding: the box is two location
+                  ids on a grounding.DEFAULT_BINS grid; ABSENT_RATE of them
+                  name an object the scene lacks and get
+                  "there is no blue square in this image"; not in the
+                  default mix)
 
 An image at the start of a document goes on with a caption or with an edit
 instruction, so a captioning request is stated: image-to-text documents put
@@ -92,8 +100,10 @@ import numpy as np
 
 from unimm import paths
 from unimm.data import convert
+from unimm.data import grounding
 from unimm.data import pipeline
 from unimm.data import pretokenize
+from unimm.data import questions as questions_lib
 from unimm.data import shapes
 from unimm.evaluation.reports import write_report
 from unimm.models import image_input as image_input_lib
@@ -101,7 +111,14 @@ from unimm.models import vocab as vocab_lib
 from unimm.progress import Progress
 from unimm.tokenizers import text as text_lib
 
-KINDS = ("caption_image", "image_caption", "edit")
+KINDS = ("caption_image", "image_caption", "edit", "question", "refer")
+# Kinds whose documents hold location ids (a layout with location_bins).
+GROUNDED_KINDS = ("refer",)
+# The share of referring documents that name an object the scene lacks
+# (answered in words: grounding.NOT_FOUND_ANSWER).
+ABSENT_RATE = 0.2
+# The mix written unless --kinds says otherwise.
+DEFAULT_KINDS = ("caption_image", "image_caption", "edit")
 # The kinds a converted data set's (image, caption) pairs make (write_pairs).
 PAIR_KINDS = ("caption_image", "image_caption")
 EDIT_OPS = ("move", "recolor", "reshape", "resize", "add", "remove")
@@ -139,19 +156,9 @@ def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectRef:
-  """How an instruction names an object: "the [color] shape"."""
-  shape: str
-  color: str | None = None
-
-  def __post_init__(self):
-    _check_choice("shape", self.shape, shapes.SHAPES)
-    if self.color is not None:
-      _check_choice("color", self.color, shapes.COLORS)
-
-  def matches(self, obj: shapes.Object) -> bool:
-    return obj.shape == self.shape and self.color in (None, obj.color)
+# How instructions, questions and grounded texts name an object.
+ObjectRef = shapes.ObjectRef
+object_ref = shapes.object_ref
 
 
 # Which Edit fields each operation needs.
@@ -197,15 +204,6 @@ class Edit:
     if self.op == "remove" and self.target is None:
       raise ValueError("A 'remove' edit names its object (two-object scenes "
                        "only); got target None ('it').")
-
-
-def object_ref(scene: shapes.Scene, index: int) -> ObjectRef | None:
-  """The shortest unambiguous name of scene.objects[index]: None ("it")
-  alone, the shape if the shapes differ, else colour and shape."""
-  if len(scene.objects) == 1:
-    return None
-  obj, other = scene.objects[index], scene.objects[1 - index]
-  return ObjectRef(obj.shape, obj.color if obj.shape == other.shape else None)
 
 
 def _ref_text(ref: ObjectRef | None) -> str:
@@ -442,7 +440,9 @@ class Document:
   segments: texts and scenes (images to render) in order. scenes: the
   scenes in order; caption: the caption (caption kinds, else None); edits
   and instructions: the edit story (edit kind, else empty), instructions[i]
-  turning scenes[i] into scenes[i + 1].
+  turning scenes[i] into scenes[i + 1]; question and answer (question
+  and refer kinds, else None; a refer answer is a grounding.BoxTokens, or
+  the not-found text).
   """
   kind: str
   segments: list[str | shapes.Scene]
@@ -452,6 +452,8 @@ class Document:
   instructions: tuple[str, ...]
   seed: int
   index: int
+  question: str | None = None
+  answer: Any = None
 
   @property
   def texts(self) -> list[str]:
@@ -474,7 +476,8 @@ def _check_kinds(kinds: Sequence[str], weights: Sequence[float] | None
   return kinds, p / p.sum()
 
 
-def make_document(seed: int, index: int, kinds: Sequence[str] = KINDS,
+def make_document(seed: int, index: int,
+                  kinds: Sequence[str] = DEFAULT_KINDS,
                   weights: Sequence[float] | None = None) -> Document:
   """Document `index` of the stream `seed` (kinds drawn with `weights`,
   uniform by default). Depends only on (seed, index, kinds, weights)."""
@@ -486,6 +489,20 @@ def make_document(seed: int, index: int, kinds: Sequence[str] = KINDS,
   rng = np.random.default_rng([int(seed), int(index), _RNG_TAG])
   kind = kinds[int(rng.choice(len(kinds), p=p))]
   scene = shapes.scene_from_rng(rng)
+  if kind == "question":
+    question, answer = questions_lib.random_question(scene, rng)
+    return Document(kind, [scene, question, answer], (scene,), None, (), (),
+                    int(seed), int(index), question, answer)
+  if kind == "refer":
+    if rng.random() < ABSENT_RATE:
+      phrase = grounding.absent_phrase(scene, rng)
+      question = grounding.WHERE_QUESTION.format(phrase)
+      answer = grounding.where_answer(scene, phrase, IMAGE_SIZE)[0]
+    else:
+      question, (answer,) = grounding.referring_expression(
+          scene, int(rng.integers(len(scene.objects))), IMAGE_SIZE)
+    return Document(kind, [scene, question, answer], (scene,), None, (), (),
+                    int(seed), int(index), question, answer)
   if kind in ("caption_image", "image_caption"):
     templates = shapes.TEMPLATES[len(scene.objects)]
     text = shapes.caption(scene, int(rng.integers(len(templates))))
@@ -506,7 +523,7 @@ def make_document(seed: int, index: int, kinds: Sequence[str] = KINDS,
 
 
 def document_texts(num_documents: int, seed: int = 0,
-                   kinds: Sequence[str] = KINDS,
+                   kinds: Sequence[str] = DEFAULT_KINDS,
                    weights: Sequence[float] | None = None) -> list[str]:
   """The texts (captions, instructions) of documents 0..N-1: a corpus for
   training the text tokenizer (unimm.tokenizers.text.train_sentencepiece)."""
@@ -547,8 +564,9 @@ def tokenize_documents_and_reads(
         f"The text tokenizer has {text_tokenizer.vocab_size} ids but the "
         f"layout holds {layout.text_vocab_size}; build the layout from the "
         "tokenizer (VocabLayout(text_tokenizer.vocab_size, num_codes)).")
-  rendered = [[s if isinstance(s, str) else shapes.render(s, image_size)
-               for s in d.segments] for d in documents]
+  rendered = [[shapes.render(s, image_size)
+                if isinstance(s, shapes.Scene) else s
+                for s in d.segments] for d in documents]
   return vocab_lib.encode_documents_and_reads(
       rendered, layout, text_tokenizer.pieces, image_ids_fn,
       image_input=image_input)
@@ -740,6 +758,7 @@ def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
       "layout": {"text_vocab_size": layout.text_vocab_size,
                  "image_vocab_size": layout.image_vocab_size,
                  "read_ids": layout.read_ids,
+                 "location_bins": layout.location_bins,
                  "size": layout.size,
                  "specials": dict(zip(vocab_lib.SPECIAL_NAMES,
                                       range(vocab_lib.NUM_SPECIALS)))},
@@ -763,7 +782,7 @@ def _warn_unknown(num_unknown: int, what: str) -> None:
 def write_interleaved(tokenizer, text_tokenizer_path: str,
                       out_dir: str, split: str, num_documents: int,
                       length: int, *, seed: int | None = None,
-                      kinds: Sequence[str] = KINDS,
+                      kinds: Sequence[str] = DEFAULT_KINDS,
                       weights: Sequence[float] | None = None,
                       documents_per_batch: int = 1024,
                       encode_batch_size: int = 256,
@@ -809,9 +828,11 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   kinds, p = _check_kinds(kinds, weights)
   weights = None if weights is None else [float(w) for w in weights]
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
-  layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
-                                 tokenizer.num_codes,
-                                 read_ids=image_input.reads_images)
+  layout = vocab_lib.VocabLayout(
+      text_tokenizer.vocab_size, tokenizer.num_codes,
+      read_ids=image_input.reads_images,
+      location_bins=(grounding.DEFAULT_BINS
+                     if set(kinds) & set(GROUNDED_KINDS) else 0))
   image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
       tokenizer, images, encode_batch_size)
 

@@ -209,6 +209,20 @@ def random_question(scene: shapes.Scene, rng: np.random.Generator,
   return candidates[int(rng.integers(len(candidates)))]
 
 
+def kind_of(question: str) -> str:
+  """The KINDS entry a generated question belongs to (by its opening
+  words), for per-kind accuracies."""
+  text = " ".join(question.lower().split())
+  for prefix, kind in (("how many ", "count"),
+                       (f"what {COLOR_WORD} ", "color"),
+                       ("what shape ", "shape"), ("what size ", "size"),
+                       ("is there ", "exists"), ("is ", "relation")):
+    if text.startswith(prefix):
+      return kind
+  raise ValueError(f"{question!r} is not a question of this module "
+                   f"(kinds {KINDS}).")
+
+
 def corpus(num_scenes: int, seed: int = 0) -> list[str]:
   """The questions and answers of `num_scenes` random scenes (scene i drawn
   by np.random.default_rng([seed, i, _RNG_TAG])): text for training a

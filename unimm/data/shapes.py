@@ -419,6 +419,34 @@ def object_boxes(scene: Scene, image_size: int = 32) -> np.ndarray:
   return np.stack([object_box(obj, image_size) for obj in scene.objects])
 
 
+@dataclasses.dataclass(frozen=True)
+class ObjectRef:
+  """How a text names an object of a scene: "the [color] shape" (edit
+  instructions, questions, grounded phrases)."""
+  shape: str
+  color: str | None = None
+
+  def __post_init__(self):
+    if self.shape not in SHAPES:
+      raise ValueError(f"Unknown shape {self.shape!r}; expected one of "
+                       f"{SHAPES}.")
+    if self.color is not None and self.color not in COLORS:
+      raise ValueError(f"Unknown color {self.color!r}; expected one of "
+                       f"{COLORS}.")
+
+  def matches(self, obj: Object) -> bool:
+    return obj.shape == self.shape and self.color in (None, obj.color)
+
+
+def object_ref(scene: Scene, index: int) -> ObjectRef | None:
+  """The shortest unambiguous name of scene.objects[index]: None ("it")
+  alone, the shape if the shapes differ, else colour and shape."""
+  if len(scene.objects) == 1:
+    return None
+  obj, other = scene.objects[index], scene.objects[1 - index]
+  return ObjectRef(obj.shape, obj.color if obj.shape == other.shape else None)
+
+
 @functools.lru_cache(maxsize=64)
 def _background(style: int, image_size: int) -> np.ndarray:
   """float32 [S, S, 3], read-only: the background, sampled at pixel centres

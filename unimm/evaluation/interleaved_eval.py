@@ -18,6 +18,21 @@ _pair (one- / two-object scenes), caption_{attribute}_accuracy and
 caption_parse_rate (captions that read as a shapes caption at all); and
 edit_accuracy_{op} per instruction kind (unimm.data.interleaved.EDIT_OPS)
 and edit_{attribute}_accuracy (of the edited image).
+  question_accuracy       image + question -> one-word answer
+                          (unimm.data.questions, held-out scenes),
+                          exact match after normalize_answer; with
+                          question_accuracy_{kind} per question kind
+                          (num_questions > 0; for models trained on
+                          question documents).
+  referring_accuracy      image + "where is the blue square?" -> box
+                          (model.ground): IoU >= 0.5 with the object's
+                          pixel box (shapes.object_boxes), over held-out
+                          refer documents that name an object
+                          (num_referring > 0); referring_accuracy_single /
+                          _pair by object count; referring_ceiling, the
+                          same score for the true location ids (what 16
+                          bins allow); referring_absent_accuracy, the
+                          share of phrases naming nothing that get no box.
 Two ceilings, the probe on the image tokenizer's reconstructions of the true
 scenes: reconstructed_prompt_accuracy_single (the prompts') and
 reconstructed_edit_accuracy (the edited scenes'): what a model that writes
@@ -34,7 +49,9 @@ from etils import epath
 import jax
 import numpy as np
 
+from unimm.data import grounding
 from unimm.data import interleaved as documents_lib
+from unimm.data import questions as questions_lib
 from unimm.data import shapes
 from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
@@ -97,7 +114,9 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         cfg_scale: float | None = None,
                         image_temperature: float | None = None,
                         caption_beams: int = 1,
-                        caption_rerank: float = 0.0) -> dict:
+                        caption_rerank: float = 0.0,
+                        num_questions: int = 0,
+                        num_referring: int = 0) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
   out_dir/report.json entries' values and out_dir/documents.png. Text is
   sampled at `temperature`; generated images (prompts and edits) at
@@ -202,6 +221,56 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
       for i in range(0, len(targets), batch_size)])
   result["reconstructed_edit_accuracy"] = _mean(
       [s["correct"] for s in score_images(expected, reconstructed)])
+
+  if num_questions > 0:
+    asked = _held_out("question", num_questions)
+    scenes = np.stack([shapes.render(d.scenes[0], size) for d in asked])
+    answers = []
+    for i in range(0, len(asked), batch_size):
+      answers += model.answer(scenes[i:i + batch_size],
+                              [d.question for d in asked[i:i + batch_size]])
+    right = [questions_lib.normalize_answer(a)
+             == questions_lib.normalize_answer(d.answer)
+             for a, d in zip(answers, asked)]
+    result["question_accuracy"] = _mean(right)
+    kinds = [questions_lib.kind_of(d.question) for d in asked]
+    for kind in questions_lib.KINDS:
+      _add_mean(result, f"question_accuracy_{kind}",
+                [ok for ok, k in zip(right, kinds) if k == kind])
+    verdicts += [dict(task="question", index=i, question=d.question,
+                      truth=d.answer, answer=a, correct=ok)
+                 for i, (d, a, ok) in enumerate(zip(asked, answers, right))]
+
+  if num_referring > 0:
+    refers = _held_out("refer", num_referring)
+    scenes = np.stack([shapes.render(d.scenes[0], size) for d in refers])
+    phrases = [d.question[len("where is "):-1] for d in refers]
+    boxes = []
+    for i in range(0, len(refers), batch_size):
+      boxes += model.ground(scenes[i:i + batch_size],
+                            phrases[i:i + batch_size])
+    named = [isinstance(d.answer, grounding.BoxTokens) for d in refers]
+    hits, ceiling = [], []
+    for d, box, is_named, phrase in zip(refers, boxes, named, phrases):
+      if not is_named:
+        continue
+      truth = shapes.object_boxes(d.scenes[0], size)[
+          grounding.find_object(d.scenes[0], phrase)]
+      hits.append(box is not None and grounding.iou(box, truth) >= 0.5)
+      ceiling.append(grounding.iou(
+          grounding.locations_to_box(d.answer, size), truth) >= 0.5)
+    result["referring_accuracy"] = _mean(hits)
+    result["referring_ceiling"] = _mean(ceiling)
+    counts = [len(d.scenes[0].objects) for d, n in zip(refers, named) if n]
+    for count, name in ((1, "single"), (2, "pair")):
+      _add_mean(result, f"referring_accuracy_{name}",
+                [h for h, c in zip(hits, counts) if c == count])
+    _add_mean(result, "referring_absent_accuracy",
+              [box is None for box, n in zip(boxes, named) if not n])
+    verdicts += [dict(task="refer", index=i, question=d.question,
+                      box=None if b is None else [float(v) for v in b],
+                      named=n)
+                 for i, (d, b, n) in enumerate(zip(refers, boxes, named))]
 
   if jax.process_index() == 0:  # one writer (every process computed these)
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from unimm import checkpoints
 from unimm import config_lib
+from unimm.data import grounding
 from unimm.data import interleaved as documents_lib
 from unimm.evaluation import retrieval
 from unimm.inference import settings as settings_lib
@@ -153,7 +154,7 @@ class InterleavedModel:
                 max_new_tokens, max_images, max_text_tokens=64,
                 cfg_scale=None, image_temperature=None,
                 contrastive_alpha=None, contrastive_k=1, sjd_window=0,
-                reads=None):
+                reads=None, text_ids=None):
     temperature = settings_lib.resolve(temperature, self.settings,
                                        "temperature")
     sjd_window = settings_lib.resolve(sjd_window, self.settings,
@@ -175,7 +176,7 @@ class InterleavedModel:
           "max_new_tokens.")
     prompts = left_pad(rows)
     ids = np.arange(self.layout.size)
-    text_ids = self._text_ids()
+    text_ids = self._text_ids() if text_ids is None else text_ids
     text = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     sampling = SamplingParams.from_config(text, self.layout.size)
     image_sampling = SamplingParams.from_config(dict(
@@ -216,6 +217,9 @@ class InterleavedModel:
       if kind == "text":
         segments.append(self.text_tokenizer.decode(
             np.asarray(ids, np.int32)[None])[0])
+      elif kind == "location":  # Kosmos-2's markup: <loc_i><loc_j>
+        segments.append("".join(grounding.LOCATION_TOKEN.format(i)
+                                for i in ids))
       else:
         segments.append(self.tokenizer.decode(
             np.asarray(ids, np.int32).reshape(1, h, w))[0])
@@ -323,15 +327,86 @@ class InterleavedModel:
         best = np.argmax(scores, axis=1)
       out = beams[np.arange(len(rows)), best]
     else:
-      out = self._continue(rows, reads=reads, seed=seed,
-                           temperature=temperature,
-                           top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                           max_images=0, max_text_tokens=max_new_tokens)
-    texts = []
-    for row in out:
-      text = [s for s in self._segments(row) if isinstance(s, str)]
-      texts.append(" ".join(t.strip() for t in text))
-    return texts
+      return self._write_text(rows, reads, seed=seed, temperature=temperature,
+                              max_new_tokens=max_new_tokens)
+    return [self._text_of(row) for row in out]
+
+  def _text_of(self, row) -> str:
+    """The text of a continuation row (its text segments, joined)."""
+    return " ".join(s.strip() for s in self._segments(row)
+                    if isinstance(s, str))
+
+  def _write_text(self, rows, reads, *, seed: int, temperature: float,
+                  max_new_tokens: int) -> list[str]:
+    """Each row continued with text only, until EOS or max_new_tokens."""
+    out = self._continue(rows, reads=reads, seed=seed,
+                         temperature=temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, max_images=0,
+                         max_text_tokens=max_new_tokens)
+    return [self._text_of(row) for row in out]
+
+  def ground(self, images, phrases: Sequence[str]) -> list[Any]:
+    """Where each phrase is in its image (Kosmos-2's referring
+    expressions): image n read, then "where is PHRASE?" (as the refer
+    training documents, e.g. phrase "the blue square"), then the model's
+    greedy answer. Returns per image a float [4] pixel box (x0, y0, x1, y1)
+    at that image's size, decoded from the two location ids the model
+    wrote (unimm.data.grounding.locations_to_box), or None where it
+    answered in words instead: the phrase names nothing it sees (training
+    answers those with grounding.NOT_FOUND_ANSWER) or the ids are no
+    top-left / bottom-right pair; it never makes a box up."""
+    bins = self.layout.location_bins
+    if not bins:
+      raise ValueError(
+          "This model has no location ids: train it with config arg bins=16 "
+          "on rows packed with --kinds ...,refer (docs/interleaved.md).")
+    if isinstance(phrases, (str, bytes)):
+      raise ValueError("phrases must be a list of strings, got one string; "
+                       "wrap it in a list.")
+    if len(images) != len(phrases):
+      raise ValueError(f"{len(images)} images but {len(phrases)} phrases; "
+                       "expected one phrase per image.")
+    for i, phrase in enumerate(phrases):
+      if not str(phrase).strip():
+        raise ValueError(f"Phrase {i} is empty; name an object, e.g. "
+                         "'the blue square'.")
+    rows, reads = self._encode([
+        [image, grounding.WHERE_QUESTION.format(" ".join(phrase.split()))]
+        for image, phrase in zip(images, phrases)])
+    allowed = self._text_ids() | np.asarray(
+        self.layout.is_location(np.arange(self.layout.size)))
+    out = self._continue(rows, reads=reads, seed=0, temperature=0.0, top_k=0,
+                         top_p=1.0, max_new_tokens=2, max_images=0,
+                         max_text_tokens=2, text_ids=allowed)
+    boxes = []
+    for image, row in zip(images, out):
+      pair = np.asarray(row[:2])
+      box = None
+      if len(pair) == 2 and self.layout.is_location(pair).all():
+        tl, br = (int(i) for i in pair - self.layout.location_offset)
+        try:
+          box = grounding.locations_to_box(
+              grounding.BoxTokens(tl, br, bins), np.asarray(image).shape[0])
+        except ValueError:  # not a top-left / bottom-right pair
+          box = None
+      boxes.append(box)
+    return boxes
+
+  def answer(self, images, questions: Sequence[str], *,
+             max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers: image n, then questions[n], then the model's text
+    until EOS, as in the question training documents
+    (unimm.data.questions; one word each on shapes)."""
+    if isinstance(questions, (str, bytes)):
+      raise ValueError("questions must be a list of strings, got one "
+                       "string; wrap it in a list.")
+    if len(images) != len(questions):
+      raise ValueError(f"{len(images)} images but {len(questions)} "
+                       "questions; expected one question per image.")
+    rows, reads = self._encode([[image, question] for image, question
+                                in zip(images, questions)])
+    return self._write_text(rows, reads, seed=0, temperature=0.0,
+                            max_new_tokens=max_new_tokens)
 
   def _image_logprob(self, beams, spans):
     """float [N, K]: log p(image | caption) for each of beams [N, K, T]
@@ -514,7 +589,8 @@ def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
   layout = vocab.VocabLayout(
       text_vocab_size=int(config.vocab.text_vocab_size),
       image_vocab_size=int(config.vocab.image_vocab_size),
-      read_ids=model.image_input != "codes")
+      read_ids=model.image_input != "codes",
+      location_bins=int(config.vocab.get("location_bins", 0)))
   tokenizer = tokenizer_lib.load_dependency(path, config, meta)
   text_tokenizer = tokenizer_lib.load_text_dependency(
       path, config.get("text_tokenizer") or "", meta)

@@ -23,6 +23,11 @@ READ + 1 (ends a row of Fuyu patches); size = 5 + T + C + 2. A read image's
 span is [BOI, READ / NEWLINE ..., EOI]; the image that opens a document
 (and only it) is read, every other image is written as codes.
 
+With location_bins = n > 0 (Kosmos-2 grounding, unimm.data.grounding), n*n
+location ids follow: location l (cell row * n + col) is location_offset +
+l, and a box is two of them, its top-left and bottom-right cells. They sit
+in text runs ("where is the star?" -> LOC LOC).
+
 SentencePiece's own pad and eos (ids 0 and 1 in the T5 layout) are never
 used inside a document: documents are delimited by BOS/EOS and text spans
 end where an image or the document begins, so joint ids 5 + pad and
@@ -72,6 +77,7 @@ class VocabLayout:
   text_vocab_size: int
   image_vocab_size: int
   read_ids: bool = False
+  location_bins: int = 0
 
   PAD = PAD
   BOS = BOS
@@ -104,9 +110,26 @@ class VocabLayout:
     return NUM_SPECIALS + self.text_vocab_size + self.image_vocab_size
 
   @property
+  def location_offset(self) -> int:
+    """The id of location 0 (after the codes and READ / NEWLINE)."""
+    return self.code_end + (2 if self.read_ids else 0)
+
+  @property
   def size(self) -> int:
     """Total joint vocabulary (config.model.vocab_size)."""
-    return self.code_end + (2 if self.read_ids else 0)
+    return self.location_offset + self.location_bins ** 2
+
+  def location_to_joint(self, locations) -> np.ndarray:
+    """Location indices in [0, location_bins**2) -> joint ids (int32)."""
+    locations = _as_int_array(locations, "Locations")
+    _check_range(locations, 0, self.location_bins ** 2, "Locations",
+                 f"location_bins={self.location_bins} (config arg bins)")
+    return (locations + self.location_offset).astype(np.int32)
+
+  def is_location(self, ids):
+    """bool mask of location ids."""
+    ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
+    return (ids >= self.location_offset) & (ids < self.size)
 
   @property
   def read_id(self) -> int:
@@ -121,7 +144,7 @@ class VocabLayout:
   def is_read(self, ids):
     """bool mask of READ and NEWLINE ids (no loss: given, not written)."""
     ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
-    return (ids >= self.code_end) & (ids < self.size)
+    return (ids >= self.code_end) & (ids < self.location_offset)
 
   # ------------------------------------------------------------ conversions
 
@@ -194,7 +217,8 @@ class VocabLayout:
 
     PAD, BOS and EOS are skipped (they delimit documents, not segments).
     Returns [("text", SentencePiece ids [n]) | ("image", codes [h*w])] in
-    order; a read image's span gives ("read", its READ / NEWLINE ids). Raises ValueError naming the position of a malformed stream: an
+    order; a read image's span gives ("read", its READ / NEWLINE ids) and
+    a run of location ids ("location", location indices). Raises ValueError naming the position of a malformed stream: an
     image id outside a BOI..EOI span, a text/special id inside one, an EOI
     without BOI or a span never closed.
     """
@@ -207,7 +231,7 @@ class VocabLayout:
       if in_image:
         if token == EOI:
           in_image = False
-        elif self.read_ids and token >= self.code_end:
+        elif self.read_ids and self.code_end <= token < self.location_offset:
           runs[-1] = ("read", runs[-1][1] + [token])
         elif self.image_offset <= token:
           runs[-1][1].append(token)
@@ -223,6 +247,10 @@ class VocabLayout:
         continue
       elif token == EOI:
         raise ValueError(f"EOI at position {position} closes no image span.")
+      elif token >= self.location_offset:
+        if not runs or runs[-1][0] != "location":
+          runs.append(("location", []))
+        runs[-1][1].append(token)
       elif token >= self.image_offset:
         raise ValueError(f"Image id {token} at position {position} is outside "
                          "an image span; image codes must sit between BOI "
@@ -234,7 +262,10 @@ class VocabLayout:
     if in_image:
       raise ValueError("The last image span (BOI) is never closed by EOI.")
     convert = {"text": self.joint_to_text, "image": self.joint_to_image,
-               "read": lambda run: np.asarray(run, np.int32)}
+               "read": lambda run: np.asarray(run, np.int32),
+               "location": lambda run: (np.asarray(run, np.int64)
+                                        - self.location_offset).astype(
+                                            np.int32)}
     return [(kind, convert[kind](run)) for kind, run in runs]
 
 
@@ -245,7 +276,9 @@ def encode_documents(documents: Sequence[Sequence[Any]], layout: VocabLayout,
   """Documents -> joint ids, each int32 [L_i]: [BOS], then per segment its
   text pieces (no EOS) or image_span(codes), then [EOS] when `end`.
 
-  A segment is a str or a uint8 image [H, W, 3]. text_pieces(texts) ->
+  A segment is a str, a uint8 image [H, W, 3] or a box (anything with
+  tl, br and bins, e.g. unimm.data.grounding.BoxTokens: two location ids,
+  with the layout's location_bins). text_pieces(texts) ->
   SentencePiece ids per text and image_ids(uint8 [N, H, W, 3]) -> codes
   [N, h, w] are each called once, on all the documents' texts / images.
   """
@@ -273,11 +306,11 @@ def encode_documents_and_reads(
     raise ValueError(f"image_input={image_input.kind!r} reads images but the "
                      "layout has no READ ids (VocabLayout(..., "
                      "read_ids=True)).")
-  is_read = [[reading and j == 0 and not isinstance(s, str)
+  is_read = [[reading and j == 0 and _is_image(s)
               for j, s in enumerate(d)] for d in documents]
   texts = [s for d in documents for s in d if isinstance(s, str)]
   images = [s for d, r in zip(documents, is_read)
-            for s, read in zip(d, r) if not isinstance(s, str) and not read]
+            for s, read in zip(d, r) if _is_image(s) and not read]
   text_ids = iter(text_pieces(texts) if texts else [])
   spans = []
   if images:
@@ -296,6 +329,12 @@ def encode_documents_and_reads(
     for segment, read in zip(document, read_flags):
       if isinstance(segment, str):
         parts.append(layout.text_to_joint(next(text_ids)))
+      elif _is_box(segment):
+        if segment.bins != layout.location_bins:
+          raise ValueError(
+              f"A box on a {segment.bins}x{segment.bins} grid but the layout "
+              f"has location_bins={layout.location_bins} (config arg bins).")
+        parts.append(layout.location_to_joint([segment.tl, segment.br]))
       elif read:
         image = np.asarray(segment)
         if image.dtype != np.uint8:
@@ -314,3 +353,10 @@ def encode_documents_and_reads(
     reads.append(document_reads)
   return tokens, reads
 
+
+def _is_box(segment) -> bool:
+  return all(hasattr(segment, name) for name in ("tl", "br", "bins"))
+
+
+def _is_image(segment) -> bool:
+  return not isinstance(segment, str) and not _is_box(segment)

@@ -55,7 +55,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "(config.model.max_len).", required=True, **kw)
   flags.DEFINE_integer("seed", None, "Document stream (default: train 0, "
                        "validation 1, test 2).", **kw)
-  flags.DEFINE_list("kinds", list(interleaved.KINDS), "Document kinds "
+  flags.DEFINE_list("kinds", list(interleaved.DEFAULT_KINDS), "Document "
+                    f"kinds, of {interleaved.KINDS} "
                     "(pairs of --source DIR make caption_image and "
                     "image_caption ones only).", **kw)
   flags.DEFINE_list("weights", None, "Weights of --kinds (default uniform).",

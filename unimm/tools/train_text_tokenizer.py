@@ -28,14 +28,16 @@ from unimm.tokenizers import text as text_lib
 SOURCES = ("shapes", "interleaved")
 
 
-def source_texts(source: str, num: int, seed: int = 0) -> list[str]:
+def source_texts(source: str, num: int, seed: int = 0,
+                 kinds=interleaved.DEFAULT_KINDS) -> list[str]:
   """Training texts of a built-in source: `num` shapes captions, or the
-  texts of `num` interleaved documents (interleaved.document_texts)."""
+  texts of `num` interleaved documents of `kinds`
+  (interleaved.document_texts)."""
   if source == "shapes":
     _, captions, _ = shapes.generate(num, seed)
     return [str(c) for c in captions]
   if source == "interleaved":
-    return interleaved.document_texts(num, seed)
+    return interleaved.document_texts(num, seed, kinds)
   raise ValueError(f"--source={source!r}; expected one of {SOURCES}.")
 
 
@@ -49,6 +51,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "Built-in text source (or use --captions_file): shapes "
                     "captions, or the texts (captions and edit "
                     "instructions) of interleaved documents.", **kw)
+  flags.DEFINE_list("kinds", list(interleaved.DEFAULT_KINDS),
+                    "With --source=interleaved: the document kinds whose "
+                    f"texts to learn, of {interleaved.KINDS} (as "
+                    "pack_interleaved --kinds).", **kw)
   flags.DEFINE_integer("num_captions", 20000,
                        "Captions (shapes) or documents (interleaved) drawn "
                        "from --source.", **kw)
@@ -92,7 +98,8 @@ def main(argv: Sequence[str],
     captions = pipeline.read_captions(flag.data, flag.data_split,
                                       setting="--data")
   else:
-    captions = source_texts(flag.source, flag.num_captions, flag.seed)
+    captions = source_texts(flag.source, flag.num_captions, flag.seed,
+                            flag.kinds)
   logging.info("Training a %s SentencePiece model (vocab_size=%d) on %d "
                "captions.", flag.model_type, flag.vocab_size, len(captions))
   path = text_lib.train_sentencepiece(

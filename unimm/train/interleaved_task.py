@@ -70,8 +70,8 @@ class InterleavedTask:
     config_lib.check_counts(
         config, "eval", positive=("batch_size", "num_batches",
                                   "generation_batch_size", "caption_beams"),
-        non_negative=("num_generation", "retrieval_pairs",
-                      "num_grid_samples"))
+        non_negative=("num_generation", "num_questions", "num_referring",
+                      "retrieval_pairs", "num_grid_samples"))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
     self.image_input = image_input_lib.ImageInput(
         self.model.image_input, self.model.patch_size,
@@ -79,13 +79,15 @@ class InterleavedTask:
     self.layout = vocab_lib.VocabLayout(
         text_vocab_size=int(config.vocab.text_vocab_size),
         image_vocab_size=int(config.vocab.image_vocab_size),
-        read_ids=self.image_input.reads_images)
+        read_ids=self.image_input.reads_images,
+        location_bins=int(config.vocab.get("location_bins", 0)))
     if self.layout.size != self.model.vocab_size:
       raise ValueError(
           f"config.model.vocab_size={self.model.vocab_size} but the layout "
           f"(config.vocab, image_input={self.image_input.kind!r}) has "
           f"{self.layout.size} ids; set vocab_size = 5 + text_vocab_size + "
-          "image_vocab_size (+ 2 READ / NEWLINE ids when images are read).")
+          "image_vocab_size (+ 2 READ / NEWLINE ids when images are read, "
+          "+ location_bins**2 location ids).")
     if self.image_input.reads_images and (
         self.model.read_id, self.model.newline_id) != (
             self.layout.read_id, self.layout.newline_id):
@@ -294,7 +296,9 @@ class InterleavedTask:
           cfg_scale=cfg_scale,
           image_temperature=settings["image_temperature"],
           caption_beams=int(settings["caption_beams"]),
-          caption_rerank=float(settings["caption_rerank"])))
+          caption_rerank=float(settings["caption_rerank"]),
+          num_questions=int(eval_cfg.get("num_questions", 0)),
+          num_referring=int(eval_cfg.get("num_referring", 0))))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     return reports.write_report(os.path.join(out_dir, "report.json"), result)
 

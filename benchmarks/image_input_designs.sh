@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The image-input design table of docs/designs.md: the interleaved model
+# reading images as codes, Fuyu patches, or resampler queries (16 and 64),
+# each trained on the same documents (captions both ways, edits, questions),
+# for the same steps, batch and width, then evaluated alike; prints the
+# table (benchmarks/design_table.py).
+#
+# Usage: benchmarks/image_input_designs.sh  (env: TOK, OUT, STEPS, BATCH,
+#        SIZE, DOCS, EVAL, ROWS="codes patches resampler16 resampler64")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOK=${TOK:-workdirs/tok_16k}
+OUT=${OUT:-workdirs/designs}
+STEPS=${STEPS:-1500}
+BATCH=${BATCH:-16}
+SIZE=${SIZE:-tiny}
+DOCS=${DOCS:-30000}
+EVAL=${EVAL:-100}
+ROWS=${ROWS:-codes patches resampler16 resampler64}
+KINDS=caption_image,image_caption,edit,question
+LENGTH=320
+
+if [[ ! -f "$OUT/text/spiece.model" ]]; then
+  python -m unimm.tools.train_text_tokenizer --output "$OUT/text/spiece" \
+      --vocab_size 128 --source interleaved --kinds "$KINDS" \
+      --num_captions 20000
+fi
+for row in $ROWS; do
+  case "$row" in
+    codes) pack=(--image_input codes); arg="image_input=codes" ;;
+    patches) pack=(--image_input patches --patch_size 4)
+             arg="image_input=patches,patch=4" ;;
+    resampler*) q="${row#resampler}"
+                pack=(--image_input resampler --num_queries "$q")
+                arg="image_input=resampler,queries=$q" ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
+  esac
+  data="$OUT/data_$row"
+  for split in train validation; do
+    num=$([[ $split == train ]] && echo "$DOCS" || echo 1000)
+    if [[ ! -f "$data/$split.json" ]]; then
+      python -m unimm.tools.pack_interleaved --tokenizer_workdir "$TOK" \
+          --text_tokenizer "$OUT/text/spiece.model" --out "$data" \
+          --split "$split" --num_documents "$num" --length "$LENGTH" \
+          --kinds "$KINDS" "${pack[@]}"
+    fi
+  done
+  python -m unimm.main --config "configs/interleaved_shapes.py:size=$SIZE,\
+steps=$STEPS,batch=$BATCH,length=$LENGTH,packed_dir=$data,\
+tokenizer_workdir=$TOK,text_tokenizer=$OUT/text/spiece.model,$arg,\
+questions=$EVAL,beams=1,rerank=0" \
+      --config.eval.num_generation="$EVAL" --workdir "$OUT/$row"
+done
+python benchmarks/design_table.py --workdirs "$(for r in $ROWS; do
+  printf '%s,' "$OUT/$r"; done)"
