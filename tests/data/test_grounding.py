@@ -348,19 +348,6 @@ def test_referring_expressions_and_draw_requests_point_at_their_objects():
       assert request[2 * k + 1] == tokens
 
 
-def caption_words():
-  """Every word a shapes caption can hold."""
-  words = set(shapes.COLORS) | set(shapes.SHAPES) | set(shapes.SIZES)
-  words |= {"a", "an"}
-  for phrase in (list(shapes.LOCATION_PHRASES.values())
-                 + list(shapes.RELATION_PHRASES.values())):
-    words |= set(phrase.split())
-  for templates in shapes.TEMPLATES.values():
-    for template in templates:
-      words |= set(re.sub(r"\{\w+\}|,", " ", template).split())
-  return words
-
-
 def test_vocabulary_is_the_captions_plus_new_words():
   rng = np.random.default_rng(0)
   texts = []
@@ -374,6 +361,6 @@ def test_vocabulary_is_the_captions_plus_new_words():
     texts.append(grounding.WHERE_QUESTION.format(phrase))
     texts += grounding.where_answer(scene, phrase)
   used = {w.strip(",?") for t in texts for w in t.split()}
-  known = caption_words()
+  known = shapes.caption_words()
   assert used - known == set(grounding.NEW_WORDS)
   assert not set(grounding.NEW_WORDS) & known

@@ -161,23 +161,10 @@ def test_random_question_bad_kinds_raise():
     questions.corpus(-1)
 
 
-def caption_words():
-  """Every word a shapes caption can hold."""
-  words = set(shapes.COLORS) | set(shapes.SHAPES) | set(shapes.SIZES)
-  words |= {"a", "an"}
-  for phrase in (list(shapes.LOCATION_PHRASES.values())
-                 + list(shapes.RELATION_PHRASES.values())):
-    words |= set(phrase.split())
-  for templates in shapes.TEMPLATES.values():
-    for template in templates:
-      words |= set(re.sub(r"\{\w+\}|,", " ", template).split())
-  return words
-
-
 def test_vocabulary_is_the_captions_plus_new_words():
   texts = questions.corpus(200, seed=1)
   used = {w.strip(string.punctuation) for t in texts for w in t.split()}
-  known = caption_words()
+  known = shapes.caption_words()
   assert "colour" not in known and "color" not in known
   assert used - known == set(questions.NEW_WORDS)
   assert not set(questions.NEW_WORDS) & known

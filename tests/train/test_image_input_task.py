@@ -38,9 +38,7 @@ def tokenizers(tmp_path_factory):
   return tokenizer_workdir, spiece
 
 
-@pytest.fixture(scope="module", params=["patches", "resampler"])
-def run(request, tokenizers, tmp_path_factory):
-  kind = request.param
+def _run(kind, tokenizers, tmp_path_factory):
   root = tmp_path_factory.mktemp(f"image_input_{kind}")
   tokenizer_workdir, spiece = tokenizers
   packed = str(root / "packed")
@@ -71,7 +69,21 @@ def run(request, tokenizers, tmp_path_factory):
               model=model)
 
 
-def test_rows_carry_the_image_opening_each_document(run):
+# Each setting is built once; the tests share them out (the model-level
+# cached = full tests of tests/models/test_image_input.py cover both).
+@pytest.fixture(scope="module")
+def patches(tokenizers, tmp_path_factory):
+  return _run("patches", tokenizers, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def resampler(tokenizers, tmp_path_factory):
+  return _run("resampler", tokenizers, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", ["patches", "resampler"])
+def test_rows_carry_the_image_opening_each_document(name, request):
+  run = request.getfixturevalue(name)
   metadata = il_data.load_metadata(run["packed"], "train")
   assert il_data.image_input_of(metadata) == run["setting"]
   n = metadata["num_rows"]
@@ -105,12 +117,13 @@ def test_rows_carry_the_image_opening_each_document(run):
   assert read_rows >= 2
 
 
-def test_the_model_reads_as_packed(run):
-  assert run["model"].image_input == run["setting"]
-  if run["kind"] == "resampler":  # trained, evaluated, saved and loaded
-    with open(os.path.join(run["workdir"], "eval", "report.json")) as f:
-      report = json.load(f)
-    assert report["steps"] == 2 and np.isfinite(report["eval_loss"])
+def test_a_resampler_run_trains_saves_and_loads(resampler):
+  # The frozen encoder travelled in the model state; the loaded model reads
+  # as the rows were packed.
+  assert resampler["model"].image_input == resampler["setting"]
+  with open(os.path.join(resampler["workdir"], "eval", "report.json")) as f:
+    report = json.load(f)
+  assert report["steps"] == 2 and np.isfinite(report["eval_loss"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,12 +159,12 @@ def _naive_text(model, image, prompt, max_tokens):
       model.layout.joint_to_text(text)[None])[0].strip()
 
 
-def test_captions_are_the_full_forward_greedy_ones(run):
-  model = run["model"]
+def test_captions_and_answers_are_the_full_forward_greedy_ones(patches):
+  model = patches["model"]
   rng = np.random.default_rng(0)
   images = [shapes.render(shapes.scene_from_rng(rng), 32) for _ in range(2)]
-  if run["kind"] == "patches":  # any size: a 64-pixel image beside them
-    images.append(shapes.render(shapes.scene_from_rng(rng), 64))
+  # Patches read any size: a 64-pixel image beside them.
+  images.append(shapes.render(shapes.scene_from_rng(rng), 64))
   got = model.caption(np.stack(images[:2]), num_beams=1, rerank_weight=0.0,
                       max_new_tokens=4)
   got += [model.caption([image], num_beams=1, rerank_weight=0.0,
@@ -163,8 +176,8 @@ def test_captions_are_the_full_forward_greedy_ones(run):
       _naive_text(model, image, q, 3) for image, q in zip(images, asked)]
 
 
-def test_scores_are_the_full_forward_ones(run):
-  model = run["model"]
+def test_scores_are_the_full_forward_ones(resampler):
+  model = resampler["model"]
   rng = np.random.default_rng(1)
   scenes = [shapes.scene_from_rng(rng) for _ in range(2)]
   images = np.stack([shapes.render(s, 32) for s in scenes])
@@ -233,6 +246,6 @@ def test_ground_gives_the_full_forward_greedy_boxes(tokenizers, tmp_path):
     model.ground(images[:1], [" "])
 
 
-def test_ground_needs_location_ids(run):
+def test_ground_needs_location_ids(patches):
   with pytest.raises(ValueError, match="no location ids"):
-    run["model"].ground(np.zeros((1, 32, 32, 3), np.uint8), ["the star"])
+    patches["model"].ground(np.zeros((1, 32, 32, 3), np.uint8), ["the star"])

@@ -419,6 +419,19 @@ def object_boxes(scene: Scene, image_size: int = 32) -> np.ndarray:
   return np.stack([object_box(obj, image_size) for obj in scene.objects])
 
 
+def caption_words() -> set[str]:
+  """Every word a caption can hold (its templates, phrases and attribute
+  values): what a text tokenizer trained on captions covers."""
+  words = set(COLORS) | set(SHAPES) | set(SIZES) | {"a", "an"}
+  for phrase in (list(LOCATION_PHRASES.values())
+                 + list(RELATION_PHRASES.values())):
+    words |= set(phrase.split())
+  for templates in TEMPLATES.values():
+    for template in templates:
+      words |= set(re.sub(r"\{\w+\}|,", " ", template).split())
+  return words
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectRef:
   """How a text names an object of a scene: "the [color] shape" (edit

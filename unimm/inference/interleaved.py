@@ -360,12 +360,7 @@ class InterleavedModel:
       raise ValueError(
           "This model has no location ids: train it with config arg bins=16 "
           "on rows packed with --kinds ...,refer (docs/interleaved.md).")
-    if isinstance(phrases, (str, bytes)):
-      raise ValueError("phrases must be a list of strings, got one string; "
-                       "wrap it in a list.")
-    if len(images) != len(phrases):
-      raise ValueError(f"{len(images)} images but {len(phrases)} phrases; "
-                       "expected one phrase per image.")
+    _check_one_text_per_image(images, phrases, "phrase")
     for i, phrase in enumerate(phrases):
       if not str(phrase).strip():
         raise ValueError(f"Phrase {i} is empty; name an object, e.g. "
@@ -397,12 +392,7 @@ class InterleavedModel:
     """Greedy answers: image n, then questions[n], then the model's text
     until EOS, as in the question training documents
     (unimm.data.questions; one word each on shapes)."""
-    if isinstance(questions, (str, bytes)):
-      raise ValueError("questions must be a list of strings, got one "
-                       "string; wrap it in a list.")
-    if len(images) != len(questions):
-      raise ValueError(f"{len(images)} images but {len(questions)} "
-                       "questions; expected one question per image.")
+    _check_one_text_per_image(images, questions, "question")
     rows, reads = self._encode([[image, question] for image, question
                                 in zip(images, questions)])
     return self._write_text(rows, reads, seed=0, temperature=0.0,
@@ -552,6 +542,16 @@ class InterleavedModel:
     h, w = self.tokenizer.grid
     codes = out[:, :self.image_length] - self.layout.image_offset
     return self.tokenizer.decode(codes.reshape(-1, h, w))
+
+
+def _check_one_text_per_image(images, texts, what: str) -> None:
+  """ValueError unless texts is a list of strings, one per image."""
+  if isinstance(texts, (str, bytes)):
+    raise ValueError(f"{what}s must be a list of strings, got one string; "
+                     "wrap it in a list.")
+  if len(images) != len(texts):
+    raise ValueError(f"{len(images)} images but {len(texts)} {what}s; "
+                     f"expected one {what} per image.")
 
 
 def params_init(model: il.InterleavedLM,
