@@ -432,11 +432,16 @@ class InterleavedModel:
       raise ValueError("captions must be a list of strings, got one string; "
                        "wrap it in a list.")
     spans = [self.layout.image_span(c) for c in self.tokenizer.encode(images)]
-    # How the model reads each image (codes: the same spans, no reads).
-    read_rows, read_patches = vocab.encode_documents_and_reads(
-        [[image] for image in images], self.layout, self.text_tokenizer.pieces,
-        self.tokenizer.encode, end=False, image_input=self.image_input)
-    read_spans = [r[1:] for r in read_rows]  # without BOS
+    # How the model reads each image: codes read as the spans they are
+    # written in; a reading setting's spans and pixel patches otherwise.
+    read_spans, read_patches = spans, [np.zeros((0, 0), np.uint8)] * len(
+        spans)
+    if self.image_input.reads_images:
+      read_rows, read_patches = vocab.encode_documents_and_reads(
+          [[image] for image in images], self.layout,
+          self.text_tokenizer.pieces, self.tokenizer.encode, end=False,
+          image_input=self.image_input)
+      read_spans = [r[1:] for r in read_rows]  # without BOS
     prompt = self.layout.text_to_joint(self.text_tokenizer.pieces(
         [documents_lib.CAPTION_PROMPT])[0])
     # Room for [BOS, BOI, codes, EOI, prompt, caption, EOS]: longer
