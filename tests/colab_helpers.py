@@ -1,6 +1,7 @@
 """Running the Colab demos in tests (one test file per notebook, so the
 test workers share them out)."""
 import os
+import re
 
 import nbformat
 from nbclient import NotebookClient
@@ -32,8 +33,10 @@ def run_quick(name, tmp_path, *, steps: int, one_device: bool = False,
   seed_untrained_probe(data_dir)
   env.update(UNIMM_COLAB_STEPS=str(steps), UNIMM_COLAB_SOURCE="shapes_small",
              UNIMM_DATA_DIR=data_dir)
-  if one_device:
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  if one_device:  # the suite's XLA flags (tests/conftest.py), one device
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                              "--xla_force_host_platform_device_count=1",
+                              os.environ.get("XLA_FLAGS", ""))
   return run(name, tmp_path, **env)
 
 

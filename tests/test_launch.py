@@ -14,9 +14,12 @@ MAIN_ARGS = ["--config", "configs/parti_plan.py:size=350m", "--workdir",
 
 
 def _run(script, *args, check=True):
+  # Without the suite's XLA_FLAGS (tests/conftest.py), which the scripts
+  # would pass on.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(["bash", os.path.join(ROOT, script), *args],
                           capture_output=True, text=True, timeout=60,
-                          cwd="/")
+                          cwd="/", env=env)
   if check:
     assert result.returncode == 0, result.stderr
   return result

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices on localhost train like one process x 8."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,7 +32,10 @@ def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
   procs = []
   for process_id in range(2):
     env = dict(os.environ,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               XLA_FLAGS=re.sub(  # the suite's flags, 4 devices
+                   r"--xla_force_host_platform_device_count=\d+",
+                   "--xla_force_host_platform_device_count=4",
+                   os.environ.get("XLA_FLAGS", "")),
                JAX_PLATFORMS="cpu",
                UNIMM_COORDINATOR_ADDRESS=f"localhost:{port}",
                UNIMM_NUM_PROCESSES="2", UNIMM_PROCESS_ID=str(process_id))
