@@ -6,7 +6,8 @@ one row per workdir, from its config, metrics.jsonl and eval/report.json.
 Columns: image input, tokens a 32x32 image takes when read (its span, BOI
 and EOI included), training steps/s (median of the logged intervals),
 held-out text and image loss, caption / question / text-to-image (one
-object) / edit accuracy. A run without an eval report prints "-".
+object) / edit / referring / grounded caption / draw-in-box accuracy. A
+run without an eval report, or without that eval, prints "-".
 """
 import argparse
 import json
@@ -20,6 +21,9 @@ COLUMNS = (("caption", "caption_accuracy"),
            ("question", "question_accuracy"),
            ("t2i single", "prompt_accuracy_single"),
            ("edit", "edit_accuracy"),
+           ("referring", "referring_accuracy"),
+           ("grounded caption", "grounded_caption_accuracy"),
+           ("draw in box", "draw_box_accuracy"),
            ("text loss", "eval_text_loss"),
            ("image loss", "eval_image_loss"))
 

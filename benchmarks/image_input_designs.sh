@@ -6,7 +6,9 @@
 # table (benchmarks/design_table.py).
 #
 # Usage: benchmarks/image_input_designs.sh  (env: TOK, OUT, STEPS, BATCH,
-#        SIZE, DOCS, EVAL, ROWS="codes patches resampler16 resampler64")
+#        SIZE, DOCS, EVAL, ROWS="codes patches resampler16 resampler64",
+#        KINDS: the document mix; with refer, grounded_caption or draw_box
+#        in it the model gets 16x16 location ids and the eval scores those)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOK=${TOK:-workdirs/tok_16k}
@@ -17,8 +19,19 @@ SIZE=${SIZE:-tiny}
 DOCS=${DOCS:-30000}
 EVAL=${EVAL:-100}
 ROWS=${ROWS:-codes patches resampler16 resampler64}
-KINDS=caption_image,image_caption,edit,question
+KINDS=${KINDS:-caption_image,image_caption,edit,question}
 LENGTH=320
+# The eval's counts for the kinds in the mix (config args of
+# configs/interleaved_shapes.py).
+evals=""
+bins=0
+for pair in question:questions refer:referring grounded_caption:grounded \
+            draw_box:drawn; do
+  if [[ ",$KINDS," == *",${pair%%:*},"* ]]; then
+    evals="$evals,${pair#*:}=$EVAL"
+    [[ ${pair%%:*} == question ]] || bins=16
+  fi
+done
 
 if [[ ! -f "$OUT/text/spiece.model" ]]; then
   python -m unimm.tools.train_text_tokenizer --output "$OUT/text/spiece" \
@@ -48,7 +61,7 @@ for row in $ROWS; do
   python -m unimm.main --config "configs/interleaved_shapes.py:size=$SIZE,\
 steps=$STEPS,batch=$BATCH,length=$LENGTH,packed_dir=$data,\
 tokenizer_workdir=$TOK,text_tokenizer=$OUT/text/spiece.model,$arg,\
-questions=$EVAL,beams=1,rerank=0" \
+bins=$bins$evals,beams=1,rerank=0" \
       --config.eval.num_generation="$EVAL" --workdir "$OUT/$row"
 done
 python benchmarks/design_table.py --workdirs "$(for r in $ROWS; do

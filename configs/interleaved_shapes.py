@@ -43,9 +43,12 @@ the same --image_input, --patch_size, --num_queries), patch (pixels per
 patch side), queries (the resampler's READ slots per image), experts
 (OneLLM's routed resamplers), questions (held-out questions the eval asks:
 question_accuracy, for models packed with --kinds ...,question), bins
-(Kosmos-2 location bins per side: 16 for rows packed with --kinds ...,refer;
-0 = no location ids), referring (held-out referring expressions the eval
-grounds: referring_accuracy).
+(Kosmos-2 location bins per side: 16 for rows packed with --kinds holding
+refer, grounded_caption or draw_box; 0 = no location ids), referring
+(held-out referring expressions the eval grounds: referring_accuracy),
+grounded (held-out images the eval asks grounded captions of:
+grounded_caption_accuracy), drawn (held-out requests to draw in boxes:
+draw_box_accuracy).
 """
 import ml_collections
 
@@ -64,7 +67,8 @@ def get_config(arg=None):
       image_positions="2d", qk_norm=1, text_weight=1.0, image_weight=1.0,
       drop_text=0.1, cfg=1.5, image_temp=0.5, beams=8, rerank=0.5, dtype="float32",
       remat="none", scan="auto", optimizer="muon", image_input="codes",
-      patch=4, queries=16, experts=1, questions=0, bins=0, referring=0)
+      patch=4, queries=16, experts=1, questions=0, bins=0, referring=0,
+      grounded=0, drawn=0)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -98,7 +102,8 @@ def get_config(arg=None):
       num_generation=200, generation_batch_size=50, temperature=0.0,
       image_temperature=float(arg.image_temp), cfg_scale=float(arg.cfg),
       caption_beams=int(arg.beams), caption_rerank=float(arg.rerank),
-      num_questions=int(arg.questions), num_referring=int(arg.referring)))
+      num_questions=int(arg.questions), num_referring=int(arg.referring),
+      num_grounded=int(arg.grounded), num_drawn=int(arg.drawn)))
   config.log_every_steps = 50
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = parallel.STANDARD_RULES

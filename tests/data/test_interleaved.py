@@ -475,3 +475,30 @@ def test_refer_documents_box_the_object_they_name():
       assert d.answer == grounding.box_to_locations(
           shapes.object_boxes(scene, 32)[index], 32)
   assert 0 < absent < 30
+
+
+def test_grounded_captions_and_drawing_requests_box_every_object():
+  from unimm.data import grounding  # pylint: disable=g-import-not-at-top
+  kinds = ("grounded_caption", "draw_box")
+  docs = [il.make_document(6, i, kinds=kinds) for i in range(40)]
+  assert {d.kind for d in docs} == set(kinds)
+  for d in docs:
+    scene = d.scenes[0]
+    truth = grounding.object_locations(scene, 32)
+    boxes = [s for s in d.segments if isinstance(s, grounding.BoxTokens)]
+    if d.kind == "grounded_caption":
+      assert d.segments[:2] == [scene, il.GROUNDED_PROMPT]
+      words = [s for s in d.segments[2:] if isinstance(s, str)]
+      assert " ".join(words) == d.caption
+      assert shapes.parse_caption(d.caption) is not None
+      # Each box follows its object's phrase; the caption's order.
+      assert d.segments[2:] == [s.text if isinstance(s, grounding.Phrase)
+                                else s for s in d.answer]
+      assert sorted(b.tl for b in boxes) == sorted(b.tl for b in truth)
+    else:
+      assert d.segments[-1] == scene and boxes == truth
+      assert d.texts[0].startswith("draw ")
+  # The kinds' words go to the text tokenizer's corpus.
+  texts = il.document_texts(40, 6, kinds)
+  assert il.GROUNDED_PROMPT in texts and any(
+      t.startswith("draw ") for t in texts)

@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 
+from unimm.data import grounding
 from unimm.data import interleaved as documents_lib
 from unimm.data import shapes
 from unimm.evaluation import interleaved_eval
@@ -171,3 +172,112 @@ def test_the_edit_breakdown_names_the_wrong_attribute(tmp_path, monkeypatch):
                        for v in edits)
   # Each line names the document: its instruction and the scene it asks for.
   assert all(shapes.parse_caption(v["expected"]) is not None for v in edits)
+
+
+def test_grounded_captions_score_words_and_boxes_apart():
+  scene = next(d.scenes[0] for d in (
+      documents_lib.make_document(5, i, kinds=("grounded_caption",))
+      for i in range(50)) if len(d.scenes[0].objects) == 2)
+  segments = grounding.grounded_caption(scene, template=0)
+  score = lambda text: interleaved_eval.grounded_caption_scores(  # noqa: E731
+      text, scene, bins=16)
+  # Markup as the API writes it (no <p> markers) or with them.
+  truth = grounding.to_text(segments)
+  unmarked = truth.replace("<p>", "").replace("</p>", " ")
+  for text in (truth, unmarked):
+    assert score(text) == dict(correct=True, words=True, boxes=True)
+  boxes = grounding.boxes(segments)
+  swapped = grounding.to_text(
+      [{boxes[0]: boxes[1], boxes[1]: boxes[0]}.get(s, s)
+       if isinstance(s, grounding.BoxTokens) else s for s in segments])
+  assert score(swapped) == dict(correct=False, words=True, boxes=False)
+  one_box = grounding.to_text([s for s in segments if s != boxes[1]])
+  assert score(one_box)["boxes"] is False
+  wrong_words = grounding.to_text(grounding.grounded_caption(
+      _recoloured(scene), template=0))
+  assert score(wrong_words) == dict(correct=False, words=False, boxes=False)
+  assert score("a star <box><loc_3></box>") == dict(
+      correct=False, words=False, boxes=False)
+
+
+def test_a_drawing_counts_where_the_probe_finds_each_object():
+  scene = next(d.scenes[0] for d in (
+      documents_lib.make_document(5, i, kinds=("draw_box",))
+      for i in range(50)) if len(d.scenes[0].objects) == 2)
+  truth = interleaved_eval._truth(scene)  # pylint: disable=protected-access
+  assert interleaved_eval.drawn_in_boxes(truth, scene) == [True, True]
+  first = truth.objects[0]
+  elsewhere = next(c for c in shapes.CELLS
+                   if c not in {o.cell for o in truth.objects})
+  for changed in (dataclasses.replace(first, cell=elsewhere),
+                  dataclasses.replace(first, color=_recoloured(
+                      scene).objects[0].color)):
+    read = probe_lib.PredictedScene((changed, *truth.objects[1:]))
+    # The probe lists objects in cell order; the match is by cell.
+    assert interleaved_eval.drawn_in_boxes(read, scene).count(False) == 1
+  assert interleaved_eval.drawn_in_boxes(probe_lib.PredictedScene(()),
+                                         scene) == [False, False]
+
+
+class _GroundingModel(_FakeModel):
+  """Writes the true grounded captions and draws the requested scenes;
+  wrong_boxes: its captions' boxes are each the whole image."""
+
+  def __init__(self, probe, wrong_boxes=False):
+    super().__init__(probe)
+    self.layout = types.SimpleNamespace(location_bins=16)
+    self.wrong_boxes = wrong_boxes
+    self.grounded = {}
+    self.drawn = {}
+    for i in range(10):
+      doc = documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
+                                        kinds=("grounded_caption",))
+      self.grounded[probe.render(doc.scenes[0]).tobytes()] = doc.answer
+      doc = documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
+                                        kinds=("draw_box",))
+      self.drawn[grounding.to_text(doc.segments[:-1])] = doc.scenes[0]
+      probe.render(doc.scenes[0])
+
+  def caption(self, images, grounded=False, **kwargs):
+    if not grounded:
+      return super().caption(images, **kwargs)
+    out = []
+    for image in images:
+      segments = self.grounded[image.tobytes()]
+      if self.wrong_boxes:
+        segments = [grounding.BoxTokens(0, 255)  # the whole image
+                    if isinstance(s, grounding.BoxTokens) else s
+                    for s in segments]
+      out.append(grounding.to_text(segments))
+    return out
+
+  def generate_batch(self, documents, **kwargs):
+    if not isinstance(documents[0][0], str):
+      return super().generate_batch(documents, **kwargs)
+    return [["", self.probe.render(self.drawn[grounding.to_text(d)])]
+            for d in documents]
+
+
+def test_grounded_captions_and_drawings_in_the_report(tmp_path, monkeypatch):
+  monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: probe)
+  for wrong_boxes in (False, True):
+    probe = _OracleProbe(32)
+    model = _GroundingModel(probe, wrong_boxes=wrong_boxes)
+    for doc in (documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"],
+                                            i, kinds=(kind,))
+                for kind in ("image_caption", "edit") for i in range(20)):
+      for scene in doc.scenes[:2]:
+        probe.render(scene)
+    report = interleaved_eval.evaluate_generation(
+        model, str(tmp_path), num_prompts=4, num_captions=4, num_edits=4,
+        batch_size=4, num_grounded=10, num_drawn=10)
+    assert report["grounded_caption_words_accuracy"] == 1.0
+    assert report["grounded_caption_ceiling"] == 1.0
+    assert report["grounded_caption_accuracy"] == (0.0 if wrong_boxes
+                                                   else 1.0)
+    assert report["draw_box_accuracy"] == 1.0
+    assert report["draw_box_object_accuracy"] == 1.0
+    assert report["draw_box_ceiling"] == 1.0
+  verdicts = _verdicts(tmp_path)
+  assert sum(v["task"] == "grounded_caption" for v in verdicts) == 10
+  assert sum(v["task"] == "draw_box" for v in verdicts) == 10

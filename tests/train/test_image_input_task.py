@@ -141,13 +141,15 @@ def _logits(model, doc, reads):
       {"params": model.params}, tokens, reads), np.float64)[0, :len(doc)]
 
 
-def _naive_text(model, image, prompt, max_tokens):
+def _naive_text(model, image, prompt, max_tokens, locations=False):
   """Greedy text by full forward passes over [BOS, image read, prompt,
-  text so far] (no cache)."""
+  text so far] (no cache); locations: location ids allowed too."""
   rows, reads = model._encode([[image, prompt]])  # pylint: disable=protected-access
   doc = list(rows[0])
   allowed = model._text_ids().copy()  # pylint: disable=protected-access
   allowed[vocab.EOS] = True
+  if locations:
+    allowed |= model.layout.is_location(np.arange(model.layout.size))
   for _ in range(max_tokens):
     logits = _logits(model, doc, reads)[-1]
     token = int(np.argmax(np.where(allowed, logits, -np.inf)))
@@ -155,6 +157,8 @@ def _naive_text(model, image, prompt, max_tokens):
       break
     doc.append(token)
   text = np.asarray(doc[len(rows[0]):], np.int32)
+  if locations:  # text runs and location runs, written as markup
+    return model._text_of(text)  # pylint: disable=protected-access
   return model.text_tokenizer.decode(
       model.layout.joint_to_text(text)[None])[0].strip()
 
@@ -193,12 +197,14 @@ def test_scores_are_the_full_forward_ones(resampler):
     np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_ground_gives_the_full_forward_greedy_boxes(tokenizers, tmp_path):
+def test_boxes_and_grounded_captions_are_the_full_forward_greedy_ones(
+    tokenizers, tmp_path):
   tokenizer_workdir, spiece = tokenizers
   packed = str(tmp_path / "packed")
   il_data.write_interleaved(api.load_tokenizer(tokenizer_workdir), spiece,
                             packed, "train", 24, base.LENGTH,
-                            kinds=("refer",), encode_batch_size=16)
+                            kinds=("refer", "grounded_caption", "draw_box"),
+                            weights=(2, 1, 1), encode_batch_size=16)
   config = base.tiny_config(packed, tokenizer_workdir=tokenizer_workdir,
                             text_tokenizer=spiece)
   config.vocab.location_bins = 16
@@ -244,8 +250,29 @@ def test_ground_gives_the_full_forward_greedy_boxes(tokenizers, tmp_path):
   assert any(box is not None for box in boxes)
   with pytest.raises(ValueError, match="Phrase 0 is empty"):
     model.ground(images[:1], [" "])
+  # Grounded captions: greedy over text and location ids after
+  # GROUNDED_PROMPT; what the model writes is markup parse_text reads.
+  got = model.caption(images[:2], grounded=True, num_beams=1,
+                      max_new_tokens=6)
+  assert got == [_naive_text(model, image, il_data.GROUNDED_PROMPT, 6,
+                             locations=True) for image in images[:2]]
+  with pytest.raises(ValueError, match="not reranked"):
+    model.caption(images[:1], grounded=True, num_beams=2, rerank_weight=0.5)
+  # A box in markup and a BoxTokens segment are the same document.
+  box = grounding.BoxTokens(17, 52, 16)
+  as_markup = model._encode([["draw a red star in " + box.text]])  # pylint: disable=protected-access
+  as_box = model._encode([["draw a red star in", box]])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(as_markup[0][0], as_box[0][0])
+  assert model.layout.is_location(as_box[0][0]).sum() == 2
+  with pytest.raises(ValueError, match="5x5 grid"):
+    model._encode([["draw a star in", grounding.BoxTokens(0, 6, 5)]])  # pylint: disable=protected-access
 
 
-def test_ground_needs_location_ids(patches):
+def test_grounding_needs_location_ids(patches):
+  image = np.zeros((1, 32, 32, 3), np.uint8)
   with pytest.raises(ValueError, match="no location ids"):
-    patches["model"].ground(np.zeros((1, 32, 32, 3), np.uint8), ["the star"])
+    patches["model"].ground(image, ["the star"])
+  with pytest.raises(ValueError, match="no location ids"):
+    patches["model"].caption(image, grounded=True)
+  with pytest.raises(ValueError, match="no location ids"):
+    patches["model"].generate(["draw a star in <box><loc_0><loc_17></box>"])

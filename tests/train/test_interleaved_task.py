@@ -255,6 +255,15 @@ def test_mismatched_vocabulary_is_a_clear_error(packed_dir):
     InterleavedTask(config)
 
 
+def test_grounding_evals_without_location_ids_fail_at_construction(
+    packed_dir):
+  for name in ("num_referring", "num_grounded", "num_drawn"):
+    config = tiny_config(packed_dir)
+    config.eval[name] = 5
+    with pytest.raises(ValueError, match=f"'{name}': 5.*bins=16"):
+      InterleavedTask(config)
+
+
 def test_a_context_too_short_for_the_eval_fails_at_construction(packed_dir):
   config = tiny_config(packed_dir)
   config.eval.num_generation = 4

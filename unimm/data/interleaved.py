@@ -17,6 +17,13 @@ rendered), plus its ground truth. Four kinds:
                   name an object the scene lacks and get
                   "there is no blue square in this image"; not in the
                   default mix)
+  grounded_caption
+                  [scene, GROUNDED_PROMPT, "a big red star", box, "to the
+                  left of", "a small blue square", box] (Kosmos-2's grounded
+                  captions: each object's noun phrase followed by its box;
+                  the words alone are the caption; not in the default mix)
+  draw_box        ["draw a red star in", box, "and a blue square in", box,
+                  scene] (drawing in given boxes; not in the default mix)
 
 An image at the start of a document goes on with a caption or with an edit
 instruction, so a captioning request is stated: image-to-text documents put
@@ -111,9 +118,10 @@ from unimm.models import vocab as vocab_lib
 from unimm.progress import Progress
 from unimm.tokenizers import text as text_lib
 
-KINDS = ("caption_image", "image_caption", "edit", "question", "refer")
+KINDS = ("caption_image", "image_caption", "edit", "question", "refer",
+         "grounded_caption", "draw_box")
 # Kinds whose documents hold location ids (a layout with location_bins).
-GROUNDED_KINDS = ("refer",)
+GROUNDED_KINDS = ("refer", "grounded_caption", "draw_box")
 # The share of referring documents that name an object the scene lacks
 # (answered in words: grounding.NOT_FOUND_ANSWER).
 ABSENT_RATE = 0.2
@@ -136,6 +144,8 @@ INVERSE_RELATIONS = {"left of": "right of", "right of": "left of",
 IMAGE_SIZE = 32
 # The words that ask for a caption (see the module doc); v2 of FORMAT.
 CAPTION_PROMPT = "describe the image"
+# The words that ask for a grounded caption (Kosmos-2's <grounding>).
+GROUNDED_PROMPT = "describe the image with boxes"
 FORMAT = ("unimm_interleaved/v2 (msgpack: tokens, segment_ids int32 [L], "
           "documents int32 [k])")
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
@@ -442,7 +452,8 @@ class Document:
   and instructions: the edit story (edit kind, else empty), instructions[i]
   turning scenes[i] into scenes[i + 1]; question and answer (question
   and refer kinds, else None; a refer answer is a grounding.BoxTokens, or
-  the not-found text).
+  the not-found text; a grounded_caption's answer is its grounded
+  segments, grounding.Phrase and BoxTokens included).
   """
   kind: str
   segments: list[str | shapes.Scene]
@@ -503,6 +514,17 @@ def make_document(seed: int, index: int,
           scene, int(rng.integers(len(scene.objects))), IMAGE_SIZE)
     return Document(kind, [scene, question, answer], (scene,), None, (), (),
                     int(seed), int(index), question, answer)
+  if kind == "draw_box":
+    request = _flat(grounding.draw_request(scene, IMAGE_SIZE))
+    return Document(kind, [*request, scene], (scene,), None, (), (),
+                    int(seed), int(index))
+  if kind == "grounded_caption":
+    templates = shapes.TEMPLATES[len(scene.objects)]
+    grounded = grounding.grounded_caption(
+        scene, IMAGE_SIZE, template=int(rng.integers(len(templates))))
+    return Document(kind, [scene, GROUNDED_PROMPT, *_flat(grounded)],
+                    (scene,), grounding.plain_text(grounded), (), (),
+                    int(seed), int(index), answer=grounded)
   if kind in ("caption_image", "image_caption"):
     templates = shapes.TEMPLATES[len(scene.objects)]
     text = shapes.caption(scene, int(rng.integers(len(templates))))
@@ -520,6 +542,12 @@ def make_document(seed: int, index: int,
     segments += [texts[-1], scenes[-1]]
   return Document(kind, segments, tuple(scenes), None, tuple(edits),
                   tuple(texts), int(seed), int(index))
+
+
+def _flat(segments: Sequence[grounding.Segment]) -> list[Any]:
+  """Grounded segments as document segments: a Phrase becomes its words
+  (no markers: the box after a phrase grounds it), a box stays a box."""
+  return [s.text if isinstance(s, grounding.Phrase) else s for s in segments]
 
 
 def document_texts(num_documents: int, seed: int = 0,

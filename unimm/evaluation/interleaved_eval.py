@@ -33,6 +33,20 @@ and edit_{attribute}_accuracy (of the edited image).
                           same score for the true location ids (what 16
                           bins allow); referring_absent_accuracy, the
                           share of phrases naming nothing that get no box.
+  grounded_caption_accuracy
+                          image -> grounded caption (model.caption(...,
+                          grounded=True)): the words right (as
+                          caption_accuracy) and every object's box right,
+                          each box after its object's phrase at IoU >= 0.5
+                          (num_grounded > 0); grounded_caption_words_accuracy
+                          / _boxes_accuracy apart, and the ceiling of the
+                          true location ids (grounded_caption_ceiling).
+  draw_box_accuracy       "draw a red star in <box>..</box> [and ...]" ->
+                          image: the probe finds every requested object
+                          (colour and shape) in the cell its box lies in
+                          (num_drawn > 0); draw_box_object_accuracy per
+                          object; draw_box_ceiling, the probe on the
+                          tokenizer's reconstructions of the true scenes.
 Two ceilings, the probe on the image tokenizer's reconstructions of the true
 scenes: reconstructed_prompt_accuracy_single (the prompts') and
 reconstructed_edit_accuracy (the edited scenes'): what a model that writes
@@ -44,6 +58,7 @@ checkpoints document by document.
 """
 import json
 import os
+import re
 
 from etils import epath
 import jax
@@ -84,6 +99,65 @@ def caption_correct(text: str, scene: shapes.Scene) -> bool:
   return caption_scores(text, scene)["correct"]
 
 
+# A grounded caption's phrase before its box: "[a|an] [SIZE] COLOR SHAPE".
+_BOXED_PHRASE = re.compile(
+    r"(?:an? )?(?:(?:" + "|".join(shapes.SIZES) + r") )?(?P<color>"
+    + "|".join(shapes.COLORS) + r") (?P<shape>" + "|".join(shapes.SHAPES)
+    + r")$")
+
+
+def grounded_caption_scores(text: str, scene: shapes.Scene, bins: int,
+                            image_size: int = 32) -> dict[str, bool]:
+  """A grounded caption's verdicts: words (its words alone are a right
+  caption, caption_correct), boxes (each box follows the phrase of a
+  different object, "a big red star <box>..</box>", at IoU >= 0.5 with
+  that object's pixel box, and every object has one) and correct (both).
+  Markup that does not parse is wrong on all three."""
+  try:
+    segments = grounding.parse_text(text, bins)
+  except ValueError:
+    return dict(correct=False, words=False, boxes=False)
+  words = caption_correct(grounding.plain_text(segments), scene)
+  truth = shapes.object_boxes(scene, image_size)
+  boxed, boxes = set(), True
+  for k, segment in enumerate(segments):
+    if not isinstance(segment, grounding.BoxTokens):
+      continue
+    before = segments[k - 1] if k else None
+    if isinstance(before, grounding.Phrase):
+      before = before.text
+    match = (_BOXED_PHRASE.search(" ".join(before.split()))
+             if isinstance(before, str) else None)
+    found = [] if match is None else grounding.find_objects(
+        scene, shapes.ObjectRef(match["shape"], match["color"]))
+    if (len(found) != 1 or found[0] in boxed or grounding.iou(
+        grounding.locations_to_box(segment, image_size),
+        truth[found[0]]) < 0.5):
+      boxes = False
+      break
+    boxed.add(found[0])
+  boxes = boxes and len(boxed) == len(scene.objects)
+  return dict(correct=words and boxes, words=words, boxes=boxes)
+
+
+def drawn_in_boxes(predicted: probe_lib.PredictedScene, scene: shapes.Scene,
+                   image_size: int = 32,
+                   bins: int = grounding.DEFAULT_BINS) -> list[bool]:
+  """Per object a draw_box request asks for (scene.objects, each in its
+  box, grounding.draw_request): whether the probe found an object of its
+  colour and shape in the cell that its box's centre lies in."""
+  cell = image_size / shapes.GRID
+  out = []
+  for obj, tokens in zip(scene.objects, grounding.object_locations(
+      scene, image_size, bins)):
+    x0, y0, x1, y1 = grounding.locations_to_box(tokens, image_size)
+    where = (min(int((y0 + y1) / 2 // cell), shapes.GRID - 1),
+             min(int((x0 + x1) / 2 // cell), shapes.GRID - 1))
+    out.append(any(p.cell == where and p.color == obj.color
+                   and p.shape == obj.shape for p in predicted.objects))
+  return out
+
+
 def _mean(values) -> float:
   return float(np.mean(values)) if len(values) else float("nan")
 
@@ -116,7 +190,8 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                         caption_beams: int = 1,
                         caption_rerank: float = 0.0,
                         num_questions: int = 0,
-                        num_referring: int = 0) -> dict:
+                        num_referring: int = 0, num_grounded: int = 0,
+                        num_drawn: int = 0) -> dict:
   """The three accuracies (module doc) of an api.InterleavedModel; writes
   out_dir/report.json entries' values and out_dir/documents.png. Text is
   sampled at `temperature`; generated images (prompts and edits) at
@@ -271,6 +346,62 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                       box=None if b is None else [float(v) for v in b],
                       named=n)
                  for i, (d, b, n) in enumerate(zip(refers, boxes, named))]
+
+  if num_grounded > 0:
+    bins = model.layout.location_bins
+    docs = _held_out("grounded_caption", num_grounded)
+    scenes = np.stack([shapes.render(d.scenes[0], size) for d in docs])
+    texts = []
+    for i in range(0, len(docs), batch_size):
+      texts += model.caption(scenes[i:i + batch_size], grounded=True,
+                             num_beams=caption_beams)
+    scores = [grounded_caption_scores(t, d.scenes[0], bins, size)
+              for t, d in zip(texts, docs)]
+    for key, name in (("correct", ""), ("words", "_words"),
+                      ("boxes", "_boxes")):
+      result[f"grounded_caption{name}_accuracy"] = _mean(
+          [s[key] for s in scores])
+    result["grounded_caption_ceiling"] = _mean(
+        [grounded_caption_scores(grounding.to_text(d.answer), d.scenes[0],
+                                 bins, size)["boxes"] for d in docs])
+    verdicts += [dict(task="grounded_caption", index=i,
+                      truth=grounding.to_text(d.answer), caption=t, **s)
+                 for i, (t, d, s) in enumerate(zip(texts, docs, scores))]
+
+  if num_drawn > 0:
+    drawn_docs = _held_out("draw_box", num_drawn)
+    requests = [[s for s in d.segments if not isinstance(s, shapes.Scene)]
+                for d in drawn_docs]
+    drawn = []
+    for i in range(0, len(requests), batch_size):
+      outputs = model.generate_batch(
+          requests[i:i + batch_size], seed=seed + i, temperature=temperature,
+          max_images=1, cfg_scale=cfg_scale,
+          image_temperature=image_temperature,
+          max_new_tokens=model.image_length + 8, max_text_tokens=8)
+      drawn += [next((s for s in out if not isinstance(s, str)), None)
+                for out in outputs]
+    blank = np.zeros((size, size, 3), np.uint8)
+    read = probe.predict(np.stack([g if g is not None else blank
+                                   for g in drawn]))
+    per_object = [drawn_in_boxes(p, d.scenes[0], size) if g is not None
+                  else [False] * len(d.scenes[0].objects)
+                  for p, d, g in zip(read, drawn_docs, drawn)]
+    result["draw_box_accuracy"] = _mean([all(h) for h in per_object])
+    result["draw_box_object_accuracy"] = _mean(
+        [h for hits in per_object for h in hits])
+    truths = np.stack([shapes.render(d.scenes[0], size) for d in drawn_docs])
+    rebuilt = probe.predict(np.concatenate([
+        reconstruct(truths[i:i + batch_size])
+        for i in range(0, len(truths), batch_size)]))
+    result["draw_box_ceiling"] = _mean(
+        [all(drawn_in_boxes(p, d.scenes[0], size))
+         for p, d in zip(rebuilt, drawn_docs)])
+    verdicts += [dict(task="draw_box", index=i,
+                      request=grounding.to_text(r), image_found=g is not None,
+                      found=h, correct=all(h))
+                 for i, (r, g, h) in enumerate(zip(requests, drawn,
+                                                   per_object))]
 
   if jax.process_index() == 0:  # one writer (every process computed these)
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,16 @@
 
 Model + params + image and text tokenizers + sampling, nothing from
 training. A document is a list of segments, each a str or a uint8 image
-[H, W, 3] at the tokenizer's resolution; it is encoded to joint ids by
+[H, W, 3] at the tokenizer's resolution (and, for a model with location
+ids, a grounding.BoxTokens box or "<box><loc_i><loc_j></box>" markup in a
+str); it is encoded to joint ids by
 unimm.models.vocab.encode_documents (the one document encoder, shared with
 the data pipeline), continued by one compiled sampler program
 (unimm.models.interleaved.continue_documents: text runs to EOS or an image,
 image spans of exactly h*w codes) and decoded back into segments.
 """
 import dataclasses
+import re
 from typing import Any, Sequence
 
 from absl import logging
@@ -107,8 +110,10 @@ class InterleavedModel:
     for d, segments in enumerate(documents):
       if isinstance(segments, (str, np.ndarray)):
         segments = [segments]
-      segments = list(segments)
+      segments = self._expand_boxes(d, list(segments))
       for i, segment in enumerate(segments):
+        if isinstance(segment, grounding.BoxTokens):
+          continue
         if isinstance(segment, str):
           if not segment.strip():
             raise ValueError(f"Document {d}, segment {i} is empty text.")
@@ -217,13 +222,55 @@ class InterleavedModel:
       if kind == "text":
         segments.append(self.text_tokenizer.decode(
             np.asarray(ids, np.int32)[None])[0])
-      elif kind == "location":  # Kosmos-2's markup: <loc_i><loc_j>
-        segments.append("".join(grounding.LOCATION_TOKEN.format(i)
-                                for i in ids))
+      elif kind == "location":  # Kosmos-2's markup
+        segments.append(self._location_text(ids))
       else:
         segments.append(self.tokenizer.decode(
             np.asarray(ids, np.int32).reshape(1, h, w))[0])
     return segments
+
+  def _location_text(self, locations) -> str:
+    """A run of location indices as markup: each top-left / bottom-right
+    pair "<box><loc_i><loc_j></box>" (grounding.parse_text reads it), any
+    other id a bare "<loc_i>"."""
+    out, rest = [], [int(i) for i in locations]
+    while rest:
+      try:
+        box = grounding.BoxTokens(*rest[:2], self.layout.location_bins)
+        out.append(box.text)
+        rest = rest[2:]
+      except (TypeError, ValueError):  # one id left, or no tl / br pair
+        out.append(grounding.LOCATION_TOKEN.format(rest.pop(0)))
+    return "".join(out)
+
+  def _expand_boxes(self, d: int, segments: list[Any]) -> list[Any]:
+    """Text with grounding markup ("draw a red star in
+    <box><loc_17><loc_52></box>") -> its words and grounding.BoxTokens;
+    a BoxTokens segment stays. ValueError for boxes given to a model
+    without location ids, or on another grid."""
+    bins = self.layout.location_bins
+    out = []
+    for i, segment in enumerate(segments):
+      if isinstance(segment, str) and re.search(r"</?p>|</?box>|<loc_",
+                                                segment):
+        if not bins:
+          raise ValueError(
+              f"Document {d}, segment {i} holds grounding markup "
+              f"({segment!r}) but this model has no location ids; train it "
+              "with config arg bins=16 (docs/interleaved.md).")
+        out += [s.text if isinstance(s, grounding.Phrase) else s
+                for s in grounding.parse_text(segment, bins)]
+      elif isinstance(segment, grounding.BoxTokens):
+        if segment.bins != bins:
+          raise ValueError(
+              f"Document {d}, segment {i}: a box on a {segment.bins}x"
+              f"{segment.bins} grid, but this model's location ids are "
+              f"{bins}x{bins}" + (" (none: train with config arg bins=16)"
+                                  if not bins else "") + ".")
+        out.append(segment)
+      else:
+        out.append(segment)
+    return out
 
   def generate(self, segments, *, seed: int = 0, temperature=EVAL,
                top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 128,
@@ -239,7 +286,8 @@ class InterleavedModel:
     guidance off (CD-K replaces it); giving both is a ValueError.
     sjd_window W >= 2 decodes image spans by speculative Jacobi decoding
     (docs/parti.md; same distribution, fewer model calls). Returns
-    the new segments (str or uint8 [H, W, 3])."""
+    the new segments (str or uint8 [H, W, 3]; location ids the model
+    writes come as "<box><loc_i><loc_j></box>" markup)."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
@@ -269,7 +317,8 @@ class InterleavedModel:
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
               max_new_tokens: int = 48, prompt: str | None = None,
-              num_beams=EVAL, rerank_weight=EVAL) -> list[str]:
+              num_beams=EVAL, rerank_weight=EVAL,
+              grounded: bool = False) -> list[str]:
     """Captions for uint8 images [N, H, W, 3].
 
     Defaults: the eval's settings (`settings`: caption_beams,
@@ -286,7 +335,25 @@ class InterleavedModel:
     codes teacher-forced after the caption, as in the caption-then-image
     training documents (a caption that names the wrong places or shapes
     makes the image unlikely).
+
+    grounded=True asks for Kosmos-2's grounded captions, as the
+    grounded_caption training documents have them (a model with location
+    ids, trained with --kinds ...,grounded_caption): the prompt defaults to
+    unimm.data.interleaved.GROUNDED_PROMPT and each object's phrase is
+    followed by its box, e.g. "a big red star <box><loc_17><loc_52></box>
+    to the left of ..." (grounding.parse_text reads it; locations_to_box
+    gives pixels). There is no reranking (rerank_weight must be 0).
     """
+    allowed = self._text_ids()
+    if grounded:
+      self._check_bins("grounded captions", "grounded_caption")
+      allowed = allowed | np.asarray(
+          self.layout.is_location(np.arange(self.layout.size)))
+      if rerank_weight is EVAL:
+        rerank_weight = 0.0
+      elif rerank_weight:
+        raise ValueError(f"rerank_weight={rerank_weight}: grounded captions "
+                         "are not reranked; pass rerank_weight=0.")
     if temperature:  # sampling asked for: the search settings do not apply
       num_beams = 1 if num_beams is EVAL else num_beams
       rerank_weight = 0.0 if rerank_weight is EVAL else rerank_weight
@@ -309,13 +376,14 @@ class InterleavedModel:
                        "beams of a beam search; pass num_beams > 1 (e.g. 8) "
                        "or rerank_weight=0.")
     if prompt is None:
-      prompt = documents_lib.CAPTION_PROMPT
+      prompt = (documents_lib.GROUNDED_PROMPT if grounded
+                else documents_lib.CAPTION_PROMPT)
     rows, reads = self._encode([[image, prompt] if prompt.strip()
                                 else [image] for image in images])
     if num_beams > 1:
       beams, scores = il.beam_search_text(
           self.model, {"params": self.params}, left_pad(rows),
-          text_ids=self._text_ids(), eos_id=vocab.EOS, beam_size=num_beams,
+          text_ids=allowed, eos_id=vocab.EOS, beam_size=num_beams,
           max_text_tokens=max_new_tokens, reads=reads)
       best = np.zeros(len(rows), int)  # beams come best first
       if rerank_weight:
@@ -328,7 +396,7 @@ class InterleavedModel:
       out = beams[np.arange(len(rows)), best]
     else:
       return self._write_text(rows, reads, seed=seed, temperature=temperature,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, text_ids=allowed)
     return [self._text_of(row) for row in out]
 
   def _text_of(self, row) -> str:
@@ -337,13 +405,23 @@ class InterleavedModel:
                     if isinstance(s, str))
 
   def _write_text(self, rows, reads, *, seed: int, temperature: float,
-                  max_new_tokens: int) -> list[str]:
-    """Each row continued with text only, until EOS or max_new_tokens."""
+                  max_new_tokens: int, text_ids=None) -> list[str]:
+    """Each row continued with text only (text_ids: bool [V], the ids it
+    may write; default _text_ids()), until EOS or max_new_tokens."""
     out = self._continue(rows, reads=reads, seed=seed,
                          temperature=temperature, top_k=0, top_p=1.0,
                          max_new_tokens=max_new_tokens, max_images=0,
-                         max_text_tokens=max_new_tokens)
+                         max_text_tokens=max_new_tokens, text_ids=text_ids)
     return [self._text_of(row) for row in out]
+
+  def _check_bins(self, what: str, kind: str) -> int:
+    """The layout's location bins; ValueError naming `what` without."""
+    if not self.layout.location_bins:
+      raise ValueError(
+          f"This model has no location ids, which {what} needs: train it "
+          f"with config arg bins=16 on rows packed with --kinds ...,{kind} "
+          "(docs/interleaved.md).")
+    return self.layout.location_bins
 
   def ground(self, images, phrases: Sequence[str]) -> list[Any]:
     """Where each phrase is in its image (Kosmos-2's referring
@@ -355,11 +433,7 @@ class InterleavedModel:
     answered in words instead: the phrase names nothing it sees (training
     answers those with grounding.NOT_FOUND_ANSWER) or the ids are no
     top-left / bottom-right pair; it never makes a box up."""
-    bins = self.layout.location_bins
-    if not bins:
-      raise ValueError(
-          "This model has no location ids: train it with config arg bins=16 "
-          "on rows packed with --kinds ...,refer (docs/interleaved.md).")
+    bins = self._check_bins("ground()", "refer")
     _check_one_text_per_image(images, phrases, "phrase")
     for i, phrase in enumerate(phrases):
       if not str(phrase).strip():

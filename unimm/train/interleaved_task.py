@@ -71,6 +71,7 @@ class InterleavedTask:
         config, "eval", positive=("batch_size", "num_batches",
                                   "generation_batch_size", "caption_beams"),
         non_negative=("num_generation", "num_questions", "num_referring",
+                      "num_grounded", "num_drawn",
                       "retrieval_pairs", "num_grid_samples"))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
     self.image_input = image_input_lib.ImageInput(
@@ -88,6 +89,15 @@ class InterleavedTask:
           f"{self.layout.size} ids; set vocab_size = 5 + text_vocab_size + "
           "image_vocab_size (+ 2 READ / NEWLINE ids when images are read, "
           "+ location_bins**2 location ids).")
+    grounded_evals = {
+        name: int((config.get("eval") or {}).get(name, 0))
+        for name in ("num_referring", "num_grounded", "num_drawn")}
+    if not self.layout.location_bins and any(grounded_evals.values()):
+      raise ValueError(
+          f"config.eval asks for grounding ({grounded_evals}) but the model "
+          "has no location ids (config.vocab.location_bins=0); set config "
+          "arg bins=16 and pack the rows with --kinds holding refer, "
+          "grounded_caption or draw_box, or set those counts to 0.")
     if self.image_input.reads_images and (
         self.model.read_id, self.model.newline_id) != (
             self.layout.read_id, self.layout.newline_id):
@@ -298,7 +308,9 @@ class InterleavedTask:
           caption_beams=int(settings["caption_beams"]),
           caption_rerank=float(settings["caption_rerank"]),
           num_questions=int(eval_cfg.get("num_questions", 0)),
-          num_referring=int(eval_cfg.get("num_referring", 0))))
+          num_referring=int(eval_cfg.get("num_referring", 0)),
+          num_grounded=int(eval_cfg.get("num_grounded", 0)),
+          num_drawn=int(eval_cfg.get("num_drawn", 0))))
       result["cfg_scale"] = 1.0 if cfg_scale is None else cfg_scale
     return reports.write_report(os.path.join(out_dir, "report.json"), result)
 
