@@ -8,14 +8,18 @@
   images = model.sample(prompts, seed=0, upscale=4)   # -> [N, 4H, 4W, 3]
   up = unimm.load_upsampler("workdirs/demo/upsampler_x4")
   base, high = up.upscale(images)  # images at the tokenizer's resolution
+  detok = unimm.load_detokenizer("workdirs/detok")
+  images = detok.decode(ids)       # codes -> images by flow matching
 
 Nothing here imports training code (unimm.train), optax, clu or
 TensorFlow.
 """
 # pylint: disable=unused-import
 from unimm.checkpoints import saved_config
+from unimm.inference import Detokenizer
 from unimm.inference import EVAL
 from unimm.inference import InterleavedModel
+from unimm.inference import load_detokenizer
 from unimm.inference import load_interleaved
 from unimm.inference import load_model
 from unimm.inference import load_text_to_image

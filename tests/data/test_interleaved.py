@@ -502,3 +502,17 @@ def test_grounded_captions_and_drawing_requests_box_every_object():
   texts = il.document_texts(40, 6, kinds)
   assert il.GROUNDED_PROMPT in texts and any(
       t.startswith("draw ") for t in texts)
+
+
+def test_no_request_after_an_image_starts_another():
+  """What follows a document's opening image asks for one thing: no such
+  text is the first words of another (else a model asked one request
+  would go on with the rest of the longer one)."""
+  requests = {d.segments[1] for i in range(300)
+              for d in [il.make_document(3, i, kinds=il.KINDS)]
+              if isinstance(d.segments[0], shapes.Scene)}
+  assert {il.CAPTION_PROMPT, il.GROUNDED_PROMPT} <= requests
+  words = [tuple(r.split()) for r in requests]
+  clashes = [(" ".join(a), " ".join(b)) for a in words for b in words
+             if a != b and b[:len(a)] == a]
+  assert not clashes, clashes

@@ -144,8 +144,11 @@ INVERSE_RELATIONS = {"left of": "right of", "right of": "left of",
 IMAGE_SIZE = 32
 # The words that ask for a caption (see the module doc); v2 of FORMAT.
 CAPTION_PROMPT = "describe the image"
-# The words that ask for a grounded caption (Kosmos-2's <grounding>).
-GROUNDED_PROMPT = "describe the image with boxes"
+# The words that ask for a grounded caption (Kosmos-2's <grounding>). No
+# request is the start of another (CAPTION_PROMPT, this, the questions):
+# after "describe the image" a model trained on "describe the image with
+# boxes" would go on with "with boxes" as often as with a caption.
+GROUNDED_PROMPT = "locate the objects"
 FORMAT = ("unimm_interleaved/v2 (msgpack: tokens, segment_ids int32 [L], "
           "documents int32 [k])")
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}

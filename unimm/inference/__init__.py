@@ -4,6 +4,7 @@
   model = load_model(path)             # TextToImageModel | InterleavedModel
   images = model.sample(prompts)       # the eval's sampling settings
   upsampler = load_upsampler(path)     # Parti's super-resolution stage
+  detokenizer = load_detokenizer(path) # codes -> images by diffusion
 
 `path` is a training workdir (an end-to-end recipe's workdir loads its
 parti/ stage), a folder written by `python -m unimm.export`, or the name
@@ -15,6 +16,8 @@ first (unimm.checkpoints.resolve_path), so both load from any directory.
 import os
 
 from unimm import checkpoints
+from unimm.inference.detokenizer import Detokenizer
+from unimm.inference.detokenizer import load_detokenizer
 from unimm.inference.interleaved import InterleavedModel
 from unimm.inference.interleaved import load_interleaved
 from unimm.inference.settings import EVAL
@@ -64,7 +67,7 @@ def load_model(path: str, step: int | None = None, *, upsamplers=None
 
 
 __all__ = [
-    "EVAL", "InterleavedModel", "TextToImageModel", "Tokenizer", "Upsampler",
-    "load_interleaved", "load_model", "load_text_to_image", "load_tokenizer",
+    "Detokenizer", "EVAL", "InterleavedModel", "TextToImageModel",
+    "Tokenizer", "Upsampler", "load_detokenizer", "load_interleaved", "load_model", "load_text_to_image", "load_tokenizer",
     "load_upsampler", "model_path",
 ]

@@ -660,10 +660,8 @@ def read_width(model: il.InterleavedLM, tokenizer) -> int:
 def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
   """The interleaved model in `path` (a workdir or an export) with its
   image and text tokenizers."""
-  step, config, meta = checkpoints.saved(path, step)
-  config = checkpoints.local_mesh_config(config)
-  tokenizer_lib.check_task(config, path, "interleaved",
-                           "an interleaved model")
+  step, config, meta = tokenizer_lib.saved_run(path, step, "interleaved",
+                                               "an interleaved model")
   model = config_lib.build_module(il.InterleavedLM, config.model)
   layout = vocab.VocabLayout(
       text_vocab_size=int(config.vocab.text_vocab_size),

@@ -363,9 +363,8 @@ def load_text_to_image(path: str, step: int | None = None, *,
   """The Parti model in `path` (a workdir or an export) with its tokenizers;
   `upsamplers`: upsampler folders for sample(..., upscale=f), by default
   the ones beside it (an export's or a recipe's upsampler_x2/, _x4/)."""
-  step, config, meta = checkpoints.saved(path, step)
-  config = checkpoints.local_mesh_config(config)
-  tokenizer_lib.check_task(config, path, "parti", "a text-to-image model")
+  step, config, meta = tokenizer_lib.saved_run(path, step, "parti",
+                                               "a text-to-image model")
   model = config_lib.build_module(parti.Parti, config.model)
   image_tokenizer = tokenizer_lib.load_dependency(path, config, meta)
   text_path = config.get("text_tokenizer") or ""

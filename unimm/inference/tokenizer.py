@@ -87,6 +87,15 @@ def check_task(config, path: str, task: str, what: str) -> None:
                      f"{what} (its config.task must be {task!r}).")
 
 
+def saved_run(path: str, step: int | None, task: str, what: str):
+  """(step, config, meta) of the `task` run in `path` (check_task), its
+  mesh fitted to this host's devices: what every loader starts from."""
+  step, config, meta = checkpoints.saved(path, step)
+  config = checkpoints.local_mesh_config(config)
+  check_task(config, path, task, what)
+  return step, config, meta
+
+
 def params_init(model: vit_vqgan.ViTVQGAN) -> checkpoints.InitFn:
   """init(rng, batch) of the params a tokenizer run saves and loads."""
   def init(rng, batch):

@@ -165,9 +165,8 @@ def params_init(model: upsampler_lib.Upsampler,
 def load_upsampler(path: str, step: int | None = None) -> Upsampler:
   """The super-resolution module in `path` (a workdir or an export)."""
   path = checkpoints.find(path)
-  step, config, meta = checkpoints.saved(path, step)
-  config = checkpoints.local_mesh_config(config)
-  tokenizer_lib.check_task(config, path, "upsampler", "an upsampler")
+  step, config, meta = tokenizer_lib.saved_run(path, step, "upsampler",
+                                               "an upsampler")
   model = config_lib.build_module(upsampler_lib.Upsampler, config.model)
   upsampler_lib.check_factor(model.factor)
   tokenizer = tokenizer_lib.load_dependency(path, config, meta)

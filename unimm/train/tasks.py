@@ -1,6 +1,7 @@
 """The task registry: config.task -> the task the trainer drives."""
 import ml_collections
 
+from unimm.train.detokenizer_task import DetokenizerTask
 from unimm.train.interleaved_task import InterleavedTask
 from unimm.train.parti_task import ParTask
 from unimm.train.upsampler_task import UpsamplerTask
@@ -11,6 +12,7 @@ TASKS = {
     "parti": ParTask,
     "upsampler": UpsamplerTask,
     "interleaved": InterleavedTask,
+    "detokenizer": DetokenizerTask,
 }
 
 

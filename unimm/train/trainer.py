@@ -419,11 +419,15 @@ def _data_iterator(task, process_index, process_count):
 
 def _evaluate(evaluate, state: TrainState, workdir: str, step: int,
               writer: metric_writers.MetricWriter) -> None:
-  """Runs task.evaluate; writes its scalars as eval/<name> (unless named)
-  and, once it has finished, EVALUATED_FILE with the step."""
+  """Runs task.evaluate; writes its numeric scalars as eval/<name> (unless
+  named; strings and None stay in its report) and, once it has finished,
+  EVALUATED_FILE with the step."""
   results = evaluate(state.params, state.model_state, workdir, step) or {}
   scalars = {(k if "/" in k else f"eval/{k}"): v
-             for k, v in results.items() if np.size(v) == 1}
+             for k, v in results.items()
+             if np.size(v) == 1 and (
+                 np.issubdtype(np.asarray(v).dtype, np.number)
+                 or np.asarray(v).dtype == bool)}
   if scalars:
     writer.write_scalars(step, scalars)
   reports.write_report(os.path.join(workdir, EVALUATED_FILE),

@@ -1,0 +1,60 @@
+"""A diffusion de-tokenizer on shapes: the frozen ViT-VQGAN's codes ->
+32x32 images by a small DiT trained with flow matching.
+
+  python -m unimm.main --config configs/detokenizer_shapes.py \\
+      --workdir workdirs/detok
+
+Needs a trained tokenizer (config arg tokenizer_workdir, default
+workdirs/tok_16k: `python -m unimm.main --config
+configs/vit_vqgan_shapes.py:steps=16000 --workdir workdirs/tok_16k`). The
+decoder reads the code vectors of the tokenizer's ids (condition=codes) or
+its encoder's continuous tokens (condition=encoder), unimm.train.
+detokenizer_task; --mode eval decodes held-out (test split) images by
+both the tokenizer's decoder and the diffusion decoder and reports psnr /
+tokenizer_psnr and, on the fixed prompt set, the shapes probe's reading of
+both (reconstructed_prompt_accuracy_single / _pair, tokenizer_...), and
+writes eval/reconstructions.png (truth | ViT-VQGAN | diffusion).
+
+Expected on 2 CPU cores: see docs/results.md (docs/diffusion.md).
+
+Variants (arg "key=value,..."): size (unimm.models.diffusion.SIZES: tiny |
+small | paper = DiT-XL/2), patch (pixels per patch side), steps, batch, lr,
+tokenizer_workdir, condition (codes | encoder), drop (the rate of
+examples trained with the null condition, for guidance), sample_steps
+(Euler steps of the eval), cfg (the eval's guidance scale; 1 = none),
+probe (fixed prompts the probe reads, one- and two-object each; 0 = off).
+"""
+import ml_collections
+
+from unimm import config_lib
+from unimm import parallel
+from unimm.models.diffusion import diffusion_config
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(
+      arg, size="tiny", patch=4, steps=3000, batch=32, lr=1e-3,
+      tokenizer_workdir="workdirs/tok_16k", condition="codes", drop=0.1,
+      sample_steps=32, cfg=1.0, probe=100)
+  config = config_lib.base_config("detokenizer", arg.steps)
+  config.tokenizer_workdir = arg.tokenizer_workdir
+  config.condition = arg.condition
+  config.model = ml_collections.ConfigDict(diffusion_config(
+      arg.size, patch_size=arg.patch))
+  config.loss = ml_collections.ConfigDict(dict(
+      condition_drop_rate=float(arg.drop)))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
+      b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0))
+  config.data = ml_collections.ConfigDict(dict(
+      source="shapes", batch_size=arg.batch, data_dir=None, worker_count=0))
+  config.eval = ml_collections.ConfigDict(dict(
+      split="test", num_images=256, batch_size=64,
+      num_steps=int(arg.sample_steps),
+      cfg_scale=None if float(arg.cfg) == 1.0 else float(arg.cfg),
+      probe_prompts=int(arg.probe)))
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_axis_rules = parallel.STANDARD_RULES
+  return config

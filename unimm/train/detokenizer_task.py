@@ -1,0 +1,186 @@
+"""The diffusion de-tokenizer task: the frozen tokenizer's codes (or encoder
+tokens) -> images, by flow matching (unimm.models.diffusion).
+
+Images come from the image-text pipeline at the frozen tokenizer's
+resolution (config.tokenizer_workdir; its parameters ride in model_state,
+sharded and checkpointed with the rest, never trained). In the step the
+tokenizer turns each image into its condition (config.condition: "codes",
+the code vectors of its ids; "encoder", its encoder's tokens;
+unimm.inference.detokenizer) and the decoder learns the velocity of the
+noised image given it, the condition dropped (a learned null) at
+config.loss.condition_drop_rate for classifier-free guidance.
+
+The eval decodes held-out images both ways, by the tokenizer's own decoder
+and by sampling the diffusion decoder (config.eval.num_steps, cfg_scale):
+psnr (diffusion), tokenizer_psnr (the ViT-VQGAN decoder on the same ids)
+and, with config.eval.probe_prompts > 0 (shapes world), the probe's reading
+of both decoders' reconstructions of the fixed prompt set
+(reconstructed_prompt_accuracy_single / _pair and tokenizer_...).
+"""
+import os
+import time
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unimm import config_lib
+from unimm.data import pipeline
+from unimm.evaluation import grids
+from unimm.evaluation import probe as probe_lib
+from unimm.evaluation import reports
+from unimm.inference import detokenizer as inference
+from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import diffusion
+from unimm.tokenizers import losses as losses_lib
+
+LOSS_DEFAULTS = dict(condition_drop_rate=0.1)
+
+
+class DetokenizerTask:
+  """Task for unimm.train.trainer: the diffusion de-tokenizer."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    config_lib.check_counts(config, "eval",
+                            positive=("num_images", "batch_size",
+                                      "num_steps"),
+                            non_negative=("probe_prompts",))
+    self.condition = inference.check_condition(
+        config.get("condition", "codes"))
+    self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+    rate = self.loss_config["condition_drop_rate"]
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"config.loss.condition_drop_rate={rate}; expected a "
+                       "rate in [0, 1) (0.1 trains guidance).")
+    workdir = config.get("tokenizer_workdir") or ""
+    if not workdir:
+      raise ValueError("config.tokenizer_workdir is empty; set it to the "
+                       "workdir of the trained ViT-VQGAN (config arg "
+                       "tokenizer_workdir=...).")
+    # Loaded now: init may run under jax.eval_shape / jit.
+    self.tokenizer = tokenizer_lib.load_tokenizer(workdir)
+    self.model = inference.build_model(config, self.tokenizer)
+
+  # ------------------------------------------------------------------ data
+
+  def _dataset(self, split, batch_size, *, shuffle, num_epochs,
+               process_index=0, process_count=1, drop_remainder=True):
+    data = self.config.data
+    return pipeline.image_text_dataset(
+        data.source, split, batch_size=batch_size,
+        image_size=self.tokenizer.image_size, shuffle=shuffle,
+        seed=self.config.seed, num_epochs=num_epochs,
+        process_index=process_index, process_count=process_count,
+        data_dir=data.get("data_dir"),
+        worker_count=data.get("worker_count", 0),
+        drop_remainder=drop_remainder)
+
+  def train_data(self, process_index: int, process_count: int):
+    return self._dataset(
+        "train", config_lib.per_host_batch_size(self.config, process_count),
+        shuffle=True, num_epochs=None, process_index=process_index,
+        process_count=process_count)
+
+  # ------------------------------------------------------------------ model
+
+  def init(self, rng, batch):
+    s = self.tokenizer.image_size
+    if tuple(batch["image"].shape[1:]) != (s, s, 3):
+      raise ValueError(f"batch['image'] has shape {batch['image'].shape}; "
+                       f"expected [B, {s}, {s}, 3], the tokenizer's size.")
+    params = jax.jit(inference.params_init(self.model))(
+        rng, {"image": batch["image"]})["params"]
+    tokenizer_params = jax.tree.map(jnp.asarray,
+                                    nn.unbox(self.tokenizer.params))
+    return params, {"tokenizer": tokenizer_params}
+
+  def loss(self, params, model_state, batch, rng):
+    images = batch["image"]
+    conditions = jax.lax.stop_gradient(inference.conditions_of_images(
+        self.condition, self.tokenizer.model, model_state["tokenizer"],
+        images))
+    loss, metrics = diffusion.flow_matching_loss(
+        self.model, params, images.astype(jnp.float32) / 255.0, conditions,
+        rng, condition_drop_rate=self.loss_config["condition_drop_rate"])
+    return loss, (metrics, model_state)
+
+  def optimizer(self):
+    return None  # the trainer's AdamW from config.optimizer
+
+  # ------------------------------------------------------------------ use
+
+  def dependencies(self) -> dict[str, str]:
+    """The frozen tokenizer's fingerprint (loading checks it)."""
+    return {"tokenizer_workdir": tokenizer_lib.fingerprint(self.tokenizer)}
+
+  def inference_model(self, params, step: int = 0) -> inference.Detokenizer:
+    return inference.Detokenizer(self.model, nn.unbox(params), self.tokenizer,
+                                 self.config, step)
+
+  # ------------------------------------------------------------------ eval
+
+  def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
+    """PSNR of both decoders on held-out images (and the probe's reading
+    of their reconstructions); writes eval/report.json and
+    eval/reconstructions.png (rows: truth | ViT-VQGAN | diffusion)."""
+    del model_state  # the frozen tokenizer's params: self.tokenizer's
+    eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
+    num_images = int(eval_cfg.get("num_images", 256))
+    batch_size = int(eval_cfg.get("batch_size", 64))
+    split = eval_cfg.get("split", "test")
+    probe_prompts = int(eval_cfg.get("probe_prompts", 0))
+    detok = self.inference_model(params, step)
+    start, seen = time.time(), 0
+    psnr, tokenizer_psnr, shown = [], [], []
+    for batch in self._dataset(split, batch_size, shuffle=False,
+                               num_epochs=1, drop_remainder=False):
+      images = np.asarray(batch["image"])[:num_images - seen]
+      ids = self.tokenizer.encode(images)
+      by_tokenizer = np.asarray(self.tokenizer.decode(ids))
+      by_diffusion = detok.reconstruct(images, seed=seen,
+                                       batch_size=batch_size)
+      psnr.append(losses_lib.psnr_uint8(by_diffusion, images))
+      tokenizer_psnr.append(losses_lib.psnr_uint8(by_tokenizer, images))
+      if not shown:
+        shown = [images[:8], by_tokenizer[:8], by_diffusion[:8]]
+      seen += len(images)
+      logging.info("de-tokenizer eval: %d / %d images", seen, num_images)
+      if seen >= num_images:
+        break
+    if not seen:
+      raise ValueError(f"No images in split {split!r} (config.eval.split).")
+    result = {
+        "psnr": float(np.concatenate(psnr).mean()),
+        "tokenizer_psnr": float(np.concatenate(tokenizer_psnr).mean()),
+        "num_steps": int(detok.settings["num_steps"]),
+        "cfg_scale": (1.0 if detok.settings["cfg_scale"] in (None, "")
+                      else float(detok.settings["cfg_scale"])),
+        "num_images": int(seen),
+        "steps": int(step),
+    }
+    if probe_prompts > 0:
+      size = self.tokenizer.image_size
+      for name, reconstruct in (
+          ("", lambda x: detok.reconstruct(x, batch_size=batch_size)),
+          ("tokenizer_", lambda x: self.tokenizer.decode(
+              self.tokenizer.encode(x)))):
+        read = probe_lib.reconstruction_accuracy(
+            reconstruct, probe_prompts, probe_prompts, size,
+            batch_size=batch_size)
+        for key in ("prompt_accuracy_single", "prompt_accuracy_pair"):
+          result[f"{name}reconstructed_{key}"] = read[key]
+    result["eval_seconds"] = float(time.time() - start)
+    out_dir = os.path.join(workdir, "eval")
+    result = reports.write_report(os.path.join(out_dir, "report.json"),
+                                  {**result, "split": split,
+                                   "condition": self.condition})
+    if jax.process_index() == 0:
+      s = self.tokenizer.image_size
+      grids.save_image_grid(grids.side_by_side(*shown), None,
+                            os.path.join(out_dir, "reconstructions.png"),
+                            columns=4, cell=2 * s)
+    return result
