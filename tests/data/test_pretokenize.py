@@ -56,6 +56,16 @@ def _random_leaf(path, leaf, rng):
       leaf.dtype)
 
 
+def tokenizer_files(tmp_path_factory, name: str) -> dict[str, str]:
+  """{tokenizer_workdir, data_dir}: a random tiny tokenizer and the
+  shapes_small data it was set up on, in a new temporary folder."""
+  root = tmp_path_factory.mktemp(name)
+  data_dir = str(root / "tfds")
+  return dict(tokenizer_workdir=make_tokenizer_workdir(str(root / "tok"),
+                                                       data_dir),
+              data_dir=data_dir)
+
+
 def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1) -> str:
   """A tokenizer workdir holding a randomly initialised tiny ViT-VQGAN.
 

@@ -22,9 +22,9 @@ import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def tiny_config(tokenizer_workdir, data_dir, **args):
-  arg = ",".join(f"{k}={v}" for k, v in dict(
+  arg = ",".join(f"{k}={v}" for k, v in {**dict(
       steps=3, batch=8, tokenizer_workdir=tokenizer_workdir, sample_steps=2,
-      probe=2, **args).items())
+      probe=2), **args}.items())
   config = detokenizer_shapes.get_config(arg)
   config.model.update(embed_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                       num_layers=1)
@@ -36,11 +36,7 @@ def tiny_config(tokenizer_workdir, data_dir, **args):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("detokenizer")
-  data_dir = str(root / "tfds")
-  workdir = test_pretokenize.make_tokenizer_workdir(str(root / "tok"),
-                                                    data_dir)
-  return dict(tokenizer_workdir=workdir, data_dir=data_dir)
+  return test_pretokenize.tokenizer_files(tmp_path_factory, "detokenizer")
 
 
 def test_trains_evaluates_and_loads_back(files, tmp_path, monkeypatch):
@@ -113,6 +109,8 @@ def test_bad_settings_fail_before_anything_compiles(files):
     DetokenizerTask(config)
   with pytest.raises(ValueError, match="condition_drop_rate"):
     DetokenizerTask(tiny_config(**files, drop=1.0))
+  with pytest.raises(ValueError, match="config.loss.target='eps'"):
+    DetokenizerTask(tiny_config(**files, target="eps"))
   config = tiny_config(**files)
   config.eval.num_steps = 0
   with pytest.raises(ValueError, match="num_steps"):

@@ -1,4 +1,8 @@
-"""Two processes x 4 CPU devices on localhost train like one process x 8."""
+"""Two processes x 4 CPU devices on localhost: the toy task trains like one
+process x 8 through checkpoint and restore; a real task (the diffusion
+de-tokenizer, each host reading its share of the image pipeline) trains,
+restores and evaluates on both hosts with the parameters gathered."""
+import json
 import os
 import re
 import socket
@@ -7,12 +11,19 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
+import unimm
+from unimm.tokenizers import losses as losses_lib
 from unimm.train import trainer
 from unimm.train import writers
+from unimm.train.detokenizer_task import DetokenizerTask
 
 import multihost_worker  # tests/train/multihost_worker.py
-import toy_task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "data"))
+import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _free_port() -> int:
@@ -26,7 +37,17 @@ def _losses(workdir):
           if "loss" in r}
 
 
-def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
+@pytest.fixture(scope="module")
+def detokenizer_files(tmp_path_factory):
+  files = test_pretokenize.tokenizer_files(tmp_path_factory, "multihost")
+  return files["tokenizer_workdir"], files["data_dir"]
+
+
+@pytest.mark.parametrize("task", ["toy", "detokenizer"])
+def test_two_processes_train_through_checkpoint_restore_and_eval(
+    task, tmp_path, request):
+  real = (None if task == "toy"
+          else request.getfixturevalue("detokenizer_files"))
   multi_dir, single_dir = str(tmp_path / "multi"), str(tmp_path / "single")
   port = _free_port()
   procs = []
@@ -38,14 +59,18 @@ def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
                    os.environ.get("XLA_FLAGS", "")),
                JAX_PLATFORMS="cpu",
                UNIMM_COORDINATOR_ADDRESS=f"localhost:{port}",
-               UNIMM_NUM_PROCESSES="2", UNIMM_PROCESS_ID=str(process_id))
+               UNIMM_NUM_PROCESSES="2", UNIMM_PROCESS_ID=str(process_id),
+               PYTHONPATH=os.pathsep.join(
+                   [HERE, os.path.join(HERE, "..", "data"),
+                    os.environ.get("PYTHONPATH", "")]))
     procs.append(subprocess.Popen(
-        [sys.executable, multihost_worker.__file__, multi_dir], env=env,
+        [sys.executable, multihost_worker.__file__, multi_dir,
+         *(real or ())], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = []
   for proc in procs:
     try:
-      out, _ = proc.communicate(timeout=240)
+      out, _ = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
       for p in procs:
         p.kill()
@@ -55,13 +80,6 @@ def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
   for process_id, out in enumerate(outputs):
     assert f"PROCESS {process_id} DONE AT STEP 6" in out, out[-2000:]
 
-  # The same schedule in this process on 8 devices.
-  for total_steps in (4, 6):
-    config = toy_task.make_config(total_steps=total_steps,
-                                  **multihost_worker.RUN)
-    state = trainer.train(config, single_dir, toy_task.ToyTask(config))
-  assert jax.device_count() == 8
-
   # One set of checkpoints, written together by both hosts; each host saved
   # its own data-iterator position.
   manager = trainer.checkpoint_manager(multi_dir, read_only=True)
@@ -70,6 +88,15 @@ def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
   data_dir = os.path.join(multi_dir, "checkpoints", "6", "data")
   assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+  final = np.load(os.path.join(multi_dir, "final_params.npz"))
+  if real:
+    _check_real_run(multi_dir, final)
+    return
+
+  # The same schedule in this process on 8 devices.
+  for total_steps in (4, 6):
+    state = multihost_worker.run(single_dir, total_steps)
+  assert jax.device_count() == 8
 
   # Metrics come from process 0 only: one record per logged step.
   multi, single = _losses(multi_dir), _losses(single_dir)
@@ -77,9 +104,34 @@ def test_two_processes_match_one_through_checkpoint_and_restore(tmp_path):
   for step in multi:
     np.testing.assert_allclose(multi[step], single[step], rtol=1e-5)
 
-  final = np.load(os.path.join(multi_dir, "final_params.npz"))
   expected = {jax.tree_util.keystr(path): np.asarray(x) for path, x in
               jax.tree_util.tree_leaves_with_path(state.params)}
   assert sorted(final.files) == sorted(expected)
   for name, value in expected.items():
     np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6)
+
+
+def _check_real_run(workdir, final):
+  """The de-tokenizer's two hosts each read their own share of the image
+  pipeline (so its batches, unlike the toy task's, are not one process's):
+  the run logs finite losses, and its eval, run on both hosts with the
+  parameters gathered from both, is what this process computes from the
+  saved checkpoint."""
+  losses = _losses(workdir)
+  assert sorted(losses) == [2, 4, 6]
+  assert all(np.isfinite(v) for v in losses.values())
+  detok = unimm.load_detokenizer(workdir)
+  assert detok.step == 6
+  saved = {jax.tree_util.keystr(path): np.asarray(x) for path, x in
+           jax.tree_util.tree_leaves_with_path(detok.params)}
+  assert sorted(saved) == sorted(final.files)
+  for name, value in saved.items():
+    np.testing.assert_array_equal(final[name], value)
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  data = DetokenizerTask(detok.config)._dataset(  # pylint: disable=protected-access
+      "test", 8, shuffle=False, num_epochs=1, drop_remainder=False)
+  images = np.asarray(next(iter(data))["image"])[:report["num_images"]]
+  psnr = losses_lib.psnr_uint8(
+      detok.reconstruct(images, seed=0, batch_size=8), images).mean()
+  np.testing.assert_allclose(report["psnr"], psnr, rtol=1e-5)

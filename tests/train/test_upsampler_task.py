@@ -35,11 +35,7 @@ def tiny_config(tokenizer_workdir, data_dir, factor=4):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("upsampler")
-  data_dir = str(root / "tfds")
-  workdir = test_pretokenize.make_tokenizer_workdir(str(root / "tok"),
-                                                    data_dir)
-  return dict(tokenizer_workdir=workdir, data_dir=data_dir)
+  return test_pretokenize.tokenizer_files(tmp_path_factory, "upsampler")
 
 
 @pytest.fixture(scope="module")

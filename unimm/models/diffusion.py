@@ -7,15 +7,22 @@ conditioned on that sequence. Here the decoder is a DiT (Peebles & Xie
 2023) on the shared transformer stack: the noisy image's patches
 (PatchEmbed, 2-D sine-cosine positions) attend to themselves and, by
 cross-attention, to the condition (projected to the width, with learned
-positions) and a time token; the time embedding is also added to every
+positions, plus the same 2-D positions when it is a square grid) and a
+time token; the time embedding is also added to every
 patch. A linear head maps each patch back to pixels (PatchUnembed).
 
 Objective: flow matching with straight paths (rectified flow; Liu et al.
-2022, Lipman et al. 2022, as SD3): x_t = (1 - t) x_0 + t noise, the model
-predicts v = noise - x_0, loss = mean (v_pred - v)^2 with t ~ U(0, 1).
-Chosen over epsilon / v prediction with a noise schedule because it has no
-schedule to tune and its near-straight paths decode well with few Euler
-steps, which matters on CPU. Sampling is unimm.sampling.flow (Euler, one
+2022, Lipman et al. 2022, as SD3): x_t = (1 - t) x_0 + t noise, velocity
+v = noise - x_0, loss = mean (v_pred - v)^2 with t ~ U(0, 1). Chosen over
+epsilon / v prediction with a noise schedule because it has no schedule to
+tune and its near-straight paths decode well with few Euler steps, which
+matters on CPU. The network predicts the clean image x_0 and the velocity
+is (x_t - x_0_pred) / t (t at least T_MIN), the x-prediction of Li & He
+2025 ("Back to basics: let denoising generative models denoise"): a narrow
+network that must output v has to carry the noise through its bottleneck
+(a patch of 4x4x3 values into a width of 64), and on shapes that left it
+below the mean image at t = 1; x_0 lies on the data, and the noise reaches
+v exactly through x_t. Sampling is unimm.sampling.flow (Euler, one
 lax.scan).
 
 Classifier-free guidance: `use_condition` False replaces the condition by a
@@ -31,6 +38,8 @@ image's channels.
   images01 = sample(model, params, condition, rng, num_steps=32,
                     cfg_scale=2.0)
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,7 +134,8 @@ class DiffusionDecoder(nn.Module):
     """x_t [B, S, S, C] in the data range [-1, 1] (noised); t [B] in [0,
     1]; condition [B, K, D_c]; use_condition bool [B] (default all True;
     False: the learned null condition); source [B, S, S, C] in [-1, 1]
-    when source_image. Returns the velocity, float32 [B, S, S, C]."""
+    when source_image. Returns the clean image estimate x_0 in [-1, 1]
+    units, float32 [B, S, S, C] (`velocity` turns it into v)."""
     self.check_inputs(x_t, condition, source)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b = x_t.shape[0]
@@ -147,6 +157,13 @@ class DiffusionDecoder(nn.Module):
     memory = layers.LearnedPositions(self.condition_length, self.embed_dim,
                                      param_dtype=self.param_dtype,
                                      name="condition_positions")(memory)
+    side = math.isqrt(self.condition_length)
+    if side * side == self.condition_length:
+      # A square condition (a tokenizer's grid of codes or encoder tokens)
+      # also gets the patches' 2-D positions, so a patch finds its own
+      # place in it at once (a grid of the patches' size lines up exactly).
+      memory = memory + layers.sincos_positions_2d(
+          side, side, self.embed_dim)[None].astype(memory.dtype)
     null = self.param("null_condition",
                       layers.partitioned(nn.initializers.normal(0.02),
                                          (None, "embed")),
@@ -169,17 +186,39 @@ class DiffusionDecoder(nn.Module):
     return v.astype(jnp.float32)
 
 
+# The smallest t the velocity divides by (x-prediction, module doc).
+T_MIN = 0.05
+
+
+def velocity(model: DiffusionDecoder, params, x_t, t, condition,
+             use_condition=None, source=None):
+  """v = (x_t - x_0_pred) / max(t, T_MIN): the velocity of the decoder's
+  clean-image estimate (float32 [B, S, S, C])."""
+  x0 = model.apply({"params": params}, x_t, t, condition, use_condition,
+                   source)
+  return (x_t - x0) / jnp.maximum(t, T_MIN)[:, None, None, None]
+
+
 def to_data(images01):
   """Pixels in [0, 1] -> the data range [-1, 1]."""
   return images01.astype(jnp.float32) * 2.0 - 1.0
 
 
+LOSS_TARGETS = ("x", "v")
+
+
 def flow_matching_loss(model: DiffusionDecoder, params, images01, condition,
                        rng, *, condition_drop_rate: float = 0.0,
-                       source01=None):
-  """Mean squared error of the predicted velocity (module doc) on images
-  [B, S, S, C] in [0, 1]; the condition is dropped (null) for a
-  condition_drop_rate share of the batch. Returns (loss, metrics)."""
+                       source01=None, target: str = "x"):
+  """Mean squared error on images [B, S, S, C] in [0, 1] of the clean-image
+  estimate (target "x") or of the velocity it gives (target "v": the same
+  error weighted by 1 / t^2, which puts nearly all the weight on small t,
+  where denoising is local and the condition barely matters); the
+  condition is dropped (null) for a condition_drop_rate share of the
+  batch. Returns (loss, metrics)."""
+  if target not in LOSS_TARGETS:
+    raise ValueError(f"target={target!r}; expected one of {LOSS_TARGETS} "
+                     "(config.loss.target).")
   x0 = to_data(images01)
   t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
   b = x0.shape[0]
@@ -188,8 +227,12 @@ def flow_matching_loss(model: DiffusionDecoder, params, images01, condition,
   x_t = (1.0 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
   use = jax.random.uniform(drop_rng, (b,)) >= condition_drop_rate
   source = None if source01 is None else to_data(source01)
-  v = model.apply({"params": params}, x_t, t, condition, use, source)
-  loss = jnp.mean((v - (noise - x0)) ** 2)
+  x0_pred = model.apply({"params": params}, x_t, t, condition, use, source)
+  if target == "x":
+    loss = jnp.mean((x0_pred - x0) ** 2)
+  else:  # the velocity's error: the same error weighted by 1 / t^2
+    t_div = jnp.maximum(t, T_MIN)[:, None, None, None]
+    loss = jnp.mean(((x_t - x0_pred) / t_div - (noise - x0)) ** 2)
   return loss, {"flow_loss": loss}
 
 
@@ -206,15 +249,15 @@ def sample(model: DiffusionDecoder, params, condition, rng, *,
                      None if source01 is None else to_data(source01))
   source = None if source01 is None else to_data(source01)
 
-  def velocity(x, t):
+  def guided_velocity(x, t):
     if cfg_scale is None:
-      return model.apply({"params": params}, x, t, condition, None, source)
-    both = model.apply(
-        {"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+      return velocity(model, params, x, t, condition, None, source)
+    both = velocity(
+        model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
         jnp.concatenate([condition, condition]),
         jnp.concatenate([jnp.ones((b,), bool), jnp.zeros((b,), bool)]),
         None if source is None else jnp.concatenate([source, source]))
     return sampler_lib.guided_logits(both, cfg_scale)  # [cond; null]
 
-  x = flow.euler_sample(velocity, noise, num_steps)
+  x = flow.euler_sample(guided_velocity, noise, num_steps)
   return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)

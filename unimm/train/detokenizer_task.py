@@ -37,7 +37,7 @@ from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import diffusion
 from unimm.tokenizers import losses as losses_lib
 
-LOSS_DEFAULTS = dict(condition_drop_rate=0.1)
+LOSS_DEFAULTS = dict(condition_drop_rate=0.1, target="x")
 
 
 class DetokenizerTask:
@@ -56,6 +56,9 @@ class DetokenizerTask:
     if not 0.0 <= rate < 1.0:
       raise ValueError(f"config.loss.condition_drop_rate={rate}; expected a "
                        "rate in [0, 1) (0.1 trains guidance).")
+    if self.loss_config["target"] not in diffusion.LOSS_TARGETS:
+      raise ValueError(f"config.loss.target={self.loss_config['target']!r}; "
+                       f"expected one of {diffusion.LOSS_TARGETS}.")
     workdir = config.get("tokenizer_workdir") or ""
     if not workdir:
       raise ValueError("config.tokenizer_workdir is empty; set it to the "
@@ -105,7 +108,8 @@ class DetokenizerTask:
         images))
     loss, metrics = diffusion.flow_matching_loss(
         self.model, params, images.astype(jnp.float32) / 255.0, conditions,
-        rng, condition_drop_rate=self.loss_config["condition_drop_rate"])
+        rng, condition_drop_rate=self.loss_config["condition_drop_rate"],
+        target=self.loss_config["target"])
     return loss, (metrics, model_state)
 
   def optimizer(self):

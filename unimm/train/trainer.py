@@ -422,7 +422,19 @@ def _evaluate(evaluate, state: TrainState, workdir: str, step: int,
   """Runs task.evaluate; writes its numeric scalars as eval/<name> (unless
   named; strings and None stay in its report) and, once it has finished,
   EVALUATED_FILE with the step."""
-  results = evaluate(state.params, state.model_state, workdir, step) or {}
+  params, model_state = state.params, state.model_state
+  if jax.process_count() > 1:
+    # Every process evaluates (the evals are host code over inference
+    # models); a parameter sharded over several hosts cannot be fetched to
+    # one, so each gets the full parameters and evaluates on its own devices
+    # (a model must fit one host to be evaluated; docs/scaling.md).
+    params, model_state = multihost_utils.process_allgather(
+        (params, model_state), tiled=True)
+    with jax.set_mesh(parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1),
+                                         jax.local_devices())):
+      results = evaluate(params, model_state, workdir, step) or {}
+  else:
+    results = evaluate(params, model_state, workdir, step) or {}
   scalars = {(k if "/" in k else f"eval/{k}"): v
              for k, v in results.items()
              if np.size(v) == 1 and (
