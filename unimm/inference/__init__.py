@@ -63,7 +63,8 @@ def load_model(path: str, step: int | None = None, *, upsamplers=None
   raise ValueError(
       f"{path!r} holds a {task!r} run; load_model expects a text-to-image "
       "('parti') or 'interleaved' run. Use unimm.load_tokenizer for "
-      "tokenizers and unimm.load_upsampler for upsamplers.")
+      "tokenizers, unimm.load_upsampler for upsamplers and "
+      "unimm.load_detokenizer for diffusion de-tokenizers.")
 
 
 __all__ = [
