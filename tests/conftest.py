@@ -145,7 +145,35 @@ def pytest_addoption(parser):
                    help="also run the tests marked slow (docs/testing.md)")
 
 
+# The files that take longest (a minute or more of CPU each), run first:
+# `--dist loadfile` hands files to the two workers in collection order, and
+# a long file collected last (tests/train/ sorts last) keeps one worker busy
+# while the other idles. Longest first evens the workers out.
+LONGEST_FILES = (
+    "tests/test_end_to_end.py",
+    "tests/train/test_multihost.py",
+    "tests/test_colab_text_to_image.py",
+    "tests/train/test_interleaved_task.py",
+    "tests/test_colab_interleaved.py",
+    "tests/test_own_data_interleaved.py",
+    "tests/test_colabs.py",
+    "tests/test_own_data.py",
+    "tests/train/test_image_input_task.py",
+    "tests/test_sharding_modes.py",
+    "tests/train/test_detokenizer_task.py",
+    "tests/test_main.py",
+    "tests/test_export.py",
+)
+
+
+def _file_rank(item) -> int:
+  path = item.nodeid.split("::")[0]
+  return (LONGEST_FILES.index(path) if path in LONGEST_FILES
+          else len(LONGEST_FILES))
+
+
 def pytest_collection_modifyitems(config, items):
+  items.sort(key=_file_rank)  # stable: the other files keep their order
   if config.getoption("--run-slow"):
     return
   slow = [item for item in items if item.get_closest_marker("slow")]
