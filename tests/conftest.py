@@ -102,6 +102,11 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: minutes of CPU; collected only with --run-slow "
       "(docs/testing.md)")
+  # pytest-xdist hands out files with the most tests first, which puts the
+  # long one-test files (the recipes, the Colabs) last; keep the collection
+  # order instead (LONGEST_FILES first, below).
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_runtest_logreport(report):
@@ -146,9 +151,9 @@ def pytest_addoption(parser):
 
 
 # The files that take longest (a minute or more of CPU each), run first:
-# `--dist loadfile` hands files to the two workers in collection order, and
-# a long file collected last (tests/train/ sorts last) keeps one worker busy
-# while the other idles. Longest first evens the workers out.
+# `--dist loadfile` then hands files to the two workers in collection order
+# (pytest_configure), and no long file is left to keep one worker busy at
+# the end while the other idles.
 LONGEST_FILES = (
     "tests/test_end_to_end.py",
     "tests/train/test_multihost.py",
