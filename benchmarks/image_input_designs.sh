@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The image-input design table of docs/designs.md: the interleaved model
-# reading images as codes, Fuyu patches, or resampler queries (16 and 64),
-# each trained on the same documents (captions both ways, edits, questions),
+# The design tables of docs/designs.md: the interleaved model reading
+# images as codes, Fuyu patches, or resampler queries (16 and 64), or
+# writing them as Emu's regressed embeddings (row "embeddings": codes read,
+# code vectors regressed by l2, decoded by the diffusion de-tokenizer DETOK;
+# "embeddings_gmm": by GIVT's mixture head, sampled), each
+# trained on the same documents (captions both ways, edits, questions),
 # for the same steps, batch and width, then evaluated alike; prints the
 # table (benchmarks/design_table.py).
 #
-# Usage: benchmarks/image_input_designs.sh  (env: TOK, OUT, STEPS, BATCH,
-#        SIZE, DOCS, EVAL, ROWS="codes patches resampler16 resampler64",
+# Usage: benchmarks/image_input_designs.sh  (env: TOK, DETOK, OUT, STEPS,
+#        BATCH, SIZE, DOCS, EVAL,
+#        ROWS="codes patches resampler16 resampler64" (or embeddings,
+#        embeddings_gmm),
 #        KINDS: the document mix; with refer, grounded_caption or draw_box
 #        in it the model gets 16x16 location ids and the eval scores those)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOK=${TOK:-workdirs/tok_16k}
+DETOK=${DETOK:-workdirs/detok_10k}
 OUT=${OUT:-workdirs/designs}
 STEPS=${STEPS:-1500}
 BATCH=${BATCH:-16}
@@ -41,6 +47,10 @@ fi
 for row in $ROWS; do
   case "$row" in
     codes) pack=(--image_input codes); arg="image_input=codes" ;;
+    embeddings) pack=(--image_input codes)  # the codes row's documents
+                arg="output=embeddings,detokenizer_workdir=$DETOK" ;;
+    embeddings_gmm) pack=(--image_input codes)
+                    arg="output=embeddings,head=gmm,detokenizer_workdir=$DETOK" ;;
     patches) pack=(--image_input patches --patch_size 4)
              arg="image_input=patches,patch=4" ;;
     resampler*) q="${row#resampler}"
@@ -48,7 +58,7 @@ for row in $ROWS; do
                 arg="image_input=resampler,queries=$q" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
-  data="$OUT/data_$row"
+  data="$OUT/data_${row/embeddings*/codes}"
   for split in train validation; do
     num=$([[ $split == train ]] && echo "$DOCS" || echo 1000)
     if [[ ! -f "$data/$split.json" ]]; then

@@ -48,7 +48,14 @@ refer, grounded_caption or draw_box; 0 = no location ids), referring
 (held-out referring expressions the eval grounds: referring_accuracy),
 grounded (held-out images the eval asks grounded captions of:
 grounded_caption_accuracy), drawn (held-out requests to draw in boxes:
-draw_box_accuracy).
+draw_box_accuracy), output (codes | embeddings: what the model writes in
+image spans; embeddings = Emu's regression of the tokenizer's code
+vectors, unimm.models.interleaved; set rerank=0), embedding_dim (their
+width: the tokenizer's decoder width), detokenizer_workdir (the diffusion
+de-tokenizer, trained with condition=codes on the same tokenizer, that
+decodes regressed images; empty: their nearest codes by the tokenizer),
+head (l2 | gmm: GIVT's mixture of diagonal Gaussians, sampled at
+image_temp), mixtures (its components).
 """
 import ml_collections
 
@@ -68,10 +75,12 @@ def get_config(arg=None):
       drop_text=0.1, cfg=1.5, image_temp=0.5, beams=8, rerank=0.5, dtype="float32",
       remat="none", scan="auto", optimizer="muon", image_input="codes",
       patch=4, queries=16, experts=1, questions=0, bins=0, referring=0,
-      grounded=0, drawn=0)
+      grounded=0, drawn=0, output="codes", embedding_dim=64,
+      detokenizer_workdir="", head="l2", mixtures=16)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
+  config.detokenizer_workdir = arg.detokenizer_workdir
   config.vocab = ml_collections.ConfigDict(dict(
       text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
       location_bins=arg.bins))
@@ -86,7 +95,10 @@ def get_config(arg=None):
       newline_id=layout.newline_id, max_len=arg.length,
       image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
-      remat_policy=arg.remat,
+      remat_policy=arg.remat, image_output=arg.output,
+      embedding_dim=arg.embedding_dim if arg.output == "embeddings" else 0,
+      image_offset=layout.image_offset, image_codes=arg.codes,
+      image_head=arg.head, mixtures=arg.mixtures if arg.head == "gmm" else 1,
       scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
   config.loss = ml_collections.ConfigDict(dict(
       text_weight=arg.text_weight, image_weight=arg.image_weight,

@@ -166,6 +166,7 @@ LONGEST_FILES = (
     "tests/train/test_image_input_task.py",
     "tests/test_sharding_modes.py",
     "tests/train/test_detokenizer_task.py",
+    "tests/train/test_image_output_task.py",
     "tests/test_main.py",
     "tests/test_export.py",
 )

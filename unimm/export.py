@@ -13,6 +13,8 @@ writes
   OUT/text_tokenizer.model  the SentencePiece model (text-to-image and
                             interleaved models)
   OUT/upsampler_x{2,4}/     Parti's upsamplers, when the run has them
+  OUT/detokenizer/          the diffusion de-tokenizer of an interleaved
+                            model that regresses image embeddings
   OUT/model_card.json       what it is, what it was trained on, its step,
                             parameter count and eval report
 
@@ -42,6 +44,7 @@ from unimm import paths
 from unimm.evaluation import reports
 
 TOKENIZER_DIR = "tokenizer"
+DETOKENIZER_DIR = "detokenizer"
 TEXT_TOKENIZER_FILE = "text_tokenizer.model"
 MODEL_CARD = "model_card.json"
 
@@ -108,6 +111,18 @@ def _export_upsampler(path: str, out: str) -> str:
   return out
 
 
+def _export_detokenizer(path: str, out: str) -> str:
+  """A de-tokenizer beside an exported model: its tokenizer is
+  ../tokenizer."""
+  _check_out(out, path)
+  detokenizer = inference.load_detokenizer(path)
+  _, config, meta = checkpoints.saved(path, detokenizer.step)
+  config.tokenizer_workdir = os.path.join("..", TOKENIZER_DIR)
+  write_params_checkpoint(out, detokenizer.step, detokenizer.params, config,
+                          meta)
+  return out
+
+
 def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
   """Exports the run in `workdir` to `out`; returns its model card."""
   path = inference.model_path(workdir)
@@ -149,6 +164,10 @@ def export(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
         model.text_tokenizer.model_proto)
     config.tokenizer_workdir = TOKENIZER_DIR
     config.text_tokenizer = TEXT_TOKENIZER_FILE
+    if getattr(model, "detokenizer", None) is not None:
+      _export_detokenizer(model.detokenizer.path,
+                          os.path.join(out, DETOKENIZER_DIR))
+      config.detokenizer_workdir = DETOKENIZER_DIR
     write_params_checkpoint(out, model.step, model.params, config, meta)
     card["parameters"] = _parameter_count(model.params)
     card["load_with"] = "unimm.load_model"

@@ -54,9 +54,9 @@ def condition_shape(kind: str, tokenizer: vit_vqgan.ViTVQGAN
 
 def conditions_of_ids(tokenizer: vit_vqgan.ViTVQGAN, tokenizer_params, ids):
   """ids [B, h, w] -> their code vectors [B, h*w, D_dec] (traceable)."""
-  _, codes = tokenizer.apply({"params": tokenizer_params}, ids,
-                             method=vit_vqgan.ViTVQGAN.decode_with_codes)
-  return codes.reshape(ids.shape[0], -1, codes.shape[-1])
+  return tokenizer.apply({"params": tokenizer_params},
+                         ids.reshape(ids.shape[0], -1),
+                         method=vit_vqgan.ViTVQGAN.code_vectors)
 
 
 def conditions_of_images(kind: str, tokenizer: vit_vqgan.ViTVQGAN,

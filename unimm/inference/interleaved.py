@@ -9,6 +9,12 @@ unimm.models.vocab.encode_documents (the one document encoder, shared with
 the data pipeline), continued by one compiled sampler program
 (unimm.models.interleaved.continue_documents: text runs to EOS or an image,
 image spans of exactly h*w codes) and decoded back into segments.
+
+A model with image_output "embeddings" (Emu) regresses each image span's
+embeddings; sample() decodes them with its diffusion de-tokenizer
+(config.detokenizer_workdir, condition "codes"), or without one by the
+tokenizer's decoder on their nearest codes, as generate() does for the
+images it writes.
 """
 import dataclasses
 import re
@@ -25,6 +31,7 @@ from unimm import config_lib
 from unimm.data import grounding
 from unimm.data import interleaved as documents_lib
 from unimm.evaluation import retrieval
+from unimm.inference import detokenizer as detokenizer_lib
 from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import image_input as image_input_lib
@@ -75,8 +82,11 @@ class InterleavedModel:
   config: ml_collections.ConfigDict
   step: int = 0
   path: str = ""
+  detokenizer: Any = None  # image_output "embeddings": decodes sample()
 
   def __post_init__(self):
+    if self.detokenizer is not None:
+      check_detokenizer(self.model, self.detokenizer)
     if self.layout.size != self.model.vocab_size:
       raise ValueError(
           f"config.model.vocab_size={self.model.vocab_size} but the layout "
@@ -159,7 +169,7 @@ class InterleavedModel:
                 max_new_tokens, max_images, max_text_tokens=64,
                 cfg_scale=None, image_temperature=None,
                 contrastive_alpha=None, contrastive_k=1, sjd_window=0,
-                reads=None, text_ids=None):
+                reads=None, text_ids=None, return_embeddings=False):
     temperature = settings_lib.resolve(temperature, self.settings,
                                        "temperature")
     sjd_window = settings_lib.resolve(sjd_window, self.settings,
@@ -205,7 +215,7 @@ class InterleavedModel:
         text_sampling=sampling, image_sampling=image_sampling,
         max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
         max_images=max_images, drop_ids=np.asarray(self.layout.is_text(ids)),
-        reads=reads)
+        reads=reads, return_embeddings=return_embeddings)
     return out
 
   def _segments(self, row) -> list[Any]:
@@ -371,6 +381,8 @@ class InterleavedModel:
     if not rerank_weight >= 0:
       raise ValueError(f"rerank_weight={rerank_weight!r}; expected >= 0 "
                        "(0 = no reranking).")
+    if rerank_weight:
+      self._check_code_likelihood("rerank_weight > 0")
     if rerank_weight and num_beams == 1:
       raise ValueError(f"rerank_weight={rerank_weight} reranks the final "
                        "beams of a beam search; pass num_beams > 1 (e.g. 8) "
@@ -398,6 +410,15 @@ class InterleavedModel:
       return self._write_text(rows, reads, seed=seed, temperature=temperature,
                               max_new_tokens=max_new_tokens, text_ids=allowed)
     return [self._text_of(row) for row in out]
+
+  def _check_code_likelihood(self, what: str) -> None:
+    """ValueError for `what` on a model that regresses embeddings: it gives
+    codes no likelihood."""
+    if self.model.image_output != "codes":
+      raise ValueError(
+          f"{what} scores an image by its codes' likelihood, but this model "
+          "regresses image embeddings (image_output='embeddings') and gives "
+          "codes none; use rerank_weight=0 (config arg rerank=0).")
 
   def _text_of(self, row) -> str:
     """The text of a continuation row (its text segments, joined)."""
@@ -505,6 +526,7 @@ class InterleavedModel:
     if isinstance(captions, (str, bytes)):
       raise ValueError("captions must be a list of strings, got one string; "
                        "wrap it in a list.")
+    self._check_code_likelihood("score() / retrieval_scores()")
     spans = [self.layout.image_span(c) for c in self.tokenizer.encode(images)]
     # How the model reads each image: codes read as the spans they are
     # written in; a reading setting's spans and pixel patches otherwise.
@@ -611,13 +633,19 @@ class InterleavedModel:
       temperature = self.settings["temperature"]
     rows = [np.concatenate([r, [vocab.BOI]]).astype(np.int32)
             for r in self._encode([[p] for p in prompts])[0]]
+    regressing = self.model.image_output == "embeddings"
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=self.image_length + 1, max_images=1,
                          max_text_tokens=1,  # no text follows the image
                          cfg_scale=cfg_scale, image_temperature=temperature,
                          contrastive_alpha=contrastive_alpha,
-                         contrastive_k=contrastive_k, sjd_window=sjd_window)
+                         contrastive_k=contrastive_k, sjd_window=sjd_window,
+                         return_embeddings=regressing)
+    if regressing:
+      out, embeddings = out
+      if self.detokenizer is not None:
+        return self.detokenizer.decode_conditions(embeddings[0], seed=seed)
     h, w = self.tokenizer.grid
     codes = out[:, :self.image_length] - self.layout.image_offset
     return self.tokenizer.decode(codes.reshape(-1, h, w))
@@ -631,6 +659,32 @@ def _check_one_text_per_image(images, texts, what: str) -> None:
   if len(images) != len(texts):
     raise ValueError(f"{len(images)} images but {len(texts)} {what}s; "
                      f"expected one {what} per image.")
+
+
+def check_detokenizer(model: il.InterleavedLM,
+                      detokenizer: detokenizer_lib.Detokenizer) -> None:
+  """ValueError unless the de-tokenizer decodes what the model regresses:
+  condition "codes" of image_length vectors of width embedding_dim."""
+  shape = detokenizer_lib.condition_shape(detokenizer.condition,
+                                          detokenizer.tokenizer.model)
+  want = (model.image_length, model.embedding_dim)
+  if model.image_output != "embeddings" or detokenizer.condition != "codes" \
+      or shape != want:
+    raise ValueError(
+        f"The de-tokenizer in {detokenizer.path!r} decodes condition "
+        f"{detokenizer.condition!r} of shape {shape}; this model "
+        f"(image_output={model.image_output!r}) needs a de-tokenizer trained "
+        f"with condition=codes on its tokenizer, {want} "
+        "(config.detokenizer_workdir).")
+
+
+def load_detokenizer_of(path: str, config, meta):
+  """The de-tokenizer a run in `path` names (config.detokenizer_workdir),
+  found like its tokenizer; None when it names none."""
+  if not config.get("detokenizer_workdir"):
+    return None
+  return detokenizer_lib.load_detokenizer(checkpoints.resolve_path(
+      config.detokenizer_workdir, path, meta, "detokenizer_workdir"))
 
 
 def params_init(model: il.InterleavedLM,
@@ -674,4 +728,5 @@ def load_interleaved(path: str, step: int | None = None) -> InterleavedModel:
   restored = checkpoints.restore(
       path, params_init(model, read_width(model, tokenizer)), config, step)
   return InterleavedModel(model, layout, restored.params, tokenizer,
-                          text_tokenizer, config, restored.step, path)
+                          text_tokenizer, config, restored.step, path,
+                          load_detokenizer_of(path, config, meta))

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from unimm import checkpoints
 from unimm import config_lib
@@ -42,6 +43,16 @@ class Tokenizer:
   def decode(self, ids):
     """int ids [N, h, w] in [0, num_codes) -> uint8 images [N, H, W, 3]."""
     return vit_vqgan.decode_ids(self.model, self.params, ids)
+
+  def code_table(self) -> np.ndarray:
+    """Every code's vector as the decoder reads it, float [num_codes,
+    D_dec]: row c for code c (the diffusion de-tokenizer's condition
+    "codes", what the interleaved model's image_output "embeddings"
+    regresses)."""
+    ids = jnp.arange(self.num_codes, dtype=jnp.int32)[None]
+    return np.asarray(self.model.apply(
+        {"params": vit_vqgan._plain_params(self.params)}, ids,  # pylint: disable=protected-access
+        method=vit_vqgan.ViTVQGAN.code_vectors)[0])
 
   def reader_features(self, reads, patch_size: int):
     """reader_features with this tokenizer's frozen params (host arrays in,

@@ -20,6 +20,24 @@ Given images are read by the setting image_input (unimm.models.image_input:
 / OneLLM): with a reading setting, READ slots (read_id) take the reader's
 embeddings of `reads` [B, R, F] in order, and NEWLINE (newline_id) ends each
 row of Fuyu patches; images are still written as codes.
+
+What the model writes in image spans is the setting image_output:
+"codes" (the default) predicts each code with the shared read-out;
+"embeddings" is Emu's continuous output (Sun et al. 2023, arXiv
+2307.05222): every image slot holds a continuous embedding instead of a
+code's embedding. Its input is image_in(e) and the regression head
+image_out predicts the next slot's e, trained by l2 (image spans carry no
+cross-entropy). The e of a code is a row of frozen_image_table [codes,
+embedding_dim], the frozen tokenizer's vector for that code as its decoder
+(and the diffusion de-tokenizer with condition "codes") reads it, so
+packed rows of codes train it unchanged; in generation each regressed e
+is fed back through the same cache step (decode_regress) and the
+de-tokenizer decodes them (unimm.inference.detokenizer). With
+image_head="gmm" (GIVT, Tschannen et al. 2023) the head gives a mixture of
+`mixtures` diagonal Gaussians instead of one vector, trained by its
+negative log-likelihood and sampled in generation (mixture_nll,
+sample_mixture), so a span whose next vector has several likely values
+commits to one rather than regressing to their mean.
 """
 import functools
 
@@ -33,6 +51,9 @@ from unimm.models import image_input as image_input_lib
 from unimm.sampling import sampler as samp
 
 PAD_ID = 0  # = VocabLayout.PAD
+IMAGE_OUTPUTS = ("codes", "embeddings")
+IMAGE_HEADS = ("l2", "gmm")
+MIN_SCALE = 0.05  # the mixture's smallest standard deviation
 
 # CPU sizes for the shapes world, and Gemini/Chameleon-like 1B and 7B shapes
 # (multi-query attention, gated MLPs at the larger sizes).
@@ -115,6 +136,12 @@ class InterleavedLM(nn.Module):
   feature_length: int = 64  # encoder features per image ("resampler")
   resampler_layers: int = 2
   num_experts: int = 1  # OneLLM's routed resamplers
+  image_output: str = "codes"  # "codes" | "embeddings" (Emu)
+  embedding_dim: int = 0  # width of the regressed embeddings
+  image_offset: int = 0  # VocabLayout.image_offset ("embeddings")
+  image_codes: int = 0  # image codes in the vocabulary ("embeddings")
+  image_head: str = "l2"  # "l2" | "gmm" (GIVT's mixture; "embeddings")
+  mixtures: int = 1  # the mixture's components (image_head "gmm")
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -131,6 +158,27 @@ class InterleavedLM(nn.Module):
           f"inside the vocabulary of {self.vocab_size}; got "
           f"{self.read_id}, {self.newline_id} (VocabLayout(..., "
           "image_input=...).read_id / newline_id).")
+    if self.image_output not in IMAGE_OUTPUTS:
+      raise ValueError(
+          f"image_output={self.image_output!r}; expected one of "
+          f"{IMAGE_OUTPUTS} (config.model.image_output).")
+    if self.image_output == "embeddings" and not (
+        self.embedding_dim > 0 and self.image_codes > 0
+        and 0 < self.image_offset
+        and self.image_offset + self.image_codes <= self.vocab_size
+        and self.image_length > 0):
+      raise ValueError(
+          f"image_output='embeddings' needs embedding_dim > 0, image_length "
+          f"> 0 and image codes inside the vocabulary of {self.vocab_size}; "
+          f"got embedding_dim={self.embedding_dim}, image_length="
+          f"{self.image_length}, image_offset={self.image_offset}, "
+          f"image_codes={self.image_codes} (config.model; the config sets "
+          "them from VocabLayout and the tokenizer).")
+    if self.image_head not in IMAGE_HEADS or self.mixtures < 1:
+      raise ValueError(
+          f"image_head={self.image_head!r}, mixtures={self.mixtures}; "
+          f"expected one of {IMAGE_HEADS} and mixtures >= 1 "
+          "(config.model.image_head / mixtures).")
     if self.image_positions not in ("1d", "2d"):
       raise ValueError(
           f"image_positions must be '1d' or '2d', got "
@@ -168,9 +216,56 @@ class InterleavedLM(nn.Module):
           feature_length=self.feature_length,
           resampler_layers=self.resampler_layers,
           num_experts=self.num_experts, norm=self.norm, **kw)
+    if self.image_output == "embeddings":
+      # Frozen: the optimizer leaves parameters named frozen_* alone
+      # (unimm.train.optim.frozen_mask) and the model reads it through
+      # stop_gradient; the task copies the tokenizer's vectors in.
+      self.frozen_image_table = self.param(
+          "frozen_image_table",
+          unn.partitioned(nn.initializers.normal(1.0), (None, None)),
+          (self.image_codes, self.embedding_dim),
+          jnp.dtype(self.param_dtype))
+      self.image_in = unn.dense(self.embed_dim, ("patch", "embed"),
+                                use_bias=True, **kw)
+      self.image_out = unn.dense(self.head_width, ("embed", "patch"),
+                                 use_bias=True, **kw)
 
-  def _embed(self, tokens, span_index, reads=None):
+  @property
+  def head_width(self) -> int:
+    """The regression head's outputs: one vector ("l2"), or per mixture
+    component a logit, a mean and a scale ("gmm")."""
+    if self.image_head == "gmm":
+      return self.mixtures * (1 + 2 * self.embedding_dim)
+    return self.embedding_dim
+
+  def is_code(self, tokens):
+    """bool: which ids are image codes."""
+    return (tokens >= self.image_offset) & (
+        tokens < self.image_offset + self.image_codes)
+
+  def code_embeddings(self, tokens):
+    """The frozen table's row of each code id (any other id: row 0)."""
+    index = jnp.clip(tokens - self.image_offset, 0, self.image_codes - 1)
+    table = jax.lax.stop_gradient(self.frozen_image_table)
+    return jnp.take(table, index, axis=0)
+
+  def nearest_codes(self, embeddings):
+    """embeddings [..., E] -> the ids of their nearest table rows (l2)."""
+    table = jax.lax.stop_gradient(self.frozen_image_table).astype(
+        jnp.float32)
+    e = embeddings.astype(jnp.float32)
+    score = 2.0 * e @ table.T - jnp.sum(table * table, axis=-1)
+    return (jnp.argmax(score, axis=-1) + self.image_offset).astype(jnp.int32)
+
+  def _embed(self, tokens, span_index, reads=None, embeddings=None):
     x = self.embed.encode(tokens)  # [B, T, D]
+    if self.image_output == "embeddings":
+      # Code slots read continuous embeddings: given ones (generation
+      # feeds back what it regressed) or the codes' table rows.
+      if embeddings is None:
+        embeddings = self.code_embeddings(tokens)
+      x = jnp.where(self.is_code(tokens)[..., None],
+                    self.image_in(embeddings.astype(x.dtype)), x)
     if self.image_input != "codes" and reads is not None:
       x = image_input_lib.place_reads(x, tokens, self.reader(reads),
                                       self.read_id)
@@ -186,14 +281,18 @@ class InterleavedLM(nn.Module):
     return x
 
   def __call__(self, tokens, segment_ids=None, positions=None,
-               deterministic=True, reads=None):
+               deterministic=True, reads=None, regress=False,
+               embeddings=None):
     """Teacher forcing over packed rows.
 
     tokens [B, T]; segment_ids [B, T] (one id per document, 0 = padding;
     default: PAD tokens are 0, others 1); positions [B, T] (restarting per
     document; default arange); reads [B, R, F]: what the row's READ slots
     read, in order (reading settings; module doc). Returns logits
-    [B, T, V]: position t predicts token t + 1.
+    [B, T, V]: position t predicts token t + 1. image_output
+    "embeddings": code slots read embeddings [B, T, E] where given (else
+    their table rows), and with regress the result is (logits, the
+    regressed next embedding [B, T, E]).
     """
     b, t = tokens.shape
     if segment_ids is None:
@@ -201,10 +300,20 @@ class InterleavedLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     span, _ = image_span_index(tokens, positions, self.boi_id)
-    x = self._embed(tokens, span, reads)
+    x = self._embed(tokens, span, reads, embeddings)
     x = self.stack(x, segment_ids=segment_ids, positions=positions,
                    deterministic=deterministic)
+    if regress:
+      return self.embed.decode(x), self._regressed(x)
+    if self.image_output == "embeddings" and self.is_initializing():
+      self._regressed(x)  # init creates the regression head too
     return self.embed.decode(x)  # [B, T, V]
+
+  def _regressed(self, x):
+    if self.image_output != "embeddings":
+      raise ValueError("regress=True / decode_regress need image_output="
+                       f"'embeddings'; this model has {self.image_output!r}.")
+    return self.image_out(x).astype(jnp.float32)
 
   # ------------------------------------------------------------ decoding
 
@@ -231,6 +340,16 @@ class InterleavedLM(nn.Module):
     x, cache = self._decode(tokens, cache, slot, cache["length"], reads)
     return self.embed.decode(x[:, -1:])[:, 0], cache  # [B, V]
 
+  def decode_regress(self, tokens, embeddings, cache, slot):
+    """decode_step that also regresses (image_output "embeddings"): code
+    slots among tokens [B, T] read embeddings [B, T, E] (what generation
+    regressed) instead of their table rows. Returns (logits [B, V], the
+    head's output for the next embedding [B, head_width], cache)."""
+    x, cache = self._decode(tokens, cache, slot, cache["length"],
+                            embeddings=embeddings)
+    return (self.embed.decode(x[:, -1:])[:, 0],
+            self._regressed(x[:, -1]), cache)
+
   def decode_window(self, tokens, cache, slot):
     """decode_step's logits after every token: tokens [B, T] into slots
     slot..slot+T-1 -> (logits [B, T, V], cache).
@@ -246,7 +365,8 @@ class InterleavedLM(nn.Module):
     x, cache = self._decode(tokens, cache, slot, length)
     return self.embed.decode(x), cache  # [B, T, V]
 
-  def _decode(self, tokens, cache, slot, length, reads=None):
+  def _decode(self, tokens, cache, slot, length, reads=None,
+              embeddings=None):
     """tokens [B, T] at slots slot.., positions from length [B] on ->
     (the stack's output [B, T, D], cache)."""
     slot = jnp.asarray(slot, jnp.int32)
@@ -256,13 +376,61 @@ class InterleavedLM(nn.Module):
     valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, slot))
     span, last_boi = image_span_index(tokens, positions, self.boi_id,
                                       cache["last_boi"])
-    x = self._embed(tokens, span, reads)
+    x = self._embed(tokens, span, reads, embeddings)
     layers = {k: cache[k] for k in ("k", "v")}
     x, layers = self.stack(x, segment_ids=real.astype(jnp.int32),
                            positions=positions, cache=layers,
                            cache_index=slot, cache_valid=valid)
     return x, dict(layers, valid=valid, length=length + real.sum(axis=1),
                    last_boi=last_boi)
+
+
+def split_mixture(raw, mixtures: int):
+  """The "gmm" head's output [..., K * (1 + 2E)] -> (logits [..., K],
+  means [..., K, E], scales [..., K, E] >= MIN_SCALE)."""
+  k = mixtures
+  logits, rest = raw[..., :k], raw[..., k:]
+  rest = rest.reshape(*rest.shape[:-1], k, 2, -1)
+  scales = jax.nn.softplus(rest[..., 1, :]) + MIN_SCALE
+  return logits, rest[..., 0, :], scales
+
+
+def mixture_nll(raw, targets, mixtures: int):
+  """-log p(targets [..., E]) under the mixture of raw [..., head_width],
+  per dimension (divided by E): [...]."""
+  logits, means, scales = split_mixture(raw, mixtures)
+  z = (targets[..., None, :] - means) / scales
+  log_normal = jnp.sum(-0.5 * z * z - jnp.log(scales)
+                       - 0.5 * jnp.log(2 * jnp.pi), axis=-1)  # [..., K]
+  log_p = jax.nn.logsumexp(jax.nn.log_softmax(logits) + log_normal, axis=-1)
+  return -log_p / targets.shape[-1]
+
+
+def mixture_mode(raw, mixtures: int):
+  """The likeliest component's mean [..., E] (for nearest-code accuracy)."""
+  logits, means, _ = split_mixture(raw, mixtures)
+  pick = jnp.argmax(logits, axis=-1)
+  return jnp.take_along_axis(means, pick[..., None, None], axis=-2)[..., 0, :]
+
+
+def sample_mixture(rng, raw, mixtures: int, temperature: float,
+                   guide_logits=None):
+  """A draw from the mixture raw [B, head_width]: a component by its
+  logits (or guide_logits, e.g. guided ones) at `temperature` (0: the
+  likeliest), then its mean plus its scale times temperature times unit
+  noise. Returns [B, E]."""
+  logits, means, scales = split_mixture(raw, mixtures)
+  if guide_logits is not None:
+    logits = guide_logits
+  pick_rng, noise_rng = jax.random.split(rng)
+  if temperature > 0:
+    pick = jax.random.categorical(pick_rng, logits / temperature, axis=-1)
+  else:
+    pick = jnp.argmax(logits, axis=-1)
+  mean = jnp.take_along_axis(means, pick[:, None, None], axis=1)[:, 0]
+  scale = jnp.take_along_axis(scales, pick[:, None, None], axis=1)[:, 0]
+  return mean + temperature * scale * jax.random.normal(noise_rng,
+                                                        mean.shape)
 
 
 def token_logprobs(logits, targets):
@@ -345,7 +513,8 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   halves' logits (guidance's mix, or CD-K with the text-dropped document
   as the amateur). With image_sampling.sjd_window, image spans decode by
   speculative Jacobi decoding (sampler.sjd_decode). The image phase also
-  returns its model calls.
+  returns its model calls, and for image_output "embeddings" the
+  regressed embeddings [B, K, E] (its codes are their nearest table rows).
   """
   doubled = image_sampling.doubled
   text_allowed, image_allowed, drop_ids = (
@@ -375,7 +544,58 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
         done=done)
     return out, lengths, cache, steps
 
+  def regressed_image(params, cache, first, slot, rng, active):
+    """Emu's image span: each step feeds the last regressed embedding
+    (BOI first) and regresses the next. Guidance extrapolates the
+    conditional output from the text-dropped one, as for logits: the
+    vector ("l2"), or the mixture's component logits ("gmm", sampled at
+    image_sampling.temperature; means and scales are the conditional
+    ones)."""
+    b = first.shape[0]
+    width = model.embedding_dim
+    gmm = model.image_head == "gmm"
+
+    def feed(cache, tokens, embeddings, at, rng):
+      tokens = jnp.where(active, tokens, pad_id)[:, None]
+      embeddings = embeddings[:, None]
+      if doubled:
+        embeddings = jnp.concatenate([embeddings, embeddings], axis=0)
+      _, raw, cache = model.apply(
+          params, both(tokens), embeddings, cache, at,
+          method=InterleavedLM.decode_regress)
+      guided = None
+      if doubled:
+        guided = samp.guided_logits(raw, image_sampling.cfg_scale)
+        raw = raw[:b]
+      if gmm:
+        out = sample_mixture(
+            rng, raw, model.mixtures, image_sampling.temperature,
+            None if guided is None else guided[:, :model.mixtures])
+      else:
+        out = raw if guided is None else guided
+      return cache, jnp.where(active[:, None], out, 0.0)
+
+    def body(carry, i):
+      cache, tokens, embeddings = carry
+      cache, regressed = feed(cache, tokens, embeddings, slot + i,
+                              jax.random.fold_in(rng, i))
+      code = jnp.full((b,), model.image_offset, jnp.int32)
+      return (cache, code, regressed), regressed
+
+    start = (cache, first, jnp.zeros((b, width), jnp.float32))
+    (cache, tokens, last), regressed = jax.lax.scan(
+        body, start, jnp.arange(model.image_length))
+    # Feed the last embedding: the text phase that follows feeds EOI.
+    cache, _ = feed(cache, tokens, last, slot + model.image_length, rng)
+    regressed = jnp.moveaxis(regressed, 0, 1)  # [B, K, E]
+    codes = model.apply(params, regressed,
+                        method=InterleavedLM.nearest_codes)
+    return (jnp.where(active[:, None], codes, pad_id), cache,
+            jnp.int32(model.image_length), regressed)
+
   def image(params, cache, first, slot, rng, active):
+    if model.image_output == "embeddings":
+      return regressed_image(params, cache, first, slot, rng, active)
     if image_sampling.sjd_window and model.image_length > 1:
       codes, cache, calls = samp.sjd_decode(
           _window_step_fn(model), params, cache, first, slot,
@@ -390,7 +610,7 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
     # Feed the last code: the text phase that follows feeds the forced EOI.
     last = jnp.where(active, codes[:, -1], pad_id)[:, None]
     _, cache = step(params, cache, both(last), slot + model.image_length)
-    return codes, cache, calls
+    return codes, cache, calls, None
 
   return (jax.jit(prefill), jax.jit(text), jax.jit(image))
 
@@ -400,7 +620,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
                        eoi_id: int, text_sampling, image_sampling,
                        max_new_tokens: int, max_text_tokens: int = 64,
                        max_images: int = 4, drop_ids=None,
-                       return_image_steps: bool = False, reads=None):
+                       return_image_steps: bool = False, reads=None,
+                       return_embeddings: bool = False):
   """Continues each prompt row until EOS (or a budget), mixing modalities.
 
   prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
@@ -427,8 +648,25 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   the last phase's overshoot); with return_image_steps, also the model
   calls of each image phase (a list of ints; image_length each without
   SJD). reads [B, R, F]: what the prompts' READ slots read (reading
-  settings; READ slots sit in the prompts only).
+  settings; READ slots sit in the prompts only). For image_output
+  "embeddings" (Emu) image spans are regressed: guidance applies,
+  temperature only to a mixture head ("gmm"), and CD-K and SJD are
+  errors; the codes
+  returned are the nearest table rows, and with return_embeddings the
+  regressed embeddings of each image phase come last (a list of float
+  [B, image_length, E], zeros for rows that drew no image).
   """
+  if model.image_output == "embeddings" and (
+      image_sampling.contrastive_alpha is not None
+      or image_sampling.sjd_window):
+    raise ValueError(
+        f"contrastive_alpha={image_sampling.contrastive_alpha}, sjd_window="
+        f"{image_sampling.sjd_window}: this model regresses image embeddings "
+        "(image_output='embeddings'), which have no token distribution to "
+        "contrast or speculate on; leave both off (cfg_scale guides it).")
+  if return_embeddings and model.image_output != "embeddings":
+    raise ValueError("return_embeddings needs a model with image_output="
+                     f"'embeddings'; this one writes {model.image_output!r}.")
   if text_sampling.sjd_window:
     raise ValueError(
         f"text_sampling has sjd_window={text_sampling.sjd_window}: "
@@ -471,16 +709,19 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   first, slot = np.asarray(prompts[:, -1]), p - 1
   wants_image = first == boi_id
   done = np.zeros((b,), bool)
-  pieces, made, image_steps = [], 0, []
+  pieces, made, image_steps, embeddings = [], 0, [], []
   images = np.zeros((b,), np.int32)  # per row: at most max_images each
   while True:
     rng, text_rng, image_rng = jax.random.split(rng, 3)
     done |= wants_image & (images >= max_images)
     wants_image &= images < max_images
     if wants_image.any():
-      codes, cache, calls = image(params, cache, jnp.asarray(first), slot,
-                                  image_rng, jnp.asarray(wants_image))
+      codes, cache, calls, regressed = image(
+          params, cache, jnp.asarray(first), slot, image_rng,
+          jnp.asarray(wants_image))
       image_steps.append(int(calls))
+      if regressed is not None:
+        embeddings.append(np.asarray(regressed))
       pieces.append(np.asarray(codes))
       pieces.append(np.where(wants_image, eoi_id, PAD_ID)[:, None])
       slot += model.image_length + 1
@@ -507,7 +748,9 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
     if not wants_image.any():
       break
   out = np.concatenate(pieces, axis=1).astype(np.int32)
-  return (out, image_steps) if return_image_steps else out
+  extra = ([image_steps] if return_image_steps else []) + (
+      [embeddings] if return_embeddings else [])
+  return tuple([out] + extra) if extra else out
 
 
 @functools.lru_cache(maxsize=8)

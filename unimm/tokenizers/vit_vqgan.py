@@ -224,6 +224,11 @@ class ViTVQGAN(nn.Module):
     """ids [B, h, w] -> images float32 [B, H, W, C] in [0, 1]."""
     return self.decode_with_codes(ids)[0]
 
+  def code_vectors(self, ids):
+    """ids [B, T] -> the codes' vectors as the decoder reads them
+    [B, T, D_dec] (no decoding)."""
+    return self.quantizer.embed_ids(ids)
+
   def decode_with_codes(self, ids):
     """ids [B, h, w] -> (images [B, H, W, C] in [0, 1], the ids' code
     vectors as the decoder sees them [B, h, w, D_dec]); the upsampler's

@@ -14,6 +14,15 @@ config.loss.drop_text_rate > 0, each document of a row loses all its text
 tokens with that probability (drop_text below); what is left (BOS, images,
 EOS) is exactly what the sampler's unconditional half sees, since PAD is
 invisible and does not advance positions.
+
+With config.model.image_output = "embeddings" (Emu; unimm.models.
+interleaved) image targets carry no cross-entropy: the loss is the text
+cross-entropy plus image_weight times the l2 error of each regressed next
+embedding against the frozen tokenizer's vector of that code (the mean
+square over the width, divided by the codes' mean variance per dimension,
+so 1 is the error of always predicting the mean vector), weighed per token
+like the codes' loss; with config.model.image_head = "gmm" the mixture's
+negative log-likelihood per dimension replaces the l2 error (GIVT).
 """
 import os
 
@@ -33,6 +42,7 @@ from unimm.evaluation import grids
 from unimm.evaluation import interleaved_eval
 from unimm.evaluation import reports
 from unimm.evaluation import retrieval
+from unimm.inference import detokenizer as detokenizer_lib
 from unimm.inference import interleaved as inference
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import image_input as image_input_lib
@@ -110,6 +120,9 @@ class InterleavedTask:
     self.reader_tokenizer = (
         tokenizer_lib.load_tokenizer(config.tokenizer_workdir)
         if self.image_input.kind == "resampler" else None)
+    self.output_tokenizer, self.detokenizer = None, None
+    if self.model.image_output == "embeddings":
+      self._check_embeddings_output(config)
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
     # FID / CLIP score of held-out captions' samples (own data; off if the
     # settings are empty), checked before training.
@@ -128,6 +141,33 @@ class InterleavedTask:
           f"room to generate: its edit documents need about {need} tokens "
           f"({self.model.image_length} per image). Raise max_len (config "
           "arg length=...) or set config.eval.num_generation=0.")
+
+  def _check_embeddings_output(self, config) -> None:
+    """Loads the tokenizer whose code vectors the model regresses (and the
+    de-tokenizer, if named) and checks their shapes before training."""
+    self.output_tokenizer = tokenizer_lib.load_tokenizer(
+        config.tokenizer_workdir)
+    # Computed here, out of any trace (init runs under jit / eval_shape).
+    self.code_table = self.output_tokenizer.code_table()
+    tok = self.output_tokenizer.model
+    if (self.model.embedding_dim, self.model.image_codes) != (
+        tok.decoder_embed_dim, tok.num_codes):
+      raise ValueError(
+          f"config.model.embedding_dim / image_codes = "
+          f"{self.model.embedding_dim} / {self.model.image_codes}, but the "
+          f"tokenizer in {config.tokenizer_workdir!r} has code vectors of "
+          f"width {tok.decoder_embed_dim} and {tok.num_codes} codes; set "
+          "config args embedding_dim=... and codes=... to match.")
+    beams = (config.get("eval") or {}).get("caption_rerank", 0.0)
+    if beams:
+      raise ValueError(
+          f"config.eval.caption_rerank={beams} reranks captions by the "
+          "image codes' likelihood, which image_output='embeddings' does "
+          "not model; set config arg rerank=0.")
+    if config.get("detokenizer_workdir"):
+      self.detokenizer = detokenizer_lib.load_detokenizer(
+          config.detokenizer_workdir)
+      inference.check_detokenizer(self.model, self.detokenizer)
 
   # ------------------------------------------------------------------ data
 
@@ -195,6 +235,14 @@ class InterleavedTask:
     reads = self.reads(model_state, batch)
     params = jax.jit(lambda r, t, x: self.model.init(r, t, reads=x))(
         rng, tokens, reads)["params"]
+    if self.output_tokenizer is not None:
+      # The code vectors the model regresses: a frozen copy in its params,
+      # so a checkpoint samples without the tokenizer's.
+      leaf = params["frozen_image_table"]
+      table = jnp.asarray(self.code_table, nn.unbox(leaf).dtype)
+      params = dict(params, frozen_image_table=(
+          leaf.replace_boxed(table) if isinstance(leaf, nn.Partitioned)
+          else table))
     return params, model_state
 
 
@@ -223,9 +271,12 @@ class InterleavedTask:
     if cfg["drop_text_rate"] > 0 and rng is not None:
       batch = drop_text(batch, rng, cfg["drop_text_rate"], self.is_text)
     tokens = batch["tokens"]  # [B, L]
-    logits = self.model.apply({"params": params}, tokens,
-                              batch["segment_ids"], batch["positions"],
-                              reads=self.reads(model_state, batch))
+    regressing = self.model.image_output == "embeddings"
+    out = self.model.apply({"params": params}, tokens,
+                           batch["segment_ids"], batch["positions"],
+                           reads=self.reads(model_state, batch),
+                           regress=regressing)
+    logits, predicted = out if regressing else (out, None)
     logits = logits[:, :-1].astype(jnp.float32)  # [B, L-1, V]
     targets = tokens[:, 1:]
     # READ / NEWLINE slots are given, never predicted.
@@ -237,6 +288,26 @@ class InterleavedTask:
     image_mask, text_mask = mask * is_image, mask * (1.0 - is_image)
     weights = (cfg["text_weight"] * text_mask +
                cfg["image_weight"] * image_mask)
+    if regressing:
+      # Emu: the l2 error of the regressed next embedding replaces the
+      # image codes' cross-entropy (and their accuracy is the nearest
+      # table row's).
+      target = self.model.apply({"params": params}, targets,
+                                method=il.InterleavedLM.code_embeddings)
+      raw = predicted[:, :-1]
+      if self.model.image_head == "gmm":
+        error = il.mixture_nll(raw, target, self.model.mixtures)
+        raw = il.mixture_mode(raw, self.model.mixtures)
+      else:
+        # In units of the codes' variance: 1 = predicting the mean vector.
+        table = params["frozen_image_table"]
+        spread = jnp.mean(jnp.var(jax.lax.stop_gradient(table), axis=0))
+        error = jnp.mean(jnp.square(raw - target), axis=-1) / spread
+      nll = jnp.where(image_mask > 0, error, nll)
+      nearest = self.model.apply({"params": params}, raw,
+                                 method=il.InterleavedLM.nearest_codes)
+      correct = jnp.where(image_mask > 0,
+                          (nearest == targets).astype(jnp.float32), correct)
     loss = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     def mean(x, m):
@@ -409,4 +480,4 @@ class InterleavedTask:
         self.model, self.layout, params,
         tokenizer_lib.load_tokenizer(self.config.tokenizer_workdir),
         text_lib.TextTokenizer.load(self.config.text_tokenizer),
-        self.config, int(step))
+        self.config, int(step), detokenizer=self.detokenizer)

@@ -70,9 +70,24 @@ def learning_rate_schedule(opt_config: Mapping[str, Any], total_steps: int
       decay_steps=total_steps, end_value=end_value)
 
 
+def _is_frozen(path) -> bool:
+  return any(str(getattr(k, "key", getattr(k, "name", ""))).startswith(
+      "frozen") for k in path)
+
+
+def frozen_mask(params: Any, is_leaf=None) -> Any:
+  """True for frozen parameters: a name starting with "frozen" (e.g. the
+  interleaved model's frozen_image_table). Models read them through
+  stop_gradient, so with no weight decay their updates are exactly zero."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _is_frozen(path), params, is_leaf=is_leaf)
+
+
 def decay_mask(params: Any) -> Any:
-  """True for parameters that get weight decay: everything but 1-D ones."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for parameters that get weight decay: everything but 1-D ones
+  and frozen ones (frozen_mask)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not _is_frozen(path), params)
 
 
 def muon_dimension_numbers(names: Any) -> contrib.MuonDimensionNumbers | None:
@@ -135,6 +150,10 @@ def make_optimizer(opt_config: Mapping[str, Any], total_steps: int,
         adam_b2=float(opt_config.get("b2", 0.999)),
         adam_weight_decay=weight_decay,
         muon_weight_dimension_numbers=lambda _: dimension_numbers))
+    if any(jax.tree.leaves(frozen_mask(param_names, is_leaf=is_spec))):
+      # optax's Muon decays every parameter of its AdamW half: zero the
+      # frozen ones' updates after it.
+      parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
     return optax.chain(*parts)
   parts.append(optax.adamw(
       learning_rate=schedule,
