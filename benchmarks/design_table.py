@@ -54,6 +54,9 @@ def row(workdir: str) -> dict:
   kind = config.model.get("image_input", "codes")
   if kind == "resampler":
     kind += f" {config.model.num_queries}"
+  if config.model.get("image_output", "codes") != "codes":
+    kind += (f", writes {config.model.image_output} "
+             f"({config.model.get('image_head', 'l2')})")
   return dict(name=kind, tokens=read_tokens(config.model),
               steps=report.get("steps", "-"),
               rate=statistics.median(rates) if rates else float("nan"),
@@ -66,7 +69,7 @@ def main():
                       help="comma-separated workdirs, one row each")
   args = parser.parse_args()
   rows = [row(w) for w in args.workdirs.split(",") if w]
-  header = ["image input", "tokens / image", "steps", "steps/s"] + [
+  header = ["design", "tokens / image", "steps", "steps/s"] + [
       k for k, _ in COLUMNS]
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
