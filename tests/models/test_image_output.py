@@ -190,6 +190,10 @@ def test_guidance_one_is_unguided(model_and_params):
   assert not np.allclose(guided[1][0], plain[1][0])
 
 
+def _init(model):
+  return model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+
+
 def _l2_model():
   model = _model()
   return model, nn.unbox(model.init(jax.random.PRNGKey(0),
@@ -232,17 +236,13 @@ def test_the_table_stays_frozen_under_both_optimizers():
 
 def test_bad_settings_are_clear_errors():
   with pytest.raises(ValueError, match="image_output='pixels'"):
-    _model(image_output="pixels").init(jax.random.PRNGKey(0),
-                                       jnp.ones((1, 4), jnp.int32))
+    _init(_model(image_output="pixels"))
   with pytest.raises(ValueError, match="embedding_dim > 0"):
-    _model(embedding_dim=0).init(jax.random.PRNGKey(0),
-                                 jnp.ones((1, 4), jnp.int32))
+    _init(_model(embedding_dim=0))
   with pytest.raises(ValueError, match="image_codes=30"):
-    _model(image_codes=30).init(jax.random.PRNGKey(0),
-                                jnp.ones((1, 4), jnp.int32))
+    _init(_model(image_codes=30))
   with pytest.raises(ValueError, match="image_head='normal'"):
-    _model(image_head="normal").init(jax.random.PRNGKey(0),
-                                     jnp.ones((1, 4), jnp.int32))
+    _init(_model(image_head="normal"))
   model, params = _l2_model()
   for bad in (dict(contrastive_alpha=0.1), dict(sjd_window=3)):
     with pytest.raises(ValueError, match="regresses image embeddings"):
@@ -255,8 +255,7 @@ def test_bad_settings_are_clear_errors():
   codes_model = _model(image_output="codes")
   with pytest.raises(ValueError, match="return_embeddings needs"):
     il.continue_documents(
-        codes_model, codes_model.init(jax.random.PRNGKey(0),
-                                      jnp.ones((1, 4), jnp.int32)),
+        codes_model, _init(codes_model),
         np.array([[1, 7, BOI]]), jax.random.PRNGKey(0),
         text_ids=TEXT_MASK, image_ids=IMAGE_MASK, eos_id=EOS, boi_id=BOI,
         eoi_id=EOI, text_sampling=SamplingParams(temperature=0.0),

@@ -145,8 +145,9 @@ class InterleavedTask:
   def _check_embeddings_output(self, config) -> None:
     """Loads the tokenizer whose code vectors the model regresses (and the
     de-tokenizer, if named) and checks their shapes before training."""
-    self.output_tokenizer = tokenizer_lib.load_tokenizer(
-        config.tokenizer_workdir)
+    self.output_tokenizer = (self.reader_tokenizer or  # the same one
+                             tokenizer_lib.load_tokenizer(
+                                 config.tokenizer_workdir))
     # Computed here, out of any trace (init runs under jit / eval_shape).
     self.code_table = self.output_tokenizer.code_table()
     tok = self.output_tokenizer.model
@@ -158,10 +159,10 @@ class InterleavedTask:
           f"tokenizer in {config.tokenizer_workdir!r} has code vectors of "
           f"width {tok.decoder_embed_dim} and {tok.num_codes} codes; set "
           "config args embedding_dim=... and codes=... to match.")
-    beams = (config.get("eval") or {}).get("caption_rerank", 0.0)
-    if beams:
+    rerank = (config.get("eval") or {}).get("caption_rerank", 0.0)
+    if rerank:
       raise ValueError(
-          f"config.eval.caption_rerank={beams} reranks captions by the "
+          f"config.eval.caption_rerank={rerank} reranks captions by the "
           "image codes' likelihood, which image_output='embeddings' does "
           "not model; set config arg rerank=0.")
     if config.get("detokenizer_workdir"):
