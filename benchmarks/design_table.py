@@ -57,6 +57,8 @@ def row(workdir: str) -> dict:
   if config.model.get("image_output", "codes") != "codes":
     kind += (f", writes {config.model.image_output} "
              f"({config.model.get('image_head', 'l2')})")
+  if (config.get("loss") or {}).get("diffusion_weight"):
+    kind += f", diffusion loss x{config.loss.diffusion_weight:g}"
   return dict(name=kind, tokens=read_tokens(config.model),
               steps=report.get("steps", "-"),
               rate=statistics.median(rates) if rates else float("nan"),

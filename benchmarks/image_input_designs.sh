@@ -3,7 +3,10 @@
 # images as codes, Fuyu patches, or resampler queries (16 and 64), or
 # writing them as Emu's regressed embeddings (row "embeddings": codes read,
 # code vectors regressed by l2, decoded by the diffusion de-tokenizer DETOK;
-# "embeddings_gmm": by GIVT's mixture head, sampled), each
+# "embeddings_gmm": by GIVT's mixture head, sampled; "queries": NExT-GPT /
+# SEED-X output queries projected to the code vectors, images read as
+# patches, decoded by DETOK; "queries_codi": the same with CoDi-2's
+# diffusion loss back-propagated), each
 # trained on the same documents (captions both ways, edits, questions),
 # for the same steps, batch and width, then evaluated alike; prints the
 # table (benchmarks/design_table.py).
@@ -11,7 +14,7 @@
 # Usage: benchmarks/image_input_designs.sh  (env: TOK, DETOK, OUT, STEPS,
 #        BATCH, SIZE, DOCS, EVAL,
 #        ROWS="codes patches resampler16 resampler64" (or embeddings,
-#        embeddings_gmm),
+#        embeddings_gmm, queries, queries_codi),
 #        KINDS: the document mix; with refer, grounded_caption or draw_box
 #        in it the model gets 16x16 location ids and the eval scores those)
 set -euo pipefail
@@ -51,6 +54,9 @@ for row in $ROWS; do
                 arg="output=embeddings,detokenizer_workdir=$DETOK" ;;
     embeddings_gmm) pack=(--image_input codes)
                     arg="output=embeddings,head=gmm,detokenizer_workdir=$DETOK" ;;
+    queries*) pack=(--image_input patches --patch_size 4)  # patches' rows
+              arg="image_input=patches,patch=4,output=queries,detokenizer_workdir=$DETOK"
+              if [[ $row == queries_codi ]]; then arg="$arg,diffusion=1"; fi ;;
     patches) pack=(--image_input patches --patch_size 4)
              arg="image_input=patches,patch=4" ;;
     resampler*) q="${row#resampler}"
@@ -59,6 +65,7 @@ for row in $ROWS; do
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   data="$OUT/data_${row/embeddings*/codes}"
+  data="${data/data_queries*/data_patches}"
   for split in train validation; do
     num=$([[ $split == train ]] && echo "$DOCS" || echo 1000)
     if [[ ! -f "$data/$split.json" ]]; then

@@ -48,14 +48,18 @@ refer, grounded_caption or draw_box; 0 = no location ids), referring
 (held-out referring expressions the eval grounds: referring_accuracy),
 grounded (held-out images the eval asks grounded captions of:
 grounded_caption_accuracy), drawn (held-out requests to draw in boxes:
-draw_box_accuracy), output (codes | embeddings: what the model writes in
-image spans; embeddings = Emu's regression of the tokenizer's code
-vectors, unimm.models.interleaved; set rerank=0), embedding_dim (their
+draw_box_accuracy), output (codes | embeddings | queries: what the model
+writes in image spans; embeddings = Emu's regression of the tokenizer's
+code vectors, queries = NExT-GPT / SEED-X output queries projected to
+them in one pass, with image_input=patches or resampler;
+unimm.models.interleaved; set rerank=0), embedding_dim (their
 width: the tokenizer's decoder width), detokenizer_workdir (the diffusion
 de-tokenizer, trained with condition=codes on the same tokenizer, that
 decodes regressed images; empty: their nearest codes by the tokenizer),
 head (l2 | gmm: GIVT's mixture of diagonal Gaussians, sampled at
-image_temp), mixtures (its components).
+image_temp), mixtures (its components), diffusion (CoDi-2: the weight of
+the de-tokenizer's flow loss back-propagated into output queries; 0 =
+off; needs output=queries and detokenizer_workdir).
 """
 import ml_collections
 
@@ -76,7 +80,7 @@ def get_config(arg=None):
       remat="none", scan="auto", optimizer="muon", image_input="codes",
       patch=4, queries=16, experts=1, questions=0, bins=0, referring=0,
       grounded=0, drawn=0, output="codes", embedding_dim=64,
-      detokenizer_workdir="", head="l2", mixtures=16)
+      detokenizer_workdir="", head="l2", mixtures=16, diffusion=0.0)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -96,13 +100,13 @@ def get_config(arg=None):
       image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat, image_output=arg.output,
-      embedding_dim=arg.embedding_dim if arg.output == "embeddings" else 0,
+      embedding_dim=arg.embedding_dim if arg.output != "codes" else 0,
       image_offset=layout.image_offset, image_codes=arg.codes,
       image_head=arg.head, mixtures=arg.mixtures if arg.head == "gmm" else 1,
       scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
   config.loss = ml_collections.ConfigDict(dict(
       text_weight=arg.text_weight, image_weight=arg.image_weight,
-      drop_text_rate=arg.drop_text))
+      drop_text_rate=arg.drop_text, diffusion_weight=arg.diffusion))
   config.optimizer = ml_collections.ConfigDict(dict(
       name=arg.optimizer, lr=arg.lr, warmup_steps=min(200, arg.steps // 10),
       end_lr_fraction=0.05,

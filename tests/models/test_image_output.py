@@ -1,9 +1,11 @@
-"""Emu's continuous image output (image_output="embeddings"), with an l2
+"""Continuous image output. Emu's (image_output="embeddings"), with an l2
 head and with GIVT's mixture head: the cached regression equals the full
 forward, generation feeds each regressed embedding back as a naive loop
 of full forwards does, guidance 1 is unguided, the mixture's density and
-draws are right, the frozen table stays frozen, bad settings are clear
-errors."""
+draws are right, the frozen table stays frozen. NExT-GPT / SEED-X output
+queries ("queries"): a written span reads only its queries, and its one
+cached call gives the full forward's (guided) projections. Bad settings
+are clear errors."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,11 +85,11 @@ def test_cached_regression_equals_the_full_forward(model_and_params):
 PROMPTS = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
 
 
-def _continue(model, params, cfg_scale=None, **kw):
+def _continue(model, params, cfg_scale=None, text_ids=TEXT_MASK, **kw):
   width = max(len(p) for p in PROMPTS)
   padded = np.stack([np.pad(p, (width - len(p), 0)) for p in PROMPTS])
   return il.continue_documents(
-      model, params, padded, jax.random.PRNGKey(0), text_ids=TEXT_MASK,
+      model, params, padded, jax.random.PRNGKey(0), text_ids=text_ids,
       image_ids=IMAGE_MASK, eos_id=EOS, boi_id=BOI, eoi_id=EOI,
       text_sampling=SamplingParams(temperature=0.0),
       image_sampling=SamplingParams(temperature=0.0, cfg_scale=cfg_scale),
@@ -261,3 +263,70 @@ def test_bad_settings_are_clear_errors():
         eoi_id=EOI, text_sampling=SamplingParams(temperature=0.0),
         image_sampling=SamplingParams(temperature=0.0), max_new_tokens=8,
         return_embeddings=True)
+
+
+# Output queries read images through a reading setting: READ and NEWLINE
+# take two ids below the codes (not text the sampler may write).
+READ, NEWLINE = OFFSET - 2, OFFSET - 1
+QUERY_TEXT = TEXT_MASK & (np.arange(VOCAB) < READ)
+
+
+@pytest.fixture(scope="module")
+def queries_model():
+  model = _model(image_output="queries", image_input="patches", patch_size=2,
+                 read_id=READ, newline_id=NEWLINE)
+  return model, nn.unbox(_init(model))
+
+
+def test_written_spans_read_their_queries_not_their_codes(queries_model):
+  model, params = queries_model
+  rng = np.random.default_rng(0)
+  doc, other = _doc(rng), _doc(rng)
+  other[:5] = doc[:5]  # the same text, other codes
+  logits, projected = model.apply(params, doc[None], regress=True)
+  logits2, projected2 = model.apply(params, other[None], regress=True)
+  # Nothing the model computes sees a written span's codes (its targets).
+  np.testing.assert_allclose(logits2, logits, atol=1e-6)
+  np.testing.assert_allclose(projected2, projected, atol=1e-6)
+  # Its text does.
+  other[2] = 11
+  assert not np.allclose(model.apply(params, other[None], regress=True)[1],
+                         projected, atol=1e-4)
+
+
+def test_an_image_of_output_queries_is_one_call_of_the_full_forward(
+    queries_model):
+  model, params = queries_model
+  cfg_scale = 3.0
+  out, steps, embeddings = _continue(model, params, cfg_scale,
+                                     text_ids=QUERY_TEXT,
+                                     return_image_steps=True)
+  assert steps[0] == 1  # the whole span in one model call
+  forward = jax.jit(lambda t: model.apply(params, t, regress=True)[1])
+  span = list(PROMPTS[0]) + [OFFSET] * (SIDE * SIDE)
+  dropped = [t for t in span if not QUERY_TEXT[t]]
+  cond = np.asarray(forward(np.array([span])))[0, -SIDE * SIDE:]
+  uncond = np.asarray(forward(np.array([dropped])))[0, -SIDE * SIDE:]
+  np.testing.assert_allclose(embeddings[0][0],
+                             uncond + cfg_scale * (cond - uncond),
+                             atol=1e-4, rtol=1e-4)
+  row0 = [int(t) for t in out[0] if t != 0]
+  nearest = model.apply(params, jnp.asarray(embeddings[0][0]),
+                        method=il.InterleavedLM.nearest_codes)
+  np.testing.assert_array_equal(row0[:SIDE * SIDE], nearest)
+  assert row0[SIDE * SIDE] == EOI
+  # Guidance 1 is none.
+  plain = _continue(model, params, None, text_ids=QUERY_TEXT)
+  one = _continue(model, params, 1.0, text_ids=QUERY_TEXT)
+  np.testing.assert_array_equal(plain[0], one[0])
+  np.testing.assert_allclose(one[1][0], plain[1][0], atol=1e-5)
+  np.testing.assert_allclose(plain[1][0][0], cond, atol=1e-4, rtol=1e-4)
+
+
+def test_output_queries_need_a_reading_setting_and_an_l2_head():
+  with pytest.raises(ValueError, match="image_input='codes'"):
+    _init(_model(image_output="queries"))
+  with pytest.raises(ValueError, match="image_head='gmm'"):
+    _init(_model(image_output="queries", image_input="patches",
+                 read_id=READ, newline_id=NEWLINE, image_head="gmm",
+                 mixtures=2))

@@ -1,7 +1,9 @@
 """The interleaved task with images read as Fuyu patches or through a
 resampler: packed rows carry the read images, the trainer trains and saves
 the model, and the loaded model's captions, answers and scores are those of
-the full forward pass (cached decoding with reads is exact)."""
+the full forward pass (cached decoding with reads is exact). On the same
+rows, NExT-GPT / SEED-X output queries regress each written slot's own
+code vector."""
 import functools
 import json
 import os
@@ -16,6 +18,7 @@ from unimm import api
 from unimm.data import grounding
 from unimm.data import interleaved as il_data
 from unimm.data import shapes
+from unimm.models import diffusion as detok_model
 from unimm.models import image_input as image_input_lib
 from unimm.models import vocab
 from unimm.tokenizers import text as text_lib
@@ -23,6 +26,7 @@ from unimm.train import trainer
 from unimm.train.interleaved_task import InterleavedTask
 
 import test_interleaved_task as base  # pylint: disable=g-import-not-at-top
+import test_image_output_task  # pylint: disable=g-import-not-at-top
 import test_pretokenize  # pylint: disable=g-import-not-at-top
 
 QUERIES, PATCH = 3, 8
@@ -115,6 +119,103 @@ def test_rows_carry_the_image_opening_each_document(name, request):
         per_image * len(opening))
     read_rows += bool(opening)
   assert read_rows >= 2
+
+
+def test_output_queries_regress_each_written_slot_own_vector(
+    patches, tokenizers, tmp_path):
+  tokenizer_workdir, spiece = tokenizers
+  config = base.tiny_config(patches["packed"],
+                            tokenizer_workdir=tokenizer_workdir,
+                            text_tokenizer=spiece)
+  layout = patches["model"].layout
+  tokenizer = api.load_tokenizer(tokenizer_workdir)
+  config.model.update(image_input="patches", patch_size=PATCH,
+                      num_queries=QUERIES,
+                      vocab_size=layout.size, read_id=layout.read_id,
+                      newline_id=layout.newline_id, image_output="queries",
+                      embedding_dim=tokenizer.model.decoder_embed_dim)
+  config.eval.caption_rerank = 0.0
+  task = InterleavedTask(config)
+  batch = {k: jax.numpy.asarray(v)
+           for k, v in next(iter(task.train_data(0, 1))).items()}
+  params, state = task.init(jax.random.PRNGKey(0), batch)
+  params = flax.linen.unbox(params)
+  # By hand: each written code slot's projection against its own vector.
+  _, projected = task.model.apply(
+      {"params": params}, batch["tokens"], batch["segment_ids"],
+      batch["positions"], reads=batch["reads"], regress=True)
+  tokens = np.asarray(batch["tokens"])
+  written = layout.is_image(tokens) & (np.asarray(batch["loss_mask"]) > 0)
+  written[:, 0] = False
+  table = np.asarray(task.code_table)
+  error = np.mean((np.asarray(projected) - table[np.clip(
+      tokens - layout.image_offset, 0, len(table) - 1)]) ** 2, axis=-1)
+  expected = error[written].mean() / table.var(axis=0).mean()
+  loss_fn = jax.jit(functools.partial(task.loss, rng=None))
+  _, (metrics, _) = loss_fn(params, state, batch)
+  np.testing.assert_allclose(float(metrics["image_loss"]), expected,
+                             rtol=1e-4)
+  # It falls on a fixed batch; the table stays the tokenizer's.
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(
+        params, state, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  opt_state = tx.init(params)
+  for _ in range(15):
+    params, opt_state, metrics = step(params, opt_state)
+  assert float(metrics["image_loss"]) < 0.7 * expected, (expected, metrics)
+  np.testing.assert_array_equal(params["frozen_image_table"], table)
+  images = task.inference_model(params).sample(["a big red circle"], seed=0)
+  assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+  # CoDi-2: the de-tokenizer's flow loss on every written image, from the
+  # projections of its span, reaches the model (and not the table).
+  config.detokenizer_workdir = test_image_output_task._random_detokenizer(  # pylint: disable=protected-access
+      str(tmp_path / "detok"), tokenizer_workdir)
+  config.loss.update(diffusion_weight=1.0, drop_text_rate=0.0)
+  codi = InterleavedTask(config)
+  _, state = codi.init(jax.random.PRNGKey(0), batch)
+  rng = jax.random.PRNGKey(3)
+  flow = jax.jit(codi.diffusion_loss)
+  _, projected = codi.model.apply(
+      {"params": params}, batch["tokens"], batch["segment_ids"],
+      batch["positions"], reads=batch["reads"], regress=True)
+  spans = [(r, s) for r, s in zip(*np.nonzero(written))
+           if not written[r, s - 1]]
+  assert len(spans) >= 2
+  k = codi.model.image_length
+  # By hand: the spans in order, padded to the static bound with weight 0
+  # (the same draws of t and noise as the task's).
+  most = tokens.shape[0] * (tokens.shape[1] // (k + 2))
+  pad = [spans[0]] * (most - len(spans))
+  ids = np.stack([tokens[r, s:s + k] for r, s in spans + pad])
+  images = codi.output_tokenizer.model.apply(
+      {"params": state["tokenizer"]},
+      (ids - layout.image_offset).reshape(-1, *tokenizer.grid),
+      method=type(codi.output_tokenizer.model).decode)
+  conditions = np.stack([np.asarray(projected)[r, s:s + k]
+                         for r, s in spans + pad])
+  weights = (np.arange(most) < len(spans)).astype(np.float32)
+  expected = detok_model.flow_matching_loss(
+      codi.detokenizer.model, state["detokenizer"], images, conditions,
+      jax.random.fold_in(rng, 1), weights=weights)[0]
+  (_, (metrics, _)), grads = jax.jit(jax.value_and_grad(
+      codi.loss, has_aux=True))(params, state, batch, rng)
+  np.testing.assert_allclose(float(metrics["diffusion_loss"]),
+                             float(expected), rtol=1e-4)
+  # It reaches the model (and not the table).
+  assert np.abs(grads["image_out"]["kernel"]).sum() > 0
+  assert not np.any(grads["frozen_image_table"])
+  # Without a reading setting nothing would read the given images.
+  plain = vocab.VocabLayout(base.TEXT_VOCAB, base.CODES)
+  config.model.update(image_input="codes", vocab_size=plain.size,
+                      read_id=-1, newline_id=-1)
+  with pytest.raises(ValueError, match="image_input=patches or resampler"):
+    InterleavedTask(config)
 
 
 def test_a_resampler_run_trains_saves_and_loads(resampler):

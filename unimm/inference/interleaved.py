@@ -417,8 +417,8 @@ class InterleavedModel:
     if self.model.image_output != "codes":
       raise ValueError(
           f"{what} scores an image by its codes' likelihood, but this model "
-          "regresses image embeddings (image_output='embeddings') and gives "
-          "codes none; use rerank_weight=0 (config arg rerank=0).")
+          f"regresses image embeddings (image_output="
+          f"{self.model.image_output!r}) and gives codes none; use rerank_weight=0 (config arg rerank=0).")
 
   def _text_of(self, row) -> str:
     """The text of a continuation row (its text segments, joined)."""
@@ -633,7 +633,7 @@ class InterleavedModel:
       temperature = self.settings["temperature"]
     rows = [np.concatenate([r, [vocab.BOI]]).astype(np.int32)
             for r in self._encode([[p] for p in prompts])[0]]
-    regressing = self.model.image_output == "embeddings"
+    regressing = self.model.image_output != "codes"
     out = self._continue(rows, seed=seed, temperature=temperature,
                          top_k=top_k, top_p=top_p,
                          max_new_tokens=self.image_length + 1, max_images=1,
@@ -668,7 +668,7 @@ def check_detokenizer(model: il.InterleavedLM,
   shape = detokenizer_lib.condition_shape(detokenizer.condition,
                                           detokenizer.tokenizer.model)
   want = (model.image_length, model.embedding_dim)
-  if model.image_output != "embeddings" or detokenizer.condition != "codes" \
+  if model.image_output == "codes" or detokenizer.condition != "codes" \
       or shape != want:
     raise ValueError(
         f"The de-tokenizer in {detokenizer.path!r} decodes condition "

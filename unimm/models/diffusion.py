@@ -209,13 +209,14 @@ LOSS_TARGETS = ("x", "v")
 
 def flow_matching_loss(model: DiffusionDecoder, params, images01, condition,
                        rng, *, condition_drop_rate: float = 0.0,
-                       source01=None, target: str = "x"):
+                       source01=None, target: str = "x", weights=None):
   """Mean squared error on images [B, S, S, C] in [0, 1] of the clean-image
   estimate (target "x") or of the velocity it gives (target "v": the same
   error weighted by 1 / t^2, which puts nearly all the weight on small t,
   where denoising is local and the condition barely matters); the
   condition is dropped (null) for a condition_drop_rate share of the
-  batch. Returns (loss, metrics)."""
+  batch; weights [B] weigh the images (default: alike). Returns (loss,
+  metrics)."""
   if target not in LOSS_TARGETS:
     raise ValueError(f"target={target!r}; expected one of {LOSS_TARGETS} "
                      "(config.loss.target).")
@@ -229,10 +230,16 @@ def flow_matching_loss(model: DiffusionDecoder, params, images01, condition,
   source = None if source01 is None else to_data(source01)
   x0_pred = model.apply({"params": params}, x_t, t, condition, use, source)
   if target == "x":
-    loss = jnp.mean((x0_pred - x0) ** 2)
+    error = (x0_pred - x0) ** 2
   else:  # the velocity's error: the same error weighted by 1 / t^2
     t_div = jnp.maximum(t, T_MIN)[:, None, None, None]
-    loss = jnp.mean(((x_t - x0_pred) / t_div - (noise - x0)) ** 2)
+    error = ((x_t - x0_pred) / t_div - (noise - x0)) ** 2
+  if weights is None:
+    loss = jnp.mean(error)
+  else:
+    per_image = jnp.mean(error, axis=(1, 2, 3))
+    loss = jnp.sum(weights * per_image) / jnp.maximum(jnp.sum(weights),
+                                                      1e-6)
   return loss, {"flow_loss": loss}
 
 

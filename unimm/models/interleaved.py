@@ -38,6 +38,17 @@ image_head="gmm" (GIVT, Tschannen et al. 2023) the head gives a mixture of
 negative log-likelihood and sampled in generation (mixture_nll,
 sample_mixture), so a span whose next vector has several likely values
 commits to one rather than regressing to their mean.
+"queries" is the output-query design of NExT-GPT / SEED-X (Wu et al. 2023,
+arXiv 2309.05519; Ge et al. 2024, arXiv 2404.14396): a written image span
+holds image_length learned queries (image_queries, one per slot of the
+de-tokenizer's condition) instead of its codes, and a projector (a
+two-layer MLP, image_proj then image_out) maps each query's hidden state to
+that slot's code vector, trained to match it (l2; the same frozen table
+and de-tokenizer as "embeddings"). The span is written in one parallel
+pass, with no feedback (decode_queries). Since a written span's inputs
+carry no image, the model must read given images another way: "queries"
+needs a reading setting (image_input "patches" or "resampler"), in which
+the image opening a document is READ slots and every code span is written.
 """
 import functools
 
@@ -51,7 +62,7 @@ from unimm.models import image_input as image_input_lib
 from unimm.sampling import sampler as samp
 
 PAD_ID = 0  # = VocabLayout.PAD
-IMAGE_OUTPUTS = ("codes", "embeddings")
+IMAGE_OUTPUTS = ("codes", "embeddings", "queries")
 IMAGE_HEADS = ("l2", "gmm")
 MIN_SCALE = 0.05  # the mixture's smallest standard deviation
 
@@ -136,7 +147,7 @@ class InterleavedLM(nn.Module):
   feature_length: int = 64  # encoder features per image ("resampler")
   resampler_layers: int = 2
   num_experts: int = 1  # OneLLM's routed resamplers
-  image_output: str = "codes"  # "codes" | "embeddings" (Emu)
+  image_output: str = "codes"  # "codes" | "embeddings" (Emu) | "queries"
   embedding_dim: int = 0  # width of the regressed embeddings
   image_offset: int = 0  # VocabLayout.image_offset ("embeddings")
   image_codes: int = 0  # image codes in the vocabulary ("embeddings")
@@ -162,18 +173,28 @@ class InterleavedLM(nn.Module):
       raise ValueError(
           f"image_output={self.image_output!r}; expected one of "
           f"{IMAGE_OUTPUTS} (config.model.image_output).")
-    if self.image_output == "embeddings" and not (
+    if self.image_output != "codes" and not (
         self.embedding_dim > 0 and self.image_codes > 0
         and 0 < self.image_offset
         and self.image_offset + self.image_codes <= self.vocab_size
         and self.image_length > 0):
       raise ValueError(
-          f"image_output='embeddings' needs embedding_dim > 0, image_length "
+          f"image_output={self.image_output!r} needs embedding_dim > 0, "
+          "image_length "
           f"> 0 and image codes inside the vocabulary of {self.vocab_size}; "
           f"got embedding_dim={self.embedding_dim}, image_length="
           f"{self.image_length}, image_offset={self.image_offset}, "
           f"image_codes={self.image_codes} (config.model; the config sets "
           "them from VocabLayout and the tokenizer).")
+    if self.image_output == "queries" and (
+        self.image_input == "codes" or self.image_head != "l2"):
+      raise ValueError(
+          f"image_output='queries' with image_input={self.image_input!r}, "
+          f"image_head={self.image_head!r}: written spans hold learned "
+          "queries, not the image, so given images must be read by a "
+          "reading setting (config.model.image_input 'patches' or "
+          "'resampler'), and the projector regresses one vector per slot "
+          "(config.model.image_head 'l2').")
     if self.image_head not in IMAGE_HEADS or self.mixtures < 1:
       raise ValueError(
           f"image_head={self.image_head!r}, mixtures={self.mixtures}; "
@@ -216,7 +237,7 @@ class InterleavedLM(nn.Module):
           feature_length=self.feature_length,
           resampler_layers=self.resampler_layers,
           num_experts=self.num_experts, norm=self.norm, **kw)
-    if self.image_output == "embeddings":
+    if self.image_output != "codes":
       # Frozen: the optimizer leaves parameters named frozen_* alone
       # (unimm.train.optim.frozen_mask) and the model reads it through
       # stop_gradient; the task copies the tokenizer's vectors in.
@@ -225,8 +246,17 @@ class InterleavedLM(nn.Module):
           unn.partitioned(nn.initializers.normal(1.0), (None, None)),
           (self.image_codes, self.embedding_dim),
           jnp.dtype(self.param_dtype))
+    if self.image_output == "embeddings":
       self.image_in = unn.dense(self.embed_dim, ("patch", "embed"),
                                 use_bias=True, **kw)
+    if self.image_output == "queries":
+      self.image_queries = self.param(
+          "image_queries",
+          unn.partitioned(nn.initializers.normal(0.02), (None, "embed")),
+          (self.image_length, self.embed_dim), jnp.dtype(self.param_dtype))
+      self.image_proj = unn.dense(self.embed_dim, ("embed", "mlp"),
+                                  use_bias=True, **kw)
+    if self.image_output != "codes":
       self.image_out = unn.dense(self.head_width, ("embed", "patch"),
                                  use_bias=True, **kw)
 
@@ -259,6 +289,14 @@ class InterleavedLM(nn.Module):
 
   def _embed(self, tokens, span_index, reads=None, embeddings=None):
     x = self.embed.encode(tokens)  # [B, T, D]
+    if self.image_output == "queries":
+      # Every code slot is written: it reads its slot's learned query.
+      written = self.is_code(tokens) & (span_index >= 0) & (
+          span_index < self.image_length)
+      queries = jnp.take(self.image_queries.astype(x.dtype),
+                         jnp.clip(span_index, 0, self.image_length - 1),
+                         axis=0)
+      x = jnp.where(written[..., None], queries, x)
     if self.image_output == "embeddings":
       # Code slots read continuous embeddings: given ones (generation
       # feeds back what it regressed) or the codes' table rows.
@@ -292,7 +330,9 @@ class InterleavedLM(nn.Module):
     [B, T, V]: position t predicts token t + 1. image_output
     "embeddings": code slots read embeddings [B, T, E] where given (else
     their table rows), and with regress the result is (logits, the
-    regressed next embedding [B, T, E]).
+    regressed next embedding [B, T, E]); "queries": with regress, (logits,
+    the projector's output [B, T, E]), which at a code slot is that slot's
+    own code vector, not the next one.
     """
     b, t = tokens.shape
     if segment_ids is None:
@@ -305,14 +345,17 @@ class InterleavedLM(nn.Module):
                    deterministic=deterministic)
     if regress:
       return self.embed.decode(x), self._regressed(x)
-    if self.image_output == "embeddings" and self.is_initializing():
+    if self.image_output != "codes" and self.is_initializing():
       self._regressed(x)  # init creates the regression head too
     return self.embed.decode(x)  # [B, T, V]
 
   def _regressed(self, x):
-    if self.image_output != "embeddings":
-      raise ValueError("regress=True / decode_regress need image_output="
-                       f"'embeddings'; this model has {self.image_output!r}.")
+    if self.image_output == "codes":
+      raise ValueError("regress=True / decode_regress / decode_queries need "
+                       "image_output 'embeddings' or 'queries'; this model "
+                       "writes codes.")
+    if self.image_output == "queries":  # the projector's hidden layer
+      x = nn.gelu(self.image_proj(x))
     return self.image_out(x).astype(jnp.float32)
 
   # ------------------------------------------------------------ decoding
@@ -349,6 +392,14 @@ class InterleavedLM(nn.Module):
                             embeddings=embeddings)
     return (self.embed.decode(x[:, -1:])[:, 0],
             self._regressed(x[:, -1]), cache)
+
+  def decode_queries(self, tokens, cache, slot):
+    """decode_step that projects every slot (image_output "queries"):
+    tokens [B, T] into slots slot..slot+T-1 -> (the projector's output
+    [B, T, E], cache); at the code slots of a written span that is the
+    span's condition."""
+    x, cache = self._decode(tokens, cache, slot, cache["length"])
+    return self._regressed(x), cache
 
   def decode_window(self, tokens, cache, slot):
     """decode_step's logits after every token: tokens [B, T] into slots
@@ -513,8 +564,9 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   halves' logits (guidance's mix, or CD-K with the text-dropped document
   as the amateur). With image_sampling.sjd_window, image spans decode by
   speculative Jacobi decoding (sampler.sjd_decode). The image phase also
-  returns its model calls, and for image_output "embeddings" the
-  regressed embeddings [B, K, E] (its codes are their nearest table rows).
+  returns its model calls, and for image_output "embeddings" / "queries"
+  the regressed embeddings [B, K, E] (its codes are their nearest table
+  rows).
   """
   doubled = image_sampling.doubled
   text_allowed, image_allowed, drop_ids = (
@@ -593,7 +645,29 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
     return (jnp.where(active[:, None], codes, pad_id), cache,
             jnp.int32(model.image_length), regressed)
 
+  def queried_image(params, cache, first, slot, rng, active):
+    """The output-query image span: BOI and image_length query slots fed
+    in one call, their projections guided like logits (the code ids fed
+    are placeholders: written slots read their queries)."""
+    del rng  # the span is a deterministic function of the document
+    b, length = first.shape[0], model.image_length
+    tokens = jnp.concatenate(
+        [first[:, None], jnp.full((b, length), model.image_offset)], axis=1)
+    tokens = jnp.where(active[:, None], tokens, pad_id).astype(jnp.int32)
+    projected, cache = model.apply(params, both(tokens), cache, slot,
+                                   method=InterleavedLM.decode_queries)
+    projected = projected[:, 1:]  # [B or 2B, K, E]
+    if doubled:
+      projected = samp.guided_logits(projected, image_sampling.cfg_scale)
+    projected = jnp.where(active[:, None, None], projected, 0.0)
+    codes = model.apply(params, projected,
+                        method=InterleavedLM.nearest_codes)
+    return (jnp.where(active[:, None], codes, pad_id), cache, jnp.int32(1),
+            projected)
+
   def image(params, cache, first, slot, rng, active):
+    if model.image_output == "queries":
+      return queried_image(params, cache, first, slot, rng, active)
     if model.image_output == "embeddings":
       return regressed_image(params, cache, first, slot, rng, active)
     if image_sampling.sjd_window and model.image_length > 1:
@@ -654,19 +728,22 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   errors; the codes
   returned are the nearest table rows, and with return_embeddings the
   regressed embeddings of each image phase come last (a list of float
-  [B, image_length, E], zeros for rows that drew no image).
+  [B, image_length, E], zeros for rows that drew no image). For
+  "queries" (NExT-GPT / SEED-X) each image span is one model call over its
+  learned queries, guided alike, with no sampling at all.
   """
-  if model.image_output == "embeddings" and (
+  if model.image_output != "codes" and (
       image_sampling.contrastive_alpha is not None
       or image_sampling.sjd_window):
     raise ValueError(
         f"contrastive_alpha={image_sampling.contrastive_alpha}, sjd_window="
         f"{image_sampling.sjd_window}: this model regresses image embeddings "
-        "(image_output='embeddings'), which have no token distribution to "
+        f"(image_output={model.image_output!r}), which have no token "
+        "distribution to "
         "contrast or speculate on; leave both off (cfg_scale guides it).")
-  if return_embeddings and model.image_output != "embeddings":
-    raise ValueError("return_embeddings needs a model with image_output="
-                     f"'embeddings'; this one writes {model.image_output!r}.")
+  if return_embeddings and model.image_output == "codes":
+    raise ValueError("return_embeddings needs a model with image_output "
+                     "'embeddings' or 'queries'; this one writes codes.")
   if text_sampling.sjd_window:
     raise ValueError(
         f"text_sampling has sjd_window={text_sampling.sjd_window}: "

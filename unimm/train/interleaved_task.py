@@ -22,7 +22,14 @@ embedding against the frozen tokenizer's vector of that code (the mean
 square over the width, divided by the codes' mean variance per dimension,
 so 1 is the error of always predicting the mean vector), weighed per token
 like the codes' loss; with config.model.image_head = "gmm" the mixture's
-negative log-likelihood per dimension replaces the l2 error (GIVT).
+negative log-likelihood per dimension replaces the l2 error (GIVT). With
+image_output = "queries" (NExT-GPT / SEED-X) the same l2 error is the
+projection of each written slot's query against that slot's own code
+vector (the de-tokenizer's condition), and the cross-entropy of the token
+before the span's first code is dropped alike. config.loss.diffusion_weight
+> 0 adds CoDi-2's term: the frozen de-tokenizer's flow-matching loss on
+each written image, conditioned on those projections and back-propagated
+into the model (diffusion_loss).
 """
 import os
 
@@ -45,13 +52,15 @@ from unimm.evaluation import retrieval
 from unimm.inference import detokenizer as detokenizer_lib
 from unimm.inference import interleaved as inference
 from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import diffusion
 from unimm.models import image_input as image_input_lib
 from unimm.models import interleaved as il
 from unimm.models import vocab as vocab_lib
 from unimm.sampling.sampler import SamplingParams
 from unimm.tokenizers import text as text_lib
 
-LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0, drop_text_rate=0.0)
+LOSS_DEFAULTS = dict(text_weight=1.0, image_weight=1.0, drop_text_rate=0.0,
+                     diffusion_weight=0.0)
 
 
 def drop_text(batch, rng, rate: float, is_text):
@@ -121,9 +130,19 @@ class InterleavedTask:
         tokenizer_lib.load_tokenizer(config.tokenizer_workdir)
         if self.image_input.kind == "resampler" else None)
     self.output_tokenizer, self.detokenizer = None, None
-    if self.model.image_output == "embeddings":
+    if self.model.image_output != "codes":
       self._check_embeddings_output(config)
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+    weight = self.loss_config["diffusion_weight"]
+    if weight and (self.model.image_output != "queries"
+                   or self.detokenizer is None):
+      raise ValueError(
+          f"config.loss.diffusion_weight={weight} back-propagates the "
+          "de-tokenizer's diffusion loss into output queries (CoDi-2): it "
+          "needs config.model.image_output='queries' (config arg "
+          "output=queries) and config.detokenizer_workdir; got image_output="
+          f"{self.model.image_output!r}, detokenizer_workdir="
+          f"{config.get('detokenizer_workdir')!r}.")
     # FID / CLIP score of held-out captions' samples (own data; off if the
     # settings are empty), checked before training.
     eval_section = config.get("eval") or {}
@@ -145,6 +164,13 @@ class InterleavedTask:
   def _check_embeddings_output(self, config) -> None:
     """Loads the tokenizer whose code vectors the model regresses (and the
     de-tokenizer, if named) and checks their shapes before training."""
+    if self.model.image_output == "queries" and (
+        not self.image_input.reads_images):
+      raise ValueError(
+          "config.model.image_output='queries' writes every code span from "
+          "learned queries, so given images must be read another way; set "
+          "config arg image_input=patches or resampler (and pack the rows "
+          "with the same --image_input).")
     self.output_tokenizer = (self.reader_tokenizer or  # the same one
                              tokenizer_lib.load_tokenizer(
                                  config.tokenizer_workdir))
@@ -163,8 +189,9 @@ class InterleavedTask:
     if rerank:
       raise ValueError(
           f"config.eval.caption_rerank={rerank} reranks captions by the "
-          "image codes' likelihood, which image_output='embeddings' does "
-          "not model; set config arg rerank=0.")
+          f"image codes' likelihood, which image_output="
+          f"{self.model.image_output!r} does not model; set config arg "
+          "rerank=0.")
     if config.get("detokenizer_workdir"):
       self.detokenizer = detokenizer_lib.load_detokenizer(
           config.detokenizer_workdir)
@@ -233,6 +260,12 @@ class InterleavedTask:
       # the compiled step (unimm.inference.tokenizer.reader_features).
       model_state = {"image_encoder": jax.tree.map(
           jnp.asarray, nn.unbox(self.reader_tokenizer.params))}
+    if self.loss_config["diffusion_weight"]:
+      # CoDi-2: the frozen de-tokenizer, and the tokenizer whose decoder
+      # draws the written images' targets, travel in the state too.
+      model_state = dict(model_state, **jax.tree.map(jnp.asarray, dict(
+          detokenizer=nn.unbox(self.detokenizer.params),
+          tokenizer=nn.unbox(self.output_tokenizer.params))))
     reads = self.reads(model_state, batch)
     params = jax.jit(lambda r, t, x: self.model.init(r, t, reads=x))(
         rng, tokens, reads)["params"]
@@ -272,7 +305,7 @@ class InterleavedTask:
     if cfg["drop_text_rate"] > 0 and rng is not None:
       batch = drop_text(batch, rng, cfg["drop_text_rate"], self.is_text)
     tokens = batch["tokens"]  # [B, L]
-    regressing = self.model.image_output == "embeddings"
+    regressing = self.model.image_output != "codes"
     out = self.model.apply({"params": params}, tokens,
                            batch["segment_ids"], batch["positions"],
                            reads=self.reads(model_state, batch),
@@ -295,7 +328,10 @@ class InterleavedTask:
       # table row's).
       target = self.model.apply({"params": params}, targets,
                                 method=il.InterleavedLM.code_embeddings)
-      raw = predicted[:, :-1]
+      # "embeddings": slot t regresses slot t + 1's vector; "queries": its
+      # own (the projection of a written slot is that slot's condition).
+      raw = (predicted[:, 1:] if self.model.image_output == "queries"
+             else predicted[:, :-1])
       if self.model.image_head == "gmm":
         error = il.mixture_nll(raw, target, self.model.mixtures)
         raw = il.mixture_mode(raw, self.model.mixtures)
@@ -321,7 +357,44 @@ class InterleavedTask:
         "image_accuracy": mean(correct, image_mask),
         "tokens_per_row": jnp.sum(mask) / tokens.shape[0],
     }
+    if cfg["diffusion_weight"]:
+      flow = self.diffusion_loss(
+          predicted, batch, model_state,
+          jax.random.fold_in(jax.random.PRNGKey(0) if rng is None else rng,
+                             1))
+      loss = loss + cfg["diffusion_weight"] * flow
+      metrics["diffusion_loss"] = flow
     return loss, (metrics, model_state)
+
+  def diffusion_loss(self, projected, batch, model_state, rng):
+    """CoDi-2's term: the frozen de-tokenizer's flow-matching loss on each
+    written image of the batch (its codes drawn by the tokenizer's
+    decoder), conditioned on the output queries' projections
+    (projected [B, L, E]), so its gradient reaches the model."""
+    tokens = batch["tokens"]
+    b, length = tokens.shape
+    k = self.model.image_length
+    is_code = self.layout.is_image(tokens)
+    starts = is_code & ~jnp.pad(is_code, ((0, 0), (1, 0)))[:, :-1] & (
+        batch["loss_mask"] > 0)
+    most = b * (length // (k + 2))  # a static bound on spans per batch
+    first = jnp.nonzero(starts.reshape(-1), size=most, fill_value=0)[0]
+    slots = jnp.minimum(first[:, None] + jnp.arange(k), b * length - 1)
+    conditions = projected.reshape(b * length, -1)[slots]  # [M, K, E]
+    codes = jnp.clip(tokens.reshape(-1)[slots] - self.layout.image_offset,
+                     0, self.model.image_codes - 1)
+    tokenizer = self.output_tokenizer.model
+    images = jax.lax.stop_gradient(tokenizer.apply(
+        {"params": model_state["tokenizer"]},
+        codes.reshape(most, *tokenizer.grid), method=type(tokenizer).decode))
+    weights = (jnp.arange(most) < jnp.sum(starts)).astype(jnp.float32)
+    detok = self.detokenizer
+    loss, _ = diffusion.flow_matching_loss(
+        detok.model, jax.lax.stop_gradient(model_state["detokenizer"]),
+        images, conditions, rng,
+        target=(detok.config.get("loss") or {}).get("target", "x"),
+        weights=weights)
+    return loss
 
   def optimizer(self):
     return None  # the trainer's AdamW from config.optimizer

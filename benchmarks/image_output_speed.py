@@ -1,0 +1,74 @@
+r"""Text-to-image sampling time of interleaved models that write images
+differently (codes, Emu's regressed embeddings, output queries), side by
+side in one run.
+
+  python benchmarks/image_output_speed.py \
+      --workdirs workdirs/designs/codes,workdirs/designs/embeddings,workdirs/designs/queries
+
+For each model: `model.sample()` of --prompts shapes captions in batches of
+--batch with the model's eval settings (guidance included), after one
+warm-up batch that compiles; prints ms per image (best of --repeats), the
+part spent in the de-tokenizer (its decode_conditions alone, on the same
+conditions, for models that have one) and the ratio to the first row.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import numpy as np
+
+import unimm
+from unimm.data import shapes
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Interleaved runs or "
+                              "exports, one row each.", required=True)
+_PROMPTS = flags.DEFINE_integer("prompts", 100, "Prompts per timing.")
+_BATCH = flags.DEFINE_integer("batch", 50, "Prompts per sample() call.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed passes (best kept).")
+
+
+def best_time(fn, repeats: int) -> float:
+  """Best wall time of fn() over repeats calls after one warm-up call."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main(_):
+  rng = np.random.default_rng(0)
+  prompts = [shapes.caption(shapes.scene_from_rng(rng), 0)
+             for _ in range(_PROMPTS.value)]
+  batches = [prompts[i:i + _BATCH.value]
+             for i in range(0, len(prompts), _BATCH.value)]
+  print("| model | writes | ms / image | of which de-tokenizer | ratio |")
+  print("|---|---|---|---|---|")
+  first = None
+  for workdir in _WORKDIRS.value:
+    model = unimm.load_model(workdir)
+    seconds = best_time(lambda m=model: [m.sample(b) for b in batches],
+                        _REPEATS.value)
+    ms = 1e3 * seconds / len(prompts)
+    detok_ms = "-"
+    if model.detokenizer is not None:
+      h, w = model.tokenizer.grid
+      conditions = np.zeros(
+          (len(batches[0]), h * w, model.model.embedding_dim), np.float32)
+      detok = best_time(lambda m=model, c=conditions: [
+          m.detokenizer.decode_conditions(c) for _ in batches],
+                        _REPEATS.value)
+      detok_ms = f"{1e3 * detok / len(prompts):.1f}"
+    first = first or ms
+    print(f"| {workdir} | {model.model.image_output} | {ms:.1f} | "
+          f"{detok_ms} | {ms / first:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
