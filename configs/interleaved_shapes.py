@@ -28,7 +28,8 @@ Variants (arg "key=value,..."): size (unimm.models.interleaved.SIZES:
 tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
 multi-query, as Gemini; the size's num_heads = multi-head), steps, batch,
 length (= config.model.max_len), text_vocab, codes, grid (image tokens per
-side), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
+side), tokens (a SEED tokenizer's K 1-D tokens per image instead of grid;
+their positions are 1-D), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
@@ -80,7 +81,8 @@ def get_config(arg=None):
       remat="none", scan="auto", optimizer="muon", image_input="codes",
       patch=4, queries=16, experts=1, questions=0, bins=0, referring=0,
       grounded=0, drawn=0, output="codes", embedding_dim=64,
-      detokenizer_workdir="", head="l2", mixtures=16, diffusion=0.0)
+      detokenizer_workdir="", head="l2", mixtures=16, diffusion=0.0,
+      tokens=0)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -97,7 +99,9 @@ def get_config(arg=None):
       num_queries=arg.queries, num_experts=arg.experts,
       feature_length=arg.grid * arg.grid, read_id=layout.read_id,
       newline_id=layout.newline_id, max_len=arg.length,
-      image_length=arg.grid * arg.grid, image_positions=arg.image_positions,
+      image_length=arg.tokens or arg.grid * arg.grid,
+      # 1-D tokens have no rows and columns.
+      image_positions="1d" if arg.tokens else arg.image_positions,
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat, image_output=arg.output,
       embedding_dim=arg.embedding_dim if arg.output != "codes" else 0,

@@ -27,7 +27,9 @@ Variants (arg "key=value,..."): size (a row of unimm.models.parti.SIZES:
 tiny | tiny_deep | small | 350m | 750m | 3b | 20b), steps, batch,
 tokenizer_workdir, text_tokenizer ("" = the copy in pretokenized_dir),
 pretokenized_dir, text_vocab (>= the SentencePiece vocabulary), codes and
-grid (the tokenizer's num_codes and h = w of its token grid), text_length,
+grid (the tokenizer's num_codes and h = w of its token grid), tokens (a
+SEED tokenizer's K 1-D tokens per image instead of grid, trained with
+configs/vit_vqgan_shapes.py:tokens=K; its positions are 1-D), text_length,
 lr (the CPU sizes; the paper sizes use 4.5e-4), optimizer (muon | adamw:
 unimm.train.optim; Muon for the hidden matrices, AdamW for the rest),
 positions (learned_2d | learned | rope), scan (auto | true | false: nn.scan
@@ -71,7 +73,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
       codes=512, grid=8, text_length=24, lr=1e-2, positions="learned_2d",
-      scan="auto", t5="", optimizer="muon")
+      scan="auto", t5="", optimizer="muon", tokens=0)
   config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
@@ -83,8 +85,11 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(parti_config(
       arg.size, text_vocab_size=arg.text_vocab, image_vocab_size=arg.codes,
-      text_length=arg.text_length, image_length=arg.grid * arg.grid,
-      positions=arg.positions,
+      text_length=arg.text_length,
+      image_length=arg.tokens or arg.grid * arg.grid,
+      # 1-D tokens have no rows and columns: one learned table over them.
+      positions="learned" if arg.tokens and arg.positions == "learned_2d"
+      else arg.positions,
       scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
 
   # Optional T5 text encoder (Parti §2.2), loaded from a local Hugging Face

@@ -16,7 +16,11 @@ paper's sizes use 256x256 images, 8x8 patches, 8192 codes of dim 32),
 decoder (a different decoder size, e.g. size=small,decoder=large is the
 paper's ViT-VQGAN-SL), steps, batch, and for size=tiny patch (4 -> 8x8
 tokens, 8 -> 4x4 tokens) and codes, scan (auto | true | false: nn.scan over
-layers; auto unrolls them at the CPU sizes, unimm.config_lib.scan_layers).
+layers; auto unrolls them at the CPU sizes, unimm.config_lib.scan_layers),
+tokens (SEED: K causal 1-D tokens per image from a causal Q-Former instead
+of the patch grid; 0 = the grid; unimm.tokenizers.vit_vqgan).
+
+  --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
 
 Loss weights for size=tiny (the other sizes keep the paper's §3.3 weights;
 docs/tokenizer.md):
@@ -41,13 +45,15 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=8000,
-                             batch=32, patch=4, codes=512, scan="auto")
+                             batch=32, patch=4, codes=512, scan="auto",
+                             tokens=0)
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
   model = vit_vqgan_config(arg.size, decoder=arg.decoder or None,
                            scan_layers=config_lib.scan_layers(arg.scan,
-                                                              arg.size))
+                                                              arg.size),
+                           num_queries=arg.tokens)
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.

@@ -66,8 +66,10 @@ def tokenizer_files(tmp_path_factory, name: str) -> dict[str, str]:
               data_dir=data_dir)
 
 
-def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1) -> str:
-  """A tokenizer workdir holding a randomly initialised tiny ViT-VQGAN.
+def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1,
+                           **model) -> str:
+  """A tokenizer workdir holding a randomly initialised tiny ViT-VQGAN
+  (model: config.model fields to change).
 
   Saved through the trainer's own checkpointer (the layout load_tokenizer
   reads). The state is filled from its abstract shapes with random numpy
@@ -79,6 +81,7 @@ def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1) -> str:
   from unimm.train import tasks  # pylint: disable=g-import-not-at-top
   from unimm.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_tokenizer_config(data_dir)
+  config.model.update(model)
   task = tasks.get_task(config)
   iterator = iter(task.train_data(0, 1))
   batch = trainer.device_batch(next(iterator))

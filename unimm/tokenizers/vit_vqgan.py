@@ -11,6 +11,17 @@ distribution's location mapped back to [0, 1].
 
 Pixels enter as uint8 [B, H, W, C] (or floats in [0, 1]) and are scaled to
 [-1, 1] inside.
+
+With num_queries = K > 0 the tokens are SEED's 1-D causal sequence (Ge et
+al. 2023, arXiv 2307.08041) instead of the patch grid: K learned queries
+go through a causal Q-Former (self-attention among the queries, causal, so
+query k never sees a later one; cross-attention to the ViT encoder's patch
+tokens) into the same head and quantizer, so an image is K ids [B, 1, K]
+with a left-to-right dependency. The decoder's patch slots (learned
+positions) cross-attend to the K quantized tokens (plus learned 1-D
+positions) through a bidirectional ViT, and the same per-patch head draws
+the image. Everything else (losses, trainer, checkpoints,
+load_tokenizer) is unchanged; `grid` is (1, K), `patch_grid` the pixels'.
 """
 import dataclasses
 import functools
@@ -78,9 +89,20 @@ def _fields():
 def validate_config(image_size: int, patch_size: int, num_codes: int,
                     code_dim: int, encoder_embed_dim: int,
                     encoder_num_heads: int, decoder_embed_dim: int,
-                    decoder_num_heads: int, **unused):
+                    decoder_num_heads: int, num_queries: int = 0,
+                    query_layers: int = 2, **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if isinstance(num_queries, bool) or not isinstance(num_queries, int) or (
+      num_queries < 0):
+    raise ValueError(
+        f"config.model.num_queries={num_queries!r}; expected an int >= 0 "
+        "(SEED's 1-D tokens per image, config arg tokens=...; 0 = the "
+        "patch grid).")
+  if num_queries and query_layers < 1:
+    raise ValueError(
+        f"config.model.query_layers={query_layers}; SEED's causal Q-Former "
+        f"(num_queries={num_queries}) needs at least one layer.")
   if patch_size <= 0 or image_size % patch_size:
     raise ValueError(
         f"config.model.patch_size={patch_size} does not divide "
@@ -126,26 +148,42 @@ class ViTVQGAN(nn.Module):
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  num_queries: int = 0  # SEED: K causal 1-D tokens (0: the patch grid)
+  query_layers: int = 2  # the causal Q-Former's layers (num_queries > 0)
+
+  @property
+  def patch_grid(self) -> tuple[int, int]:
+    """Patches per side of the image (the encoder's and decoder's slots)."""
+    n = self.image_size // self.patch_size
+    return n, n
 
   @property
   def grid(self) -> tuple[int, int]:
-    n = self.image_size // self.patch_size
-    return n, n
+    """The ids' shape per image: the patch grid, or (1, K) for SEED."""
+    if self.num_queries:
+      return 1, self.num_queries
+    return self.patch_grid
 
   @property
   def num_tokens(self) -> int:
     return self.grid[0] * self.grid[1]
 
-  def _stack(self, prefix: str):
+  @property
+  def num_patches(self) -> int:
+    return self.patch_grid[0] * self.patch_grid[1]
+
+  def _stack(self, prefix: str, num_layers=None, causal=False,
+             cross_attention=False, name=None):
     dim = getattr(self, f"{prefix}_embed_dim")
     heads = getattr(self, f"{prefix}_num_heads")
     return unn.TransformerStack(
-        num_layers=getattr(self, f"{prefix}_num_layers"), embed_dim=dim,
-        num_heads=heads, num_kv_heads=heads, head_dim=dim // heads,
-        mlp_dim=getattr(self, f"{prefix}_mlp_dim"), causal=False,
+        num_layers=num_layers or getattr(self, f"{prefix}_num_layers"),
+        embed_dim=dim, num_heads=heads, num_kv_heads=heads,
+        head_dim=dim // heads, mlp_dim=getattr(self, f"{prefix}_mlp_dim"),
+        causal=causal, cross_attention=cross_attention,
         dropout_rate=self.dropout_rate, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=f"{prefix}_transformer")
+        param_dtype=self.param_dtype, name=name or f"{prefix}_transformer")
 
   def setup(self):
     validate_config(**{f.name: getattr(self, f.name) for f in _fields()})
@@ -153,9 +191,21 @@ class ViTVQGAN(nn.Module):
     self.patch_embed = unn.PatchEmbed(self.patch_size, self.encoder_embed_dim,
                                       name="patch_embed", **kw)
     self.encoder_positions = unn.LearnedPositions(
-        self.num_tokens, self.encoder_embed_dim, self.param_dtype,
+        self.num_patches, self.encoder_embed_dim, self.param_dtype,
         name="encoder_positions")
     self.encoder = self._stack("encoder")
+    seed = self.num_queries > 0
+    if seed:
+      self.queries = self.param(
+          "queries", unn.partitioned(nn.initializers.normal(0.02),
+                                     (None, "embed")),
+          (self.num_queries, self.encoder_embed_dim),
+          jnp.dtype(self.param_dtype))
+      self.qformer = self._stack("encoder", self.query_layers, causal=True,
+                                 cross_attention=True, name="qformer")
+      self.token_positions = unn.LearnedPositions(
+          self.num_queries, self.decoder_embed_dim, self.param_dtype,
+          name="token_positions")
     # §3.1: the encoder output goes through a feed-forward layer with tanh;
     # its output layer is the quantizer's linear map to the code dim (§3.2).
     self.encoder_head = unn.dense(self.encoder_mlp_dim, ("embed", "mlp"),
@@ -164,9 +214,9 @@ class ViTVQGAN(nn.Module):
         self.num_codes, self.code_dim, self.decoder_embed_dim,
         self.commitment_cost, name="quantizer", **kw)
     self.decoder_positions = unn.LearnedPositions(
-        self.num_tokens, self.decoder_embed_dim, self.param_dtype,
+        self.num_patches, self.decoder_embed_dim, self.param_dtype,
         name="decoder_positions")
-    self.decoder = self._stack("decoder")
+    self.decoder = self._stack("decoder", cross_attention=seed)
     self.decoder_head = unn.dense(self.decoder_mlp_dim, ("embed", "mlp"),
                                   use_bias=True, name="decoder_head", **kw)
     self.patch_unembed = unn.PatchUnembed(self.patch_size, 2 * self.channels,
@@ -183,14 +233,24 @@ class ViTVQGAN(nn.Module):
   def _encode_features(self, images, deterministic):
     """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
     x = self.encoder_tokens(images, deterministic)
+    if self.num_queries:  # SEED: K causal queries read the patch tokens
+      queries = jnp.broadcast_to(self.queries.astype(x.dtype),
+                                 (x.shape[0], *self.queries.shape))
+      x = self.qformer(queries, encoded=x, deterministic=deterministic)
     return jnp.tanh(self.encoder_head(x))  # [B, T, F_enc]
 
   def _decode_tokens(self, x, deterministic):
     """Quantized tokens [B, T, D_dec] -> (mu, log_scale) [B, H, W, C] each."""
-    x = self.decoder_positions(x)
-    x = self.decoder(x, deterministic=deterministic)
-    x = jnp.tanh(self.decoder_head(x))  # [B, T, F_dec]
-    out = self.patch_unembed(x, self.grid).astype(jnp.float32)
+    if self.num_queries:  # SEED: the patch slots read the K tokens
+      tokens = self.token_positions(x)
+      x = self.decoder_positions(jnp.zeros(
+          (x.shape[0], self.num_patches, x.shape[-1]), x.dtype))
+      x = self.decoder(x, encoded=tokens, deterministic=deterministic)
+    else:
+      x = self.decoder_positions(x)
+      x = self.decoder(x, deterministic=deterministic)
+    x = jnp.tanh(self.decoder_head(x))  # [B, P, F_dec]
+    out = self.patch_unembed(x, self.patch_grid).astype(jnp.float32)
     mu, log_scale = jnp.split(out, 2, axis=-1)  # [B, H, W, C] each
     return mu, log_scale
 

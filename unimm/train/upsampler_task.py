@@ -93,7 +93,13 @@ class UpsamplerTask:
     self._fns = {}
     # Loaded now, not lazily: init may run under jax.eval_shape / jit, where
     # a checkpoint cannot be restored.
-    _ = self.tokenizer
+    if self.tokenizer.model.num_queries and self.model.use_codes:
+      raise ValueError(
+          f"The tokenizer in {self.tokenizer.path!r} writes SEED's "
+          f"{self.tokenizer.model.num_queries} 1-D tokens, which have no "
+          "place in the image for the upsampler's code features; train it "
+          "on the decoded images alone (config arg codes=0, "
+          "config.model.use_codes=False).")
 
   @property
   def factor(self) -> int:

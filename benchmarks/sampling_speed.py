@@ -1,9 +1,11 @@
-r"""Text-to-image sampling time of interleaved models that write images
-differently (codes, Emu's regressed embeddings, output queries), side by
-side in one run.
+r"""Text-to-image sampling time of models side by side in one run: Parti
+or interleaved models on different image tokens (a grid of codes, SEED's
+1-D tokens), or interleaved models that write images differently (codes,
+Emu's regressed embeddings, output queries).
 
-  python benchmarks/image_output_speed.py \
+  python benchmarks/sampling_speed.py \
       --workdirs workdirs/designs/codes,workdirs/designs/embeddings,workdirs/designs/queries
+  python benchmarks/sampling_speed.py --workdirs workdirs/demo,workdirs/demo_seed16
 
 For each model: `model.sample()` of --prompts shapes captions in batches of
 --batch with the model's eval settings (guidance included), after one
@@ -48,8 +50,9 @@ def main(_):
              for _ in range(_PROMPTS.value)]
   batches = [prompts[i:i + _BATCH.value]
              for i in range(0, len(prompts), _BATCH.value)]
-  print("| model | writes | ms / image | of which de-tokenizer | ratio |")
-  print("|---|---|---|---|---|")
+  print("| model | image tokens | writes | ms / image | of which "
+        "de-tokenizer | ratio |")
+  print("|---|---|---|---|---|---|")
   first = None
   for workdir in _WORKDIRS.value:
     model = unimm.load_model(workdir)
@@ -57,8 +60,10 @@ def main(_):
                         _REPEATS.value)
     ms = 1e3 * seconds / len(prompts)
     detok_ms = "-"
-    if model.detokenizer is not None:
-      h, w = model.tokenizer.grid
+    tokenizer = getattr(model, "tokenizer", None) or model.image_tokenizer
+    writes = getattr(model.model, "image_output", "codes")
+    if getattr(model, "detokenizer", None) is not None:
+      h, w = tokenizer.grid
       conditions = np.zeros(
           (len(batches[0]), h * w, model.model.embedding_dim), np.float32)
       detok = best_time(lambda m=model, c=conditions: [
@@ -66,8 +71,9 @@ def main(_):
                         _REPEATS.value)
       detok_ms = f"{1e3 * detok / len(prompts):.1f}"
     first = first or ms
-    print(f"| {workdir} | {model.model.image_output} | {ms:.1f} | "
-          f"{detok_ms} | {ms / first:.2f} |")
+    h, w = tokenizer.grid
+    print(f"| {workdir} | {h}x{w} | {writes} | {ms:.1f} | {detok_ms} | "
+          f"{ms / first:.2f} |")
 
 
 if __name__ == "__main__":
