@@ -43,7 +43,10 @@ def detokenizer_files(tmp_path_factory):
   return files["tokenizer_workdir"], files["data_dir"]
 
 
-@pytest.mark.parametrize("task", ["toy", "detokenizer"])
+# The real task takes 80-90 s of CPU: slow (docs/testing.md); the toy task
+# runs every time.
+@pytest.mark.parametrize(
+    "task", ["toy", pytest.param("detokenizer", marks=pytest.mark.slow)])
 def test_two_processes_train_through_checkpoint_restore_and_eval(
     task, tmp_path, request):
   real = (None if task == "toy"

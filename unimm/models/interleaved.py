@@ -149,8 +149,8 @@ class InterleavedLM(nn.Module):
   num_experts: int = 1  # OneLLM's routed resamplers
   image_output: str = "codes"  # "codes" | "embeddings" (Emu) | "queries"
   embedding_dim: int = 0  # width of the regressed embeddings
-  image_offset: int = 0  # VocabLayout.image_offset ("embeddings")
-  image_codes: int = 0  # image codes in the vocabulary ("embeddings")
+  image_offset: int = 0  # VocabLayout.image_offset (not "codes")
+  image_codes: int = 0  # image codes in the vocabulary (not "codes")
   image_head: str = "l2"  # "l2" | "gmm" (GIVT's mixture; "embeddings")
   mixtures: int = 1  # the mixture's components (image_head "gmm")
   dtype: str = "float32"
