@@ -5,7 +5,7 @@ Emu's regressed embeddings, output queries).
 
   python benchmarks/sampling_speed.py \
       --workdirs workdirs/designs/codes,workdirs/designs/embeddings,workdirs/designs/queries
-  python benchmarks/sampling_speed.py --workdirs workdirs/demo,workdirs/demo_seed16
+  python benchmarks/sampling_speed.py --workdirs workdirs/demo/parti,workdirs/demo_seed16/parti
 
 For each model: `model.sample()` of --prompts shapes captions in batches of
 --batch with the model's eval settings (guidance included), after one
@@ -15,7 +15,6 @@ conditions, for models that have one) and the ratio to the first row.
 """
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,25 +22,15 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
 
+import common
 import unimm
 from unimm.data import shapes
 
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Interleaved runs or "
-                              "exports, one row each.", required=True)
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Parti or interleaved runs "
+                              "or exports, one row each.", required=True)
 _PROMPTS = flags.DEFINE_integer("prompts", 100, "Prompts per timing.")
 _BATCH = flags.DEFINE_integer("batch", 50, "Prompts per sample() call.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed passes (best kept).")
-
-
-def best_time(fn, repeats: int) -> float:
-  """Best wall time of fn() over repeats calls after one warm-up call."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def main(_):
@@ -56,22 +45,21 @@ def main(_):
   first = None
   for workdir in _WORKDIRS.value:
     model = unimm.load_model(workdir)
-    seconds = best_time(lambda m=model: [m.sample(b) for b in batches],
-                        _REPEATS.value)
+    seconds = common.timed(lambda m=model: [m.sample(b) for b in batches],
+                           repeats=_REPEATS.value)
     ms = 1e3 * seconds / len(prompts)
     detok_ms = "-"
     tokenizer = getattr(model, "tokenizer", None) or model.image_tokenizer
+    h, w = tokenizer.grid
     writes = getattr(model.model, "image_output", "codes")
     if getattr(model, "detokenizer", None) is not None:
-      h, w = tokenizer.grid
       conditions = np.zeros(
           (len(batches[0]), h * w, model.model.embedding_dim), np.float32)
-      detok = best_time(lambda m=model, c=conditions: [
+      detok = common.timed(lambda m=model, c=conditions: [
           m.detokenizer.decode_conditions(c) for _ in batches],
-                        _REPEATS.value)
+                           repeats=_REPEATS.value)
       detok_ms = f"{1e3 * detok / len(prompts):.1f}"
     first = first or ms
-    h, w = tokenizer.grid
     print(f"| {workdir} | {h}x{w} | {writes} | {ms:.1f} | {detok_ms} | "
           f"{ms / first:.2f} |")
 

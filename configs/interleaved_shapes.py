@@ -29,7 +29,8 @@ tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
 multi-query, as Gemini; the size's num_heads = multi-head), steps, batch,
 length (= config.model.max_len), text_vocab, codes, grid (image tokens per
 side), tokens (a SEED tokenizer's K 1-D tokens per image instead of grid;
-their positions are 1-D), packed_dir, tokenizer_workdir, text_tokenizer, lr, image_positions
+their positions are 1-D), packed_dir, tokenizer_workdir, text_tokenizer,
+lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
