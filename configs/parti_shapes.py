@@ -29,7 +29,9 @@ tokenizer_workdir, text_tokenizer ("" = the copy in pretokenized_dir),
 pretokenized_dir, text_vocab (>= the SentencePiece vocabulary), codes and
 grid (the tokenizer's num_codes and h = w of its token grid), tokens (a
 SEED tokenizer's K 1-D tokens per image instead of grid, trained with
-configs/vit_vqgan_shapes.py:tokens=K; its positions are 1-D), text_length,
+configs/vit_vqgan_shapes.py:tokens=K; its positions are 1-D), dynamic (1:
+a LaVIT tokenizer's variable-length images, configs/vit_vqgan_shapes.py:
+keep=R: up to grid*grid codes then EOI, 1-D positions), text_length,
 lr (the CPU sizes; the paper sizes use 4.5e-4), optimizer (muon | adamw:
 unimm.train.optim; Muon for the hidden matrices, AdamW for the rest),
 positions (learned_2d | learned | rope), scan (auto | true | false: nn.scan
@@ -73,7 +75,7 @@ def get_config(arg=None):
       tokenizer_workdir="workdirs/vit_vqgan_shapes", text_tokenizer="",
       pretokenized_dir="workdirs/parti_shapes_data", text_vocab=256,
       codes=512, grid=8, text_length=24, lr=1e-2, positions="learned_2d",
-      scan="auto", t5="", optimizer="muon", tokens=0)
+      scan="auto", t5="", optimizer="muon", tokens=0, dynamic=0)
   config = config_lib.base_config("parti", arg.steps)
 
   # The frozen tokenizers: images decode through tokenizer_workdir; the text
@@ -88,8 +90,9 @@ def get_config(arg=None):
       text_length=arg.text_length,
       image_length=arg.tokens or arg.grid * arg.grid,
       # 1-D tokens have no rows and columns: one learned table over them.
-      positions="learned" if arg.tokens and arg.positions == "learned_2d"
-      else arg.positions,
+      positions="learned" if (arg.tokens or arg.dynamic) and (
+          arg.positions == "learned_2d") else arg.positions,
+      end_of_image=bool(arg.dynamic),
       scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
 
   # Optional T5 text encoder (Parti §2.2), loaded from a local Hugging Face

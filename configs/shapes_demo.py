@@ -21,7 +21,11 @@ the eval's.
 Variants (arg "key=value,..."): tokenizer_steps, parti_steps, num_train
 (pre-tokenized training examples), batch, size, lr and optimizer (Parti:
 muon | adamw), tokens (SEED's K 1-D causal tokens per image instead of the
-8x8 grid, for the tokenizer and Parti; 0 = the grid).
+8x8 grid, for the tokenizer and Parti; 0 = the grid), keep (LaVIT's
+dynamic tokens keeping about this fraction of the 64 patches, for the
+tokenizer and Parti's variable-length images; 0 = the grid),
+token_decoder (cross | joint: how the tokenizer's decoder reads SEED's or
+LaVIT's tokens; configs/vit_vqgan_shapes.py).
 """
 import os
 
@@ -46,14 +50,16 @@ PROMPTS = (
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, tokenizer_steps=6000, parti_steps=1600,
                              num_train=50000, batch=64, size="tiny", lr=1e-2,
-                             optimizer="muon", tokens=0)
+                             optimizer="muon", tokens=0, keep=0.0,
+                             token_decoder="cross")
   config = ml_collections.ConfigDict()
   config.task = "end_to_end"
 
   # 1. The tokenizer: 4x4 patches -> 8x8 tokens, 512 codes.
   config.tokenizer = config_lib.load_config(
       os.path.join(_HERE, "vit_vqgan_shapes.py") +
-      f":steps={arg.tokenizer_steps},tokens={arg.tokens}")
+      f":steps={arg.tokenizer_steps},tokens={arg.tokens},keep={arg.keep},"
+      f"token_decoder={arg.token_decoder}")
 
   # 2. The text tokenizer: BPE over shapes captions.
   config.text = ml_collections.ConfigDict(dict(
@@ -72,7 +78,8 @@ def get_config(arg=None):
   config.parti = config_lib.load_config(
       os.path.join(_HERE, "parti_shapes.py") +
       f":size={arg.size},steps={arg.parti_steps},batch={arg.batch},"
-      f"lr={arg.lr},optimizer={arg.optimizer},tokens={arg.tokens}")
+      f"lr={arg.lr},optimizer={arg.optimizer},tokens={arg.tokens},"
+      f"dynamic={int(bool(arg.keep))}")
   config.parti.eval.temperature = 0.05
   config.parti.eval.cfg_scale = 1.5
 

@@ -8,7 +8,9 @@ decoder of ViT-VQGAN Table 1; tiny for tests), decoder (another decoder
 size, e.g. size=small,decoder=large is ViT-VQGAN-SL), batch (global), remat
 (none | full | dots | dots_no_batch), dtype (bfloat16 as on TPU pods),
 tokens (SEED's 1-D causal tokens through a 12-layer Q-Former instead of the
-grid; SEED's paper shape is tokens=32).
+grid; SEED's paper shape is tokens=32), keep (LaVIT's dynamic tokens: a
+selector keeps about this fraction of the patches and a 12-layer merger
+folds the dropped ones in, as LaVIT's tokenizer; 0 = the grid).
 
 256x256 images, 8x8 patches (32x32 tokens), 8192 codes of dim 32, the
 StyleGAN discriminator and the §3.3 loss weights (the perceptual loss needs
@@ -27,12 +29,14 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="base", decoder="", batch=256,
-                             remat="full", dtype="bfloat16", tokens=0)
+                             remat="full", dtype="bfloat16", tokens=0,
+                             keep=0.0)
   config = config_lib.base_config("vit_vqgan", total_steps=500_000)
   config.model = ml_collections.ConfigDict(vit_vqgan_config(
       arg.size, decoder=arg.decoder or None, scan_layers=True,
       remat_policy=arg.remat, dtype=arg.dtype, param_dtype=arg.dtype,
-      num_queries=arg.tokens, query_layers=12))
+      num_queries=arg.tokens, query_layers=12, keep_ratio=arg.keep,
+      merger_layers=12))
   tiny = arg.size == "tiny"
   config.discriminator = ml_collections.ConfigDict(dict(
       channel_multiplier=8 if tiny else 64, max_channels=32 if tiny else 512))

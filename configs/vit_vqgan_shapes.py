@@ -18,9 +18,17 @@ paper's ViT-VQGAN-SL), steps, batch, and for size=tiny patch (4 -> 8x8
 tokens, 8 -> 4x4 tokens) and codes, scan (auto | true | false: nn.scan over
 layers; auto unrolls them at the CPU sizes, unimm.config_lib.scan_layers),
 tokens (SEED: K causal 1-D tokens per image from a causal Q-Former instead
-of the patch grid; 0 = the grid; unimm.tokenizers.vit_vqgan).
+of the patch grid; 0 = the grid; unimm.tokenizers.vit_vqgan), keep
+(LaVIT: a selector keeps about this fraction of the patches, in (0, 1], and
+a 2-layer merger folds the dropped ones in, so an image gets a variable
+number of tokens; 0 = every patch; unimm.tokenizers.dynamic), penalty
+(batch | image: LaVIT's keep-ratio penalty on the batch's kept fraction,
+so images may differ, or on each image's), token_decoder (cross | joint:
+how the decoder reads SEED's or LaVIT's tokens, its patch slots
+cross-attending to them or one bidirectional stack over both).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
+  --config configs/vit_vqgan_shapes.py:keep=0.5    (LaVIT, ~32 of 64)
 
 Loss weights for size=tiny (the other sizes keep the paper's §3.3 weights;
 docs/tokenizer.md):
@@ -46,14 +54,16 @@ from unimm.tokenizers.vit_vqgan import vit_vqgan_config
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=8000,
                              batch=32, patch=4, codes=512, scan="auto",
-                             tokens=0)
+                             tokens=0, keep=0.0, penalty="batch",
+                             token_decoder="cross")
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
   model = vit_vqgan_config(arg.size, decoder=arg.decoder or None,
                            scan_layers=config_lib.scan_layers(arg.scan,
                                                               arg.size),
-                           num_queries=arg.tokens)
+                           num_queries=arg.tokens, keep_ratio=arg.keep,
+                           token_decoder=arg.token_decoder)
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.
@@ -84,6 +94,8 @@ def get_config(arg=None):
       restart_until_step=arg.steps * 3 // 4,
       latent_buffer_size=1024,
       restart_sampling="error",
+      keep_weight=2.0,  # LaVIT (keep > 0): the keep-ratio penalty ...
+      keep_penalty=arg.penalty,  # ... over the "batch" or each "image"
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

@@ -236,3 +236,23 @@ def test_attention_gradients_match_autodiff(num_kv_heads):
   for name, got, want in zip("q k v bias".split(), grads, expected):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5,
                                err_msg=name)
+
+
+def test_weighted_attention_with_0_1_weights_is_masked_attention():
+  """LaVIT's float mask: 0/1 weights give the boolean mask's attention (up
+  to its eps), GQA included; the weights get a gradient; an all-zero row
+  is finite."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (B, 5, 4, 8))
+  k = jax.random.normal(keys[1], (B, 7, 2, 8))
+  v = jax.random.normal(keys[2], (B, 7, 2, 8))
+  mask = jax.random.bernoulli(keys[3], 0.6, (B, 5, 7)).at[:, :, 0].set(True)
+  weights = mask.astype(jnp.float32)
+  np.testing.assert_allclose(
+      unn.weighted_attention(q, k, v, weights),
+      unn.dot_product_attention(q, k, v, mask), atol=1e-5)
+  grad = jax.grad(lambda w: jnp.sum(unn.weighted_attention(q, k, v, w)))(
+      weights)
+  assert np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
+  empty = unn.weighted_attention(q, k, v, jnp.zeros((B, 5, 7)))
+  assert np.all(np.isfinite(empty))

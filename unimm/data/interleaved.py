@@ -848,6 +848,14 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   """
   image_input = image_input_lib.ImageInput() if image_input is None else (
       image_input)
+  if getattr(getattr(tokenizer, "model", None), "keep_ratio", 0):
+    raise ValueError(
+        f"The tokenizer {tokenizer_workdir or ''!r} writes LaVIT's "
+        "variable-length images (keep_ratio="
+        f"{tokenizer.model.keep_ratio}); the interleaved model's image "
+        "spans have a fixed length. Pack with a grid or SEED tokenizer "
+        "(configs/vit_vqgan_shapes.py without keep=); Parti takes dynamic "
+        "tokens (configs/parti_shapes.py:dynamic=1).")
   if seed is None:
     if split not in SPLIT_SEEDS:
       raise ValueError(f"Split {split!r} has no default seed (those are "

@@ -23,7 +23,8 @@ Output (OUT_DIR; several splits may share one directory):
 
 Record format: one msgpack map per example (flax.serialization, which
 stores arrays as dtype + shape + raw bytes and never unpickles):
-  {"image_ids": int32 [h*w] (row-major over the token grid),
+  {"image_ids": int32 [h*w] (row-major over the token grid; a dynamic
+       tokenizer's valid ids, then -1),
    "text_ids": int32 [text_length] (SentencePiece ids + EOS, 0-padded),
    "caption": str,
    and, for a record with K > 1 captions (a converted data set's
@@ -303,6 +304,7 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
   # Over every caption encoded (first and others) / left out by max_captions.
   num_captions, num_truncated_all, num_dropped, most_captions = 0, 0, 0, 0
   counts = np.zeros(tokenizer.num_codes, np.int64)
+  lengths = []
   progress = Progress(total, what="pre-tokenized examples", every_seconds=5.0)
   logging.info("Pre-tokenizing %d examples of %s/%s into %s (%d shards).",
                total, source, split, out_dir, num_shards)
@@ -328,8 +330,9 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       num_captions += int(n + starts[-1])
       num_dropped += sum(dropped for _, dropped in kept)
       most_captions = max([most_captions] + [len(r) for r, _ in kept])
-      counts += np.bincount(image_ids.reshape(-1),
-                            minlength=tokenizer.num_codes)
+      valid = image_ids[image_ids >= 0]  # a dynamic tokenizer's -1: empty
+      counts += np.bincount(valid, minlength=tokenizer.num_codes)
+      lengths.append(np.sum(image_ids.reshape(n, -1) >= 0, axis=1))
       for i, (record, _) in enumerate(kept):
         text_ids_all = np.concatenate([  # [K, L]
             encoded.ids[i:i + 1], others.ids[starts[i]:starts[i + 1]]])
@@ -359,6 +362,8 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       "num_codes": int(tokenizer.num_codes),
       "image_size": int(image_size),
       "codebook_usage": float((counts > 0).mean()),
+      # Valid ids per image (LaVIT's dynamic tokens vary; else image_length).
+      "tokens_per_image_mean": float(np.concatenate(lengths).mean()),
       "text_length": int(text_length),
       "text_vocab_size": int(text_tokenizer.vocab_size),
       "text_pad_id": int(text_tokenizer.pad_id),

@@ -107,6 +107,14 @@ def check_image_tokenizer(tokenizer: tokenizer_lib.Tokenizer,
         f"codes and a {h}x{w} grid; config.model has image_vocab_size="
         f"{model.image_vocab_size}, image_length={model.image_length}. Make "
         "them match (config args codes=..., grid=...).")
+  dynamic = bool(tokenizer.model.keep_ratio)
+  if dynamic != bool(model.end_of_image):
+    raise ValueError(
+        f"The tokenizer in {tokenizer.path!r} writes "
+        f"{'variable' if dynamic else 'fixed'}-length images (LaVIT "
+        f"keep_ratio={tokenizer.model.keep_ratio}) but config.model."
+        f"end_of_image={model.end_of_image}; set it to {dynamic} (config "
+        f"arg dynamic={int(dynamic)}).")
 
 
 @functools.lru_cache(maxsize=16)
@@ -200,7 +208,7 @@ class TextToImageModel:
     return SamplingParams.from_config(
         dict(resolved, cfg_scale=cfg_scale,
              contrastive_alpha=contrastive_alpha),
-        self.model.image_vocab_size)
+        self.model.output_vocab_size)
 
   def sample_ids(self, prompts: Sequence[str], *, seed: int = 0,
                  cfg_scale=EVAL, temperature=EVAL, top_k=EVAL, top_p=EVAL,

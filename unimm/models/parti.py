@@ -4,6 +4,14 @@ Content-Rich Text-to-Image Generation", §2.2), built from the shared stack.
 
 Decoder vocabulary: the tokenizer's `image_vocab_size` codes plus one BOS id
 (= image_vocab_size) that starts every image. Logits cover the codes only.
+
+Variable-length images (end_of_image=True, for LaVIT's dynamic tokens,
+unimm.tokenizers.dynamic): image_ids [B, image_length] hold an image's
+codes and then -1 in its empty slots; the decoder writes the codes and an
+EOI id (= image_vocab_size, a logit; BOS moves to image_vocab_size + 1)
+over image_length + 1 positions, the loss covers the codes and the EOI
+(`image_targets`), and sampling is the same static scan that ends each row
+at its EOI (sampler.scan_decode's end_id) and returns -1 after it.
 """
 import math
 
@@ -89,20 +97,40 @@ class Parti(nn.Module):
   t5_feed_forward_proj: str = "relu"
   t5_relative_attention_num_buckets: int = 32
   t5_relative_attention_max_distance: int = 128
+  # Images of varying length: codes, then EOI (module doc).
+  end_of_image: bool = False
+
+  @property
+  def eoi_id(self) -> int:
+    """The end-of-image id (a logit) when end_of_image."""
+    return self.image_vocab_size
 
   @property
   def bos_id(self) -> int:
-    return self.image_vocab_size
+    return self.image_vocab_size + int(self.end_of_image)
+
+  @property
+  def output_vocab_size(self) -> int:
+    """Logits per position: the codes (+ EOI when end_of_image)."""
+    return self.image_vocab_size + int(self.end_of_image)
+
+  @property
+  def decoder_length(self) -> int:
+    """Decoder positions per image: image_length (+ 1 for the EOI)."""
+    return self.image_length + int(self.end_of_image)
 
   def setup(self):
     if self.positions not in ("learned", "learned_2d", "rope"):
       raise ValueError(f"positions must be 'learned', 'learned_2d' or 'rope', "
                        f"got {self.positions!r} (config.model.positions).")
     side = math.isqrt(self.image_length)
-    if self.positions == "learned_2d" and side * side != self.image_length:
+    if self.positions == "learned_2d" and (side * side != self.image_length
+                                           or self.end_of_image):
       raise ValueError(
           f"positions='learned_2d' needs a square token grid, got "
-          f"image_length={self.image_length} (config.model.image_length).")
+          f"image_length={self.image_length}, end_of_image="
+          f"{self.end_of_image} (config.model.image_length; variable-length "
+          "images are 1-D: positions='learned' or 'rope').")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     stack = dict(embed_dim=self.embed_dim, num_heads=self.num_heads,
                  num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -135,8 +163,7 @@ class Parti(nn.Module):
         self.text_proj = unn.dense(self.embed_dim, ("embed", "embed"),
                                    name="text_proj", **kw)
     self.text_embed = unn.Embedder(self.text_vocab_size, self.embed_dim, **kw)
-    self.image_embed = unn.Embedder(self.image_vocab_size + 1, self.embed_dim,
-                                    **kw)
+    self.image_embed = unn.Embedder(self.bos_id + 1, self.embed_dim, **kw)
     self.encoder = unn.TransformerStack(num_layers=self.encoder_layers,
                                         causal=False, **stack)
     self.decoder = unn.TransformerStack(num_layers=self.decoder_layers,
@@ -147,7 +174,7 @@ class Parti(nn.Module):
                                                  self.embed_dim,
                                                  self.param_dtype)
     if self.positions == "learned":
-      self.image_positions = unn.LearnedPositions(self.image_length,
+      self.image_positions = unn.LearnedPositions(self.decoder_length,
                                                   self.embed_dim,
                                                   self.param_dtype)
     elif self.positions == "learned_2d":
@@ -155,7 +182,7 @@ class Parti(nn.Module):
                                              self.param_dtype)
       self.image_cols = unn.LearnedPositions(side, self.embed_dim,
                                              self.param_dtype)
-    self.logits_proj = unn.dense(self.image_vocab_size, ("embed", "vocab"),
+    self.logits_proj = unn.dense(self.output_vocab_size, ("embed", "vocab"),
                                  name="logits", **kw)
 
   def encode(self, text_ids, deterministic=True):
@@ -193,10 +220,12 @@ class Parti(nn.Module):
     return self.logits_proj(x)  # [B, T, V]
 
   def __call__(self, text_ids, image_ids, deterministic=True):
-    """text_ids [B, S], image_ids [B, T] -> next-token logits [B, T, V]."""
+    """text_ids [B, S], image_ids [B, image_length] -> next-token logits
+    [B, decoder_length, output_vocab_size] (the targets: image_targets)."""
     encoded, text_mask = self.encode(text_ids, deterministic)
-    bos = jnp.full((image_ids.shape[0], 1), self.bos_id, image_ids.dtype)
-    inputs = jnp.concatenate([bos, image_ids[:, :-1]], axis=1)
+    targets, _ = image_targets(self, image_ids)
+    bos = jnp.full((targets.shape[0], 1), self.bos_id, targets.dtype)
+    inputs = jnp.concatenate([bos, targets[:, :-1]], axis=1)
     return self.decode(inputs, encoded, text_mask, deterministic)
 
   def decode_step(self, tokens, cache, position, encoded=None):
@@ -228,10 +257,31 @@ class Parti(nn.Module):
 
   def init_cache(self, batch_size: int, text_mask):
     """Zeroed decoder cache for `batch_size` rows and text_mask [B, S]."""
-    cache = unn.init_cache(self.decoder_layers, batch_size, self.image_length,
+    cache = unn.init_cache(self.decoder_layers, batch_size,
+                           self.decoder_length,
                            self.num_kv_heads, self.head_dim, self.dtype,
                            cross_len=text_mask.shape[1])
     return dict(cache, text_mask=text_mask)
+
+
+def image_targets(model: Parti, image_ids):
+  """The decoder's targets of image_ids [B, image_length] and their loss
+  weights, both [B, decoder_length].
+
+  Fixed length: the ids themselves, all weighted. end_of_image: each row's
+  codes (ids >= 0, the valid ones first), the EOI id in the first empty
+  slot (or after the last code), the EOI again after it (fed, not scored);
+  the codes and the first EOI weigh 1.
+  """
+  if not model.end_of_image:
+    return image_ids, jnp.ones(image_ids.shape, jnp.float32)
+  b = image_ids.shape[0]
+  ids = jnp.concatenate([image_ids, jnp.full((b, 1), -1, image_ids.dtype)],
+                        axis=1)  # [B, T + 1]
+  length = jnp.sum(image_ids >= 0, axis=1, keepdims=True)
+  slots = jnp.arange(ids.shape[1])[None, :]
+  targets = jnp.where(slots < length, ids, model.eoi_id)
+  return targets, (slots <= length).astype(jnp.float32)
 
 
 def load_t5_into(params, checkpoint: str):
@@ -271,9 +321,15 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   used in training) forms the second half of a doubled batch: guidance's
   unconditional logits, or CD-K's amateur. return_steps: also return the
   decoder calls made (scalar int32; image_length without SJD). Call under
-  jax.jit: one compiled program.
+  jax.jit: one compiled program. end_of_image: a row stops at its EOI
+  (the scan runs to the static length; later slots are -1).
   """
   sampling.check_sjd_window()
+  if sampling.sjd_window and model.end_of_image:
+    raise ValueError(
+        f"sjd_window={sampling.sjd_window}: speculative Jacobi decoding "
+        "drafts fixed-length image spans, and this model's end at an EOI "
+        "(config.model.end_of_image); set sjd_window=0.")
   b = text_ids.shape[0]
   if sampling.doubled:
     if uncond_text_ids is None:
@@ -298,13 +354,18 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   logits, cache = step(params, cache, bos, 0, encoded)
   rng_first, rng_rest = jax.random.split(rng)
   first = samp.next_token(logits, rng_first, sampling)  # [B]
-  n = model.image_length - 1
+  n = model.decoder_length - 1
   if sampling.sjd_window and n > 1:
     rest, _, calls = samp.sjd_decode(window_step, params, cache, first, 1, n,
                                      rng_rest, sampling)
   else:
+    end = model.eoi_id if model.end_of_image else None
     rest, _ = samp.scan_decode(step, params, cache, first, 1, n, rng_rest,
-                               sampling)
+                               sampling, end_id=end,
+                               pad_id=model.eoi_id)
     calls = jnp.int32(n)
   ids = jnp.concatenate([first[:, None], rest], axis=1)[:b]
+  if model.end_of_image:  # codes, then -1 from the EOI on
+    ended = jnp.cumsum(ids == model.eoi_id, axis=1) > 0
+    ids = jnp.where(ended, -1, ids)[:, :model.image_length]
   return (ids, calls + 1) if return_steps else ids

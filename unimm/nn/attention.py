@@ -92,6 +92,30 @@ def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
   return out.reshape(b, t, n, h)
 
 
+def weighted_attention(q, k, v, weights, *, eps: float = 1e-6):
+  """Attention whose probabilities are multiplied by float `weights` and
+  renormalised: LaVIT's softmax_with_policy (Jin et al. 2023), a mask that
+  gradients reach, so a straight-through keep decision is trained by the
+  attention it gates.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; weights [B, T, S] in [0, 1]. A row
+  whose weights are all 0 attends uniformly with a tiny total (eps), not
+  NaN. Returns [B, T, N, H].
+  """
+  n, h = q.shape[2], q.shape[3]
+  if k.shape[2] != n:  # GQA / MQA: each kv head serves n / K query heads
+    k = jnp.repeat(k, n // k.shape[2], axis=2)
+    v = jnp.repeat(v, n // v.shape[2], axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32)
+  logits = logits / np.sqrt(h)
+  logits = logits - jax.lax.stop_gradient(
+      jnp.max(logits, axis=-1, keepdims=True))
+  probs = jnp.exp(logits) * weights[:, None].astype(jnp.float32)
+  probs = (probs + eps / k.shape[1]) / (
+      jnp.sum(probs, axis=-1, keepdims=True) + eps)
+  return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
 def _masked_logits(q, k, mask, bias):
   """float32 logits [B, K, Q, S] of the heads-major q and k, plus bias, with
   masked entries set to NEG_INF."""
@@ -201,7 +225,7 @@ class Attention(nn.Module):
 
   def __call__(self, x, kv_input=None, *, mask=None, positions=None,
                kv_positions=None, cache=None, cache_index=None,
-               precomputed_kv=None):
+               precomputed_kv=None, weights=None):
     """Attention of x [B, T, D] over itself or over `kv_input` [B, S, D].
 
     mask: bool [B, T, S] over the attended keys (cache slots when a cache is
@@ -209,6 +233,7 @@ class Attention(nn.Module):
     "layer"; module doc); new keys are written at cache_index and the
     updated {"k", "v"} is returned. precomputed_kv: (k, v) to
     attend to directly (cross-attention K/V computed once by the sampler).
+    weights: float [B, T, S] in place of `mask` (weighted_attention).
     Returns (out [B, T, D], new_cache or None).
     """
     q = self.query(x)  # [B, T, N, H]
@@ -231,6 +256,11 @@ class Attention(nn.Module):
         view = {**cache, **new_cache}  # keeps "layer" when given
         k = constrain(cache_read(view, "k"), CACHE_AXES)
         v = constrain(cache_read(view, "v"), CACHE_AXES)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    if weights is not None:
+      out = weighted_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                               weights)
+    else:
+      out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                  mask)
     out = self.dropout(out, deterministic=self.deterministic)
     return self.out(out), new_cache  # [B, T, D]

@@ -37,9 +37,10 @@ def nearest_codes(latents, codebook):
 class FactorizedQuantizer(nn.Module):
   """Projects D -> code_dim, quantizes on the unit sphere, projects back.
 
-  __call__(x [B, T, D]) returns (ids [B, T] int32, quantized [B, T, D],
-  losses {"codebook", "commitment", "vq"}, latents [B, T, code_dim]
-  l2-normalised encoder latents, for dead-code restarts).
+  __call__(x [B, T, D], mask=None) returns (ids [B, T] int32, quantized
+  [B, T, D], losses {"codebook", "commitment", "vq"}, latents [B, T,
+  code_dim] l2-normalised encoder latents, for dead-code restarts); mask
+  (bool [B, T]) limits the losses to the tokens it marks.
   """
   num_codes: int
   code_dim: int
@@ -77,7 +78,7 @@ class FactorizedQuantizer(nn.Module):
     codes = jnp.take(self.normalized_codebook(), ids, axis=0)  # [B, T, C]
     return self.from_code(codes.astype(jnp.dtype(self.dtype)))
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     z = self.latents(x)  # [B, T, C], unit norm
     codebook = self.normalized_codebook()  # [K, C], unit norm
     ids = nearest_codes(z, codebook)  # [B, T]
@@ -85,8 +86,14 @@ class FactorizedQuantizer(nn.Module):
     # VQ-VAE eq. 3 on the normalised vectors: the codebook term moves codes
     # towards (frozen) latents, the commitment term (weight beta) moves the
     # encoder towards (frozen) codes. Mean over tokens and code dims.
-    codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - e))
-    commitment_loss = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
+    if mask is None:
+      mean = jnp.mean
+    else:
+      weights = jnp.broadcast_to(mask[..., None], z.shape).astype(z.dtype)
+      mean = lambda x: jnp.sum(x * weights) / jnp.maximum(  # noqa: E731
+          jnp.sum(weights), 1.0)
+    codebook_loss = mean(jnp.square(jax.lax.stop_gradient(z) - e))
+    commitment_loss = mean(jnp.square(z - jax.lax.stop_gradient(e)))
     losses = {
         "codebook": codebook_loss,
         "commitment": commitment_loss,
@@ -109,8 +116,11 @@ class FactorizedQuantizer(nn.Module):
 
 
 def code_counts(ids, num_codes: int):
-  """Number of tokens assigned to each code in this batch: [K] float32."""
-  return jnp.zeros((num_codes,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+  """Number of tokens assigned to each code in this batch: [K] float32.
+  Negative ids (the empty slots of dynamic tokens) count nowhere."""
+  ids = ids.reshape(-1)
+  ids = jnp.where(ids >= 0, ids, num_codes)  # out of range: dropped
+  return jnp.zeros((num_codes,), jnp.float32).at[ids].add(1.0, mode="drop")
 
 
 def update_usage(usage, ids, decay: float = 0.99):

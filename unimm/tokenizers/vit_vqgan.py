@@ -22,6 +22,16 @@ positions) cross-attend to the K quantized tokens (plus learned 1-D
 positions) through a bidirectional ViT, and the same per-patch head draws
 the image. Everything else (losses, trainer, checkpoints,
 load_tokenizer) is unchanged; `grid` is (1, K), `patch_grid` the pixels'.
+
+With keep_ratio > 0 the tokens are LaVIT's dynamic ones (Jin et al. 2023,
+arXiv 2309.04669; unimm.tokenizers.dynamic): a selector keeps the
+informative patches, a causal merger folds the dropped ones into the kept,
+and only the kept tokens are quantized, in raster order, at the front of
+a static row: ids [B, 1, N] (N = the patches) whose empty slots are -1, so
+an image's length is (ids >= 0).sum(). The decoder reads them as SEED's
+(its patch slots cross-attend to the valid tokens). The forward pass adds
+losses["keep"], (keep_ratio - the batch's kept fraction)^2, and
+losses["keep_per_image"], that penalty per image, averaged.
 """
 import dataclasses
 import functools
@@ -32,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimm import nn as unn
+from unimm.tokenizers import dynamic
 from unimm.tokenizers import losses as losses_lib
 from unimm.tokenizers.quantizer import FactorizedQuantizer
 
@@ -90,9 +101,30 @@ def validate_config(image_size: int, patch_size: int, num_codes: int,
                     code_dim: int, encoder_embed_dim: int,
                     encoder_num_heads: int, decoder_embed_dim: int,
                     decoder_num_heads: int, num_queries: int = 0,
-                    query_layers: int = 2, **unused):
+                    query_layers: int = 2, keep_ratio: float = 0.0,
+                    merger_layers: int = 2, token_decoder: str = "cross",
+                    **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if token_decoder not in ("cross", "joint"):
+    raise ValueError(
+        f"config.model.token_decoder={token_decoder!r}; expected 'cross' or "
+        "'joint' (config arg token_decoder=...).")
+  if isinstance(keep_ratio, bool) or not isinstance(
+      keep_ratio, (int, float)) or not 0.0 <= keep_ratio <= 1.0:
+    raise ValueError(
+        f"config.model.keep_ratio={keep_ratio!r}; LaVIT's target fraction of "
+        "kept patches must lie in (0, 1] (config arg keep=...; 0 = every "
+        "patch, the grid).")
+  if keep_ratio and num_queries:
+    raise ValueError(
+        f"config.model.keep_ratio={keep_ratio} (LaVIT) and num_queries="
+        f"{num_queries} (SEED) are two kinds of tokens; set one of them to "
+        "0 (config args keep= / tokens=).")
+  if keep_ratio and merger_layers < 1:
+    raise ValueError(
+        f"config.model.merger_layers={merger_layers}; LaVIT's token merger "
+        f"(keep_ratio={keep_ratio}) needs at least one layer.")
   if isinstance(num_queries, bool) or not isinstance(num_queries, int) or (
       num_queries < 0):
     raise ValueError(
@@ -150,6 +182,12 @@ class ViTVQGAN(nn.Module):
   remat_policy: str = "none"
   num_queries: int = 0  # SEED: K causal 1-D tokens (0: the patch grid)
   query_layers: int = 2  # the causal Q-Former's layers (num_queries > 0)
+  keep_ratio: float = 0.0  # LaVIT: target kept fraction (0: every patch)
+  merger_layers: int = 2  # LaVIT's token merger layers (keep_ratio > 0)
+  # How the decoder reads 1-D (SEED / LaVIT) tokens: "cross", its patch
+  # slots cross-attend to them; "joint", [tokens; patch slots] go through
+  # one bidirectional stack (TiTok's / MAE's decoder) and the slots draw.
+  token_decoder: str = "cross"
 
   @property
   def patch_grid(self) -> tuple[int, int]:
@@ -159,10 +197,18 @@ class ViTVQGAN(nn.Module):
 
   @property
   def grid(self) -> tuple[int, int]:
-    """The ids' shape per image: the patch grid, or (1, K) for SEED."""
+    """The ids' shape per image: the patch grid, (1, K) for SEED, (1, N
+    patches) for LaVIT (empty slots -1)."""
     if self.num_queries:
       return 1, self.num_queries
+    if self.keep_ratio:
+      return 1, self.num_patches
     return self.patch_grid
+
+  @property
+  def codes_on_grid(self) -> bool:
+    """True when id i draws patch i (the grid; not SEED's or LaVIT's)."""
+    return not (self.num_queries or self.keep_ratio)
 
   @property
   def num_tokens(self) -> int:
@@ -195,6 +241,16 @@ class ViTVQGAN(nn.Module):
         name="encoder_positions")
     self.encoder = self._stack("encoder")
     seed = self.num_queries > 0
+    if self.keep_ratio:
+      self.selector = dynamic.TokenSelector(self.encoder_embed_dim,
+                                            name="selector", **kw)
+      self.merger = dynamic.TokenMerger(
+          self.merger_layers, self.encoder_embed_dim, self.encoder_num_heads,
+          self.encoder_mlp_dim, name="merger", **kw)
+    if seed or self.keep_ratio:
+      self.token_positions = unn.LearnedPositions(
+          self.num_tokens, self.decoder_embed_dim, self.param_dtype,
+          name="token_positions")
     if seed:
       self.queries = self.param(
           "queries", unn.partitioned(nn.initializers.normal(0.02),
@@ -203,9 +259,6 @@ class ViTVQGAN(nn.Module):
           jnp.dtype(self.param_dtype))
       self.qformer = self._stack("encoder", self.query_layers, causal=True,
                                  cross_attention=True, name="qformer")
-      self.token_positions = unn.LearnedPositions(
-          self.num_queries, self.decoder_embed_dim, self.param_dtype,
-          name="token_positions")
     # §3.1: the encoder output goes through a feed-forward layer with tanh;
     # its output layer is the quantizer's linear map to the code dim (§3.2).
     self.encoder_head = unn.dense(self.encoder_mlp_dim, ("embed", "mlp"),
@@ -216,7 +269,9 @@ class ViTVQGAN(nn.Module):
     self.decoder_positions = unn.LearnedPositions(
         self.num_patches, self.decoder_embed_dim, self.param_dtype,
         name="decoder_positions")
-    self.decoder = self._stack("decoder", cross_attention=seed)
+    self.decoder = self._stack(
+        "decoder", cross_attention=not self.codes_on_grid and (
+            self.token_decoder == "cross"))
     self.decoder_head = unn.dense(self.decoder_mlp_dim, ("embed", "mlp"),
                                   use_bias=True, name="decoder_head", **kw)
     self.patch_unembed = unn.PatchUnembed(self.patch_size, 2 * self.channels,
@@ -230,22 +285,50 @@ class ViTVQGAN(nn.Module):
     x = self.encoder_positions(x)
     return self.encoder(x, deterministic=deterministic)
 
-  def _encode_features(self, images, deterministic):
-    """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
+  def _encode(self, images, deterministic):
+    """images [B, H, W, C] -> (pre-quantization features [B, T, F], the
+    valid tokens bool [B, T] or None when all are, LaVIT's {"keep" [B, N]
+    straight-through decisions, "log_probs" [B, N, 2]} or {})."""
     x = self.encoder_tokens(images, deterministic)
+    mask, selection = None, {}
     if self.num_queries:  # SEED: K causal queries read the patch tokens
       queries = jnp.broadcast_to(self.queries.astype(x.dtype),
                                  (x.shape[0], *self.queries.shape))
       x = self.qformer(queries, encoded=x, deterministic=deterministic)
-    return jnp.tanh(self.encoder_head(x))  # [B, T, F_enc]
+    elif self.keep_ratio:  # LaVIT: select, merge, keep the kept in front
+      log_probs = self.selector(x)  # [B, N, 2]: keep, drop
+      if deterministic:
+        keep = (log_probs[..., 0] > log_probs[..., 1]).astype(jnp.float32)
+      else:
+        keep = dynamic.straight_through_gumbel(
+            log_probs, self.make_rng("selector"))[..., 0]
+      x = self.merger(x, keep.astype(x.dtype))
+      x, mask = dynamic.compact(x, keep)
+      selection = {"keep": keep, "log_probs": log_probs}
+    return jnp.tanh(self.encoder_head(x)), mask, selection  # [B, T, F_enc]
 
-  def _decode_tokens(self, x, deterministic):
-    """Quantized tokens [B, T, D_dec] -> (mu, log_scale) [B, H, W, C] each."""
-    if self.num_queries:  # SEED: the patch slots read the K tokens
+  def _encode_features(self, images, deterministic):
+    """images [B, H, W, C] -> pre-quantization features [B, T, F]."""
+    return self._encode(images, deterministic)[0]
+
+  def _decode_tokens(self, x, deterministic, mask=None):
+    """Quantized tokens [B, T, D_dec] (valid where mask [B, T], default
+    all) -> (mu, log_scale) [B, H, W, C] each."""
+    if not self.codes_on_grid:  # SEED / LaVIT: patch slots read the tokens
       tokens = self.token_positions(x)
-      x = self.decoder_positions(jnp.zeros(
+      slots = self.decoder_positions(jnp.zeros(
           (x.shape[0], self.num_patches, x.shape[-1]), x.dtype))
-      x = self.decoder(x, encoded=tokens, deterministic=deterministic)
+      if self.token_decoder == "cross":
+        x = self.decoder(slots, encoded=tokens, encoded_mask=mask,
+                         deterministic=deterministic)
+      else:  # joint: one stack over both; empty token slots are padding
+        valid = (jnp.ones(tokens.shape[:2], jnp.int32) if mask is None
+                 else mask.astype(jnp.int32))
+        segments = jnp.concatenate(
+            [valid, jnp.ones(slots.shape[:2], jnp.int32)], axis=1)
+        x = self.decoder(jnp.concatenate([tokens, slots], axis=1),
+                         segment_ids=segments, deterministic=deterministic)
+        x = x[:, tokens.shape[1]:]
     else:
       x = self.decoder_positions(x)
       x = self.decoder(x, deterministic=deterministic)
@@ -258,14 +341,23 @@ class ViTVQGAN(nn.Module):
     """images uint8 [B, H, W, C] -> dict of outputs.
 
     mu, log_scale: logit-Laplace parameters [B, H, W, C]; recon: the
-    reconstruction in [0, 1]; ids [B, h, w]; losses: the quantizer's
-    {"codebook", "commitment", "vq"}; latents [B, T, code_dim] (unit norm).
+    reconstruction in [0, 1]; ids [B, h, w] (-1: an empty LaVIT slot);
+    losses: the quantizer's {"codebook", "commitment", "vq"} (+ "keep" for
+    LaVIT); latents [B, T, code_dim] (unit norm). LaVIT adds token_mask
+    [B, T] and keep [B, N], the straight-through decisions (training draws
+    them with the "selector" rng).
     """
     b = images.shape[0]
-    features = self._encode_features(images, deterministic=not train)
-    ids, quantized, vq_losses, latents = self.quantizer(features)
-    mu, log_scale = self._decode_tokens(quantized, deterministic=not train)
-    return {
+    features, mask, selection = self._encode(images, deterministic=not train)
+    ids, quantized, vq_losses, latents = self.quantizer(features, mask)
+    if mask is not None:
+      # The kept tokens enter the decoder times their straight-through
+      # decisions (1 forward), so the reconstruction also scores keeping
+      # each one; the merger's weights carry the dropped ones' share.
+      kept, _ = dynamic.compact(selection["keep"], selection["keep"])
+      quantized = quantized * kept[..., None].astype(quantized.dtype)
+    mu, log_scale = self._decode_tokens(quantized, not train, mask)
+    out = {
         "mu": mu,
         "log_scale": log_scale,
         "recon": losses_lib.logit_laplace_mean(mu),
@@ -273,12 +365,25 @@ class ViTVQGAN(nn.Module):
         "losses": vq_losses,
         "latents": latents,
     }
+    if mask is not None:
+      out["ids"] = jnp.where(mask, ids, -1).reshape(b, *self.grid)
+      out["token_mask"] = mask
+      out["keep"] = selection["keep"]
+      keep = selection["keep"]
+      out["losses"] = {
+          **vq_losses,
+          "keep": jnp.square(self.keep_ratio - jnp.mean(keep)),
+          "keep_per_image": jnp.mean(jnp.square(
+              self.keep_ratio - jnp.mean(keep, axis=1)))}
+    return out
 
   def encode(self, images):
-    """images [B, H, W, C] -> ids [B, h, w] int32."""
-    features = self._encode_features(images, deterministic=True)
-    return self.quantizer.encode(features).reshape(images.shape[0],
-                                                   *self.grid)
+    """images [B, H, W, C] -> ids [B, h, w] int32 (-1: an empty slot)."""
+    features, mask, _ = self._encode(images, deterministic=True)
+    ids = self.quantizer.encode(features)
+    if mask is not None:
+      ids = jnp.where(mask, ids, -1)
+    return ids.reshape(images.shape[0], *self.grid)
 
   def decode(self, ids):
     """ids [B, h, w] -> images float32 [B, H, W, C] in [0, 1]."""
@@ -286,16 +391,18 @@ class ViTVQGAN(nn.Module):
 
   def code_vectors(self, ids):
     """ids [B, T] -> the codes' vectors as the decoder reads them
-    [B, T, D_dec] (no decoding)."""
-    return self.quantizer.embed_ids(ids)
+    [B, T, D_dec] (no decoding; an empty slot, -1, reads code 0)."""
+    return self.quantizer.embed_ids(jnp.maximum(ids, 0))
 
   def decode_with_codes(self, ids):
     """ids [B, h, w] -> (images [B, H, W, C] in [0, 1], the ids' code
     vectors as the decoder sees them [B, h, w, D_dec]); the upsampler's
-    conditioning."""
+    conditioning. Empty slots (-1) are not read."""
     b = ids.shape[0]
-    x = self.quantizer.embed_ids(ids.reshape(b, -1))  # [B, T, D_dec]
-    mu, _ = self._decode_tokens(x, deterministic=True)
+    flat = ids.reshape(b, -1)
+    x = self.code_vectors(flat)  # [B, T, D_dec]
+    mask = (flat >= 0) if self.keep_ratio else None
+    mu, _ = self._decode_tokens(x, True, mask)
     return losses_lib.logit_laplace_mean(mu), x.reshape(*ids.shape, -1)
 
 
@@ -345,10 +452,19 @@ def decode_ids(model: ViTVQGAN, params, ids) -> np.ndarray:
   if ids.ndim != 3 or ids.shape[1:] != (h, w):
     raise ValueError(f"decode expects ids of shape [N, {h}, {w}], got "
                      f"{ids.shape}.")
-  if ids.size and (ids.min() < 0 or ids.max() >= model.num_codes):
+  low = -1 if model.keep_ratio else 0
+  if ids.size and (ids.min() < low or ids.max() >= model.num_codes):
     raise ValueError(
-        f"decode got ids in [{ids.min()}, {ids.max()}]; expected 0 <= id < "
-        f"num_codes={model.num_codes} (config.model.num_codes).")
+        f"decode got ids in [{ids.min()}, {ids.max()}]; expected {low} <= id "
+        f"< num_codes={model.num_codes} (config.model.num_codes"
+        f"{'; -1 marks an empty slot' if low else ''}).")
+  if low and ids.size:
+    empty = ids.reshape(len(ids), -1) < 0
+    holes = np.nonzero(np.any(empty[:, :-1] & ~empty[:, 1:], axis=1))[0]
+    if len(holes):
+      raise ValueError(
+          f"decode got an id after an empty slot (-1) in image {holes[0]}; "
+          "a dynamic tokenizer's ids are the valid tokens first, then -1.")
   if not len(ids):
     s = model.image_size
     return np.zeros((0, s, s, model.channels), np.uint8)

@@ -81,14 +81,17 @@ def apply_cfg_dropout(text_ids, rng, rate: float, unconditional_row):
 @functools.lru_cache(maxsize=8)
 def _jitted_scores(model: parti.Parti):
   """(params, text_ids [B, S], image_ids [B, T]) -> (log p(image_ids |
-  text_ids) [B] summed over the image tokens, token accuracy [B]); teacher
+  text_ids) [B] summed over the image tokens, token accuracy [B], tokens
+  scored [B]: T, or the codes + EOI of a variable-length image); teacher
   forcing, no dropout. Cached per model: tasks of one model share it."""
   def scores(params, text_ids, image_ids):
     logits = model.apply({"params": params}, text_ids, image_ids,
                          deterministic=True).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, image_ids)
-    correct = jnp.argmax(logits, -1) == image_ids
-    return -ce.sum(-1), correct.mean(-1)
+    targets, weights = parti.image_targets(model, image_ids)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets) * weights
+    count = jnp.sum(weights, -1)
+    return -jnp.sum(ce * weights, -1), jnp.sum(correct, -1) / count, count
   return jax.jit(scores)
 
 
@@ -276,10 +279,13 @@ class ParTask:
           jnp.asarray(self.unconditional_row()))
     logits = self.logits(params, text_ids, image_ids, rng=dropout_rng)
     logits = logits.astype(jnp.float32)  # [B, T, V]
-    # Mean cross-entropy over image tokens (Parti §2.2).
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, image_ids).mean()
-    accuracy = (jnp.argmax(logits, -1) == image_ids).mean()
+    # Mean cross-entropy over image tokens (Parti §2.2); a variable-length
+    # image counts its codes and its EOI.
+    targets, weights = parti.image_targets(self.model, image_ids)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+        logits, targets) * weights) / count
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / count
     metrics = {"loss": loss, "accuracy": accuracy,
                "perplexity": jnp.exp(loss),
                "text_dropped": dropped.astype(jnp.float32).mean()}
@@ -291,9 +297,9 @@ class ParTask:
   # ------------------------------------------------------------------ eval
 
   def _scores(self, params, text_ids, image_ids):
-    """Teacher-forced (log p(image_ids | text_ids) [B], token accuracy [B]):
-    the log-probability summed over the image tokens, no dropout; one
-    compiled program per model and batch shape."""
+    """Teacher-forced (log p(image_ids | text_ids) [B], token accuracy [B],
+    tokens scored [B]): the log-probability summed over the image tokens,
+    no dropout; one compiled program per model and batch shape."""
     return _jitted_scores(self.model)(nn.unbox(params), text_ids, image_ids)
 
   def token_loss(self, params, batches, max_examples: int) -> dict:
@@ -308,8 +314,8 @@ class ParTask:
       if len(text_ids) < size:  # pad a final partial batch: no recompile
         text_ids, image_ids = (np.concatenate([x, np.repeat(
             x[:1], size - len(x), axis=0)]) for x in (text_ids, image_ids))
-      log_prob, acc = self._scores(params, text_ids, image_ids)
-      losses.append(-np.asarray(log_prob)[:count] / image_ids.shape[1])
+      log_prob, acc, scored = self._scores(params, text_ids, image_ids)
+      losses.append(-np.asarray(log_prob)[:count] / np.asarray(scored)[:count])
       accuracies.append(np.asarray(acc)[:count])
       seen += count
       if seen >= max_examples:

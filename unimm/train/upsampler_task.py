@@ -93,11 +93,13 @@ class UpsamplerTask:
     self._fns = {}
     # Loaded now, not lazily: init may run under jax.eval_shape / jit, where
     # a checkpoint cannot be restored.
-    if self.tokenizer.model.num_queries and self.model.use_codes:
+    if not self.tokenizer.model.codes_on_grid and self.model.use_codes:
+      kind = (f"SEED's {self.tokenizer.model.num_queries} 1-D tokens"
+              if self.tokenizer.model.num_queries else
+              "LaVIT's dynamic tokens")
       raise ValueError(
-          f"The tokenizer in {self.tokenizer.path!r} writes SEED's "
-          f"{self.tokenizer.model.num_queries} 1-D tokens, which have no "
-          "place in the image for the upsampler's code features; train it "
+          f"The tokenizer in {self.tokenizer.path!r} writes {kind}, which "
+          "have no place in the image for the upsampler's code features; train it "
           "on the decoded images alone (config arg codes=0, "
           "config.model.use_codes=False).")
 

@@ -62,6 +62,11 @@ LOSS_DEFAULTS = dict(
     # probability proportional to their quantization error (k-means++
     # seeding), "uniform" draws them uniformly.
     restart_sampling="error",
+    # LaVIT (config.model.keep_ratio > 0): weight of (keep_ratio - the
+    # kept fraction)^2 (DynamicViT's ratio loss weight), the fraction taken
+    # over the "batch" (images may differ) or per "image" (DynamicViT's).
+    keep_weight=2.0,
+    keep_penalty="batch",
 )
 
 
@@ -87,6 +92,9 @@ class ViTVQGANTask:
     validate_config(**config.model.to_dict())
     self.model = config_lib.build_module(ViTVQGAN, config.model)
     loss = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
+    if loss["keep_penalty"] not in ("batch", "image"):
+      raise ValueError(f"config.loss.keep_penalty={loss['keep_penalty']!r}; "
+                       "expected 'batch' or 'image'.")
     if loss["restart_sampling"] not in ("error", "uniform"):
       raise ValueError(f"config.loss.restart_sampling="
                        f"{loss['restart_sampling']!r}; expected 'error' or "
@@ -198,10 +206,11 @@ class ViTVQGANTask:
     images = batch["image"]  # uint8 [B, H, W, C]
     target = images.astype(jnp.float32) / 255.0
     step = model_state["step"]
-    dropout_rng, buffer_rng = jax.random.split(rng)
+    dropout_rng, buffer_rng, selector_rng = jax.random.split(rng, 3)
 
     out = self.model.apply({"params": params["generator"]}, images,
-                           train=True, rngs={"dropout": dropout_rng})
+                           train=True, rngs={"dropout": dropout_rng,
+                                             "selector": selector_rng})
     recon = out["recon"]  # [B, H, W, C] in [0, 1]
     terms = {
         "vq": out["losses"]["vq"],
@@ -209,6 +218,9 @@ class ViTVQGANTask:
         "logit_laplace": losses_lib.logit_laplace_nll(
             out["mu"], out["log_scale"], target),
     }
+    if "keep" in out["losses"]:  # LaVIT's keep-ratio penalty
+      terms["keep"] = out["losses"]["keep" if cfg["keep_penalty"] == "batch"
+                                    else "keep_per_image"]
     if self.perceptual_fn is not None:
       terms["perceptual"] = self.perceptual_fn(recon, target)
     else:
@@ -228,23 +240,29 @@ class ViTVQGANTask:
                       cfg["l2_weight"] * terms["l2"] +
                       cfg["logit_laplace_weight"] * terms["logit_laplace"] +
                       cfg["perceptual_weight"] * terms["perceptual"] +
-                      adv_on * cfg["adversarial_weight"] * g_adv)
+                      adv_on * cfg["adversarial_weight"] * g_adv +
+                      cfg["keep_weight"] * terms.get("keep", 0.0))
     discriminator_loss = adv_on * (d_adv + 0.5 * cfg["r1_gamma"] * r1)
     total = generator_loss + discriminator_loss
 
-    ids = out["ids"]
+    ids = out["ids"]  # LaVIT's empty slots are -1 and count nowhere
     latents = jax.lax.stop_gradient(out["latents"])  # [B, T, code_dim]
     usage = quantizer_lib.update_usage(model_state["usage"], ids,
                                        cfg["usage_decay"])
+    flat_ids = ids.reshape(latents.shape[:-1])
+    valid = flat_ids >= 0
+    if cfg["restart_sampling"] == "error":
+      errors = quantizer_lib.quantization_error(
+          latents, jnp.maximum(flat_ids, 0), quantizer_lib.l2_normalize(
+              params["generator"]["quantizer"]["codebook"])) * valid
+    else:  # uniform over the valid tokens
+      errors = None if "token_mask" not in out else valid.astype(jnp.float32)
     new_state = {
         "step": step + 1,
         "usage": usage,
         "latent_buffer": quantizer_lib.update_latent_buffer(
             model_state["latent_buffer"], latents, buffer_rng,
-            errors=(quantizer_lib.quantization_error(
-                latents, ids.reshape(latents.shape[:-1]), quantizer_lib.
-                l2_normalize(params["generator"]["quantizer"]["codebook"]))
-                    if cfg["restart_sampling"] == "error" else None)),
+            errors=errors),
     }
     batch_counts = quantizer_lib.code_counts(ids, self.model.num_codes)
     metrics = {
@@ -267,6 +285,9 @@ class ViTVQGANTask:
             jnp.float32)),
         "perplexity": quantizer_lib.perplexity(ids, self.model.num_codes),
     }
+    if "keep" in out:
+      metrics["kept_fraction"] = jnp.mean(out["keep"])
+      metrics["tokens_per_image"] = jnp.mean(jnp.sum(valid, axis=-1))
     return total, (metrics, new_state)
 
   # ------------------------------------------------- dead-code restarts
@@ -338,17 +359,22 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
   reconstructed_prompt_accuracy_single / _pair and reconstructed_{shape,
   color}_accuracy: the shapes probe read on reconstructions of
   probe_prompts one-object and as many two-object scenes of the fixed
-  prompt set, the ceiling of any text-to-image model on this tokenizer.
+  prompt set, the ceiling of any text-to-image model on this tokenizer;
+  and for 1-D tokens, tokens_per_image_single / _pair on those scenes.
+  tokens_per_image_{mean,min,max}: valid ids per held-out image.
   """
   start = time.time()
-  psnrs, counts = [], np.zeros(task.model.num_codes, np.int64)
+  psnrs, lengths = [], []
+  counts = np.zeros(task.model.num_codes, np.int64)
   originals, recons = [], []
   seen = 0
   for batch in batches:
     images = np.asarray(batch["image"])[:num_images - seen]
     ids, recon = task.reconstruct(params, images)
     psnrs.append(losses_lib.psnr_uint8(recon, images))
-    counts += np.bincount(ids.reshape(-1), minlength=task.model.num_codes)
+    flat = ids.reshape(len(ids), -1)
+    lengths.append(np.sum(flat >= 0, axis=1))
+    counts += np.bincount(flat[flat >= 0], minlength=task.model.num_codes)
     if seen < 32:
       originals.append(images[:32 - seen])
       recons.append(recon[:32 - seen])
@@ -367,6 +393,10 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
       "num_images": int(seen),
       "steps": int(step),
   }
+  lengths = np.concatenate(lengths)
+  result.update(tokens_per_image_mean=float(lengths.mean()),
+                tokens_per_image_min=int(lengths.min()),
+                tokens_per_image_max=int(lengths.max()))
   if probe_prompts > 0:
     ceiling = probe_lib.reconstruction_accuracy(
         lambda images: task.reconstruct(params, images)[1],
@@ -374,6 +404,11 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
     for key in ("prompt_accuracy_single", "prompt_accuracy_pair",
                 "shape_accuracy", "color_accuracy"):
       result[f"reconstructed_{key}"] = ceiling[key]
+    if not task.model.codes_on_grid:  # tokens spent on 1 and 2 objects
+      for kind, count in probe_lib.tokens_per_scene(
+          lambda images: task.reconstruct(params, images)[0], probe_prompts,
+          task.model.image_size).items():
+        result[f"tokens_per_image_{kind}"] = count
   result["eval_seconds"] = float(time.time() - start)
   out_dir = os.path.join(workdir, "eval")
   result = reports.write_report(os.path.join(out_dir, "report.json"), result)

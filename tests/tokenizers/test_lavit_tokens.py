@@ -1,0 +1,180 @@
+"""LaVIT's dynamic tokens in the ViT-VQGAN (keep_ratio > 0): the selector
+keeps exactly the sampled patches, in raster order, and the reconstruction
+loss's straight-through gradient reaches it; ids are the kept codes then
+-1 and decode as the forward pass reconstructs, whatever else is in the
+batch; a saved tokenizer loads and round-trips (sharding: test_vit_vqgan);
+bad settings and ids are clear errors."""
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimm import api
+from unimm import config_lib
+from unimm.data import interleaved
+from unimm.tokenizers import dynamic
+from unimm.tokenizers import vit_vqgan as vq
+from unimm.train import vqgan_task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(HERE, "..", "..", "configs")
+sys.path.insert(0, os.path.join(HERE, "..", "data"))
+import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_vit_vqgan import _images  # noqa: E402  pylint: disable=g-import-not-at-top
+
+LAVIT = vq.vit_vqgan_config(
+    "tiny", image_size=16, patch_size=4, num_codes=32, code_dim=4,
+    encoder_num_layers=1, decoder_num_layers=1, encoder_embed_dim=32,
+    decoder_embed_dim=32, encoder_mlp_dim=64, decoder_mlp_dim=64,
+    keep_ratio=0.5, merger_layers=2, scan_layers=False)
+N = 16  # 4x4 patches
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = vq.ViTVQGAN(**LAVIT)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 16, 16, 3), jnp.uint8)))
+  return model, params
+
+
+def _train_forward(model, params, images, seed=1):
+  return model.apply(params, images, True,
+                     rngs={"selector": jax.random.PRNGKey(seed)})
+
+
+def test_the_straight_through_sample_is_hard_and_has_the_soft_gradient():
+  log_probs = jax.nn.log_softmax(jnp.asarray(
+      np.random.default_rng(0).normal(size=(4000, 2)), jnp.float32))
+  rng = jax.random.PRNGKey(3)
+  sample = dynamic.straight_through_gumbel(log_probs, rng)
+  np.testing.assert_array_equal(np.sort(np.unique(sample)), [0.0, 1.0])
+  np.testing.assert_array_equal(sample.sum(-1), 1.0)
+  gumbel = jax.random.gumbel(rng, log_probs.shape)
+  np.testing.assert_array_equal(
+      sample[:, 0], (jnp.argmax(log_probs + gumbel, -1) == 0))
+  # Keep is drawn with probability p_keep: 4,000 draws within 4 sigma.
+  p = np.exp(np.asarray(log_probs[:, 0]))
+  assert abs(sample[:, 0].sum() - p.sum()) < 4 * np.sqrt(np.sum(p * (1 - p)))
+  grad = jax.grad(lambda lp: jnp.sum(
+      dynamic.straight_through_gumbel(lp, rng)[:, 0] * jnp.arange(4000.)))(
+          log_probs)
+  soft_grad = jax.grad(lambda lp: jnp.sum(jax.nn.softmax(
+      lp + gumbel)[:, 0] * jnp.arange(4000.)))(log_probs)
+  np.testing.assert_allclose(grad, soft_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_selector_keeps_exactly_the_sampled_patches_in_raster_order(
+    model_and_params):
+  model, params = model_and_params
+  images = jnp.asarray(_images(3))
+  out = _train_forward(model, params, images)
+  keep = np.asarray(out["keep"])
+  assert set(np.unique(keep)) <= {0.0, 1.0} and 0 < keep.sum() < keep.size
+  ids = np.asarray(out["ids"]).reshape(3, N)
+
+  def codes(m, images, keep):  # every patch's code under these decisions
+    x = m.merger(m.encoder_tokens(images), keep)
+    return m.quantizer.encode(jnp.tanh(m.encoder_head(x)))
+
+  every = np.asarray(model.apply(params, images, jnp.asarray(keep),
+                                 method=codes))
+  for b in range(3):
+    kept = keep[b] > 0.5
+    n = int(kept.sum())
+    np.testing.assert_array_equal(ids[b, :n], every[b][kept])
+    np.testing.assert_array_equal(ids[b, n:], -1)
+    np.testing.assert_array_equal(np.asarray(out["token_mask"][b]),
+                                  np.arange(N) < n)
+
+
+def test_the_reconstruction_gradient_reaches_the_selector(model_and_params):
+  model, params = model_and_params
+  images = jnp.asarray(_images(3))
+  target = images.astype(jnp.float32) / 255.0
+
+  def l2(p):  # the reconstruction alone, not the keep-ratio penalty
+    out = _train_forward(model, {"params": p}, images)
+    return jnp.mean(jnp.square(out["recon"] - target))
+
+  grads = jax.grad(l2)(params["params"])
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(
+      grads["selector"])]
+  assert all(np.isfinite(norms)) and sum(norms) > 0, norms
+  # The keep-ratio penalty is (ratio - the batch's kept fraction)^2.
+  out = _train_forward(model, params, images)
+  np.testing.assert_allclose(
+      out["losses"]["keep"], (0.5 - float(np.mean(out["keep"]))) ** 2,
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize("token_decoder", ["cross", "joint"])
+def test_ids_decode_as_the_forward_whatever_shares_the_batch(
+    model_and_params, token_decoder):
+  model, params = model_and_params
+  if token_decoder != model.token_decoder:
+    model = model.clone(token_decoder=token_decoder)
+    params = nn.unbox(jax.jit(model.init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8)))
+  images = jnp.asarray(_images(4))
+  out = model.apply(params, images)  # encoding keeps where keep is likelier
+  ids = model.apply(params, images, method=vq.ViTVQGAN.encode)
+  np.testing.assert_array_equal(ids, out["ids"])
+  assert ids.shape == (4, 1, N) and model.grid == (1, N)
+  decoded = model.apply(params, ids, method=vq.ViTVQGAN.decode)
+  np.testing.assert_allclose(decoded, out["recon"], atol=1e-5)
+  # One image decodes the same alone as beside images of other lengths.
+  lengths = np.sum(np.asarray(ids) >= 0, axis=(1, 2))
+  assert len(set(lengths.tolist())) > 1, lengths
+  for b in range(4):
+    alone = model.apply(params, ids[b:b + 1], method=vq.ViTVQGAN.decode)
+    np.testing.assert_allclose(alone[0], decoded[b], atol=1e-5)
+  host = vq.decode_ids(model, params, np.asarray(ids))
+  assert host.shape == (4, 16, 16, 3) and host.dtype == np.uint8
+
+
+def test_a_saved_lavit_tokenizer_loads_and_round_trips(tmp_path):
+  workdir = test_pretokenize.make_tokenizer_workdir(
+      str(tmp_path / "tok"), str(tmp_path / "tfds"), keep_ratio=0.5)
+  tokenizer = api.load_tokenizer(workdir)
+  n = tokenizer.model.num_patches
+  assert tokenizer.grid == (1, n) and n == 16  # the test config: 4x4
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
+                                             dtype=np.uint8)
+  ids = tokenizer.encode(images)
+  assert ids.shape == (2, 1, n) and ids.min() >= -1
+  decoded = tokenizer.decode(ids)
+  assert decoded.shape == (2, 32, 32, 3) and decoded.dtype == np.uint8
+  # The interleaved model's spans have a fixed length: a clear error
+  # before anything is written.
+  out = tmp_path / "packed"
+  with pytest.raises(ValueError, match="variable-length images"):
+    interleaved.write_interleaved(tokenizer, "unused.model", str(out),
+                                  "train", 4, 64)
+  assert not out.exists()
+
+
+def test_bad_settings_and_ids_are_clear_errors(model_and_params):
+  images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
+  for bad, match in ((dict(keep_ratio=1.5), r"keep_ratio=1.5.*\(0, 1\]"),
+                     (dict(keep_ratio=-0.25), r"keep_ratio=-0.25"),
+                     (dict(keep_ratio="half"), r"keep_ratio='half'"),
+                     (dict(num_queries=4), "two kinds of tokens"),
+                     (dict(merger_layers=0), "merger_layers=0"),
+                     (dict(token_decoder="both"), "token_decoder='both'")):
+    with pytest.raises(ValueError, match=match):
+      vq.ViTVQGAN(**dict(LAVIT, **bad)).init(jax.random.PRNGKey(0), images)
+  with pytest.raises(ValueError, match="keep_ratio=2.0"):  # before compiling
+    vqgan_task.ViTVQGANTask(config_lib.load_config(os.path.join(
+        CONFIGS, "vit_vqgan_shapes.py:keep=2.0")))
+  model, params = model_and_params
+  hole = np.full((1, 1, N), -1, np.int32)
+  hole[0, 0, 3] = 5  # a valid id after an empty slot
+  with pytest.raises(ValueError, match="after an empty slot"):
+    vq.decode_ids(model, params, hole)
+  with pytest.raises(ValueError, match=r"-1 <= id"):
+    vq.decode_ids(model, params, np.full((1, 1, N), -2, np.int32))
