@@ -4,6 +4,7 @@ loss's straight-through gradient reaches it; ids are the kept codes then
 -1 and decode as the forward pass reconstructs, whatever else is in the
 batch; a saved tokenizer loads and round-trips (sharding: test_vit_vqgan);
 bad settings and ids are clear errors."""
+import functools
 import os
 import sys
 
@@ -43,8 +44,8 @@ def model_and_params():
 
 
 def _train_forward(model, params, images, seed=1):
-  return model.apply(params, images, True,
-                     rngs={"selector": jax.random.PRNGKey(seed)})
+  return jax.jit(lambda p, x: model.apply(
+      p, x, True, rngs={"selector": jax.random.PRNGKey(seed)}))(params, images)
 
 
 def test_the_straight_through_sample_is_hard_and_has_the_soft_gradient():
@@ -81,8 +82,8 @@ def test_the_selector_keeps_exactly_the_sampled_patches_in_raster_order(
     x = m.merger(m.encoder_tokens(images), keep)
     return m.quantizer.encode(jnp.tanh(m.encoder_head(x)))
 
-  every = np.asarray(model.apply(params, images, jnp.asarray(keep),
-                                 method=codes))
+  every = np.asarray(jax.jit(functools.partial(model.apply, method=codes))(
+      params, images, jnp.asarray(keep)))
   for b in range(3):
     kept = keep[b] > 0.5
     n = int(kept.sum())
@@ -101,7 +102,7 @@ def test_the_reconstruction_gradient_reaches_the_selector(model_and_params):
     out = _train_forward(model, {"params": p}, images)
     return jnp.mean(jnp.square(out["recon"] - target))
 
-  grads = jax.grad(l2)(params["params"])
+  grads = jax.jit(jax.grad(l2))(params["params"])
   norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(
       grads["selector"])]
   assert all(np.isfinite(norms)) and sum(norms) > 0, norms
@@ -121,17 +122,19 @@ def test_ids_decode_as_the_forward_whatever_shares_the_batch(
     params = nn.unbox(jax.jit(model.init)(
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.uint8)))
   images = jnp.asarray(_images(4))
-  out = model.apply(params, images)  # encoding keeps where keep is likelier
-  ids = model.apply(params, images, method=vq.ViTVQGAN.encode)
+  decode = jax.jit(functools.partial(model.apply, method=vq.ViTVQGAN.decode))
+  out = jax.jit(model.apply)(params, images)  # keep where it is likelier
+  ids = jax.jit(functools.partial(model.apply, method=vq.ViTVQGAN.encode))(
+      params, images)
   np.testing.assert_array_equal(ids, out["ids"])
   assert ids.shape == (4, 1, N) and model.grid == (1, N)
-  decoded = model.apply(params, ids, method=vq.ViTVQGAN.decode)
+  decoded = decode(params, ids)
   np.testing.assert_allclose(decoded, out["recon"], atol=1e-5)
   # One image decodes the same alone as beside images of other lengths.
   lengths = np.sum(np.asarray(ids) >= 0, axis=(1, 2))
   assert len(set(lengths.tolist())) > 1, lengths
   for b in range(4):
-    alone = model.apply(params, ids[b:b + 1], method=vq.ViTVQGAN.decode)
+    alone = decode(params, ids[b:b + 1])
     np.testing.assert_allclose(alone[0], decoded[b], atol=1e-5)
   host = vq.decode_ids(model, params, np.asarray(ids))
   assert host.shape == (4, 16, 16, 3) and host.dtype == np.uint8
