@@ -25,7 +25,10 @@ number of tokens; 0 = every patch; unimm.tokenizers.dynamic), penalty
 (batch | image: LaVIT's keep-ratio penalty on the batch's kept fraction,
 so images may differ, or on each image's), token_decoder (cross | joint:
 how the decoder reads SEED's or LaVIT's tokens, its patch slots
-cross-attending to them or one bidirectional stack over both).
+cross-attending to them or one bidirectional stack over both),
+keep_at_encode (likelier | sampled: LaVIT's encoding keeps a patch where
+keep is the likelier, or draws the decision as training does, from one
+fixed key per patch slot).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
   --config configs/vit_vqgan_shapes.py:keep=0.5    (LaVIT, ~32 of 64)
@@ -55,7 +58,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=8000,
                              batch=32, patch=4, codes=512, scan="auto",
                              tokens=0, keep=0.0, penalty="batch",
-                             token_decoder="cross")
+                             token_decoder="cross", keep_at_encode="likelier")
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
@@ -63,7 +66,8 @@ def get_config(arg=None):
                            scan_layers=config_lib.scan_layers(arg.scan,
                                                               arg.size),
                            num_queries=arg.tokens, keep_ratio=arg.keep,
-                           token_decoder=arg.token_decoder)
+                           token_decoder=arg.token_decoder,
+                           keep_at_encode=arg.keep_at_encode)
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.

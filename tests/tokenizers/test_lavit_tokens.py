@@ -140,6 +140,24 @@ def test_ids_decode_as_the_forward_whatever_shares_the_batch(
   assert host.shape == (4, 16, 16, 3) and host.dtype == np.uint8
 
 
+def test_sampled_encoding_is_one_fixed_draw_per_patch_slot(
+    model_and_params):
+  """keep_at_encode="sampled" (LaVIT draws at inference too): the same
+  image gets the same tokens, alone or in a batch."""
+  model, params = model_and_params
+  model = model.clone(keep_at_encode="sampled")
+  encode = jax.jit(functools.partial(model.apply, method=vq.ViTVQGAN.encode))
+  images = jnp.asarray(_images(3))
+  ids = np.asarray(encode(params, images))
+  np.testing.assert_array_equal(np.asarray(encode(params, images[1:2]))[0],
+                                ids[1])
+  np.testing.assert_array_equal(np.asarray(encode(params, images)), ids)
+  likelier = np.asarray(jax.jit(functools.partial(
+      model.clone(keep_at_encode="likelier").apply,
+      method=vq.ViTVQGAN.encode))(params, images))
+  assert not np.array_equal(ids, likelier)  # another rule, other tokens
+
+
 def test_a_saved_lavit_tokenizer_loads_and_round_trips(tmp_path):
   workdir = test_pretokenize.make_tokenizer_workdir(
       str(tmp_path / "tok"), str(tmp_path / "tfds"), keep_ratio=0.5)
@@ -168,7 +186,8 @@ def test_bad_settings_and_ids_are_clear_errors(model_and_params):
                      (dict(keep_ratio="half"), r"keep_ratio='half'"),
                      (dict(num_queries=4), "two kinds of tokens"),
                      (dict(merger_layers=0), "merger_layers=0"),
-                     (dict(token_decoder="both"), "token_decoder='both'")):
+                     (dict(token_decoder="both"), "token_decoder='both'"),
+                     (dict(keep_at_encode="top"), "keep_at_encode='top'")):
     with pytest.raises(ValueError, match=match):
       vq.ViTVQGAN(**dict(LAVIT, **bad)).init(jax.random.PRNGKey(0), images)
   with pytest.raises(ValueError, match="keep_ratio=2.0"):  # before compiling

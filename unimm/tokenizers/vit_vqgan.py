@@ -103,9 +103,13 @@ def validate_config(image_size: int, patch_size: int, num_codes: int,
                     decoder_num_heads: int, num_queries: int = 0,
                     query_layers: int = 2, keep_ratio: float = 0.0,
                     merger_layers: int = 2, token_decoder: str = "cross",
-                    **unused):
+                    keep_at_encode: str = "likelier", **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if keep_at_encode not in ("likelier", "sampled"):
+    raise ValueError(
+        f"config.model.keep_at_encode={keep_at_encode!r}; expected "
+        "'likelier' or 'sampled' (config arg keep_at_encode=...).")
   if token_decoder not in ("cross", "joint"):
     raise ValueError(
         f"config.model.token_decoder={token_decoder!r}; expected 'cross' or "
@@ -184,6 +188,10 @@ class ViTVQGAN(nn.Module):
   query_layers: int = 2  # the causal Q-Former's layers (num_queries > 0)
   keep_ratio: float = 0.0  # LaVIT: target kept fraction (0: every patch)
   merger_layers: int = 2  # LaVIT's token merger layers (keep_ratio > 0)
+  # LaVIT's decisions when encoding: "likelier", keep where keep is the
+  # likelier; "sampled", LaVIT's Gumbel draw, from one fixed key per patch
+  # slot (the same image always gets the same tokens).
+  keep_at_encode: str = "likelier"
   # How the decoder reads 1-D (SEED / LaVIT) tokens: "cross", its patch
   # slots cross-attend to them; "joint", [tokens; patch slots] go through
   # one bidirectional stack (TiTok's / MAE's decoder) and the slots draw.
@@ -297,8 +305,11 @@ class ViTVQGAN(nn.Module):
       x = self.qformer(queries, encoded=x, deterministic=deterministic)
     elif self.keep_ratio:  # LaVIT: select, merge, keep the kept in front
       log_probs = self.selector(x)  # [B, N, 2]: keep, drop
-      if deterministic:
+      if deterministic and self.keep_at_encode == "likelier":
         keep = (log_probs[..., 0] > log_probs[..., 1]).astype(jnp.float32)
+      elif deterministic:  # "sampled": one fixed draw per patch slot
+        noise = jax.random.gumbel(jax.random.PRNGKey(0), log_probs.shape[1:])
+        keep = (jnp.argmax(log_probs + noise, -1) == 0).astype(jnp.float32)
       else:
         keep = dynamic.straight_through_gumbel(
             log_probs, self.make_rng("selector"))[..., 0]
