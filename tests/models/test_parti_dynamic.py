@@ -1,7 +1,8 @@
 """Parti on variable-length images (end_of_image, for LaVIT's dynamic
 tokens): the targets are the codes then one scored EOI; cached decoding
-equals the full forward; the scan sampler stops each row at its EOI and
-gives what an uncached decoder gives, guided or not."""
+equals the full forward; the sampler stops each row at its EOI, ends with
+the longest row, and gives what an uncached decoder gives, guided or
+not."""
 import functools
 
 import flax.linen as nn
@@ -91,16 +92,20 @@ def _uncached_greedy(cfg_scale):
 
 
 @pytest.mark.parametrize("cfg_scale", [None, 3.0])
-def test_the_scan_sampler_stops_each_row_at_its_eoi(cfg_scale):
+def test_the_sampler_stops_each_row_at_its_eoi(cfg_scale):
   sample = jax.jit(functools.partial(
       parti.sample_image_ids, MODEL, PARAMS,
       sampling=SamplingParams(0.0, cfg_scale=cfg_scale),
-      uncond_text_ids=UNCOND))
-  ids = np.asarray(sample(TEXT, jax.random.key(0)))
+      uncond_text_ids=UNCOND, return_steps=True))
+  ids, calls = sample(TEXT, jax.random.key(0))
+  ids = np.asarray(ids)
   assert ids.shape == (B, T)
   np.testing.assert_array_equal(ids, _uncached_greedy(cfg_scale))
   lengths = (ids >= 0).sum(1)
   assert len(set(lengths.tolist())) > 1, ids  # the rows end apart
+  # The loop ends with the longest row: the BOS call writes token 0, one
+  # call each writes tokens 1 .. its EOI (index = its length, at most T).
+  assert int(calls) == 1 + int(lengths.max())
   for row, n in zip(ids, lengths):  # codes, then -1 only
     assert (row[:n] >= 0).all() and (row[:n] < V).all() and (
         row[n:] == -1).all()

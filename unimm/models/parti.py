@@ -10,8 +10,9 @@ unimm.tokenizers.dynamic): image_ids [B, image_length] hold an image's
 codes and then -1 in its empty slots; the decoder writes the codes and an
 EOI id (= image_vocab_size, a logit; BOS moves to image_vocab_size + 1)
 over image_length + 1 positions, the loss covers the codes and the EOI
-(`image_targets`), and sampling is the same static scan that ends each row
-at its EOI (sampler.scan_decode's end_id) and returns -1 after it.
+(`image_targets`), and sampling decodes with the shared step until every
+row has written its EOI (sampler.while_decode, a static bound) and
+returns -1 after it.
 """
 import math
 
@@ -321,8 +322,10 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   used in training) forms the second half of a doubled batch: guidance's
   unconditional logits, or CD-K's amateur. return_steps: also return the
   decoder calls made (scalar int32; image_length without SJD). Call under
-  jax.jit: one compiled program. end_of_image: a row stops at its EOI
-  (the scan runs to the static length; later slots are -1).
+  jax.jit: one compiled program. end_of_image: the rest is one
+  lax.while_loop of the same step (sampler.while_decode) that ends when
+  every row has written its EOI, at most image_length steps; a row's slots
+  from its EOI on are -1.
   """
   sampling.check_sjd_window()
   if sampling.sjd_window and model.end_of_image:
@@ -358,11 +361,14 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   if sampling.sjd_window and n > 1:
     rest, _, calls = samp.sjd_decode(window_step, params, cache, first, 1, n,
                                      rng_rest, sampling)
+  elif model.end_of_image:  # until every row wrote its EOI, at most n
+    rest, _, _, calls = samp.while_decode(
+        step, params, cache, first, 1, n, rng_rest, sampling,
+        stop_tokens=[model.eoi_id], pad_id=model.eoi_id,
+        done=first == model.eoi_id)
   else:
-    end = model.eoi_id if model.end_of_image else None
     rest, _ = samp.scan_decode(step, params, cache, first, 1, n, rng_rest,
-                               sampling, end_id=end,
-                               pad_id=model.eoi_id)
+                               sampling)
     calls = jnp.int32(n)
   ids = jnp.concatenate([first[:, None], rest], axis=1)[:b]
   if model.end_of_image:  # codes, then -1 from the EOI on

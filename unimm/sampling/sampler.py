@@ -226,7 +226,7 @@ def _both_halves(tokens, sampling):
 
 def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
                 num_tokens: int, rng, sampling: SamplingParams, allowed=None,
-                active=None, pad_id: int = 0, end_id: int | None = None):
+                active=None, pad_id: int = 0):
   """Decodes exactly `num_tokens` tokens with one lax.scan.
 
   first_tokens [B]: the token at `start_position` (e.g. BOS or the last
@@ -234,32 +234,24 @@ def scan_decode(step: StepFn, params, cache, first_tokens, start_position,
   When sampling.doubled (CFG or CD-K) the cache holds 2B rows
   ([cond; uncond]). active [B] bool
   (optional): inactive rows are fed and emit pad_id (for steps that, like
-  the interleaved model's, ignore pad tokens). end_id (optional): a row
-  that has emitted it (first_tokens included) is done: it is fed and
-  emits pad_id from then on (a variable-length span in a static scan).
-  Returns (tokens [B, num_tokens] int32, cache).
+  the interleaved model's, ignore pad tokens). Returns (tokens
+  [B, num_tokens] int32, cache).
   """
 
   def body(carry, i):
-    cache, tokens, done = carry  # tokens, done: [B]
+    cache, tokens = carry  # tokens: [B]
     logits, cache = step(params, cache, _both_halves(tokens, sampling)[:, None],
                          start_position + i)
     tokens = next_token(logits, jax.random.fold_in(rng, i), sampling, allowed)
     if active is not None:
       tokens = jnp.where(active, tokens, pad_id)
-    if end_id is not None:
-      tokens = jnp.where(done, pad_id, tokens)
-      done = done | (tokens == end_id)
-    return (cache, tokens, done), tokens
+    return (cache, tokens), tokens
 
   if active is not None:
     first_tokens = jnp.where(active, first_tokens, pad_id)
-  first_tokens = first_tokens.astype(jnp.int32)
-  done = (first_tokens == end_id if end_id is not None
-          else jnp.zeros(first_tokens.shape, bool))
 
-  (cache, _, _), tokens = jax.lax.scan(
-      body, (cache, first_tokens, done),
+  (cache, _), tokens = jax.lax.scan(
+      body, (cache, first_tokens.astype(jnp.int32)),
       jnp.arange(num_tokens, dtype=jnp.int32))
   return tokens.T, cache  # [B, num_tokens]
 
