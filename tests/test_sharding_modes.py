@@ -98,7 +98,11 @@ def _program(config, task, mesh):
   return trainer.build_program(config, task, abstract, mesh=mesh)
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+# Parti under Muon is slow (--run-slow): Muon's sharded step is covered by
+# tests/train/test_optim.py, Parti's meshes by "parti".
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow) if name == "parti_muon"
+    else name for name in sorted(CONFIGS)])
 def runs(request):
   """{mesh name: (state before the step on that mesh, metrics, program,
   params after the step on the host)}."""

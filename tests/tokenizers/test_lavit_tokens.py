@@ -2,29 +2,27 @@
 keeps exactly the sampled patches, in raster order, and the reconstruction
 loss's straight-through gradient reaches it; ids are the kept codes then
 -1 and decode as the forward pass reconstructs, whatever else is in the
-batch; a saved tokenizer loads and round-trips (sharding: test_vit_vqgan);
-bad settings and ids are clear errors."""
+batch; the host API round-trips and the interleaved packer refuses them
+(sharding: test_vit_vqgan); bad settings and ids are clear errors."""
 import functools
 import os
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from unimm import api
 from unimm import config_lib
 from unimm.data import interleaved
+from unimm.inference import tokenizer as tokenizer_lib
 from unimm.tokenizers import dynamic
 from unimm.tokenizers import vit_vqgan as vq
 from unimm.train import vqgan_task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "..", "configs")
-sys.path.insert(0, os.path.join(HERE, "..", "data"))
-import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
 from test_vit_vqgan import _images  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LAVIT = vq.vit_vqgan_config(
@@ -158,20 +156,18 @@ def test_sampled_encoding_is_one_fixed_draw_per_patch_slot(
   assert not np.array_equal(ids, likelier)  # another rule, other tokens
 
 
-def test_a_saved_lavit_tokenizer_loads_and_round_trips(tmp_path):
-  workdir = test_pretokenize.make_tokenizer_workdir(
-      str(tmp_path / "tok"), str(tmp_path / "tfds"), keep_ratio=0.5)
-  tokenizer = api.load_tokenizer(workdir)
-  n = tokenizer.model.num_patches
-  assert tokenizer.grid == (1, n) and n == 16  # the test config: 4x4
-  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
-                                             dtype=np.uint8)
+def test_the_interleaved_packer_refuses_variable_length_images(
+    model_and_params, tmp_path):
+  """The host API encodes and decodes; the interleaved model's spans have a
+  fixed length, so packing is a clear error before anything is written.
+  (A saved 1-D tokenizer's load: test_seed_tokens.)"""
+  model, params = model_and_params
+  tokenizer = tokenizer_lib.Tokenizer(model, params,
+                                      ml_collections.ConfigDict(), 1)
+  images = np.asarray(_images(2))  # the host API round trip first
   ids = tokenizer.encode(images)
-  assert ids.shape == (2, 1, n) and ids.min() >= -1
-  decoded = tokenizer.decode(ids)
-  assert decoded.shape == (2, 32, 32, 3) and decoded.dtype == np.uint8
-  # The interleaved model's spans have a fixed length: a clear error
-  # before anything is written.
+  assert ids.shape == (2, 1, N) and ids.min() >= -1
+  assert tokenizer.decode(ids).shape == images.shape
   out = tmp_path / "packed"
   with pytest.raises(ValueError, match="variable-length images"):
     interleaved.write_interleaved(tokenizer, "unused.model", str(out),
