@@ -1,8 +1,11 @@
-"""The tokenizer Colab runs top to bottom on a CPU (briefly)."""
+"""The tokenizer Colab runs top to bottom on a CPU (briefly; slow: run
+with --run-slow)."""
 
 import colab_helpers
+import pytest
 
 
+@pytest.mark.slow
 def test_tokenizer_colab(tmp_path):
   nb = colab_helpers.run_quick(
       "tokenizer.ipynb", tmp_path, steps=3,
