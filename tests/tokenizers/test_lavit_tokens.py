@@ -156,6 +156,50 @@ def test_sampled_encoding_is_one_fixed_draw_per_patch_slot(
   assert not np.array_equal(ids, likelier)  # another rule, other tokens
 
 
+def test_the_scanned_rematerialized_merger_is_the_same_function():
+  """Rematerialized blocks, unrolled or scanned (what pod configs use: the
+  recomputed blocks' attention weights are not kept), give the plain
+  merger's outputs and gradients; scanning stacks the blocks' parameters
+  on a leading "layers" axis."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+  keep = jnp.asarray(rng.integers(0, 2, size=(2, 6)), jnp.float32)
+  kw = dict(num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32)
+  plain = dynamic.TokenMerger(**kw)
+  params = nn.unbox(plain.init(jax.random.PRNGKey(0), x, keep))
+  stacked = {"params": {k: v for k, v in params["params"].items()
+                        if not k.startswith("layers_")}}
+  stacked["params"]["layers"] = jax.tree.map(
+      lambda *leaves: jnp.stack(leaves),
+      *[params["params"][f"layers_{i}"] for i in range(2)])
+
+  w = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+
+  def loss(model, p, keep):  # not sum(out ** 2): the final norm fixes it
+    return jnp.sum(model.apply(p, x, keep) * w)
+
+  want_out = plain.apply(params, x, keep)
+  want_grads = jax.grad(functools.partial(loss, plain), (0, 1))(params, keep)
+  for model, p in (
+      (dynamic.TokenMerger(remat_policy="full", **kw), params),
+      (dynamic.TokenMerger(scan_layers=True, remat_policy="full", **kw),
+       stacked)):
+    assert jax.tree.structure(p) == jax.tree.structure(
+        nn.unbox(model.init(jax.random.PRNGKey(0), x, keep)))
+    np.testing.assert_allclose(model.apply(p, x, keep), want_out,
+                               rtol=1e-5, atol=1e-6)
+    grads = jax.grad(functools.partial(loss, model), (0, 1))(p, keep)
+    np.testing.assert_allclose(grads[1], want_grads[1], rtol=1e-5,
+                               atol=1e-6)
+    got = grads[0]["params"]
+    if "layers" in got:  # unstack the scanned blocks' gradients
+      got = dict(got, **{f"layers_{i}": jax.tree.map(
+          lambda g, i=i: g[i], got["layers"]) for i in range(2)})
+      del got["layers"]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                   atol=1e-6), got, want_grads[0]["params"])
+
+
 def test_the_interleaved_packer_refuses_variable_length_images(
     model_and_params, tmp_path):
   """The host API encodes and decodes; the interleaved model's spans have a

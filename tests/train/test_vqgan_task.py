@@ -231,6 +231,22 @@ def test_evaluate_reads_reconstructions_with_the_probe(initialized, tmp_path,
     assert lossless[f"reconstructed_{key}"] == 1.0
   with open(tmp_path / "eval" / "report.json") as f:
     assert json.load(f)["reconstructed_prompt_accuracy_single"] == 1.0
+  assert "tokens_per_image_single" not in lossless  # codes on the grid
+
+  # Dynamic tokens: the tokens spent on the probe's one- and two-object
+  # scenes, read from the same encodings (here one valid id per object).
+  def per_object(p, images):
+    ids = np.full((len(images), 1, 4), -1, np.int32)
+    for i, image in enumerate(np.asarray(images)):
+      ids[i, 0, :len(oracle.truth.get(image.tobytes(), ()))] = 0
+    return ids, images
+
+  monkeypatch.setattr(type(task.model), "codes_on_grid",
+                      property(lambda self: False))
+  monkeypatch.setattr(task, "reconstruct", per_object)
+  dynamic = task.evaluate(params, state, str(tmp_path), step=1)
+  assert dynamic["tokens_per_image_single"] == 1.0
+  assert dynamic["tokens_per_image_pair"] == 2.0
 
 
 def test_bad_settings_raise_before_compiling():

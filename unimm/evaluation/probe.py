@@ -721,24 +721,6 @@ def reconstruction_accuracy(reconstruct, num_single: int = 200,
   return prompt_accuracy([p for p, _ in pairs], recon, probe)
 
 
-def tokens_per_scene(encode, num_prompts: int = 200, image_size: int = 32,
-                     batch_size: int = 100,
-                     seed: int = PROMPT_SEED) -> dict[str, float]:
-  """Mean valid tokens (ids >= 0) an image tokenizer spends on the fixed
-  prompt set's one-object and two-object scenes: {"single", "pair"}.
-
-  encode: uint8 [N, H, W, 3] -> int ids [N, ...] (-1: an empty slot).
-  """
-  pairs = fixed_prompt_set(num_prompts, num_prompts, seed)
-  real = np.stack([shapes.render(scene, image_size) for _, scene in pairs])
-  lengths = np.concatenate([
-      np.sum(np.asarray(encode(real[i:i + batch_size])).reshape(
-          len(real[i:i + batch_size]), -1) >= 0, axis=1)
-      for i in range(0, len(real), batch_size)])
-  return {"single": float(lengths[:num_prompts].mean()),
-          "pair": float(lengths[num_prompts:].mean())}
-
-
 # ---------------------------------------------------------------------------
 # Frechet distance.
 

@@ -6,5 +6,5 @@ from unimm.nn.layers import (Embedder, LearnedPositions, Mlp, PatchEmbed,
                              norm_layer, partitioned, sincos_positions_2d)
 from unimm.nn.transformer import (CACHE_LOGICAL_AXES, REMAT_POLICIES,
                                   TransformerBlock, TransformerStack,
-                                  attention_mask, init_cache)
+                                  attention_mask, init_cache, remat_block)
 

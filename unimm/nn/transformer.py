@@ -17,6 +17,20 @@ REMAT_POLICIES = {
 }
 
 
+def remat_block(block, remat_policy: str, *, prevent_cse: bool = True):
+  """`block` (a Module class) rematerialized by REMAT_POLICIES[remat_policy]
+  ("none": itself); ValueError for an unknown policy."""
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(
+        f"Unknown remat_policy {remat_policy!r}; expected one of "
+        f"{sorted(REMAT_POLICIES)} (set config.model.remat_policy).")
+  policy = REMAT_POLICIES[remat_policy]
+  if policy is None:
+    return block
+  return nn.remat(block, prevent_cse=prevent_cse,
+                  policy=None if policy == "full" else policy)
+
+
 class TransformerBlock(nn.Module):
   """x + SelfAttn(norm x) [+ CrossAttn(norm x, encoded)] + Mlp(norm x)."""
   embed_dim: int
@@ -157,10 +171,8 @@ class TransformerStack(nn.Module):
     cross-attention memory. cache_valid [B, S] (optional): cache slots that
     hold real tokens (False for left padding).
     """
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"Unknown remat_policy {self.remat_policy!r}; expected one of "
-          f"{sorted(REMAT_POLICIES)} (set config.model.remat_policy).")
+    block = remat_block(TransformerBlock, self.remat_policy,
+                        prevent_cse=not self.scan_layers)
     b, t, _ = x.shape
     x = constrain(x)
     if segment_ids is None:
@@ -195,11 +207,6 @@ class TransformerStack(nn.Module):
       cross_mask = jnp.broadcast_to(encoded_mask[:, None, :].astype(bool),
                                     (b, t, s_enc))
 
-    block = TransformerBlock
-    policy = REMAT_POLICIES[self.remat_policy]
-    if policy is not None:
-      block = nn.remat(block, prevent_cse=not self.scan_layers,
-                       policy=None if policy == "full" else policy)
     kwargs = self._block_kwargs(deterministic)
     scan_kw = dict(variable_axes={"params": 0},
                    split_rngs={"params": True, "dropout": True},

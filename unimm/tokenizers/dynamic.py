@@ -43,14 +43,18 @@ def straight_through_gumbel(log_probs, rng, temperature: float = 1.0):
 def compact(tokens, keep):
   """Kept tokens first, in raster order.
 
-  tokens [B, N, ...], keep [B, N] (1 = kept) -> (tokens [B, N, ...] with
-  the kept ones at slots 0..n_b-1, mask bool [B, N] of those slots).
-  Gradients flow to the kept tokens.
+  tokens [B, N, ...] (or a pytree of such arrays, moved alike), keep [B, N]
+  (1 = kept) -> (tokens [B, N, ...] with the kept ones at slots 0..n_b-1,
+  mask bool [B, N] of those slots). Gradients flow to the kept tokens.
   """
   kept = keep > 0.5
   order = jnp.argsort(jnp.where(kept, 0, 1), axis=1, stable=True)  # [B, N]
-  index = order.reshape(*order.shape, *([1] * (tokens.ndim - 2)))
-  moved = jnp.take_along_axis(tokens, index, axis=1)
+
+  def move(x):
+    index = order.reshape(*order.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+  moved = jax.tree.map(move, tokens)
   count = jnp.sum(kept, axis=1, keepdims=True)
   mask = jnp.arange(keep.shape[1])[None, :] < count
   return moved, mask
@@ -114,6 +118,13 @@ class MergerBlock(nn.Module):
     return x + unn.Mlp(self.embed_dim, self.mlp_dim, name="mlp", **kw)(h)
 
 
+class _ScannedMergerBlock(MergerBlock):
+  """MergerBlock in nn.scan's (carry, output) form."""
+
+  def __call__(self, x, features, keep):  # pylint: disable=arguments-renamed
+    return super().__call__(x, features, keep), None
+
+
 class TokenMerger(nn.Module):
   """num_layers MergerBlocks over the encoder's patch tokens [B, N, D]
   with keep [B, N] (floats, 1 = kept) -> merged tokens [B, N, D]."""
@@ -121,6 +132,8 @@ class TokenMerger(nn.Module):
   embed_dim: int
   num_heads: int
   mlp_dim: int
+  scan_layers: bool = False
+  remat_policy: str = "none"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -128,7 +141,20 @@ class TokenMerger(nn.Module):
   def __call__(self, x, keep):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     features = unn.norm_layer("layernorm", name="feature_norm", **kw)(x)
-    for i in range(self.num_layers):
-      x = MergerBlock(self.embed_dim, self.num_heads, self.mlp_dim,
-                      name=f"layers_{i}", **kw)(x, features, keep)
+    args = (self.embed_dim, self.num_heads, self.mlp_dim)
+    # Each block holds [B, heads, N, N] attention weights twice: at paper
+    # shapes the blocks are scanned and rematerialized (the model's
+    # scan_layers and remat_policy), as the transformer stacks are.
+    if self.scan_layers:
+      block = unn.remat_block(_ScannedMergerBlock, self.remat_policy,
+                              prevent_cse=False)
+      x, _ = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(*args, name="layers", **kw)(x, features, keep)
+    else:
+      block = unn.remat_block(MergerBlock, self.remat_policy)
+      for i in range(self.num_layers):
+        x = block(*args, name=f"layers_{i}", **kw)(x, features, keep)
     return unn.norm_layer("layernorm", name="final_norm", **kw)(x)

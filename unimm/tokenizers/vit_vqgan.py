@@ -256,7 +256,8 @@ class ViTVQGAN(nn.Module):
                                             name="selector", **kw)
       self.merger = dynamic.TokenMerger(
           self.merger_layers, self.encoder_embed_dim, self.encoder_num_heads,
-          self.encoder_mlp_dim, name="merger", **kw)
+          self.encoder_mlp_dim, scan_layers=self.scan_layers,
+          remat_policy=self.remat_policy, name="merger", **kw)
     if seed or self.keep_ratio:
       self.token_positions = unn.LearnedPositions(
           self.num_tokens, self.decoder_embed_dim, self.param_dtype,
@@ -298,7 +299,8 @@ class ViTVQGAN(nn.Module):
   def _encode(self, images, deterministic):
     """images [B, H, W, C] -> (pre-quantization features [B, T, F], the
     valid tokens bool [B, T] or None when all are, LaVIT's {"keep" [B, N]
-    straight-through decisions, "log_probs" [B, N, 2]} or {})."""
+    straight-through decisions, "kept" [B, T] the same moved with the
+    tokens, "log_probs" [B, N, 2]} or {})."""
     x = self.encoder_tokens(images, deterministic)
     mask, selection = None, {}
     if self.num_queries:  # SEED: K causal queries read the patch tokens
@@ -316,8 +318,8 @@ class ViTVQGAN(nn.Module):
         keep = dynamic.straight_through_gumbel(
             log_probs, self.make_rng("selector"))[..., 0]
       x = self.merger(x, keep.astype(x.dtype))
-      x, mask = dynamic.compact(x, keep)
-      selection = {"keep": keep, "log_probs": log_probs}
+      (x, kept), mask = dynamic.compact((x, keep), keep)
+      selection = {"keep": keep, "kept": kept, "log_probs": log_probs}
     return jnp.tanh(self.encoder_head(x)), mask, selection  # [B, T, F_enc]
 
   def _encode_features(self, images, deterministic):
@@ -367,8 +369,8 @@ class ViTVQGAN(nn.Module):
       # The kept tokens enter the decoder times their straight-through
       # decisions (1 forward), so the reconstruction also scores keeping
       # each one; the merger's weights carry the dropped ones' share.
-      kept, _ = dynamic.compact(selection["keep"], selection["keep"])
-      quantized = quantized * kept[..., None].astype(quantized.dtype)
+      quantized = quantized * selection["kept"][..., None].astype(
+          quantized.dtype)
     mu, log_scale = self._decode_tokens(quantized, not train, mask)
     out = {
         "mu": mu,

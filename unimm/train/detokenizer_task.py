@@ -145,8 +145,11 @@ class DetokenizerTask:
       images = np.asarray(batch["image"])[:num_images - seen]
       ids = self.tokenizer.encode(images)
       by_tokenizer = np.asarray(self.tokenizer.decode(ids))
-      by_diffusion = detok.reconstruct(images, seed=seen,
-                                       batch_size=batch_size)
+      # A codes-conditioned decoder reads the ids just encoded.
+      by_diffusion = (
+          detok.decode(ids, seed=seen, batch_size=batch_size)
+          if self.condition == "codes" else
+          detok.reconstruct(images, seed=seen, batch_size=batch_size))
       psnr.append(losses_lib.psnr_uint8(by_diffusion, images))
       tokenizer_psnr.append(losses_lib.psnr_uint8(by_tokenizer, images))
       if not shown:

@@ -398,17 +398,25 @@ def evaluate_reconstructions(task, params, batches, num_images, workdir,
                 tokens_per_image_min=int(lengths.min()),
                 tokens_per_image_max=int(lengths.max()))
   if probe_prompts > 0:
+    scene_lengths = []  # valid ids per probe scene, in the set's order
+
+    def reconstruct(images):
+      ids, recon = task.reconstruct(params, images)
+      scene_lengths.append(np.sum(
+          np.asarray(ids).reshape(len(ids), -1) >= 0, axis=1))
+      return recon
+
     ceiling = probe_lib.reconstruction_accuracy(
-        lambda images: task.reconstruct(params, images)[1],
-        probe_prompts, probe_prompts, task.model.image_size)
+        reconstruct, probe_prompts, probe_prompts, task.model.image_size)
     for key in ("prompt_accuracy_single", "prompt_accuracy_pair",
                 "shape_accuracy", "color_accuracy"):
       result[f"reconstructed_{key}"] = ceiling[key]
     if not task.model.codes_on_grid:  # tokens spent on 1 and 2 objects
-      for kind, count in probe_lib.tokens_per_scene(
-          lambda images: task.reconstruct(params, images)[0], probe_prompts,
-          task.model.image_size).items():
-        result[f"tokens_per_image_{kind}"] = count
+      scene_lengths = np.concatenate(scene_lengths)
+      result["tokens_per_image_single"] = float(
+          scene_lengths[:probe_prompts].mean())
+      result["tokens_per_image_pair"] = float(
+          scene_lengths[probe_prompts:].mean())
   result["eval_seconds"] = float(time.time() - start)
   out_dir = os.path.join(workdir, "eval")
   result = reports.write_report(os.path.join(out_dir, "report.json"), result)
