@@ -18,6 +18,7 @@ import pytest
 
 from unimm import api
 from unimm import export
+from unimm.data import interleaved as il_data
 from unimm.inference import detokenizer as detokenizer_lib
 from unimm.train import trainer
 from unimm.train.interleaved_task import InterleavedTask
@@ -118,6 +119,48 @@ def test_trains_restores_exports_and_samples_through_the_detokenizer(
   finally:
     for path in gone:
       os.rename(path + ".gone", path)
+
+
+def test_emu_over_seed_causal_tokens(files, tmp_path):  # noqa: F811
+  """Emu's causal resampler with K < h*w: on a SEED tokenizer (a causal
+  Q-Former writes K=4 1-D tokens from the encoder's 64 patches), an image
+  span is 4 regressed embeddings, the de-tokenizer decodes [N, 4, D]
+  conditions, and the loaded model samples as the trained one."""
+  import test_pretokenize  # pylint: disable=g-import-not-at-top
+  k = 4
+  tok_dir = test_pretokenize.make_tokenizer_workdir(
+      str(tmp_path / "seed_tok"), str(tmp_path / "tfds"), num_queries=k)
+  tokenizer = api.load_tokenizer(tok_dir)
+  assert tokenizer.grid == (1, k) and k < 64
+  packed = str(tmp_path / "packed")
+  for split, num in (("train", 16), ("validation", 8)):
+    il_data.write_interleaved(tokenizer, files["text_tokenizer"], packed,
+                              split, num, base.LENGTH, documents_per_batch=16,
+                              encode_batch_size=16, tokenizer_workdir=tok_dir)
+  config = base.tiny_config(packed, tokenizer_workdir=tok_dir,
+                            text_tokenizer=files["text_tokenizer"])
+  config.model.update(image_output="embeddings", image_length=k,
+                      image_positions="1d",
+                      embedding_dim=tokenizer.model.decoder_embed_dim)
+  config.data.batch_size = 8  # the 8 test devices each take a row
+  config.eval.update(caption_rerank=0.0, num_batches=1)
+  config.detokenizer_workdir = _random_detokenizer(str(tmp_path / "detok"),
+                                                   tok_dir)
+  workdir = str(tmp_path / "run")
+  task = InterleavedTask(config)
+  state = trainer.train(config, workdir, task)
+  model = api.load_model(workdir)
+  assert model.image_length == k and model.detokenizer is not None
+  seen = []
+  decode = model.detokenizer.decode_conditions
+  object.__setattr__(model.detokenizer, "decode_conditions",
+                     lambda c, **kw: seen.append(np.shape(c)) or decode(
+                         c, **kw))
+  images = model.sample(PROMPTS, seed=0)
+  assert seen == [(2, k, tokenizer.model.decoder_embed_dim)]
+  assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+  trained = task.inference_model(nn.unbox(state.params), int(state.step))
+  np.testing.assert_array_equal(trained.sample(PROMPTS, seed=0), images)
 
 
 def test_mismatched_settings_fail_before_training(files, tmp_path):  # noqa: F811
