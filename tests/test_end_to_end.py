@@ -172,13 +172,25 @@ def test_recipe_runs_resumes_and_samples(tmp_path, monkeypatch):
   assert grid.size[0] > 2 * 128
 
 
-def test_parti_config_points_at_the_workdir_stages():
+def test_stage_configs_point_at_the_workdir_stages():
   config = config_lib.load_config(DEMO)
   parti = end_to_end.parti_config(config, "/w")
   assert parti.tokenizer_workdir == "/w/tokenizer"
   assert parti.text_tokenizer == "/w/text/spiece.model"
   assert parti.data.pretokenized_dir == "/w/data"
   assert config.parti.data.pretokenized_dir != "/w/data"  # a copy
+  # --mode eval / sample / caption act on the model stage: parti/, or
+  # interleaved/ with model=interleaved.
+  assert end_to_end.model_stage(config, "/w")[1] == "/w/parti"
+  config = config_lib.load_config(DEMO + ":model=interleaved")
+  assert "parti" not in config
+  model, stage = end_to_end.model_stage(config, "/w")
+  assert stage == "/w/interleaved" and model.task == "interleaved"
+  assert model.tokenizer_workdir == "/w/tokenizer"
+  assert model.text_tokenizer == "/w/text/spiece.model"
+  assert model.data.packed_dir == "/w/data"
+  with pytest.raises(ValueError, match="set keep=0"):
+    config_lib.load_config(DEMO + ":model=interleaved,keep=0.5")
 
 
 def test_multi_host_is_refused(monkeypatch):

@@ -13,9 +13,10 @@ runs, each stage in a subdirectory of the workdir:
   4. parti/      train Parti on the shards and evaluate it:
                  parti/eval/report.json, and parti/eval/samples.png (shapes
                  probe) or heldout_samples.png (own data) (config.parti);
-                 or, on own data with model=interleaved, interleaved/: the
-                 decoder-only model on the pairs packed as caption->image
-                 and image->caption documents (config.interleaved);
+                 or, with model=interleaved, interleaved/: the
+                 decoder-only model on packed documents (config.interleaved):
+                 shapes caption->image, image->caption and edit documents,
+                 or own data's pairs as caption->image and image->caption;
   5. MODEL/samples/  sample the prompts: one PNG each, grid.png, and the
                  prompts in prompts.txt (the stage is skipped while they
                  match).
@@ -94,10 +95,10 @@ def is_end_to_end(config: ml_collections.ConfigDict) -> bool:
 
 
 def model_name(config: ml_collections.ConfigDict) -> str:
-  """The model the recipe trains: "parti", or "interleaved" on own data
-  with model=interleaved."""
-  own = config.get("own_data")
-  return (own.get("model", "parti") if own is not None else "parti")
+  """The model the recipe trains: "interleaved" where the config holds an
+  interleaved stage (model=interleaved of configs/shapes_demo.py or
+  configs/own_data.py), else "parti"."""
+  return "interleaved" if config.get("interleaved") is not None else "parti"
 
 
 def model_config(config: ml_collections.ConfigDict, workdir: str
@@ -118,6 +119,14 @@ def model_config(config: ml_collections.ConfigDict, workdir: str
                                 + model.vocab.image_vocab_size)
     return model
   return parti_config(config, workdir)
+
+
+def model_stage(config: ml_collections.ConfigDict, workdir: str
+                ) -> tuple[ml_collections.ConfigDict, str]:
+  """(the model stage's config, its directory): what --mode eval / sample /
+  caption act on."""
+  return (model_config(config, workdir),
+          Paths(workdir).model(model_name(config)))
 
 
 def parti_config(config: ml_collections.ConfigDict, workdir: str
@@ -208,11 +217,15 @@ def _text_tokenizer(config, paths: Paths) -> None:
     raise ValueError(f"config.text.source={config.text.source!r}; the "
                      "end-to-end recipe trains on 'shapes' captions (or a "
                      "converted data set: configs/own_data.py).")
+  elif model_name(config) == "interleaved":
+    # The shapes documents' texts: captions and edit instructions.
+    captions = il_data.document_texts(config.text.num_captions,
+                                      config.text.seed)
   else:
     _, captions, _ = shapes.generate(config.text.num_captions,
                                      config.text.seed)
     captions = [str(c) for c in captions]
-  if model_name(config) == "interleaved":
+  if model_name(config) == "interleaved" and _own_data(config) is not None:
     # Image-to-text documents ask for their caption with these words.
     captions += [il_data.CAPTION_PROMPT] * max(1, len(captions) // 20)
   epath.Path(paths.text_prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -263,13 +276,23 @@ def _pretokenize(config, paths: Paths) -> None:
     meta_path = pretokenize.metadata_path(paths.data, split)
     if epath.Path(meta_path).exists():
       meta = json.loads(epath.Path(meta_path).read_text())
-      if (meta.get("num_examples") == num and
+      written = meta.get("num_examples", meta.get("num_documents"))
+      if (written == num and
           meta.get("tokenizer_step") == tokenizer_step):
         logging.info("Stage data: %s is up to date; skipping.", meta_path)
         continue
     if tokenizer is None:
       tokenizer = api.load_tokenizer(paths.tokenizer)
     read_split = config.pretokenize.get("read_splits", {}).get(split, split)
+    if model_name(config) == "interleaved" and _own_data(config) is None:
+      meta = il_data.write_interleaved(
+          tokenizer, paths.text_model, paths.data, split, num,
+          config.interleaved.model.max_len,
+          encode_batch_size=config.pretokenize.batch_size,
+          tokenizer_workdir=paths.tokenizer)
+      logging.info("Stage data: %s: %d shapes documents in %d rows.", split,
+                   num, meta["num_rows"])
+      continue
     if model_name(config) == "interleaved":
       meta = il_data.write_pairs(
           tokenizer, paths.text_model, paths.data, split,
@@ -395,7 +418,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report_path = os.path.join(model_dir, "eval", "report.json")
   report = json.loads(epath.Path(report_path).read_text())
   if lead:
-    keys = ("prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd")
+    keys = ("prompt_accuracy_single", "prompt_accuracy_pair", "probe_fd",
+            "caption_accuracy", "edit_accuracy")
     if own is not None:
       keys += ("eval_loss", "eval_accuracy", "eval_text_loss",
                "eval_image_loss") + tuple(

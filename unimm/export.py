@@ -21,7 +21,8 @@ writes
 `unimm.load_model(OUT)` (or load_tokenizer / load_upsampler for those
 runs) loads it from any working directory or machine: nothing in it points
 outside OUT. `--workdir` is a training workdir, an end-to-end recipe's
-workdir (its parti/ stage and upsamplers) or another export.
+workdir (its parti/ stage and upsamplers, or its interleaved/ stage) or
+another export.
 """
 import datetime
 import json

@@ -194,9 +194,8 @@ def _run(argv):
     if _MODE.value == "train":
       end_to_end.run(config, workdir)
       return
-    # eval / sample act on the recipe's text-to-image stage.
-    config = end_to_end.parti_config(config, workdir)
-    workdir = end_to_end.Paths(workdir).parti
+    # eval / sample / caption act on the recipe's model stage.
+    config, workdir = end_to_end.model_stage(config, workdir)
   if _MODE.value == "train":
     experiments.train_and_evaluate(config, workdir)
   elif _MODE.value == "eval" and _UPSCALE.value != 1:

@@ -12,6 +12,7 @@ import pytest
 
 import unimm
 from unimm import checkpoints
+from unimm.data import shapes
 from unimm.inference import EVAL
 from unimm.inference import text_to_image
 from unimm.models import interleaved as il
@@ -123,6 +124,38 @@ def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
                         seed=0).astype(int)
   red = (images[..., 0] > 150) & (images[..., 1] < 100) & (
       images[..., 2] < 100)  # [2, 32, 32]
+  for image, (rows, cols) in zip(red, corners.values()):
+    inside = image[rows, cols].sum()
+    assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()
+
+
+def test_the_packaged_interleaved_model_captions_and_draws(tmp_path,
+                                                          monkeypatch):
+  """unimm.load_model("shapes-interleaved") from any directory: the demo
+  recipe's interleaved export (configs/shapes_demo.py:model=interleaved),
+  at its eval's settings. Its captions of held-out one-object scenes name
+  their colour and shape, and it draws a red object where the prompt says."""
+  assert "shapes-interleaved" in checkpoints.pretrained_names()
+  monkeypatch.chdir(tmp_path)
+  model = unimm.load_model("shapes-interleaved")
+  with open(os.path.join(checkpoints.PRETRAINED_DIR, "shapes-interleaved",
+                         "model_card.json")) as f:
+    card = json.load(f)
+  assert model.step == card["step"] and card["task"] == "interleaved"
+  images, _, scenes = shapes.generate(64, seed=123)
+  single = [i for i, s in enumerate(scenes) if len(s.objects) == 1][:4]
+  parsed = [shapes.parse_caption(c) for c in model.caption(images[single])]
+  right = sum(p is not None and len(p.objects) == 1 and
+              (p.objects[0].color, p.objects[0].shape) ==
+              (scenes[i].objects[0].color, scenes[i].objects[0].shape)
+              for p, i in zip(parsed, single))
+  assert right >= 3, parsed
+  corners = {"top left": (slice(0, 16), slice(0, 16)),
+             "bottom right": (slice(16, 32), slice(16, 32))}
+  drawn = model.sample([f"a big red circle at the {c}" for c in corners],
+                       seed=0).astype(int)
+  red = (drawn[..., 0] > 150) & (drawn[..., 1] < 100) & (
+      drawn[..., 2] < 100)  # [2, 32, 32]
   for image, (rows, cols) in zip(red, corners.values()):
     inside = image[rows, cols].sum()
     assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()

@@ -28,17 +28,21 @@ from unimm.inference.tokenizer import Tokenizer
 from unimm.inference.upsampler import load_upsampler
 from unimm.inference.upsampler import Upsampler
 
-RECIPE_MODEL_STAGE = "parti"  # an end-to-end recipe's text-to-image stage
+# An end-to-end recipe's model stage (unimm.end_to_end: parti/, or
+# interleaved/ with model=interleaved).
+RECIPE_MODEL_STAGES = ("parti", "interleaved")
 
 
 def model_path(path: str) -> str:
-  """An end-to-end recipe's parti/ stage, a packaged model of that name, or
-  `path` itself."""
+  """An end-to-end recipe's model stage (parti/ or interleaved/), a
+  packaged model of that name, or `path` itself."""
   path = checkpoints.find(path)
-  stage = os.path.join(path, RECIPE_MODEL_STAGE)
-  if not checkpoints.has_checkpoints(path) and checkpoints.has_checkpoints(
-      stage):
-    return stage
+  if checkpoints.has_checkpoints(path):
+    return path
+  for name in RECIPE_MODEL_STAGES:
+    stage = os.path.join(path, name)
+    if checkpoints.has_checkpoints(stage):
+      return stage
   return path
 
 
