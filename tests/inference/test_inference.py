@@ -102,22 +102,22 @@ def test_wrong_kind_of_folder_is_a_clear_error(models):
     unimm.load_model(models["parti"]).sample(PROMPTS, upscale=2)
 
 
-def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
-                                                              monkeypatch):
-  """unimm.load_model("shapes-parti") from any directory: the demo recipe's
-  export in unimm/pretrained/, sampling with its eval's settings; a red
-  object is drawn where the prompt says (the probe-free reading: red
-  pixels by quadrant)."""
-  assert "shapes-parti" in checkpoints.pretrained_names()
+def _load_packaged(name, task, tmp_path, monkeypatch):
+  """unimm.load_model(name) from another working directory, and its model
+  card (the step and task it names are the loaded model's)."""
+  assert name in checkpoints.pretrained_names()
   monkeypatch.chdir(tmp_path)
-  model = unimm.load_model("shapes-parti")
-  with open(os.path.join(checkpoints.PRETRAINED_DIR, "shapes-parti",
+  model = unimm.load_model(name)
+  with open(os.path.join(checkpoints.PRETRAINED_DIR, name,
                          "model_card.json")) as f:
     card = json.load(f)
-  assert model.step == card["step"] and card["task"] == "parti"
-  # The card's settings, and the defaults of those it predates (CD-K off).
-  assert model.settings == dict(text_to_image.SAMPLING_DEFAULTS,
-                                **card["sampling_defaults"])
+  assert model.step == card["step"] and card["task"] == task
+  return model, card
+
+
+def _assert_draws_red_where_asked(model):
+  """A red object drawn in the corner each prompt names (the probe-free
+  reading: red pixels by quadrant)."""
   corners = {"top left": (slice(0, 16), slice(0, 16)),
              "bottom right": (slice(16, 32), slice(16, 32))}
   images = model.sample([f"a big red circle at the {c}" for c in corners],
@@ -129,19 +129,27 @@ def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
     assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()
 
 
+def test_the_packaged_model_loads_by_name_and_draws_the_prompt(tmp_path,
+                                                              monkeypatch):
+  """unimm.load_model("shapes-parti") from any directory: the demo recipe's
+  export in unimm/pretrained/, sampling with its eval's settings; a red
+  object is drawn where the prompt says."""
+  model, card = _load_packaged("shapes-parti", "parti", tmp_path,
+                               monkeypatch)
+  # The card's settings, and the defaults of those it predates (CD-K off).
+  assert model.settings == dict(text_to_image.SAMPLING_DEFAULTS,
+                                **card["sampling_defaults"])
+  _assert_draws_red_where_asked(model)
+
+
 def test_the_packaged_interleaved_model_captions_and_draws(tmp_path,
                                                           monkeypatch):
   """unimm.load_model("shapes-interleaved") from any directory: the demo
   recipe's interleaved export (configs/shapes_demo.py:model=interleaved),
-  at its eval's settings. Its captions of held-out one-object scenes name
+  at its eval's settings. Its captions of one-object scenes (seed 123) name
   their colour and shape, and it draws a red object where the prompt says."""
-  assert "shapes-interleaved" in checkpoints.pretrained_names()
-  monkeypatch.chdir(tmp_path)
-  model = unimm.load_model("shapes-interleaved")
-  with open(os.path.join(checkpoints.PRETRAINED_DIR, "shapes-interleaved",
-                         "model_card.json")) as f:
-    card = json.load(f)
-  assert model.step == card["step"] and card["task"] == "interleaved"
+  model, _ = _load_packaged("shapes-interleaved", "interleaved", tmp_path,
+                            monkeypatch)
   images, _, scenes = shapes.generate(64, seed=123)
   single = [i for i, s in enumerate(scenes) if len(s.objects) == 1][:4]
   parsed = [shapes.parse_caption(c) for c in model.caption(images[single])]
@@ -150,15 +158,7 @@ def test_the_packaged_interleaved_model_captions_and_draws(tmp_path,
               (scenes[i].objects[0].color, scenes[i].objects[0].shape)
               for p, i in zip(parsed, single))
   assert right >= 3, parsed
-  corners = {"top left": (slice(0, 16), slice(0, 16)),
-             "bottom right": (slice(16, 32), slice(16, 32))}
-  drawn = model.sample([f"a big red circle at the {c}" for c in corners],
-                       seed=0).astype(int)
-  red = (drawn[..., 0] > 150) & (drawn[..., 1] < 100) & (
-      drawn[..., 2] < 100)  # [2, 32, 32]
-  for image, (rows, cols) in zip(red, corners.values()):
-    inside = image[rows, cols].sum()
-    assert inside > 20 and inside > 2 * (image.sum() - inside), image.sum()
+  _assert_draws_red_where_asked(model)
 
 
 def test_api_inputs(models, monkeypatch):
