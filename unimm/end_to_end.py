@@ -283,29 +283,35 @@ def _pretokenize(config, paths: Paths) -> None:
         continue
     if tokenizer is None:
       tokenizer = api.load_tokenizer(paths.tokenizer)
-    read_split = config.pretokenize.get("read_splits", {}).get(split, split)
-    if model_name(config) == "interleaved" and _own_data(config) is None:
-      meta = il_data.write_interleaved(
-          tokenizer, paths.text_model, paths.data, split, num,
-          config.interleaved.model.max_len,
-          encode_batch_size=config.pretokenize.batch_size,
-          tokenizer_workdir=paths.tokenizer)
-      logging.info("Stage data: %s: %d shapes documents in %d rows.", split,
-                   num, meta["num_rows"])
-      continue
-    if model_name(config) == "interleaved":
-      meta = il_data.write_pairs(
-          tokenizer, paths.text_model, paths.data, split,
-          source=config.pretokenize.source, read_split=read_split,
-          length=config.interleaved.model.max_len, num_examples=num,
-          max_text_tokens=int(config.pretokenize.max_text_tokens),
-          encode_batch_size=config.pretokenize.batch_size,
-          tokenizer_workdir=paths.tokenizer)
-      logging.info("Stage data: %s: %d pairs in %d documents, %d captions "
-                   "cut to %d pieces.", split, meta["num_examples"],
-                   meta["num_documents"], meta["num_truncated_captions"],
-                   meta["max_text_tokens"])
-      continue
+    _write_split(config, paths, tokenizer, split, num)
+
+
+def _write_split(config, paths: Paths, tokenizer, split: str, num: int):
+  """One split of the data stage: shapes documents packed for the
+  interleaved model, own pairs packed as documents, or Parti's pairs."""
+  read_split = config.pretokenize.get("read_splits", {}).get(split, split)
+  interleaved = model_name(config) == "interleaved"
+  if interleaved and _own_data(config) is None:
+    meta = il_data.write_interleaved(
+        tokenizer, paths.text_model, paths.data, split, num,
+        config.interleaved.model.max_len,
+        encode_batch_size=config.pretokenize.batch_size,
+        tokenizer_workdir=paths.tokenizer)
+    logging.info("Stage data: %s: %d shapes documents in %d rows.", split,
+                 num, meta["num_rows"])
+  elif interleaved:
+    meta = il_data.write_pairs(
+        tokenizer, paths.text_model, paths.data, split,
+        source=config.pretokenize.source, read_split=read_split,
+        length=config.interleaved.model.max_len, num_examples=num,
+        max_text_tokens=int(config.pretokenize.max_text_tokens),
+        encode_batch_size=config.pretokenize.batch_size,
+        tokenizer_workdir=paths.tokenizer)
+    logging.info("Stage data: %s: %d pairs in %d documents, %d captions "
+                 "cut to %d pieces.", split, meta["num_examples"],
+                 meta["num_documents"], meta["num_truncated_captions"],
+                 meta["max_text_tokens"])
+  else:
     meta = pretokenize.pretokenize(
         tokenizer, paths.text_model, config.pretokenize.source, read_split,
         paths.data, config.parti.model.text_length, num_examples=num,

@@ -31,8 +31,7 @@ a static row: ids [B, 1, N] (N = the patches) whose empty slots are -1, so
 an image's length is (ids >= 0).sum(). The decoder reads them as SEED's
 (by default its patch slots cross-attend to the valid tokens;
 token_decoder="joint" puts tokens and slots in one stack). The forward
-pass adds
-losses["keep"], (keep_ratio - the batch's kept fraction)^2, and
+pass adds losses["keep"], (keep_ratio - the batch's kept fraction)^2, and
 losses["keep_per_image"], that penalty per image, averaged.
 """
 import dataclasses
@@ -358,9 +357,9 @@ class ViTVQGAN(nn.Module):
     mu, log_scale: logit-Laplace parameters [B, H, W, C]; recon: the
     reconstruction in [0, 1]; ids [B, h, w] (-1: an empty LaVIT slot);
     losses: the quantizer's {"codebook", "commitment", "vq"} (+ "keep",
-    "keep_per_image" for LaVIT); latents [B, T, code_dim] (unit norm). LaVIT adds token_mask
-    [B, T] and keep [B, N], the straight-through decisions (training draws
-    them with the "selector" rng).
+    "keep_per_image" for LaVIT); latents [B, T, code_dim] (unit norm).
+    LaVIT adds token_mask [B, T] and keep [B, N], the straight-through
+    decisions (training draws them with the "selector" rng).
     """
     b = images.shape[0]
     features, mask, selection = self._encode(images, deterministic=not train)
