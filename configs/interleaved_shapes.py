@@ -29,7 +29,9 @@ tiny | tiny_deep | small | 1b | 7b), kv_heads (key/value heads: 1 =
 multi-query, as Gemini; the size's num_heads = multi-head), steps, batch,
 length (= config.model.max_len), text_vocab, codes, grid (image tokens per
 side), tokens (a SEED tokenizer's K 1-D tokens per image instead of grid;
-their positions are 1-D), packed_dir, tokenizer_workdir, text_tokenizer,
+their positions are 1-D), dynamic (1: a LaVIT tokenizer's variable-length
+images, spans of up to grid^2 kept codes that the model ends with EOI,
+1-D positions; config.model.end_of_image), packed_dir, tokenizer_workdir, text_tokenizer,
 lr, image_positions
 (1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
 documents trained without their text, for classifier-free guidance), cfg
@@ -83,7 +85,7 @@ def get_config(arg=None):
       patch=4, queries=16, experts=1, questions=0, bins=0, referring=0,
       grounded=0, drawn=0, output="codes", embedding_dim=64,
       detokenizer_workdir="", head="l2", mixtures=16, diffusion=0.0,
-      tokens=0)
+      tokens=0, dynamic=0)
   config = config_lib.base_config("interleaved", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.text_tokenizer = arg.text_tokenizer
@@ -95,18 +97,19 @@ def get_config(arg=None):
                        read_ids=arg.image_input != "codes",
                        location_bins=arg.bins)
   config.model = ml_collections.ConfigDict(interleaved_config(
-      arg.size, num_kv_heads=arg.kv_heads, vocab_size=layout.size,
+      arg.size, num_kv_heads=arg.kv_heads, **layout.model_ids(),
       image_input=arg.image_input, patch_size=arg.patch,
       num_queries=arg.queries, num_experts=arg.experts,
-      feature_length=arg.grid * arg.grid, read_id=layout.read_id,
-      newline_id=layout.newline_id, max_len=arg.length,
+      feature_length=arg.grid * arg.grid, max_len=arg.length,
       image_length=arg.tokens or arg.grid * arg.grid,
-      # 1-D tokens have no rows and columns.
-      image_positions="1d" if arg.tokens else arg.image_positions,
+      end_of_image=bool(arg.dynamic),
+      # 1-D and dynamic tokens have no rows and columns.
+      image_positions=("1d" if arg.tokens or arg.dynamic
+                       else arg.image_positions),
       qk_norm=bool(arg.qk_norm), dtype=arg.dtype, param_dtype=arg.dtype,
       remat_policy=arg.remat, image_output=arg.output,
       embedding_dim=arg.embedding_dim if arg.output != "codes" else 0,
-      image_offset=layout.image_offset, image_codes=arg.codes,
+      image_codes=arg.codes,
       image_head=arg.head, mixtures=arg.mixtures if arg.head == "gmm" else 1,
       scan_layers=config_lib.scan_layers(arg.scan, arg.size)))
   config.loss = ml_collections.ConfigDict(dict(

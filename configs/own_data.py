@@ -51,7 +51,12 @@ allow), text_length (32 text tokens incl. EOS), num_heldout (200; used
 without a validation split), num_prompts (8 grid captions); for
 model=interleaved: interleaved_steps (600), interleaved_size (tiny_deep:
 unimm.models.interleaved.SIZES), interleaved_batch (32 packed rows of
-3 * (grid^2 + text_length) tokens); lr and optimizer apply to either model.
+3 * (grid^2 + text_length) tokens), image_input (codes | patches |
+resampler: how the image opening an image->caption document is read,
+unimm.models.image_input; rows grow to hold a longer read span), patch
+(pixels per Fuyu patch side, 4), queries (resampler READ slots, 16),
+experts (OneLLM resamplers mixed by a router, 1); lr and optimizer apply
+to either model.
 
 Measured with the defaults on scikit-learn's handwritten digits (1,597
 training + 200 validation images upsampled from 8x8 to 32x32, one caption
@@ -71,6 +76,7 @@ import ml_collections
 
 from unimm import config_lib
 from unimm.data import pipeline
+from unimm.models import image_input as image_input_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,11 +120,17 @@ def get_config(arg=None):
       tokenizer_steps=3000, parti_steps=1200, batch=64, size="tiny", lr=1e-2,
       optimizer="muon", text_vocab=256, text_length=32, num_heldout=200,
       num_prompts=8, interleaved_steps=600, interleaved_size="tiny_deep",
-      interleaved_batch=32)
+      interleaved_batch=32, image_input="codes", patch=4, queries=16,
+      experts=1)
   if arg.model not in MODELS:
     raise ValueError(
         f"model={arg.model!r}; expected one of {MODELS} "
         "(configs/own_data.py:data=DIR,model=parti).")
+  if arg.image_input != "codes" and arg.model != "interleaved":
+    raise ValueError(
+        f"image_input={arg.image_input!r} sets how the interleaved model "
+        f"reads images, but model={arg.model!r} (Parti reads captions, not "
+        "images); pass model=interleaved or drop image_input.")
   if not arg.data:
     raise ValueError(
         "configs/own_data.py needs data=DIR, a directory written by `python "
@@ -201,7 +213,11 @@ def _interleaved(config, arg):
   # grid^2 codes, EOI, EOS] or the image first, with CAPTION_PROMPT; the
   # context also holds an image, the prompt and a caption being written
   # with the sampler's room for one more phase.
-  length = 3 * (arg.grid * arg.grid + arg.text_length)
+  reading = image_input_lib.ImageInput(arg.image_input, arg.patch,
+                                       arg.queries)
+  image_tokens = max(arg.grid * arg.grid, reading.span_length(
+      (arg.image_size, arg.image_size, 3)) - 2 if reading.reads_images else 0)
+  length = 3 * (image_tokens + arg.text_length)
   config.pretokenize.max_text_tokens = arg.text_length - 1
   config.interleaved = config_lib.load_config(
       os.path.join(_HERE, "interleaved_shapes.py") +
@@ -209,7 +225,8 @@ def _interleaved(config, arg):
       f"batch={arg.interleaved_batch},length={length},lr={arg.lr},"
       f"optimizer={arg.optimizer},text_vocab={arg.text_vocab},"
       f"codes={arg.codes},grid={arg.grid},cfg=1.5,image_temp=0.7,beams=4,"
-      "rerank=0.5")
+      f"rerank=0.5,image_input={arg.image_input},patch={arg.patch},"
+      f"queries={arg.queries},experts={arg.experts}")
   config.interleaved.eval.update(
       num_generation=0, retrieval_pairs=32, num_grid_samples=arg.num_prompts, seed=0)
   config.prompts = ()

@@ -39,7 +39,7 @@ tokenizer_steps, parti_steps, num_train
 muon | adamw), tokens (SEED's K 1-D causal tokens per image instead of the
 8x8 grid, for the tokenizer and Parti; 0 = the grid), keep (LaVIT's
 dynamic tokens keeping about this fraction of the 64 patches, for the
-tokenizer and Parti's variable-length images; 0 = the grid),
+tokenizer and the model's variable-length images; 0 = the grid),
 token_decoder (cross | joint: how the tokenizer's decoder reads SEED's or
 LaVIT's tokens; configs/vit_vqgan_shapes.py).
 """
@@ -76,10 +76,6 @@ def get_config(arg=None):
   if arg.model not in MODELS:
     raise ValueError(f"model={arg.model!r}; expected one of {MODELS} "
                      "(configs/shapes_demo.py:model=interleaved).")
-  if arg.model == "interleaved" and arg.keep:
-    raise ValueError(
-        f"keep={arg.keep} with model=interleaved: the interleaved documents "
-        "hold fixed-length images (the grid or tokens=K); set keep=0.")
   config = ml_collections.ConfigDict()
   config.task = "end_to_end"
 
@@ -139,7 +135,8 @@ def _interleaved(config, arg):
   # 4. The model: configs/interleaved_shapes.py's tiny_deep with Muon.
   config.interleaved = config_lib.load_config(
       os.path.join(_HERE, "interleaved_shapes.py") +
-      f":steps={arg.interleaved_steps},tokens={arg.tokens}")
+      f":steps={arg.interleaved_steps},tokens={arg.tokens},"
+      f"dynamic={int(bool(arg.keep))}")
   ev = config.interleaved.eval
   # 5. The sample grid, at the eval's image settings.
   config.prompts = PROMPTS

@@ -28,7 +28,9 @@ how the decoder reads SEED's or LaVIT's tokens, its patch slots
 cross-attending to them or one bidirectional stack over both),
 keep_at_encode (likelier | sampled: LaVIT's encoding keeps a patch where
 keep is the likelier, or draws the decision as training does, from one
-fixed key per patch slot).
+fixed key per patch slot), selector_lr (LaVIT: the selector's learning
+rate as a multiple of the schedule's, config.optimizer.lr_scales; 1 = the
+same).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
   --config configs/vit_vqgan_shapes.py:keep=0.5    (LaVIT, ~32 of 64)
@@ -58,7 +60,12 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", decoder="", steps=8000,
                              batch=32, patch=4, codes=512, scan="auto",
                              tokens=0, keep=0.0, penalty="batch",
-                             token_decoder="cross", keep_at_encode="likelier")
+                             token_decoder="cross", keep_at_encode="likelier",
+                             selector_lr=1.0)
+  if arg.selector_lr != 1.0 and not arg.keep:
+    raise ValueError(
+        f"selector_lr={arg.selector_lr} scales LaVIT's token selector's "
+        "learning rate, but keep=0 builds no selector; pass keep=R too.")
   config = config_lib.base_config("vit_vqgan", arg.steps)
 
   tiny = arg.size == "tiny"
@@ -106,6 +113,8 @@ def get_config(arg=None):
       lr=2e-3 if tiny else 1e-4, warmup_steps=min(200, arg.steps // 10),
       end_lr_fraction=0.05, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
       grad_clip_norm=1.0))
+  if arg.selector_lr != 1.0:  # LaVIT's selector at a learning rate of its own
+    config.optimizer.lr_scales = {"selector": float(arg.selector_lr)}
 
   config.data = ml_collections.ConfigDict(dict(
       source="shapes", image_size=config.model.image_size,

@@ -189,8 +189,11 @@ def test_stage_configs_point_at_the_workdir_stages():
   assert model.tokenizer_workdir == "/w/tokenizer"
   assert model.text_tokenizer == "/w/text/spiece.model"
   assert model.data.packed_dir == "/w/data"
-  with pytest.raises(ValueError, match="set keep=0"):
-    config_lib.load_config(DEMO + ":model=interleaved,keep=0.5")
+  # LaVIT's tokens: the interleaved model writes spans ended by its EOI.
+  lavit = config_lib.load_config(DEMO + ":model=interleaved,keep=0.5")
+  assert lavit.tokenizer.model.keep_ratio == 0.5
+  assert lavit.interleaved.model.end_of_image
+  assert lavit.interleaved.model.image_positions == "1d"
 
 
 def test_multi_host_is_refused(monkeypatch):

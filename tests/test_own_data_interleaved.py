@@ -9,7 +9,10 @@ from PIL import Image
 import pytest
 
 from unimm import end_to_end
+from unimm.data import interleaved as il_data
 from unimm.data import pipeline
+from unimm.models import image_input as image_input_lib
+from unimm.models import vocab as vocab_lib
 from unimm.evaluation import generation_metrics
 
 from test_own_data import digits  # noqa: F401  pylint: disable=unused-import
@@ -17,10 +20,10 @@ from test_own_data import NUM_TRAIN
 from test_own_data import toy_config
 
 
-def toy_interleaved_config(data: str):
+def toy_interleaved_config(data: str, extra: str = ""):
   """configs/own_data.py:model=interleaved at seconds of CPU."""
   config = toy_config(data, ",model=interleaved,interleaved_steps=3,"
-                      "interleaved_batch=8,text_length=12")
+                      f"interleaved_batch=8,text_length=12{extra}")
   model = config.interleaved
   model.model.update(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                      num_layers=2)
@@ -92,3 +95,53 @@ def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path,
   assert os.path.isfile(os.path.join(samples, "grid.png"))
   # A rerun skips every finished stage.
   assert end_to_end.run(config, workdir) == report
+
+
+def test_resampler_reads_the_image_of_each_image_to_caption_pair(
+    digits, tmp_path):
+  # image_input=resampler: an image->caption document's image enters as 4
+  # resampler queries over the frozen tokenizer's encoder; the rows carry
+  # its pixel patches, a caption->image document's image stays codes.
+  config = toy_interleaved_config(
+      digits["both"], ",image_input=resampler,queries=4,patch=8")
+  config.interleaved.eval.update(retrieval_pairs=4, num_grid_samples=2)
+  workdir = str(tmp_path / "own_resampler")
+  paths = end_to_end.Paths(workdir)
+  report = end_to_end.run(config, workdir)
+
+  metadata = il_data.load_metadata(paths.data, "train")
+  setting = image_input_lib.ImageInput("resampler", 8, 4)
+  assert il_data.image_input_of(metadata) == setting
+  n = metadata["num_rows"]
+  source = il_data.pretokenize.shard_source(paths.data, "train", metadata, n)
+  batch = next(iter(il_data.packed_dataset(
+      paths.data, "train", batch_size=n, shuffle=False, seed=0)))
+  data_source, _ = pipeline.image_text_source(digits["both"], "train",
+                                              image_size=32)
+  images = np.stack([example["image"] for example in data_source])
+  layout = vocab_lib.VocabLayout(**{
+      k: metadata["layout"][k] for k in ("text_vocab_size",
+                                         "image_vocab_size", "read_ids")})
+  assert layout.read_ids
+  documents = 0
+  for r in range(n):
+    ids = il_data.parse_row(source[r])["documents"]
+    read = [int(i) // 2 for i in ids if i % 2]  # image->caption: 2 * i + 1
+    expected = np.zeros((0, 8 * 8 * 3), np.uint8)
+    if read:
+      expected = np.concatenate(
+          [image_input_lib.patchify(images[i], 8) for i in read])
+    reads = batch["reads"][r]
+    np.testing.assert_array_equal(reads[:len(expected)], expected)
+    assert not reads[len(expected):].any()
+    assert int(layout.is_read(batch["tokens"][r]).sum()) == 4 * len(read)
+    # Caption->image documents keep their 16 codes.
+    assert int(layout.is_image(batch["tokens"][r]).sum()) == 16 * (
+        len(ids) - len(read))
+    documents += len(ids)
+  assert documents == 2 * NUM_TRAIN
+
+  # The model trained on them reads held-out images: retrieval both ways.
+  assert report["steps"] == 3 and np.isfinite(report["eval_loss"])
+  assert report["retrieval_pairs"] == 4
+  assert 0.0 <= report["retrieval_caption_r1"] <= 1.0

@@ -48,6 +48,7 @@ from unimm.data import interleaved as il_data
 from unimm.data import pipeline
 from unimm.data import pretokenize
 from unimm.data import shapes
+from unimm.models import image_input as image_input_lib
 from unimm.models import vocab as vocab_lib
 from unimm.tokenizers import text as text_lib
 from unimm.train import trainer
@@ -115,8 +116,11 @@ def model_config(config: ml_collections.ConfigDict, workdir: str
       # may support fewer than text_vocab; the packed rows use this many).
       text_vocab = text_lib.TextTokenizer.load(paths.text_model).vocab_size
       model.vocab.text_vocab_size = text_vocab
-      model.model.vocab_size = (vocab_lib.NUM_SPECIALS + text_vocab
-                                + model.vocab.image_vocab_size)
+      layout = vocab_lib.VocabLayout(
+          text_vocab, model.vocab.image_vocab_size,
+          read_ids=image_input_lib.ImageInput.of(model.model).reads_images,
+          location_bins=model.vocab.get("location_bins", 0))
+      model.model.update(layout.model_ids())
     return model
   return parti_config(config, workdir)
 
@@ -291,12 +295,14 @@ def _write_split(config, paths: Paths, tokenizer, split: str, num: int):
   interleaved model, own pairs packed as documents, or Parti's pairs."""
   read_split = config.pretokenize.get("read_splits", {}).get(split, split)
   interleaved = model_name(config) == "interleaved"
+  reading = (image_input_lib.ImageInput.of(config.interleaved.model)
+             if interleaved else None)
   if interleaved and _own_data(config) is None:
     meta = il_data.write_interleaved(
         tokenizer, paths.text_model, paths.data, split, num,
         config.interleaved.model.max_len,
         encode_batch_size=config.pretokenize.batch_size,
-        tokenizer_workdir=paths.tokenizer)
+        tokenizer_workdir=paths.tokenizer, image_input=reading)
     logging.info("Stage data: %s: %d shapes documents in %d rows.", split,
                  num, meta["num_rows"])
   elif interleaved:
@@ -306,7 +312,7 @@ def _write_split(config, paths: Paths, tokenizer, split: str, num: int):
         length=config.interleaved.model.max_len, num_examples=num,
         max_text_tokens=int(config.pretokenize.max_text_tokens),
         encode_batch_size=config.pretokenize.batch_size,
-        tokenizer_workdir=paths.tokenizer)
+        tokenizer_workdir=paths.tokenizer, image_input=reading)
     logging.info("Stage data: %s: %d pairs in %d documents, %d captions "
                  "cut to %d pieces.", split, meta["num_examples"],
                  meta["num_documents"], meta["num_truncated_captions"],

@@ -1,5 +1,6 @@
 """The decoder-only interleaved model: cached = full forward, packed
 documents are isolated, PAD is invisible, sizes match their names."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,7 +157,9 @@ def test_bad_settings_name_the_field():
 def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
                         eos, eoi, max_text, max_images, cfg_scale=None):
   """The same rules, greedy, with a full forward pass per token; image
-  tokens guided by the document with its text removed when cfg_scale."""
+  tokens guided by the document with its text removed when cfg_scale; with
+  model.end_of_image an image span ends where EOI is likelier than every
+  code (at most model.image_length codes, then EOI is forced)."""
   seq, out, images = list(prompt), [], 0
   mode = "image" if prompt[-1] == BOI else "text"
 
@@ -171,7 +174,7 @@ def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
 
   def greedy(mask):
     logits = last_logits(seq)
-    if cfg_scale is not None and mask is image_mask:
+    if cfg_scale is not None and mode == "image":
       uncond = last_logits([t for t in seq if not text_mask[t]])
       logits = uncond + cfg_scale * (logits - uncond)
     return int(np.argmax(np.where(mask, logits, -np.inf)))
@@ -180,11 +183,16 @@ def _naive_continuation(model, params, prompt, image_mask, text_mask, *,
     if mode == "image":
       if images >= max_images:
         break
-      for _ in range(SIDE * SIDE):
-        seq.append(greedy(image_mask))
+      span_mask = image_mask.copy()
+      span_mask[eoi] = model.end_of_image
+      for _ in range(model.image_length):
+        seq.append(greedy(span_mask))
         out.append(seq[-1])
-      seq.append(eoi)
-      out.append(eoi)
+        if seq[-1] == eoi:
+          break
+      if seq[-1] != eoi:
+        seq.append(eoi)
+        out.append(eoi)
       images += 1
     stop = None
     for _ in range(max_text):
@@ -207,10 +215,11 @@ PROMPTS = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, 11, 12, 13])]
 RULES = dict(eos=EOS, eoi=EOI, max_text=6, max_images=2)
 
 
-def _continue(model, params, image_sampling, text_sampling=None):
-  """continue_documents on PROMPTS (left-padded) under RULES."""
-  width = max(len(p) for p in PROMPTS)
-  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in PROMPTS])
+def _continue(model, params, image_sampling, text_sampling=None,
+              prompts=PROMPTS):
+  """continue_documents on prompts (left-padded) under RULES."""
+  width = max(len(p) for p in prompts)
+  padded = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
   return il.continue_documents(
       model, params, padded, jax.random.PRNGKey(0), text_ids=TEXT_MASK,
       image_ids=IMAGE_MASK, eos_id=EOS, boi_id=BOI, eoi_id=EOI,
@@ -219,8 +228,8 @@ def _continue(model, params, image_sampling, text_sampling=None):
       max_text_tokens=RULES["max_text"], max_images=RULES["max_images"])
 
 
-def _assert_naive(model, params, out, cfg_scale=None):
-  for row, prompt in zip(out, PROMPTS):
+def _assert_naive(model, params, out, cfg_scale=None, prompts=PROMPTS):
+  for row, prompt in zip(out, prompts):
     got = [int(t) for t in row if t != 0]
     assert got == _naive_continuation(model, params, prompt, IMAGE_MASK,
                                        TEXT_MASK, cfg_scale=cfg_scale, **RULES)
@@ -270,6 +279,43 @@ def test_sjd_image_spans_equal_greedy_decoding():
   with pytest.raises(ValueError, match="sjd_window=3: speculative Jacobi "
                      "decoding applies to image spans only"):
     _continue(model, params, greedy, SamplingParams(0.0, sjd_window=3))
+
+
+# Three prompts open an image at once, one writes text first.
+ENDED_PROMPTS = [np.array([1, 7, 8, BOI]), np.array([1, 9, 10, BOI]),
+                 np.array([1, 11, 5, 6, BOI]), PROMPTS[1]]
+
+
+@pytest.mark.parametrize("cfg_scale", [None, 3.0])
+def test_variable_length_image_spans_equal_naive_decoding(cfg_scale):
+  """end_of_image (LaVIT's dynamic tokens): the image phase stops each row
+  at the EOI it writes (a lax.while_loop), a row that stopped idles on PAD
+  while the others write codes, a row that wrote all image_length codes
+  gets EOI forced, and the text that follows is what full forward passes
+  over those spans give, with guidance too."""
+  model = _model(max_len=96, image_positions="1d", image_length=6,
+                 end_of_image=True)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0),
+                               jnp.ones((1, 8), jnp.int32)))
+  # EOI's embedding scaled so that greedy spans end at different lengths
+  # (an untrained model otherwise repeats one code).
+  table = params["params"]["embed"]["embedding"]
+  params["params"]["embed"]["embedding"] = table.at[EOI].multiply(3.0)
+  sampling = SamplingParams(temperature=0.0, cfg_scale=cfg_scale)
+  out = _continue(model, params, sampling, prompts=ENDED_PROMPTS)
+  _assert_naive(model, params, out, cfg_scale, prompts=ENDED_PROMPTS)
+  spans = []  # codes per written span
+  for prompt, row in zip(ENDED_PROMPTS, out):
+    seq = [BOI] * int(prompt[-1] == BOI) + [int(t) for t in row if t != 0]
+    spans += [seq.index(EOI, i) - i - 1 for i, t in enumerate(seq)
+              if t == BOI and EOI in seq[i:]]
+  # The setting is exercised: an empty span and a full one in one batch.
+  assert 0 in spans and 6 in spans, spans
+  with pytest.raises(ValueError, match="end at an EOI"):
+    _continue(model, params, SamplingParams(temperature=0.0, sjd_window=3))
+  with pytest.raises(ValueError, match="end_of_image=True"):
+    _model(end_of_image=True).init(jax.random.PRNGKey(0),
+                                   jnp.ones((1, 4), jnp.int32))
 
 
 def test_text_sampling_takes_neither_guidance_nor_cd_k(model_and_params):

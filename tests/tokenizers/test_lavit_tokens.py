@@ -2,8 +2,9 @@
 keeps exactly the sampled patches, in raster order, and the reconstruction
 loss's straight-through gradient reaches it; ids are the kept codes then
 -1 and decode as the forward pass reconstructs, whatever else is in the
-batch; the host API round-trips and the interleaved packer refuses them
-(sharding: test_vit_vqgan); bad settings and ids are clear errors."""
+batch; the host API round-trips and the interleaved packer writes spans
+of each image's kept codes (sharding: test_vit_vqgan); bad settings and
+ids are clear errors."""
 import functools
 import os
 
@@ -16,7 +17,11 @@ import pytest
 
 from unimm import config_lib
 from unimm.data import interleaved
+from unimm.data import pretokenize
+from unimm.data import shapes
 from unimm.inference import tokenizer as tokenizer_lib
+from unimm.models import vocab
+from unimm.tokenizers import text as text_lib
 from unimm.tokenizers import dynamic
 from unimm.tokenizers import vit_vqgan as vq
 from unimm.train import vqgan_task
@@ -200,11 +205,13 @@ def test_the_scanned_rematerialized_merger_is_the_same_function():
                                    atol=1e-6), got, want_grads[0]["params"])
 
 
-def test_the_interleaved_packer_refuses_variable_length_images(
+def test_the_interleaved_packer_writes_each_image_s_kept_codes(
     model_and_params, tmp_path):
-  """The host API encodes and decodes; the interleaved model's spans have a
-  fixed length, so packing is a clear error before anything is written.
-  (A saved 1-D tokenizer's load: test_seed_tokens.)"""
+  """The host API encodes and decodes; packed interleaved rows hold each
+  image as BOI, its kept codes, EOI: spans of varying length (up to N),
+  and the metadata says so (the interleaved task then needs
+  config.model.end_of_image). (A saved 1-D tokenizer's load:
+  test_seed_tokens.)"""
   model, params = model_and_params
   tokenizer = tokenizer_lib.Tokenizer(model, params,
                                       ml_collections.ConfigDict(), 1)
@@ -212,11 +219,32 @@ def test_the_interleaved_packer_refuses_variable_length_images(
   ids = tokenizer.encode(images)
   assert ids.shape == (2, 1, N) and ids.min() >= -1
   assert tokenizer.decode(ids).shape == images.shape
-  out = tmp_path / "packed"
-  with pytest.raises(ValueError, match="variable-length images"):
-    interleaved.write_interleaved(tokenizer, "unused.model", str(out),
-                                  "train", 4, 64)
-  assert not out.exists()
+  spiece = text_lib.train_sentencepiece(
+      interleaved.document_texts(200), 48, str(tmp_path / "spiece"))
+  out = str(tmp_path / "packed")
+  num = 12
+  metadata = interleaved.write_interleaved(
+      tokenizer, spiece, out, "train", num, 128, kinds=("caption_image",))
+  assert metadata["end_of_image"] and metadata["image_length"] == N
+  layout = vocab.VocabLayout(metadata["layout"]["text_vocab_size"],
+                             model.num_codes)
+  scenes = [interleaved.make_document(metadata["seed"], i,
+                                      ("caption_image",)).scenes[0]
+            for i in range(num)]
+  kept = tokenizer.encode(np.stack([shapes.render(scene, 16)
+                                    for scene in scenes]))[:, 0]
+  source = pretokenize.shard_source(out, "train", metadata,
+                                    metadata["num_rows"])
+  lengths = []
+  for r in range(len(source)):
+    record = interleaved.parse_row(source[r])
+    for s, index in enumerate(record["documents"], start=1):
+      [(_, codes)] = [seg for seg in layout.segments(
+          record["tokens"][record["segment_ids"] == s]) if seg[0] == "image"]
+      want = kept[index][kept[index] >= 0]
+      np.testing.assert_array_equal(codes, want)
+      lengths.append(len(codes))
+  assert len(lengths) == num and len(set(lengths)) > 1, lengths
 
 
 def test_bad_settings_and_ids_are_clear_errors(model_and_params):

@@ -30,10 +30,10 @@ import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
 LENGTH, TEXT_VOCAB, CODES, GRID = 160, 64, 16, 4
 
 
-def tiny_config(packed_dir, **kw):
+def tiny_config(packed_dir, arg="", **kw):
   config = interleaved_shapes.get_config(
       f"size=tiny,steps=2,batch=4,length={LENGTH},text_vocab={TEXT_VOCAB},"
-      f"codes={CODES},grid={GRID},packed_dir={packed_dir}")
+      f"codes={CODES},grid={GRID},packed_dir={packed_dir}{arg}")
   config.model.update(embed_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                       num_layers=2)
   config.eval.update(batch_size=4, num_batches=2, num_generation=0)
@@ -242,6 +242,58 @@ def test_trainer_trains_evaluates_and_the_model_generates(files, tmp_path,
       os.rename(path + ".gone", path)
   with pytest.raises(ValueError, match="config.model.max_len"):
     model.generate(["a big red circle " * 200])
+
+
+def test_lavit_tokens_train_and_sample_as_variable_length_spans(
+    files, tmp_path, monkeypatch):
+  """Rows packed with a LaVIT tokenizer (spans of each image's kept codes)
+  need config.model.end_of_image (dynamic=1); that model trains,
+  evaluates, and writes images of up to GRID^2 codes ended by its own EOI,
+  which the tokenizer decodes with the empty slots -1."""
+  import test_parti_task  # pylint: disable=g-import-not-at-top
+  test_parti_task.use_pixel_probe(monkeypatch)  # no probe training here
+  tok = test_pretokenize.make_tokenizer_workdir(
+      str(tmp_path / "lavit"), str(tmp_path / "tfds"), keep_ratio=0.5,
+      merger_layers=1)
+  tokenizer = api.load_tokenizer(tok)
+  out = str(tmp_path / "packed")
+  for split, num in (("train", 24), ("validation", 8)):
+    meta = il_data.write_interleaved(
+        tokenizer, files["text_tokenizer"], out, split, num, LENGTH,
+        encode_batch_size=16, tokenizer_workdir=tok)
+  assert meta["end_of_image"]
+  with pytest.raises(ValueError, match="variable-length image spans.*"
+                     "dynamic=1"):
+    InterleavedTask(tiny_config(out)).train_data(0, 1)
+  config = tiny_config(out, ",dynamic=1", tokenizer_workdir=tok,
+                       text_tokenizer=files["text_tokenizer"])
+  assert config.model.end_of_image and config.model.image_positions == "1d"
+  config.data.batch_size = 8
+  config.eval.update(num_generation=2, generation_batch_size=2,
+                     caption_beams=1, caption_rerank=0.0)
+  workdir = str(tmp_path / "run")
+  trainer.train(config, workdir, InterleavedTask(config))
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert np.isfinite(report["eval_loss"])
+  assert 0.0 <= report["prompt_accuracy_single"] <= 1.0
+
+  model = api.load_model(workdir)
+  prompts = ["a big red circle", "a small blue star", "a green square"]
+  images = model.sample(prompts, seed=0, temperature=1.0, cfg_scale=None)
+  # The same draw, decoded by hand: each span's codes then -1.
+  rows = [np.concatenate([r, [3]]) for r in model._encode(  # pylint: disable=protected-access
+      [[p] for p in prompts])[0]]
+  out_ids = model._continue(  # pylint: disable=protected-access
+      rows, seed=0, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=None,
+      image_temperature=1.0, max_new_tokens=GRID * GRID + 1, max_images=1,
+      max_text_tokens=1)
+  ids = np.full((len(prompts), 1, GRID * GRID), -1, np.int32)
+  for i, row in enumerate(out_ids):
+    codes = [t - model.layout.image_offset for t in row[:GRID * GRID]
+             if model.layout.is_image(t)]
+    ids[i, 0, :len(codes)] = codes
+  np.testing.assert_array_equal(images, tokenizer.decode(ids))
 
 
 def test_mismatched_vocabulary_is_a_clear_error(packed_dir):

@@ -75,6 +75,45 @@ def test_bad_optimizer_settings_name_the_setting():
                          param_names={"embedding": P("vocab", "embed")})
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_lr_scales_scale_one_module_s_updates(name):
+  """config.optimizer.lr_scales: the updates of the parameters under the
+  named module are the factor times the unscaled optimizer's (a learning
+  rate of their own); the others are unchanged."""
+  rng = np.random.default_rng(1)
+  params = {"selector": {"kernel": rng.normal(size=(16, 32)).astype(
+      np.float32), "bias": rng.normal(size=(32,)).astype(np.float32)},
+            "encoder": {"kernel": rng.normal(size=(16, 32)).astype(
+                np.float32)}}
+  names = {"selector": {"kernel": P("embed", "mlp"), "bias": P("mlp")},
+           "encoder": {"kernel": P("embed", "mlp")}}
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(
+      np.float32), params)
+  config = _muon_config(name=name, weight_decay=0.1)
+
+  def updates(opt_config):
+    tx = optim.make_optimizer(opt_config, 10, param_names=names)
+    state = tx.init(params)
+    for _ in range(2):  # the second step has momentum
+      out, state = tx.update(grads, state, params)
+    return out
+
+  plain = updates(config)
+  scaled = updates(_muon_config(name=name, weight_decay=0.1,
+                                lr_scales={"selector": 0.1}))
+  for key in ("kernel", "bias"):
+    np.testing.assert_allclose(scaled["selector"][key],
+                               0.1 * np.asarray(plain["selector"][key]),
+                               rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(scaled["encoder"]["kernel"],
+                                plain["encoder"]["kernel"])
+  with pytest.raises(ValueError, match="lr_scales names 'selecter'"):
+    updates(_muon_config(name=name, lr_scales={"selecter": 0.1}))
+  with pytest.raises(ValueError, match="positive factor"):
+    optim.make_optimizer(_muon_config(name=name, lr_scales={"selector": 0}),
+                         10, param_names=names)
+
+
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 

@@ -775,6 +775,12 @@ def _write_packed(out_dir: str, split: str, length: int, batches,
   }
 
 
+def _variable_length(tokenizer) -> bool:
+  """Whether the tokenizer writes LaVIT's variable-length images (ids [1,
+  P]: the kept codes, then -1): image spans of up to P codes."""
+  return bool(getattr(getattr(tokenizer, "model", None), "keep_ratio", 0))
+
+
 def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
               tokenizer, text_tokenizer_path: str, tokenizer_workdir: str,
               **fields) -> dict[str, Any]:
@@ -795,6 +801,8 @@ def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
                                       range(vocab_lib.NUM_SPECIALS)))},
       "grid": list(tokenizer.grid),
       "image_length": int(np.prod(tokenizer.grid)),
+      # Spans of up to image_length codes, each ended by EOI (LaVIT).
+      "end_of_image": _variable_length(tokenizer),
       "image_size": int(tokenizer.image_size),
       "text_tokenizer": paths.absolute(text_tokenizer_path),
       "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,
@@ -848,14 +856,6 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   """
   image_input = image_input_lib.ImageInput() if image_input is None else (
       image_input)
-  if getattr(getattr(tokenizer, "model", None), "keep_ratio", 0):
-    raise ValueError(
-        f"The tokenizer {tokenizer_workdir or ''!r} writes LaVIT's "
-        "variable-length images (keep_ratio="
-        f"{tokenizer.model.keep_ratio}); the interleaved model's image "
-        "spans have a fixed length. Pack with a grid or SEED tokenizer "
-        "(configs/vit_vqgan_shapes.py without keep=); Parti takes dynamic "
-        "tokens (configs/parti_shapes.py:dynamic=1).")
   if seed is None:
     if split not in SPLIT_SEEDS:
       raise ValueError(f"Split {split!r} has no default seed (those are "
@@ -939,7 +939,8 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
                 max_text_tokens: int = 64, examples_per_batch: int = 512,
                 encode_batch_size: int = 256,
                 records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
-                tokenizer_workdir: str = "") -> dict[str, Any]:
+                tokenizer_workdir: str = "",
+                image_input=None) -> dict[str, Any]:
   """Writes the documents of a converted data set's (image, caption) pairs,
   tokenized and packed like write_interleaved's.
 
@@ -948,11 +949,15 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
   encoded once. An example with several captions (the data set's
   "captions") gives each document one of them, drawn by (seed, example,
   kind) (draw_caption). Captions are cut to max_text_tokens pieces (counted
-  in the metadata as num_truncated_captions).
+  in the metadata as num_truncated_captions). With an image_input that
+  reads images, the image opening an image_caption document is read (its
+  rows carry its pixel patches) and a caption_image document's image is
+  coded, as write_interleaved does.
 
   Args:
     tokenizer, text_tokenizer_path, out_dir, length, encode_batch_size,
-      records_per_shard, tokenizer_workdir: as for write_interleaved.
+      records_per_shard, tokenizer_workdir, image_input: as for
+      write_interleaved.
     split: the split name written (out_dir/SPLIT.json).
     source: a directory written by unimm.tools.convert.
     read_split: the split of `source` to read (TFDS slicing allowed, e.g.
@@ -975,10 +980,13 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
                   encode_batch_size=encode_batch_size)
   if num_examples is not None:
     _check_positive(num_examples=num_examples)
+  image_input = image_input_lib.ImageInput() if image_input is None else (
+      image_input)
   read_split = split if read_split is None else read_split
   text_tokenizer = text_lib.TextTokenizer.load(text_tokenizer_path)
   layout = vocab_lib.VocabLayout(text_tokenizer.vocab_size,
-                                 tokenizer.num_codes)
+                                 tokenizer.num_codes,
+                                 read_ids=image_input.reads_images)
   data_source, _ = pipeline.image_text_source(source, read_split,
                                               image_size=tokenizer.image_size)
   total = len(data_source) if num_examples is None else min(num_examples,
@@ -1001,8 +1009,18 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
     done = 0
     for batch in dataset:
       n = min(len(batch["image"]), total - done)
-      codes = pretokenize.encode_images(tokenizer, batch["image"][:n],
-                                        encode_batch_size)  # [n, h, w]
+      images = np.asarray(batch["image"][:n])
+      if image_input.reads_images:
+        # Read images are patches; only caption_image ones are encoded.
+        image_of = lambda i: images[i]  # noqa: E731
+        image_ids = lambda pixels: pretokenize.encode_images(  # noqa: E731
+            tokenizer, pixels, encode_batch_size)
+      else:
+        # Each image stands in as its index into `codes` (one encoding).
+        codes = pretokenize.encode_images(tokenizer, images,
+                                          encode_batch_size)  # [n, h, w]
+        image_of = lambda i: np.array([i])  # noqa: E731
+        image_ids = lambda index: codes[index[:, 0]]  # noqa: E731
       all_captions = batch.get("captions", batch["caption"])
       documents, ids, doc_kinds = [], [], []
       for i in range(n):
@@ -1011,15 +1029,15 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
             convert.CAPTION_SEPARATOR) if c.strip()] or [
                 str(batch["caption"][i])]
         for kind in kinds:
-          # The image stands in as its index into `codes` (one encoding).
           documents.append(pair_segments(
               kind, draw_caption(captions, seed, example, kind),
-              np.array([i])))
+              image_of(i)))
           ids.append(2 * example + PAIR_KINDS.index(kind))
           doc_kinds.append(kind)
-      tokens = vocab_lib.encode_documents(
-          documents, layout, pieces, lambda index: codes[index[:, 0]])
-      yield ids, doc_kinds, tokens, None
+      tokens, reads = vocab_lib.encode_documents_and_reads(
+          documents, layout, pieces, image_ids, image_input=image_input)
+      yield (ids, doc_kinds, tokens,
+             reads if image_input.reads_images else None)
       done += n
       if done >= total:
         return
@@ -1043,7 +1061,8 @@ def write_pairs(tokenizer, text_tokenizer_path: str, out_dir: str,
       source=paths.absolute(source), read_split=read_split, seed=int(seed),
       num_examples=int(total), num_documents=int(total * len(kinds)),
       kinds=list(kinds), max_text_tokens=int(max_text_tokens),
-      num_truncated_captions=int(truncated[0]))
+      num_truncated_captions=int(truncated[0]),
+      image_input=dataclasses.asdict(image_input))
   write_report(pretokenize.metadata_path(out_dir, split), metadata)
   logging.info("Wrote %d pair documents in %d rows of %d tokens (fill %.3f) "
                "to %s.", metadata["num_documents"], metadata["num_rows"],

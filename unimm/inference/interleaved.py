@@ -103,9 +103,7 @@ class InterleavedModel:
   @property
   def image_input(self) -> image_input_lib.ImageInput:
     """How the model reads given images (config.model.image_input)."""
-    return image_input_lib.ImageInput(
-        self.model.image_input, self.model.patch_size,
-        self.model.num_queries)
+    return image_input_lib.ImageInput.of(self.model)
 
   def _encode(self, documents) -> tuple[list[np.ndarray], Any]:
     """Documents (lists of segments; a bare str or image is one segment)
@@ -226,7 +224,6 @@ class InterleavedModel:
       last_boi = len(row) - row[::-1].index(vocab.BOI) - 1
       if vocab.EOI not in row[last_boi:]:  # an unfinished (unbudgeted) span
         row = row[:last_boi]
-    h, w = self.tokenizer.grid
     segments = []
     for kind, ids in self.layout.segments(np.asarray(row, np.int64)):
       if kind == "text":
@@ -235,9 +232,24 @@ class InterleavedModel:
       elif kind == "location":  # Kosmos-2's markup
         segments.append(self._location_text(ids))
       else:
-        segments.append(self.tokenizer.decode(
-            np.asarray(ids, np.int32).reshape(1, h, w))[0])
+        segments.append(self._decode_codes([ids])[0])
     return segments
+
+  def _decode_codes(self, spans) -> np.ndarray:
+    """Image codes of written spans (each [n]; n = h*w, or up to it with
+    end_of_image) -> uint8 images [N, H, W, 3]."""
+    h, w = self.tokenizer.grid
+    ids = np.full((len(spans), h * w), -1, np.int32)
+    for i, codes in enumerate(spans):
+      codes = np.asarray(codes, np.int32).reshape(-1)
+      if len(codes) > h * w or (len(codes) < h * w
+                                and not self.model.end_of_image):
+        raise ValueError(
+            f"An image span of {len(codes)} codes; this model's tokenizer "
+            f"decodes {'up to ' if self.model.end_of_image else ''}"
+            f"{h * w}.")
+      ids[i, :len(codes)] = codes
+    return self.tokenizer.decode(ids.reshape(-1, h, w))
 
   def _location_text(self, locations) -> str:
     """A run of location indices as markup: each top-left / bottom-right
@@ -646,9 +658,9 @@ class InterleavedModel:
       out, embeddings = out
       if self.detokenizer is not None:
         return self.detokenizer.decode_conditions(embeddings[0], seed=seed)
-    h, w = self.tokenizer.grid
-    codes = out[:, :self.image_length] - self.layout.image_offset
-    return self.tokenizer.decode(codes.reshape(-1, h, w))
+    span = out[:, :self.image_length]
+    return self._decode_codes([self.layout.joint_to_image(r[r != vocab.PAD])
+                               for r in span])
 
 
 def _check_one_text_per_image(images, texts, what: str) -> None:

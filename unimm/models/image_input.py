@@ -69,6 +69,13 @@ class ImageInput:
         raise ValueError(f"image_input {name}={value!r}; expected a positive "
                          f"int (config.model.{name}).")
 
+  @classmethod
+  def of(cls, settings) -> "ImageInput":
+    """The setting of a model or its config (anything with image_input,
+    patch_size and num_queries: config.model, an InterleavedLM)."""
+    return cls(settings.image_input, settings.patch_size,
+               settings.num_queries)
+
   @property
   def reads_images(self) -> bool:
     """Whether given images enter as READ slots (not as codes)."""

@@ -21,6 +21,14 @@ Given images are read by the setting image_input (unimm.models.image_input:
 embeddings of `reads` [B, R, F] in order, and NEWLINE (newline_id) ends each
 row of Fuyu patches; images are still written as codes.
 
+Variable-length image spans (end_of_image=True, for LaVIT's dynamic
+tokens, unimm.tokenizers.dynamic): a span holds up to image_length codes
+and the model writes its EOI itself (trained as any other target); the
+image phase of the sampler is one lax.while_loop that stops when every row
+has written its EOI, at most image_length steps (sampler.while_decode), and
+a row that stopped early idles on PAD (invisible, no position), so its
+document goes on exactly as a shorter span was trained. 1-D positions only.
+
 What the model writes in image spans is the setting image_output:
 "codes" (the default) predicts each code with the shared read-out;
 "embeddings" is Emu's continuous output (Sun et al. 2023, arXiv
@@ -132,6 +140,7 @@ class InterleavedLM(nn.Module):
   num_layers: int
   boi_id: int = 3
   image_length: int = 0  # h * w tokens per image; needed for '2d'
+  end_of_image: bool = False  # spans of up to image_length codes (LaVIT)
   image_positions: str = "1d"  # "1d": RoPE only; "2d": + row/col tables
   qk_norm: bool = False
   mlp_activation: str = "gelu"
@@ -204,6 +213,15 @@ class InterleavedLM(nn.Module):
       raise ValueError(
           f"image_positions must be '1d' or '2d', got "
           f"{self.image_positions!r} (config.model.image_positions).")
+    if self.end_of_image and (self.image_positions != "1d"
+                              or self.image_output != "codes"
+                              or self.image_length <= 0):
+      raise ValueError(
+          "end_of_image=True (variable-length image spans) needs "
+          "image_positions='1d', image_output='codes' and image_length > 0 "
+          f"(the most codes per span); got {self.image_positions!r}, "
+          f"{self.image_output!r}, {self.image_length} (config.model; "
+          "configs/interleaved_shapes.py:dynamic=1 sets them).")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
@@ -552,7 +570,7 @@ def _window_step_fn(model: "InterleavedLM"):
 @functools.lru_cache(maxsize=16)
 def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
                    max_text_tokens: int, stop_ids, text_allowed, image_allowed,
-                   pad_id: int, drop_ids):
+                   pad_id: int, drop_ids, eoi_id: int):
   """The compiled pieces of continue_documents (one program each), cached
   per model, sampling settings and vocabulary masks (tuples of bools).
 
@@ -566,7 +584,10 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
   speculative Jacobi decoding (sampler.sjd_decode). The image phase also
   returns its model calls, and for image_output "embeddings" / "queries"
   the regressed embeddings [B, K, E] (its codes are their nearest table
-  rows).
+  rows). With model.end_of_image the image phase runs until each row
+  writes eoi_id (image_allowed holds it), at most image_length steps; its
+  model calls are then also the cache slots it used, and the codes it
+  returns are PAD from a row's EOI on.
   """
   doubled = image_sampling.doubled
   text_allowed, image_allowed, drop_ids = (
@@ -665,11 +686,26 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
     return (jnp.where(active[:, None], codes, pad_id), cache, jnp.int32(1),
             projected)
 
+  def ended_image(params, cache, first, slot, rng, active):
+    """A variable-length span: codes until the row writes EOI (emitted,
+    not fed: the text phase feeds it), then PAD."""
+    codes, _, cache, steps = samp.while_decode(
+        step, params, cache, first, slot, model.image_length, rng,
+        image_sampling, stop_tokens=[eoi_id], allowed=image_allowed,
+        pad_id=pad_id, done=~active)
+    codes = jnp.where(codes == eoi_id, pad_id, codes)
+    # A row that wrote image_length codes without EOI feeds its last one
+    # (the others feed PAD, which changes nothing).
+    _, cache = step(params, cache, both(codes[:, -1:]), slot + steps)
+    return codes, cache, steps, None
+
   def image(params, cache, first, slot, rng, active):
     if model.image_output == "queries":
       return queried_image(params, cache, first, slot, rng, active)
     if model.image_output == "embeddings":
       return regressed_image(params, cache, first, slot, rng, active)
+    if model.end_of_image:
+      return ended_image(params, cache, first, slot, rng, active)
     if image_sampling.sjd_window and model.image_length > 1:
       codes, cache, calls = samp.sjd_decode(
           _window_step_fn(model), params, cache, first, slot,
@@ -700,7 +736,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
 
   prompts int32 [B, P], left-padded with PAD; a prompt ending in BOI starts
   with an image. The model writes text (ids restricted to text_ids, BOI and
-  EOS) until it emits BOI; then exactly
+  EOS) until it emits BOI; then exactly (with model.end_of_image: at most,
+  until it writes EOI; PAD after)
   model.image_length image tokens restricted to image_ids, decoded by one
   lax.scan of the shared sampler (or, with image_sampling.sjd_window, by
   speculative Jacobi decoding: the same distribution in fewer model calls);
@@ -744,6 +781,11 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   if return_embeddings and model.image_output == "codes":
     raise ValueError("return_embeddings needs a model with image_output "
                      "'embeddings' or 'queries'; this one writes codes.")
+  if model.end_of_image and image_sampling.sjd_window:
+    raise ValueError(
+        f"sjd_window={image_sampling.sjd_window}: speculative Jacobi "
+        "decoding drafts fixed-length image spans, and this model's end at "
+        "an EOI it writes (config.model.end_of_image); set sjd_window=0.")
   if text_sampling.sjd_window:
     raise ValueError(
         f"text_sampling has sjd_window={text_sampling.sjd_window}: "
@@ -766,6 +808,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
   b, p = prompts.shape
   text_allowed = np.asarray(text_ids, bool).copy()
   text_allowed[[boi_id, eos_id]] = True
+  image_allowed = np.asarray(image_ids, bool).copy()
+  image_allowed[eoi_id] = model.end_of_image  # it ends its spans itself
   drop_ids = text_ids if drop_ids is None else drop_ids
   as_key = lambda mask: tuple(np.asarray(mask, bool).tolist())  # noqa: E731
   capacity = p + room
@@ -777,8 +821,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
         "lower max_new_tokens.")
   prefill, text, image = _jitted_phases(
       model, text_sampling, image_sampling, max_text_tokens,
-      (boi_id, eos_id), as_key(text_allowed), as_key(image_ids), PAD_ID,
-      as_key(drop_ids))
+      (boi_id, eos_id), as_key(text_allowed), as_key(image_allowed), PAD_ID,
+      as_key(drop_ids), eoi_id)
   cache = model.init_cache(2 * b if image_sampling.doubled else b, capacity)
   cache = prefill(params, cache, prompts[:, :-1],
                   None if reads is None else jnp.asarray(reads))
@@ -801,7 +845,8 @@ def continue_documents(model: "InterleavedLM", params, prompts, rng, *,
         embeddings.append(np.asarray(regressed))
       pieces.append(np.asarray(codes))
       pieces.append(np.where(wants_image, eoi_id, PAD_ID)[:, None])
-      slot += model.image_length + 1
+      # The slots the phase used: its steps and the last code's feed.
+      slot += (int(calls) if model.end_of_image else model.image_length) + 1
       made += model.image_length + 1
       images += wants_image
       # EOI is forced; rows that did not draw idle and keep their token.

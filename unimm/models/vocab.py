@@ -131,6 +131,12 @@ class VocabLayout:
     ids = ids if hasattr(ids, "dtype") else np.asarray(ids)
     return (ids >= self.location_offset) & (ids < self.size)
 
+  def model_ids(self) -> dict[str, int]:
+    """The ids an InterleavedLM config takes from this layout: vocab_size,
+    image_offset, read_id and newline_id."""
+    return {"vocab_size": self.size, "image_offset": self.image_offset,
+            "read_id": self.read_id, "newline_id": self.newline_id}
+
   @property
   def read_id(self) -> int:
     """READ: a slot that takes a reader embedding (-1 without read_ids)."""
@@ -200,14 +206,22 @@ class VocabLayout:
     return np.array([BOI] + row * rows + [EOI], np.int32)
 
   def image_span(self, codes) -> np.ndarray:
-    """codes [h, w] -> int32 [h*w + 2]: BOI, the codes row-major, EOI."""
+    """codes [h, w] -> int32 [n + 2]: BOI, the codes row-major, EOI. A
+    dynamic tokenizer's ids ([1, P], the kept codes then -1 for empty
+    slots, LaVIT) give a span of their n kept codes."""
     codes = np.asarray(codes)
     if codes.ndim != 2:
       raise ValueError(f"image_span expects one image's codes [h, w]; got "
                        f"shape {codes.shape}.")
-    span = np.empty(codes.size + 2, np.int32)
+    flat = codes.reshape(-1)
+    n = int((flat >= 0).sum())
+    if (flat[:n] < 0).any():
+      raise ValueError("image_span got a code after an empty slot (-1); a "
+                       "dynamic tokenizer's ids are the kept codes first, "
+                       "then -1.")
+    span = np.empty(n + 2, np.int32)
     span[0], span[-1] = BOI, EOI
-    span[1:-1] = self.image_to_joint(codes.reshape(-1))
+    span[1:-1] = self.image_to_joint(flat[:n])
     return span
 
   # ------------------------------------------------------------ decoding

@@ -9,7 +9,7 @@ caption) pairs of your own converted data set, each as a caption->image
 and an image->caption document:
   python -m unimm.tools.pack_interleaved --source DIR --split train \
       --tokenizer_workdir W/tokenizer --text_tokenizer W/text/spiece.model \
-      --out W/data --length 160
+      --out W/data --length 160 [--image_input patches --patch_size 4]
 
 Loads the tokenizer (unimm.api.load_tokenizer) and runs
 unimm.data.interleaved.write_interleaved (shapes) or write_pairs (--source
@@ -88,10 +88,6 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
                                    f.num_queries)
   tokenizer = api.load_tokenizer(f.tokenizer_workdir)
   if f.source != "shapes":
-    if setting.reads_images:
-      raise ValueError(
-          f"--image_input={f.image_input} packs shapes documents only; own "
-          "pairs (--source DIR) are packed for --image_input=codes.")
     metadata = interleaved.write_pairs(
         tokenizer, f.text_tokenizer, f.out, f.split, source=f.source,
         length=f.length, read_split=f.read_split,
@@ -101,7 +97,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         kinds=[k for k in f.kinds if k in interleaved.PAIR_KINDS],
         encode_batch_size=f.encode_batch_size,
         records_per_shard=f.records_per_shard,
-        tokenizer_workdir=f.tokenizer_workdir)
+        tokenizer_workdir=f.tokenizer_workdir, image_input=setting)
     print(json.dumps(metadata, indent=1))
     return metadata
   if f.num_documents is None:

@@ -93,9 +93,7 @@ class InterleavedTask:
                       "num_grounded", "num_drawn",
                       "retrieval_pairs", "num_grid_samples"))
     self.model = config_lib.build_module(il.InterleavedLM, config.model)
-    self.image_input = image_input_lib.ImageInput(
-        self.model.image_input, self.model.patch_size,
-        self.model.num_queries)
+    self.image_input = image_input_lib.ImageInput.of(self.model)
     self.layout = vocab_lib.VocabLayout(
         text_vocab_size=int(config.vocab.text_vocab_size),
         image_vocab_size=int(config.vocab.image_vocab_size),
@@ -216,6 +214,13 @@ class InterleavedTask:
           "patch_size, num_queries); re-pack with "
           "`python -m unimm.tools.pack_interleaved --image_input ...` or "
           "point config.data.packed_dir at rows packed for this setting.")
+    if metadata.get("end_of_image") and not self.model.end_of_image:
+      raise ValueError(
+          f"Packed data in {self.packed_dir!r} holds variable-length image "
+          "spans (a LaVIT tokenizer's kept codes, each span ended by EOI) "
+          "but config.model.end_of_image is False; train with "
+          "configs/interleaved_shapes.py:dynamic=1, or pack with a grid or "
+          "SEED tokenizer.")
     layout = metadata["layout"]
     size = layout.get("size", 5 + layout["text_vocab_size"]
                       + layout["image_vocab_size"])

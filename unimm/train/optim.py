@@ -5,6 +5,12 @@ b2, eps, weight_decay, grad_clip_norm; for Muon also muon_beta and
 muon_rms) and config.total_steps. Weight decay skips 1-D parameters
 (biases, norm scales), as in BERT/GPT-2 and big_vision.
 
+lr_scales ({module name: factor}, optional): the updates of every
+parameter under a module of that name are multiplied by the factor, i.e.
+that part of the model trains at factor x the schedule's learning rate
+(weight decay included), e.g. {"selector": 0.1} for LaVIT's token
+selector. A name that matches no parameter is an error.
+
 name "muon" (Jordan et al. 2024; optax.contrib.muon): the hidden layers'
 matrices -- attention and MLP kernels, found by their logical axis names
 (muon_dimension_numbers) -- step along their orthogonalised momentum
@@ -54,6 +60,12 @@ def _check(opt_config: Mapping[str, Any], total_steps: int) -> None:
     if value < 0:
       raise ValueError(f"config.optimizer.{name}={value} must be >= 0 "
                        "(0 turns it off).")
+  for name, factor in dict(opt_config.get("lr_scales") or {}).items():
+    if not isinstance(name, str) or not name or not (
+        isinstance(factor, (int, float)) and factor > 0):
+      raise ValueError(
+          f"config.optimizer.lr_scales has {name!r}: {factor!r}; expected a "
+          "module name and a positive factor, e.g. {'selector': 0.1}.")
 
 
 def learning_rate_schedule(opt_config: Mapping[str, Any], total_steps: int
@@ -70,9 +82,12 @@ def learning_rate_schedule(opt_config: Mapping[str, Any], total_steps: int
       decay_steps=total_steps, end_value=end_value)
 
 
+def _key(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "name", "")))
+
+
 def _is_frozen(path) -> bool:
-  return any(str(getattr(k, "key", getattr(k, "name", ""))).startswith(
-      "frozen") for k in path)
+  return any(_key(k).startswith("frozen") for k in path)
 
 
 def frozen_mask(params: Any, is_leaf=None) -> Any:
@@ -81,6 +96,29 @@ def frozen_mask(params: Any, is_leaf=None) -> Any:
   stop_gradient, so with no weight decay their updates are exactly zero."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: _is_frozen(path), params, is_leaf=is_leaf)
+
+
+def module_mask(name: str, is_leaf=None):
+  """mask(params) -> True for the parameters under a module called `name`
+  (a path entry equal to it); a ValueError when none is."""
+  def mask(params):
+    out = jax.tree_util.tree_map_with_path(
+        lambda path, _: any(_key(k) == name for k in path), params,
+        is_leaf=is_leaf)
+    if not any(jax.tree.leaves(out)):
+      raise ValueError(
+          f"config.optimizer.lr_scales names {name!r}, but no parameter sits "
+          "under a module of that name; use a name from the model's "
+          "parameter tree (e.g. 'selector').")
+    return out
+  return mask
+
+
+def _scaled(parts: list, opt_config: Mapping[str, Any]) -> list:
+  """parts + a masked scale per config.optimizer.lr_scales entry."""
+  for name, factor in sorted(dict(opt_config.get("lr_scales") or {}).items()):
+    parts.append(optax.masked(optax.scale(float(factor)), module_mask(name)))
+  return parts
 
 
 def decay_mask(params: Any) -> Any:
@@ -154,7 +192,7 @@ def make_optimizer(opt_config: Mapping[str, Any], total_steps: int,
       # optax's Muon decays every parameter of its AdamW half: zero the
       # frozen ones' updates after it.
       parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
-    return optax.chain(*parts)
+    return optax.chain(*_scaled(parts, opt_config))
   parts.append(optax.adamw(
       learning_rate=schedule,
       b1=float(opt_config.get("b1", 0.9)),
@@ -162,4 +200,4 @@ def make_optimizer(opt_config: Mapping[str, Any], total_steps: int,
       eps=float(opt_config.get("eps", 1e-8)),
       weight_decay=weight_decay,
       mask=decay_mask))
-  return optax.chain(*parts)
+  return optax.chain(*_scaled(parts, opt_config))
