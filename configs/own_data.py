@@ -60,15 +60,16 @@ to either model.
 
 Measured with the defaults on scikit-learn's handwritten digits (1,597
 training + 200 validation images upsampled from 8x8 to 32x32, one caption
-each such as "a handwritten digit seven"; docs/data.md "One command on your
-own data", docs/results.md): tokenizer held-out PSNR 31.9 dB, codebook
-usage 1.0. Parti: held-out eval_loss 6.44 (it overfits 1,597 images in
-1,200 steps), retrieval_r1 / r5 0.22 / 0.50 (chance 0.057 / 0.263), and a
-digit classifier reads the prompted digit in 0.955 of 200 samples; 29 min
-49 s. model=interleaved: held-out text / image loss 0.46 / 3.79, retrieval
-by log p(caption | image) R@1 / R@5 0.53 / 0.84, the prompted digit in
-0.845 of 200 samples, captions naming the right digit 0.90; its model
-stages took 27 min 51 s. Both timed on 2 CPU cores shared with test runs.
+each such as "a handwritten digit seven": `python benchmarks/own_digits.py
+make --out DIR`; docs/data.md "One command on your own data",
+docs/results.md), on 2 idle CPU cores: tokenizer held-out PSNR 31.8 dB,
+codebook usage 1.0. Parti: 14 min in all; held-out eval_loss 6.47 (it
+overfits 1,597 images in 1,200 steps), retrieval_r1 / r5 0.47 / 0.75
+(chance 0.13 / 0.51), and a digit classifier reads the prompted digit in
+0.98 of 200 samples (`benchmarks/own_digits.py score`). model=interleaved:
+19 min in all; held-out text / image loss 0.25 / 3.80, retrieval by
+log p(caption | image) R@1 / R@5 0.91 / 0.97, the prompted digit in 0.87
+of samples and the right digit named in 0.87 of held-out captions.
 """
 import os
 
