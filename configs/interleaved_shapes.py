@@ -31,10 +31,10 @@ length (= config.model.max_len), text_vocab, codes, grid (image tokens per
 side), tokens (a SEED tokenizer's K 1-D tokens per image instead of grid;
 their positions are 1-D), dynamic (1: a LaVIT tokenizer's variable-length
 images, spans of up to grid^2 kept codes that the model ends with EOI,
-1-D positions; config.model.end_of_image), packed_dir, tokenizer_workdir, text_tokenizer,
-lr, image_positions
-(1d | 2d), qk_norm, text_weight, image_weight, drop_text (the rate of
-documents trained without their text, for classifier-free guidance), cfg
+1-D positions; config.model.end_of_image), packed_dir, tokenizer_workdir,
+text_tokenizer, lr, image_positions (1d | 2d), qk_norm, text_weight,
+image_weight, drop_text (the rate of documents trained without their
+text, for classifier-free guidance), cfg
 (the eval's guidance scale for generated images; 1 = none), image_temp
 (the eval's sampling temperature for images; its text is greedy), beams
 (the eval's beam width for captions; 1 = greedy), rerank (the weight of

@@ -214,10 +214,12 @@ def _interleaved(config, arg):
   # grid^2 codes, EOI, EOS] or the image first, with CAPTION_PROMPT; the
   # context also holds an image, the prompt and a caption being written
   # with the sampler's room for one more phase.
+  image_tokens = arg.grid * arg.grid
   reading = image_input_lib.ImageInput(arg.image_input, arg.patch,
                                        arg.queries)
-  image_tokens = max(arg.grid * arg.grid, reading.span_length(
-      (arg.image_size, arg.image_size, 3)) - 2 if reading.reads_images else 0)
+  if reading.reads_images:  # a read span may be longer than the codes
+    read_tokens = reading.span_length((arg.image_size, arg.image_size, 3)) - 2
+    image_tokens = max(image_tokens, read_tokens)
   length = 3 * (image_tokens + arg.text_length)
   config.pretokenize.max_text_tokens = arg.text_length - 1
   config.interleaved = config_lib.load_config(

@@ -3,21 +3,27 @@ size on scikit-learn's digits (tests/test_own_data.py makes the data set):
 the decoder-only model on caption->image and image->caption documents."""
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from unimm import api
 from unimm import end_to_end
 from unimm.data import interleaved as il_data
 from unimm.data import pipeline
+from unimm.data import shapes
 from unimm.models import image_input as image_input_lib
 from unimm.models import vocab as vocab_lib
+from unimm.tokenizers import text as text_lib
 from unimm.evaluation import generation_metrics
 
 from test_own_data import digits  # noqa: F401  pylint: disable=unused-import
 from test_own_data import NUM_TRAIN
 from test_own_data import toy_config
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import test_pretokenize  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def toy_interleaved_config(data: str, extra: str = ""):
@@ -97,51 +103,96 @@ def test_interleaved_recipe_trains_on_pairs_both_ways(digits, tmp_path,
   assert end_to_end.run(config, workdir) == report
 
 
+def _check_rows_read_the_image_to_caption_images(packed: str, data: str,
+                                                setting, codes: int):
+  """Each packed row's reads are exactly the pixel patches of its
+  image->caption documents' images (document 2 * i + 1 reads pair i), in
+  order, with the setting's READ (and NEWLINE) ids for each;
+  caption->image documents keep their `codes` codes. Returns the documents
+  counted."""
+  metadata = il_data.load_metadata(packed, "train")
+  assert il_data.image_input_of(metadata) == setting
+  n = metadata["num_rows"]
+  source = il_data.pretokenize.shard_source(packed, "train", metadata, n)
+  batch = next(iter(il_data.packed_dataset(
+      packed, "train", batch_size=n, shuffle=False, seed=0)))
+  data_source, _ = pipeline.image_text_source(data, "train", image_size=32)
+  images = np.stack([example["image"] for example in data_source])
+  layout = vocab_lib.VocabLayout(**{
+      k: metadata["layout"][k] for k in ("text_vocab_size",
+                                         "image_vocab_size", "read_ids")})
+  assert layout.read_ids
+  p = setting.patch_size
+  per_image = setting.span_length((32, 32, 3)) - 2  # READ (+ NEWLINE) ids
+  documents = 0
+  for r in range(n):
+    ids = il_data.parse_row(source[r])["documents"]
+    read = [int(i) // 2 for i in ids if i % 2]
+    expected = np.zeros((0, p * p * 3), np.uint8)
+    if read:
+      expected = np.concatenate(
+          [image_input_lib.patchify(images[i], p) for i in read])
+    reads = batch["reads"][r]
+    np.testing.assert_array_equal(reads[:len(expected)], expected)
+    assert not reads[len(expected):].any()
+    assert int(layout.is_read(batch["tokens"][r]).sum()) == (
+        per_image * len(read))
+    assert int(layout.is_image(batch["tokens"][r]).sum()) == codes * (
+        len(ids) - len(read))
+    documents += len(ids)
+  return documents
+
+
+@pytest.mark.parametrize("setting", [
+    image_input_lib.ImageInput("patches", 8),
+    image_input_lib.ImageInput("resampler", 8, 4)])
+def test_pairs_are_packed_for_a_reading_setting(digits, tmp_path, setting):
+  """write_pairs (the recipe's data stage; pack_interleaved --source DIR)
+  reads the image opening each image->caption document by the setting."""
+  tok = test_pretokenize.make_tokenizer_workdir(str(tmp_path / "tok"),
+                                                str(tmp_path / "tfds"))
+  spiece = test_pretokenize.make_text_tokenizer(str(tmp_path / "spiece"))
+  packed = str(tmp_path / "packed")
+  il_data.write_pairs(api.load_tokenizer(tok), spiece, packed, "train",
+                      source=digits["both"], length=160, image_input=setting,
+                      encode_batch_size=16)
+  assert _check_rows_read_the_image_to_caption_images(
+      packed, digits["both"], setting, 16) == 2 * NUM_TRAIN
+
+
+def test_recipe_model_ids_follow_the_text_vocabulary(digits, tmp_path):
+  """The model stage's read ids come from the vocabulary SentencePiece
+  really made (fewer pieces than text_vocab move READ and NEWLINE)."""
+  config = toy_interleaved_config(digits["both"], ",image_input=patches")
+  workdir = str(tmp_path / "w")
+  paths = end_to_end.Paths(workdir)
+  os.makedirs(os.path.dirname(paths.text_model))
+  _, captions, _ = shapes.generate(300, 0)
+  spiece = text_lib.train_sentencepiece(captions, 40, paths.text_model[:-6])
+  assert spiece == paths.text_model
+  assert config.interleaved.vocab.text_vocab_size == 64  # asked for 64
+  model = end_to_end.model_config(config, workdir).model
+  layout = vocab_lib.VocabLayout(40, 16, read_ids=True)
+  assert (model.vocab_size, model.read_id, model.newline_id,
+          model.image_offset) == (layout.size, layout.read_id,
+                                  layout.newline_id, layout.image_offset)
+
+
+@pytest.mark.slow
 def test_resampler_reads_the_image_of_each_image_to_caption_pair(
     digits, tmp_path):
-  # image_input=resampler: an image->caption document's image enters as 4
-  # resampler queries over the frozen tokenizer's encoder; the rows carry
-  # its pixel patches, a caption->image document's image stays codes.
+  """The recipe with image_input=resampler through every stage: its rows
+  (test_pairs_are_packed_for_a_reading_setting) train a model that
+  evaluates retrieval both ways on held-out images."""
   config = toy_interleaved_config(
       digits["both"], ",image_input=resampler,queries=4,patch=8")
   config.interleaved.eval.update(retrieval_pairs=4, num_grid_samples=2)
   workdir = str(tmp_path / "own_resampler")
   paths = end_to_end.Paths(workdir)
   report = end_to_end.run(config, workdir)
-
-  metadata = il_data.load_metadata(paths.data, "train")
   setting = image_input_lib.ImageInput("resampler", 8, 4)
-  assert il_data.image_input_of(metadata) == setting
-  n = metadata["num_rows"]
-  source = il_data.pretokenize.shard_source(paths.data, "train", metadata, n)
-  batch = next(iter(il_data.packed_dataset(
-      paths.data, "train", batch_size=n, shuffle=False, seed=0)))
-  data_source, _ = pipeline.image_text_source(digits["both"], "train",
-                                              image_size=32)
-  images = np.stack([example["image"] for example in data_source])
-  layout = vocab_lib.VocabLayout(**{
-      k: metadata["layout"][k] for k in ("text_vocab_size",
-                                         "image_vocab_size", "read_ids")})
-  assert layout.read_ids
-  documents = 0
-  for r in range(n):
-    ids = il_data.parse_row(source[r])["documents"]
-    read = [int(i) // 2 for i in ids if i % 2]  # image->caption: 2 * i + 1
-    expected = np.zeros((0, 8 * 8 * 3), np.uint8)
-    if read:
-      expected = np.concatenate(
-          [image_input_lib.patchify(images[i], 8) for i in read])
-    reads = batch["reads"][r]
-    np.testing.assert_array_equal(reads[:len(expected)], expected)
-    assert not reads[len(expected):].any()
-    assert int(layout.is_read(batch["tokens"][r]).sum()) == 4 * len(read)
-    # Caption->image documents keep their 16 codes.
-    assert int(layout.is_image(batch["tokens"][r]).sum()) == 16 * (
-        len(ids) - len(read))
-    documents += len(ids)
-  assert documents == 2 * NUM_TRAIN
-
-  # The model trained on them reads held-out images: retrieval both ways.
+  assert _check_rows_read_the_image_to_caption_images(
+      paths.data, digits["both"], setting, 16) == 2 * NUM_TRAIN
   assert report["steps"] == 3 and np.isfinite(report["eval_loss"])
   assert report["retrieval_pairs"] == 4
   assert 0.0 <= report["retrieval_caption_r1"] <= 1.0
