@@ -6,9 +6,12 @@ Jacobi decoding (SJD, sampler.sjd_decode), side by side.
   python benchmarks/decoding.py --workdir shapes-parti --probe 200
 
 Prints, from one run on this machine, for each model, decoding and batch:
-model calls per image (the decoder steps of one image span; a batch makes
-its images together) and images/s (best wall time of --repeats calls after
-a warm-up call that compiles). By default the models are tiny ones with
+model calls per image (the decoder steps of one image span, the mean over
+--call_seeds draws; a batch makes its images together), images/s (best
+wall time of --repeats calls after a warm-up call that compiles), the
+speed against plain decoding at that batch, and for Parti the time of one
+bare decoder call over the window (one token for plain decoding): calls
+times that is the model's share, the rest is the sampler's. By default the models are tiny ones with
 random weights (a Parti and an interleaved decoder-only model, image spans
 of --image_length tokens), so it runs in about a minute on a CPU; random
 weights are hard to predict, so their SJD call counts are an upper bound
@@ -49,6 +52,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Image temperature.")
 _IMAGE_LENGTH = flags.DEFINE_integer("image_length", 64, "Random models: "
                                      "image tokens (h * w).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best is kept).")
+_CALL_SEEDS = flags.DEFINE_integer(
+    "call_seeds", 10, "Seeds whose model calls per image are averaged (SJD's "
+    "count depends on the draws).")
 _PROMPT = flags.DEFINE_string("prompt", "a big red circle at the top left",
                               "Prompt of every row (trained models).")
 _PROBE = flags.DEFINE_integer(
@@ -84,18 +90,47 @@ def random_parti():
       1, model.text_length)
 
 
+def parti_call_seconds(model, params, rows, window: int) -> float:
+  """Seconds of one cached decoder call over `window` tokens for text rows
+  [B', S] (the model's part of a decoding step, without the sampler), from
+  one scan of image_length calls."""
+  encoded, text_mask = model.apply(params, rows,
+                                   method=lambda m, x: m.encode(x, True))
+  cache = model.apply(params, rows.shape[0], text_mask,
+                      method=lambda m, b, mask: m.init_cache(b, mask))
+  window_fn = lambda m, *args: m.decode_window(*args)  # pylint: disable=unnecessary-lambda-assignment
+  _, cache = model.apply(params, jnp.zeros((rows.shape[0], 1), jnp.int32),
+                         cache, 0, encoded, method=window_fn)
+  span = max(model.image_length - window, 1)
+
+  def calls(p, c):
+    def body(c, i):
+      logits, c = model.apply(p, jnp.zeros((rows.shape[0], window), jnp.int32),
+                              c, 1 + i % span, method=window_fn)
+      return c, logits[0, 0, 0]
+    return jax.lax.scan(body, c, jnp.arange(model.image_length))[1]
+
+  return common.timed(jax.jit(calls), params, cache,
+                      repeats=_REPEATS.value) / model.image_length
+
+
 def parti_runner(model, params, text, uncond):
-  """run(window, batch) -> (calls per image, seconds per batch)."""
+  """run(window, batch) -> (calls per image, seconds per batch, seconds of
+  one decoder call)."""
   def run(window, batch):
     sp = sampling(window)
     fn = jax.jit(lambda p, x, u, r: parti.sample_image_ids(
         model, p, x, r, sp, u if sp.doubled else None, return_steps=True))
     rows = jnp.asarray(np.tile(text, (batch, 1)))
     urows = jnp.asarray(np.tile(uncond, (batch, 1)))
-    _, calls = fn(params, rows, urows, jax.random.key(1))
-    seconds = common.timed(fn, params, rows, urows, jax.random.key(2),
+    calls = np.mean([int(fn(params, rows, urows, jax.random.key(seed))[1])
+                     for seed in range(1, _CALL_SEEDS.value + 1)])
+    seconds = common.timed(fn, params, rows, urows, jax.random.key(0),
                            repeats=_REPEATS.value)
-    return int(calls), seconds
+    call = parti_call_seconds(
+        model, params, jnp.concatenate([rows, urows]) if sp.doubled else rows,
+        max(window, 1))
+    return float(calls), seconds, call
   return run
 
 
@@ -127,10 +162,11 @@ def interleaved_runner(model, params, prompt, layout):
           image_sampling=sampling(window),
           max_new_tokens=model.image_length + 1, max_text_tokens=1,
           max_images=1, drop_ids=is_text, return_image_steps=True)
-    _, calls = fn(jax.random.key(1))
-    seconds = common.timed(lambda r: fn(r)[0], jax.random.key(2),
+    calls = np.mean([int(fn(jax.random.key(seed))[1][0])
+                     for seed in range(1, _CALL_SEEDS.value + 1)])
+    seconds = common.timed(lambda r: fn(r)[0], jax.random.key(0),
                            repeats=_REPEATS.value)
-    return calls[0], seconds
+    return float(calls), seconds, None
   return run
 
 
@@ -199,19 +235,21 @@ def main(_):
   print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
         f"temperature {_TEMPERATURE.value}, cfg_scale {_CFG_SCALE.value}")
   header = (f"{'model':<22} {'decoding':<9} {'tokens':>6} {'batch':>5} "
-            f"{'model steps/image':>17} {'steps ratio':>11} {'images/s':>9}")
+            f"{'model steps/image':>17} {'steps ratio':>11} {'images/s':>9} "
+            f"{'speed vs plain':>14} {'call ms':>7}")
   print(header)
   print("-" * len(header))
   for name, tokens, run in runners():
-    plain_steps = {}
+    plain = {}
     for window in windows:
       for batch in batches:
-        steps, seconds = run(window, batch)
-        plain_steps.setdefault(batch, steps)
+        steps, seconds, call = run(window, batch)
+        plain_steps, plain_seconds = plain.setdefault(batch, (steps, seconds))
         label = f"SJD W={window}" if window else "plain"
-        print(f"{name:<22} {label:<9} {tokens:>6} {batch:>5} {steps:>17} "
-              f"{steps / plain_steps[batch]:>11.2f} "
-              f"{batch / seconds:>9.2f}", flush=True)
+        print(f"{name:<22} {label:<9} {tokens:>6} {batch:>5} {steps:>17.1f} "
+              f"{steps / plain_steps:>11.2f} {batch / seconds:>9.2f} "
+              f"{plain_seconds / seconds:>14.2f} "
+              f"{'-' if call is None else f'{call * 1e3:.3f}':>7}", flush=True)
   if _PROBE.value:
     if not _WORKDIR.value:
       raise app.UsageError("--probe needs --workdir, a model trained on "

@@ -193,8 +193,9 @@ def draw(cond, uncond, sampling, allowed=None, seed=0, n=4000):
   logits = jnp.concatenate([jnp.tile(jnp.asarray(cond, jnp.float32), (n, 1)),
                             jnp.tile(jnp.asarray(uncond, jnp.float32),
                                      (n, 1))])
-  return np.asarray(samp.next_token(logits, jax.random.key(seed), sampling,
-                                    allowed))
+  return np.asarray(samp.next_token(
+      logits, samp.draw_uniforms(jax.random.key(seed), (n,)), sampling,
+      allowed))
 
 
 @pytest.mark.parametrize("alpha,k", [(0.1, 1), (0.3, 3), (1.0, 2)])
@@ -373,6 +374,29 @@ def test_sjd_samples_from_the_plain_distribution(cfg_scale):
     expected = rows * want[i]
     chi2 = np.sum((counts - expected) ** 2 / expected)
     assert chi2 < 25, (i, counts, expected)
+
+
+def test_sjd_draws_only_allowed_tokens_of_the_top_k():
+  """2001 rows (odd: see markov_window_step) at temperature 1, token 3
+  disallowed and top_k=2: every token (drafts accepted, residual draws,
+  the extra draw) is one of the two likeliest allowed tokens after its
+  context, and both occur."""
+  rows = 2001
+  first = jnp.full((rows,), 1, jnp.int32)
+  allowed = jnp.array([True, True, True, False])
+  sampling = samp.SamplingParams(1.0, top_k=2, sjd_window=3)
+  out, _, _ = jax.jit(lambda rng: samp.sjd_decode(
+      markov_window_step, None, jnp.zeros((rows, MN), jnp.int32), first, 0,
+      MN, rng, sampling, allowed=allowed))(jax.random.key(5))
+  out = np.asarray(out)
+  seq = np.concatenate([np.zeros((rows, 1), np.int32), first[:, None], out],
+                       axis=1)  # slot -1 reads 0, as the window step's
+  logits = np.where(np.asarray(allowed), np.asarray(MARKOV), -np.inf)
+  top2 = np.argsort(-logits, axis=-1)[..., :2]  # [prev, cur, 2]
+  for i in range(MN):
+    heads = top2[seq[:, i], seq[:, i + 1]]  # [rows, 2]
+    assert np.all((out[:, i, None] == heads).any(-1)), i
+    assert len(np.unique(out[:, i])) >= 2
 
 
 def predictable_window_step(params, cache, tokens, position):

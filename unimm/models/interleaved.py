@@ -648,16 +648,17 @@ def _jitted_phases(model: "InterleavedLM", text_sampling, image_sampling,
         out = raw if guided is None else guided
       return cache, jnp.where(active[:, None], out, 0.0)
 
-    def body(carry, i):
+    def body(carry, xs):
       cache, tokens, embeddings = carry
-      cache, regressed = feed(cache, tokens, embeddings, slot + i,
-                              jax.random.fold_in(rng, i))
+      i, key = xs
+      cache, regressed = feed(cache, tokens, embeddings, slot + i, key)
       code = jnp.full((b,), model.image_offset, jnp.int32)
       return (cache, code, regressed), regressed
 
     start = (cache, first, jnp.zeros((b, width), jnp.float32))
     (cache, tokens, last), regressed = jax.lax.scan(
-        body, start, jnp.arange(model.image_length))
+        body, start, (jnp.arange(model.image_length),
+                      jax.random.split(rng, model.image_length)))
     # Feed the last embedding: the text phase that follows feeds EOI.
     cache, _ = feed(cache, tokens, last, slot + model.image_length, rng)
     regressed = jnp.moveaxis(regressed, 0, 1)  # [B, K, E]

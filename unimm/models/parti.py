@@ -356,7 +356,8 @@ def sample_image_ids(model: Parti, params, text_ids, rng, sampling,
   bos = jnp.full((text_ids.shape[0], 1), model.bos_id, jnp.int32)
   logits, cache = step(params, cache, bos, 0, encoded)
   rng_first, rng_rest = jax.random.split(rng)
-  first = samp.next_token(logits, rng_first, sampling)  # [B]
+  first = samp.next_token(logits, samp.draw_uniforms(rng_first, (b,)),
+                          sampling)  # [B]
   n = model.decoder_length - 1
   if sampling.sjd_window and n > 1:
     rest, _, calls = samp.sjd_decode(window_step, params, cache, first, 1, n,
