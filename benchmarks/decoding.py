@@ -11,11 +11,11 @@ model calls per image (the decoder steps of one image span, the mean over
 wall time of --repeats calls after a warm-up call that compiles), the
 speed against plain decoding at that batch, and for Parti the time of one
 bare decoder call over the window (one token for plain decoding): calls
-times that is the model's share, the rest is the sampler's. By default the models are tiny ones with
-random weights (a Parti and an interleaved decoder-only model, image spans
-of --image_length tokens), so it runs in about a minute on a CPU; random
-weights are hard to predict, so their SJD call counts are an upper bound
-for trained models. --workdir measures a trained model instead (anything
+times that is the model's share, the rest is the sampler's. By default the
+models are tiny ones with random weights (a Parti and an interleaved
+decoder-only model, image spans of --image_length tokens), so it runs in
+about a minute on a CPU; random weights are hard to predict, so their SJD
+call counts are an upper bound for trained models. --workdir measures a trained model instead (anything
 unimm.load_model takes: a workdir, an export, a packaged name).
 """
 import os

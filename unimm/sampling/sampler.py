@@ -8,7 +8,9 @@ same step inside `jax.lax.while_loop`, and so does beam search
 (`beam_decode`, for captions: the cache holds each example's beams and is
 gathered after each step). Classifier-free guidance and contrastive
 decoding double the batch ([cond; uncond]) and score tokens from both
-halves' logits; both halves then receive the same token.
+halves' logits; both halves then receive the same token. Every draw is
+one uniform through the softmax's cumulative sum (`inverse_cdf`), and a
+loop makes its uniforms before it starts (`draw_uniforms`).
 
 Speculative Jacobi decoding (`sjd_decode`, SamplingParams.sjd_window)
 decodes an image span with a window step that scores W tokens per model
@@ -224,8 +226,8 @@ def draw_uniforms(rng, shape) -> jax.Array:
 
   The loops make them in one call before they start and index them per
   step: on a CPU every jax.random call inside a loop body is a loop of its
-  own (the threefry rounds), which costs about as much as a small model's
-  whole step.
+  own (the threefry rounds), which costs as much as a tiny model's whole
+  step.
   """
   return jax.random.uniform(rng, shape, minval=jnp.finfo(jnp.float32).tiny)
 
