@@ -397,8 +397,7 @@ def sjd_decode(window_step: WindowStepFn, params, cache, first_tokens,
       best = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B, W]
       passed = drafts == best[:, :-1]
     else:
-      logp = jax.nn.log_softmax(scores / sampling.temperature, axis=-1)
-      p = jnp.exp(logp)  # [B, W, V]
+      p = jax.nn.softmax(scores / sampling.temperature, axis=-1)  # [B, W, V]
       p_draft = jnp.take_along_axis(p[:, :-1], drafts[..., None],
                                     axis=-1)[..., 0]  # [B, W - 1]
       q_draft = jnp.take_along_axis(s.q, drafts[..., None], axis=-1)[..., 0]
