@@ -41,7 +41,9 @@ muon | adamw), tokens (SEED's K 1-D causal tokens per image instead of the
 dynamic tokens keeping about this fraction of the 64 patches, for the
 tokenizer and the model's variable-length images; 0 = the grid),
 token_decoder (cross | joint: how the tokenizer's decoder reads SEED's or
-LaVIT's tokens; configs/vit_vqgan_shapes.py).
+LaVIT's tokens; configs/vit_vqgan_shapes.py), teacher (the workdir of a
+trained grid tokenizer through whose frozen decoder SEED's or LaVIT's
+tokens are decoded; configs/vit_vqgan_shapes.py).
 """
 import os
 
@@ -70,7 +72,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="parti", tokenizer_steps=6000,
                              parti_steps=1600, num_train=50000, batch=64,
                              size="tiny", lr=1e-2, optimizer="muon", tokens=0,
-                             keep=0.0, token_decoder="cross",
+                             keep=0.0, token_decoder="cross", teacher="",
                              interleaved_steps=2000,
                              num_documents=200000)
   if arg.model not in MODELS:
@@ -83,7 +85,7 @@ def get_config(arg=None):
   config.tokenizer = config_lib.load_config(
       os.path.join(_HERE, "vit_vqgan_shapes.py") +
       f":steps={arg.tokenizer_steps},tokens={arg.tokens},keep={arg.keep},"
-      f"token_decoder={arg.token_decoder}")
+      f"token_decoder={arg.token_decoder},teacher={arg.teacher}")
 
   if arg.model == "interleaved":
     return _interleaved(config, arg)

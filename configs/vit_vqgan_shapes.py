@@ -30,9 +30,13 @@ keep_at_encode (likelier | sampled: LaVIT's encoding keeps a patch where
 keep is the likelier, or draws the decision as training does, from one
 fixed key per patch slot), selector_lr (LaVIT: the selector's learning
 rate as a multiple of the schedule's, config.optimizer.lr_scales; 1 = the
-same).
+same), teacher (SEED / LaVIT: the workdir of a trained grid tokenizer of
+the same size; the decoder predicts its codes by cross-entropy and its
+frozen decoder draws them, as SEED and LaVIT decode through a frozen
+generator; teacher_codes: its num_codes, 512).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
+  --config configs/vit_vqgan_shapes.py:tokens=16,teacher=workdirs/tokenizer
   --config configs/vit_vqgan_shapes.py:keep=0.5    (LaVIT, ~32 of 64)
 
 Loss weights for size=tiny (the other sizes keep the paper's §3.3 weights;
@@ -61,7 +65,11 @@ def get_config(arg=None):
                              batch=32, patch=4, codes=512, scan="auto",
                              tokens=0, keep=0.0, penalty="batch",
                              token_decoder="cross", keep_at_encode="likelier",
-                             selector_lr=1.0)
+                             selector_lr=1.0, teacher="", teacher_codes=512)
+  if arg.teacher and not (arg.tokens or arg.keep):
+    raise ValueError(
+        f"teacher={arg.teacher!r} decodes SEED's or LaVIT's tokens through a "
+        "frozen grid tokenizer; pass tokens=K or keep=R too.")
   if arg.selector_lr != 1.0 and not arg.keep:
     raise ValueError(
         f"selector_lr={arg.selector_lr} scales LaVIT's token selector's "
@@ -74,7 +82,9 @@ def get_config(arg=None):
                                                               arg.size),
                            num_queries=arg.tokens, keep_ratio=arg.keep,
                            token_decoder=arg.token_decoder,
-                           keep_at_encode=arg.keep_at_encode)
+                           keep_at_encode=arg.keep_at_encode,
+                           teacher_codes=arg.teacher_codes if arg.teacher
+                           else 0)
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.
@@ -82,6 +92,7 @@ def get_config(arg=None):
                  code_dim=16)
   config.model = ml_collections.ConfigDict(model)
 
+  config.teacher_workdir = arg.teacher
   config.discriminator = ml_collections.ConfigDict(dict(
       channel_multiplier=8 if tiny else 64,
       max_channels=32 if tiny else 512))

@@ -67,9 +67,10 @@ def tokenizer_files(tmp_path_factory, name: str) -> dict[str, str]:
 
 
 def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1,
-                           **model) -> str:
+                           teacher_workdir: str = "", **model) -> str:
   """A tokenizer workdir holding a randomly initialised tiny ViT-VQGAN
-  (model: config.model fields to change).
+  (model: config.model fields to change; teacher_workdir: the frozen grid
+  tokenizer of a model with teacher_codes > 0).
 
   Saved through the trainer's own checkpointer (the layout load_tokenizer
   reads). The state is filled from its abstract shapes with random numpy
@@ -82,6 +83,7 @@ def make_tokenizer_workdir(workdir: str, data_dir: str, step: int = 1,
   from unimm.train import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_tokenizer_config(data_dir)
   config.model.update(model)
+  config.teacher_workdir = teacher_workdir
   task = tasks.get_task(config)
   iterator = iter(task.train_data(0, 1))
   batch = trainer.device_batch(next(iterator))

@@ -33,6 +33,17 @@ an image's length is (ids >= 0).sum(). The decoder reads them as SEED's
 token_decoder="joint" puts tokens and slots in one stack). The forward
 pass adds losses["keep"], (keep_ratio - the batch's kept fraction)^2, and
 losses["keep_per_image"], that penalty per image, averaged.
+
+With teacher_codes = C > 0 (SEED or LaVIT only) the decoder does not draw
+pixels: its patch slots predict the ids of a frozen grid ViT-VQGAN of the
+same sizes with C codes (the "frozen_teacher" submodule, whose params the
+task loads from config.teacher_workdir), trained by cross-entropy against
+the teacher's own encoding of the image, and the teacher's decoder draws
+the argmax ids. This is how SEED and LaVIT themselves decode: their tokens
+are trained to reconstruct a frozen model's features, and a frozen image
+generator (Stable Diffusion there, the grid tokenizer's decoder here) turns
+those into pixels. The forward pass adds teacher_logits [B, P, C] and
+teacher_ids [B, P]; no gradient reaches the teacher.
 """
 import dataclasses
 import functools
@@ -104,9 +115,21 @@ def validate_config(image_size: int, patch_size: int, num_codes: int,
                     decoder_num_heads: int, num_queries: int = 0,
                     query_layers: int = 2, keep_ratio: float = 0.0,
                     merger_layers: int = 2, token_decoder: str = "cross",
-                    keep_at_encode: str = "likelier", **unused):
+                    keep_at_encode: str = "likelier", teacher_codes: int = 0,
+                    **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if teacher_codes and not (num_queries or keep_ratio):
+    raise ValueError(
+        f"config.model.teacher_codes={teacher_codes} decodes SEED's or "
+        "LaVIT's tokens through a frozen grid tokenizer, but num_queries=0 "
+        "and keep_ratio=0 build the grid itself; pass tokens=K or keep=R "
+        "too, or drop teacher=.")
+  if isinstance(teacher_codes, bool) or not isinstance(teacher_codes, int) or (
+      teacher_codes < 0 or teacher_codes == 1):
+    raise ValueError(
+        f"config.model.teacher_codes={teacher_codes!r}; expected 0 (decode "
+        "pixels) or the frozen grid tokenizer's num_codes (>= 2).")
   if keep_at_encode not in ("likelier", "sampled"):
     raise ValueError(
         f"config.model.keep_at_encode={keep_at_encode!r}; expected "
@@ -197,6 +220,9 @@ class ViTVQGAN(nn.Module):
   # slots cross-attend to them; "joint", [tokens; patch slots] go through
   # one bidirectional stack (TiTok's / MAE's decoder) and the slots draw.
   token_decoder: str = "cross"
+  # SEED / LaVIT: > 0, the decoder predicts the ids of a frozen grid
+  # ViT-VQGAN with this many codes (same sizes) and its decoder draws them.
+  teacher_codes: int = 0
 
   @property
   def patch_grid(self) -> tuple[int, int]:
@@ -213,6 +239,18 @@ class ViTVQGAN(nn.Module):
     if self.keep_ratio:
       return 1, self.num_patches
     return self.patch_grid
+
+  def frozen_teacher_fields(self) -> dict:
+    """The constructor fields of the frozen grid tokenizer whose codes this
+    one's decoder predicts (teacher_codes > 0): this model's sizes, the
+    grid, teacher_codes codes."""
+    fields = {f.name: getattr(self, f.name) for f in _fields()}
+    fields.update(num_codes=self.teacher_codes, num_queries=0,
+                  keep_ratio=0.0, teacher_codes=0)
+    for name in ("dropout_rate", "dtype", "param_dtype", "remat_policy", "keep_at_encode", "token_decoder",
+                 "query_layers", "merger_layers", "commitment_cost"):
+      del fields[name]  # free to differ: they do not change the params
+    return fields
 
   @property
   def codes_on_grid(self) -> bool:
@@ -282,10 +320,18 @@ class ViTVQGAN(nn.Module):
     self.decoder = self._stack(
         "decoder", cross_attention=not self.codes_on_grid and (
             self.token_decoder == "cross"))
-    self.decoder_head = unn.dense(self.decoder_mlp_dim, ("embed", "mlp"),
-                                  use_bias=True, name="decoder_head", **kw)
-    self.patch_unembed = unn.PatchUnembed(self.patch_size, 2 * self.channels,
-                                          name="patch_unembed", **kw)
+    if self.teacher_codes:  # the slots predict a frozen grid's codes
+      self.code_head = unn.dense(self.teacher_codes, ("embed", "vocab"),
+                                 use_bias=True, name="code_head", **kw)
+      self.frozen_teacher = ViTVQGAN(
+          **self.frozen_teacher_fields(), dropout_rate=0.0, dtype=self.dtype,
+          param_dtype=self.param_dtype, remat_policy=self.remat_policy,
+          name="frozen_teacher")
+    else:
+      self.decoder_head = unn.dense(self.decoder_mlp_dim, ("embed", "mlp"),
+                                    use_bias=True, name="decoder_head", **kw)
+      self.patch_unembed = unn.PatchUnembed(
+          self.patch_size, 2 * self.channels, name="patch_unembed", **kw)
 
   def encoder_tokens(self, images, deterministic: bool = True):
     """images [B, H, W, C] -> the ViT encoder's output [B, T, D_enc] (what
@@ -327,7 +373,24 @@ class ViTVQGAN(nn.Module):
 
   def _decode_tokens(self, x, deterministic, mask=None):
     """Quantized tokens [B, T, D_dec] (valid where mask [B, T], default
-    all) -> (mu, log_scale) [B, H, W, C] each."""
+    all) -> (mu, log_scale) [B, H, W, C] each, and the teacher's code
+    logits [B, P, C] (teacher_codes > 0) or None."""
+    x = self._decode_slots(x, deterministic, mask)
+    if self.teacher_codes:  # the frozen grid draws the likeliest codes
+      logits = self.code_head(x).astype(jnp.float32)  # [B, P, C]
+      teacher = self.frozen_teacher
+      mu, log_scale = teacher._decode_tokens(  # pylint: disable=protected-access
+          teacher.code_vectors(jnp.argmax(logits, -1)), True)[:2]
+      return (jax.lax.stop_gradient(mu), jax.lax.stop_gradient(log_scale),
+              logits)
+    x = jnp.tanh(self.decoder_head(x))  # [B, P, F_dec]
+    out = self.patch_unembed(x, self.patch_grid).astype(jnp.float32)
+    mu, log_scale = jnp.split(out, 2, axis=-1)  # [B, H, W, C] each
+    return mu, log_scale, None
+
+  def _decode_slots(self, x, deterministic, mask=None):
+    """Quantized tokens [B, T, D_dec] -> the decoder's patch slots [B, P,
+    D_dec]."""
     if not self.codes_on_grid:  # SEED / LaVIT: patch slots read the tokens
       tokens = self.token_positions(x)
       slots = self.decoder_positions(jnp.zeros(
@@ -346,10 +409,7 @@ class ViTVQGAN(nn.Module):
     else:
       x = self.decoder_positions(x)
       x = self.decoder(x, deterministic=deterministic)
-    x = jnp.tanh(self.decoder_head(x))  # [B, P, F_dec]
-    out = self.patch_unembed(x, self.patch_grid).astype(jnp.float32)
-    mu, log_scale = jnp.split(out, 2, axis=-1)  # [B, H, W, C] each
-    return mu, log_scale
+    return x
 
   def __call__(self, images, train: bool = False):
     """images uint8 [B, H, W, C] -> dict of outputs.
@@ -370,7 +430,8 @@ class ViTVQGAN(nn.Module):
       # each one; the merger's weights carry the dropped ones' share.
       quantized = quantized * selection["kept"][..., None].astype(
           quantized.dtype)
-    mu, log_scale = self._decode_tokens(quantized, not train, mask)
+    mu, log_scale, teacher_logits = self._decode_tokens(quantized, not train,
+                                                        mask)
     out = {
         "mu": mu,
         "log_scale": log_scale,
@@ -379,6 +440,9 @@ class ViTVQGAN(nn.Module):
         "losses": vq_losses,
         "latents": latents,
     }
+    if teacher_logits is not None:  # the targets: the teacher's encoding
+      out["teacher_logits"] = teacher_logits
+      out["teacher_ids"] = self.frozen_teacher.encode(images).reshape(b, -1)
     if mask is not None:
       out["ids"] = jnp.where(mask, ids, -1).reshape(b, *self.grid)
       out["token_mask"] = mask
@@ -416,7 +480,7 @@ class ViTVQGAN(nn.Module):
     flat = ids.reshape(b, -1)
     x = self.code_vectors(flat)  # [B, T, D_dec]
     mask = (flat >= 0) if self.keep_ratio else None
-    mu, _ = self._decode_tokens(x, True, mask)
+    mu = self._decode_tokens(x, True, mask)[0]
     return losses_lib.logit_laplace_mean(mu), x.reshape(*ids.shape, -1)
 
 

@@ -29,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from unimm import config_lib
 from unimm.data import pipeline
 from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
 from unimm.evaluation import reports
+from unimm.inference import tokenizer as tokenizer_lib
 from unimm.tokenizers import losses as losses_lib
 from unimm.tokenizers import quantizer as quantizer_lib
 from unimm.tokenizers.discriminator import StyleGANDiscriminator
@@ -67,6 +69,10 @@ LOSS_DEFAULTS = dict(
     # over the "batch" (images may differ) or per "image" (DynamicViT's).
     keep_weight=2.0,
     keep_penalty="batch",
+    # SEED / LaVIT decoding through a frozen grid tokenizer
+    # (config.model.teacher_codes > 0): weight of the cross-entropy of the
+    # decoder's code logits against the teacher's ids.
+    teacher_weight=1.0,
 )
 
 
@@ -100,6 +106,7 @@ class ViTVQGANTask:
                        f"{loss['restart_sampling']!r}; expected 'error' or "
                        "'uniform'.")
     self.loss_config = loss
+    self.teacher = self._load_teacher()
     disc = (config.discriminator.to_dict() if "discriminator" in config
             else {})
     self.discriminator = config_lib.build_module(
@@ -115,6 +122,43 @@ class ViTVQGANTask:
             f"{path!r}; convert them to .npz (see losses.load_lpips_npz) or "
             "set config.loss.perceptual_weight=0.")
       self.perceptual_fn = losses_lib.make_perceptual_loss(path)
+
+  def _load_teacher(self):
+    """The frozen grid tokenizer of config.teacher_workdir, checked against
+    the model (config.model.teacher_codes > 0), or None."""
+    workdir = self.config.get("teacher_workdir") or ""
+    codes = self.model.teacher_codes
+    if not codes:
+      if workdir:
+        raise ValueError(
+            f"config.teacher_workdir={workdir!r} is set, but "
+            "config.model.teacher_codes=0 decodes pixels; set teacher_codes "
+            "to the teacher's num_codes (config arg teacher=... sets both).")
+      return None
+    if not workdir:
+      raise ValueError(
+          f"config.model.teacher_codes={codes} needs the frozen grid "
+          "tokenizer's workdir in config.teacher_workdir (config arg "
+          "teacher=WORKDIR).")
+    teacher = tokenizer_lib.load_tokenizer(workdir)
+    want = self.model.frozen_teacher_fields()
+    have = {name: getattr(teacher.model, name) for name in want}
+    wrong = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if wrong:
+      raise ValueError(
+          f"The teacher in {workdir!r} does not match this tokenizer: "
+          + ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in
+                      sorted(wrong.items()))
+          + "; the teacher must be a grid ViT-VQGAN of the same sizes "
+          "(config.model; teacher_codes = its num_codes).")
+    return teacher
+
+  def dependencies(self) -> dict[str, str]:
+    """The teacher's fingerprint, recorded with each checkpoint (its
+    params are in the checkpoint too, so loading needs no teacher)."""
+    if self.teacher is None:
+      return {}
+    return {"teacher_workdir": tokenizer_lib.fingerprint(self.teacher)}
 
   # ------------------------------------------------------------------ data
 
@@ -151,6 +195,12 @@ class ViTVQGANTask:
         d_rng, jnp.zeros(images.shape, jnp.float32))
     params = {"generator": generator["params"],
               "discriminator": discriminator["params"]}
+    if self.teacher is not None:  # the frozen grid's trained params
+      boxed = params["generator"]["frozen_teacher"]
+      trained = nn.unbox(self.teacher.params)
+      params["generator"]["frozen_teacher"] = jax.tree.map(
+          lambda leaf, value: _set_leaf(leaf, jnp.asarray(value)), boxed,
+          trained, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     model_state = {
         "step": jnp.zeros((), jnp.int32),
         "usage": jnp.zeros((self.model.num_codes,), jnp.float32),
@@ -218,6 +268,9 @@ class ViTVQGANTask:
         "logit_laplace": losses_lib.logit_laplace_nll(
             out["mu"], out["log_scale"], target),
     }
+    if "teacher_logits" in out:  # the frozen grid's codes, by CE
+      terms["teacher"] = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          out["teacher_logits"], out["teacher_ids"]))
     if "keep" in out["losses"]:  # LaVIT's keep-ratio penalty
       terms["keep"] = out["losses"]["keep" if cfg["keep_penalty"] == "batch"
                                     else "keep_per_image"]
@@ -241,7 +294,8 @@ class ViTVQGANTask:
                       cfg["logit_laplace_weight"] * terms["logit_laplace"] +
                       cfg["perceptual_weight"] * terms["perceptual"] +
                       adv_on * cfg["adversarial_weight"] * g_adv +
-                      cfg["keep_weight"] * terms.get("keep", 0.0))
+                      cfg["keep_weight"] * terms.get("keep", 0.0) +
+                      cfg["teacher_weight"] * terms.get("teacher", 0.0))
     discriminator_loss = adv_on * (d_adv + 0.5 * cfg["r1_gamma"] * r1)
     total = generator_loss + discriminator_loss
 
@@ -285,6 +339,9 @@ class ViTVQGANTask:
             jnp.float32)),
         "perplexity": quantizer_lib.perplexity(ids, self.model.num_codes),
     }
+    if "teacher_logits" in out:
+      metrics["teacher_code_accuracy"] = jnp.mean(
+          jnp.argmax(out["teacher_logits"], -1) == out["teacher_ids"])
     if "keep" in out:
       metrics["kept_fraction"] = jnp.mean(out["keep"])
       metrics["tokens_per_image"] = jnp.mean(jnp.sum(valid, axis=-1))
