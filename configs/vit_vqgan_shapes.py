@@ -33,7 +33,10 @@ rate as a multiple of the schedule's, config.optimizer.lr_scales; 1 = the
 same), teacher (SEED / LaVIT: the workdir of a trained grid tokenizer of
 the same size; the decoder predicts its codes by cross-entropy and its
 frozen decoder draws them, as SEED and LaVIT decode through a frozen
-generator; teacher_codes: its num_codes, 512).
+generator; teacher_codes: its num_codes, 512; teacher_encoder=1: SEED's
+Q-Former or LaVIT's selector and merger read the teacher's frozen encoder
+tokens, as SEED's Q-Former reads a frozen ViT, instead of an encoder of
+their own).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
   --config configs/vit_vqgan_shapes.py:tokens=16,teacher=workdirs/tokenizer
@@ -65,7 +68,8 @@ def get_config(arg=None):
                              batch=32, patch=4, codes=512, scan="auto",
                              tokens=0, keep=0.0, penalty="batch",
                              token_decoder="cross", keep_at_encode="likelier",
-                             selector_lr=1.0, teacher="", teacher_codes=512)
+                             selector_lr=1.0, teacher="", teacher_codes=512,
+                             teacher_encoder=0)
   if arg.teacher and not (arg.tokens or arg.keep):
     raise ValueError(
         f"teacher={arg.teacher!r} decodes SEED's or LaVIT's tokens through a "
@@ -84,7 +88,8 @@ def get_config(arg=None):
                            token_decoder=arg.token_decoder,
                            keep_at_encode=arg.keep_at_encode,
                            teacher_codes=arg.teacher_codes if arg.teacher
-                           else 0)
+                           else 0,
+                           read_teacher_encoder=bool(arg.teacher_encoder))
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.

@@ -47,9 +47,11 @@ def _images(n, seed=0):
                                               dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def student(files):
-  task = vqgan_task.ViTVQGANTask(_config(files))
+@pytest.fixture(scope="module", params=[False, True],
+                ids=["own_encoder", "teacher_encoder"])
+def student(files, request):
+  task = vqgan_task.ViTVQGANTask(_config(
+      files, read_teacher_encoder=request.param))
   params, state = task.init(jax.random.PRNGKey(0),
                             {"image": _images(4)})
   return task, nn.unbox(params), state
@@ -85,6 +87,19 @@ def test_targets_are_the_teachers_codes_and_no_gradient_reaches_it(
   for name in ("code_head", "queries"):
     assert np.any(np.asarray(jax.tree.leaves(
         grads["generator"][name])[0])), name
+  # Reading the teacher's encoder: no encoder of its own, and the tokens
+  # do depend on the teacher's (frozen) encoder.
+  reads_teacher = task.model.read_teacher_encoder
+  assert ("encoder_transformer" in params["generator"]) != reads_teacher
+
+  def latents_with(scale):
+    teacher = params["generator"]["frozen_teacher"]
+    moved = dict(teacher, patch_embed=jax.tree.map(
+        lambda x: x * scale, teacher["patch_embed"]))
+    generator = dict(params["generator"], frozen_teacher=moved)
+    return np.asarray(task.model.apply({"params": generator},
+                                       jnp.asarray(images))["latents"])
+  assert np.array_equal(latents_with(1.0), latents_with(0.5)) != reads_teacher
 
 
 def test_decoding_is_the_teachers_decoder_on_the_likeliest_codes(
@@ -134,6 +149,10 @@ def test_bad_settings_are_clear_errors(files, tmp_path):
     vqgan_task.ViTVQGANTask(_config(files, encoder_embed_dim=32))
   config = _config(files, teacher_codes=0)
   with pytest.raises(ValueError, match="teacher_codes=0 decodes pixels"):
+    vqgan_task.ViTVQGANTask(config)
+  config = _config(files, teacher_codes=0, read_teacher_encoder=True)
+  config.teacher_workdir = ""
+  with pytest.raises(ValueError, match="read_teacher_encoder=True reads"):
     vqgan_task.ViTVQGANTask(config)
   sys.path.insert(0, os.path.join(HERE, "..", "..", "configs"))
   import vit_vqgan_shapes  # pylint: disable=g-import-not-at-top

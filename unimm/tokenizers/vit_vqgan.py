@@ -43,7 +43,9 @@ the argmax ids. This is how SEED and LaVIT themselves decode: their tokens
 are trained to reconstruct a frozen model's features, and a frozen image
 generator (Stable Diffusion there, the grid tokenizer's decoder here) turns
 those into pixels. The forward pass adds teacher_logits [B, P, C] and
-teacher_ids [B, P]; no gradient reaches the teacher.
+teacher_ids [B, P]; no gradient reaches the teacher. read_teacher_encoder
+makes the Q-Former (LaVIT: the selector and merger) read the teacher's
+frozen encoder tokens instead of an encoder of its own.
 """
 import dataclasses
 import functools
@@ -116,9 +118,14 @@ def validate_config(image_size: int, patch_size: int, num_codes: int,
                     query_layers: int = 2, keep_ratio: float = 0.0,
                     merger_layers: int = 2, token_decoder: str = "cross",
                     keep_at_encode: str = "likelier", teacher_codes: int = 0,
-                    **unused):
+                    read_teacher_encoder: bool = False, **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if read_teacher_encoder and not teacher_codes:
+    raise ValueError(
+        "config.model.read_teacher_encoder=True reads a frozen grid "
+        "tokenizer's encoder, but teacher_codes=0 builds none; pass "
+        "teacher=WORKDIR too (config arg teacher_encoder=1 needs it).")
   if teacher_codes and not (num_queries or keep_ratio):
     raise ValueError(
         f"config.model.teacher_codes={teacher_codes} decodes SEED's or "
@@ -223,6 +230,10 @@ class ViTVQGAN(nn.Module):
   # SEED / LaVIT: > 0, the decoder predicts the ids of a frozen grid
   # ViT-VQGAN with this many codes (same sizes) and its decoder draws them.
   teacher_codes: int = 0
+  # With a teacher: the Q-Former (LaVIT: the selector and merger) reads the
+  # teacher's frozen encoder tokens instead of an encoder of its own, as
+  # SEED's Q-Former reads a frozen ViT.
+  read_teacher_encoder: bool = False
 
   @property
   def patch_grid(self) -> tuple[int, int]:
@@ -247,7 +258,8 @@ class ViTVQGAN(nn.Module):
     fields = {f.name: getattr(self, f.name) for f in _fields()}
     fields.update(num_codes=self.teacher_codes, num_queries=0,
                   keep_ratio=0.0, teacher_codes=0)
-    for name in ("dropout_rate", "dtype", "param_dtype", "remat_policy", "keep_at_encode", "token_decoder",
+    for name in ("dropout_rate", "dtype", "param_dtype", "remat_policy",
+                 "read_teacher_encoder", "keep_at_encode", "token_decoder",
                  "query_layers", "merger_layers", "commitment_cost"):
       del fields[name]  # free to differ: they do not change the params
     return fields
@@ -346,7 +358,11 @@ class ViTVQGAN(nn.Module):
     valid tokens bool [B, T] or None when all are, LaVIT's {"keep" [B, N]
     straight-through decisions, "kept" [B, T] the same moved with the
     tokens, "log_probs" [B, N, 2]} or {})."""
-    x = self.encoder_tokens(images, deterministic)
+    if self.read_teacher_encoder:  # the frozen teacher's patch tokens
+      x = jax.lax.stop_gradient(
+          self.frozen_teacher.encoder_tokens(images, True))
+    else:
+      x = self.encoder_tokens(images, deterministic)
     mask, selection = None, {}
     if self.num_queries:  # SEED: K causal queries read the patch tokens
       queries = jnp.broadcast_to(self.queries.astype(x.dtype),
