@@ -43,7 +43,8 @@ tokenizer and the model's variable-length images; 0 = the grid),
 token_decoder (cross | joint: how the tokenizer's decoder reads SEED's or
 LaVIT's tokens; configs/vit_vqgan_shapes.py), teacher (the workdir of a
 trained grid tokenizer through whose frozen decoder SEED's or LaVIT's
-tokens are decoded; configs/vit_vqgan_shapes.py).
+tokens are decoded, and teacher_encoder=1 to read its frozen encoder;
+configs/vit_vqgan_shapes.py).
 """
 import os
 
@@ -73,6 +74,7 @@ def get_config(arg=None):
                              parti_steps=1600, num_train=50000, batch=64,
                              size="tiny", lr=1e-2, optimizer="muon", tokens=0,
                              keep=0.0, token_decoder="cross", teacher="",
+                             teacher_encoder=0,
                              interleaved_steps=2000,
                              num_documents=200000)
   if arg.model not in MODELS:
@@ -85,7 +87,8 @@ def get_config(arg=None):
   config.tokenizer = config_lib.load_config(
       os.path.join(_HERE, "vit_vqgan_shapes.py") +
       f":steps={arg.tokenizer_steps},tokens={arg.tokens},keep={arg.keep},"
-      f"token_decoder={arg.token_decoder},teacher={arg.teacher}")
+      f"token_decoder={arg.token_decoder},teacher={arg.teacher},"
+      f"teacher_encoder={arg.teacher_encoder}")
 
   if arg.model == "interleaved":
     return _interleaved(config, arg)

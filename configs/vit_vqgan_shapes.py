@@ -36,7 +36,9 @@ frozen decoder draws them, as SEED and LaVIT decode through a frozen
 generator; teacher_codes: its num_codes, 512; teacher_encoder=1: SEED's
 Q-Former or LaVIT's selector and merger read the teacher's frozen encoder
 tokens, as SEED's Q-Former reads a frozen ViT, instead of an encoder of
-their own).
+their own), token_decoder_layers (SEED / LaVIT: the depth of the decoder
+that reads their tokens; 0 = the size's decoder depth; a teacher keeps its
+own).
 
   --config configs/vit_vqgan_shapes.py:tokens=16   (SEED, 16 tokens)
   --config configs/vit_vqgan_shapes.py:tokens=16,teacher=workdirs/tokenizer
@@ -69,7 +71,7 @@ def get_config(arg=None):
                              tokens=0, keep=0.0, penalty="batch",
                              token_decoder="cross", keep_at_encode="likelier",
                              selector_lr=1.0, teacher="", teacher_codes=512,
-                             teacher_encoder=0)
+                             teacher_encoder=0, token_decoder_layers=0)
   if arg.teacher and not (arg.tokens or arg.keep):
     raise ValueError(
         f"teacher={arg.teacher!r} decodes SEED's or LaVIT's tokens through a "
@@ -89,7 +91,8 @@ def get_config(arg=None):
                            keep_at_encode=arg.keep_at_encode,
                            teacher_codes=arg.teacher_codes if arg.teacher
                            else 0,
-                           read_teacher_encoder=bool(arg.teacher_encoder))
+                           read_teacher_encoder=bool(arg.teacher_encoder),
+                           token_decoder_layers=arg.token_decoder_layers)
   if tiny:
     # 32x32 shapes: 4x4 patches -> 8x8 tokens (patch=8: 4x4 tokens); 512
     # codes of dim 16.

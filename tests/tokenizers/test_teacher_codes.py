@@ -136,6 +136,15 @@ def test_a_saved_student_loads_and_decodes_without_its_teacher(files):
       np.round(np.asarray(out["recon"]) * 255).astype(np.uint8))
 
 
+def test_a_deeper_token_decoder_keeps_the_teachers_depth(files):
+  task = vqgan_task.ViTVQGANTask(_config(files, token_decoder_layers=3))
+  params = jax.eval_shape(task.model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
+  names = lambda tree: sorted(k for k in tree if k.startswith("layers"))  # noqa: E731
+  assert len(names(params["decoder_transformer"])) == 3
+  assert len(names(params["frozen_teacher"]["decoder_transformer"])) == 1
+
+
 def test_bad_settings_are_clear_errors(files, tmp_path):
   with pytest.raises(ValueError, match="teacher_codes=16 decodes"):
     vqgan_task.ViTVQGANTask(_config(files, num_queries=0))

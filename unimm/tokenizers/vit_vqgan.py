@@ -118,9 +118,15 @@ def validate_config(image_size: int, patch_size: int, num_codes: int,
                     query_layers: int = 2, keep_ratio: float = 0.0,
                     merger_layers: int = 2, token_decoder: str = "cross",
                     keep_at_encode: str = "likelier", teacher_codes: int = 0,
-                    read_teacher_encoder: bool = False, **unused):
+                    read_teacher_encoder: bool = False,
+                    token_decoder_layers: int = 0, **unused):
   """Raises ValueError for settings that cannot build (before compiling)."""
   del unused
+  if isinstance(token_decoder_layers, bool) or not isinstance(
+      token_decoder_layers, int) or token_decoder_layers < 0:
+    raise ValueError(
+        f"config.model.token_decoder_layers={token_decoder_layers!r}; "
+        "expected an int >= 0 (0: config.model.decoder_num_layers).")
   if read_teacher_encoder and not teacher_codes:
     raise ValueError(
         "config.model.read_teacher_encoder=True reads a frozen grid "
@@ -227,6 +233,8 @@ class ViTVQGAN(nn.Module):
   # slots cross-attend to them; "joint", [tokens; patch slots] go through
   # one bidirectional stack (TiTok's / MAE's decoder) and the slots draw.
   token_decoder: str = "cross"
+  # The depth of the decoder that reads 1-D tokens (0: decoder_num_layers).
+  token_decoder_layers: int = 0
   # SEED / LaVIT: > 0, the decoder predicts the ids of a frozen grid
   # ViT-VQGAN with this many codes (same sizes) and its decoder draws them.
   teacher_codes: int = 0
@@ -259,7 +267,7 @@ class ViTVQGAN(nn.Module):
     fields.update(num_codes=self.teacher_codes, num_queries=0,
                   keep_ratio=0.0, teacher_codes=0)
     for name in ("dropout_rate", "dtype", "param_dtype", "remat_policy",
-                 "read_teacher_encoder", "keep_at_encode", "token_decoder",
+                 "read_teacher_encoder", "token_decoder_layers", "keep_at_encode", "token_decoder",
                  "query_layers", "merger_layers", "commitment_cost"):
       del fields[name]  # free to differ: they do not change the params
     return fields
@@ -330,7 +338,8 @@ class ViTVQGAN(nn.Module):
         self.num_patches, self.decoder_embed_dim, self.param_dtype,
         name="decoder_positions")
     self.decoder = self._stack(
-        "decoder", cross_attention=not self.codes_on_grid and (
+        "decoder", (not self.codes_on_grid and self.token_decoder_layers)
+        or None, cross_attention=not self.codes_on_grid and (
             self.token_decoder == "cross"))
     if self.teacher_codes:  # the slots predict a frozen grid's codes
       self.code_head = unn.dense(self.teacher_codes, ("embed", "vocab"),
