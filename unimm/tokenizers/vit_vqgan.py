@@ -267,8 +267,9 @@ class ViTVQGAN(nn.Module):
     fields.update(num_codes=self.teacher_codes, num_queries=0,
                   keep_ratio=0.0, teacher_codes=0)
     for name in ("dropout_rate", "dtype", "param_dtype", "remat_policy",
-                 "read_teacher_encoder", "token_decoder_layers", "keep_at_encode", "token_decoder",
-                 "query_layers", "merger_layers", "commitment_cost"):
+                 "read_teacher_encoder", "token_decoder_layers",
+                 "keep_at_encode", "token_decoder", "query_layers",
+                 "merger_layers", "commitment_cost"):
       del fields[name]  # free to differ: they do not change the params
     return fields
 

@@ -269,8 +269,9 @@ class ViTVQGANTask:
             out["mu"], out["log_scale"], target),
     }
     if "teacher_logits" in out:  # the frozen grid's codes, by CE
-      terms["teacher"] = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-          out["teacher_logits"], out["teacher_ids"]))
+      terms["teacher"] = jnp.mean(
+          optax.softmax_cross_entropy_with_integer_labels(
+              out["teacher_logits"], out["teacher_ids"]))
     if "keep" in out["losses"]:  # LaVIT's keep-ratio penalty
       terms["keep"] = out["losses"]["keep" if cfg["keep_penalty"] == "batch"
                                     else "keep_per_image"]
