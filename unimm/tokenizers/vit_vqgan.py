@@ -363,14 +363,26 @@ class ViTVQGAN(nn.Module):
     x = self.encoder_positions(x)
     return self.encoder(x, deterministic=deterministic)
 
-  def _encode(self, images, deterministic):
+  def _teacher_tokens(self, images):
+    """The frozen teacher's encoder tokens [B, P, D_enc] (no gradient)."""
+    return jax.lax.stop_gradient(
+        self.frozen_teacher.encoder_tokens(images, True))
+
+  def _grid_ids(self, tokens):
+    """A grid tokenizer's encoder tokens [B, P, D_enc] -> its ids [B, P]
+    (what encode gives, from tokens already computed)."""
+    return self.quantizer.encode(jnp.tanh(self.encoder_head(tokens)))
+
+  def _encode(self, images, deterministic, teacher_tokens=None):
     """images [B, H, W, C] -> (pre-quantization features [B, T, F], the
     valid tokens bool [B, T] or None when all are, LaVIT's {"keep" [B, N]
     straight-through decisions, "kept" [B, T] the same moved with the
-    tokens, "log_probs" [B, N, 2]} or {})."""
+    tokens, "log_probs" [B, N, 2]} or {}). teacher_tokens: the frozen
+    teacher's encoder tokens when the caller has them (read_teacher_encoder
+    reads them; otherwise unused)."""
     if self.read_teacher_encoder:  # the frozen teacher's patch tokens
-      x = jax.lax.stop_gradient(
-          self.frozen_teacher.encoder_tokens(images, True))
+      x = (self._teacher_tokens(images) if teacher_tokens is None
+           else teacher_tokens)
     else:
       x = self.encoder_tokens(images, deterministic)
     mask, selection = None, {}
@@ -448,7 +460,12 @@ class ViTVQGAN(nn.Module):
     decisions (training draws them with the "selector" rng).
     """
     b = images.shape[0]
-    features, mask, selection = self._encode(images, deterministic=not train)
+    # The teacher's encoder runs once: for the targets and, with
+    # read_teacher_encoder, as what the tokens read.
+    teacher_tokens = (self._teacher_tokens(images) if self.teacher_codes
+                      else None)
+    features, mask, selection = self._encode(images, not train,
+                                             teacher_tokens)
     ids, quantized, vq_losses, latents = self.quantizer(features, mask)
     if mask is not None:
       # The kept tokens enter the decoder times their straight-through
@@ -468,7 +485,7 @@ class ViTVQGAN(nn.Module):
     }
     if teacher_logits is not None:  # the targets: the teacher's encoding
       out["teacher_logits"] = teacher_logits
-      out["teacher_ids"] = self.frozen_teacher.encode(images).reshape(b, -1)
+      out["teacher_ids"] = self.frozen_teacher._grid_ids(teacher_tokens)  # pylint: disable=protected-access
     if mask is not None:
       out["ids"] = jnp.where(mask, ids, -1).reshape(b, *self.grid)
       out["token_mask"] = mask
