@@ -5,9 +5,11 @@ import os
 import types
 
 import numpy as np
+import pytest
 
 from unimm.data import grounding
 from unimm.data import interleaved as documents_lib
+from unimm.data import questions as questions_lib
 from unimm.data import shapes
 from unimm.evaluation import interleaved_eval
 from unimm.evaluation import probe as probe_lib
@@ -281,3 +283,97 @@ def test_grounded_captions_and_drawings_in_the_report(tmp_path, monkeypatch):
   verdicts = _verdicts(tmp_path)
   assert sum(v["task"] == "grounded_caption" for v in verdicts) == 10
   assert sum(v["task"] == "draw_box" for v in verdicts) == 10
+
+
+class _AskingModel(_FakeModel):
+  """Answers held-out questions and grounds referring phrases from the
+  truth of the scene it is shown; wrong_colours: answers every colour
+  question wrong; wrong_pairs: boxes the other object of two-object scenes;
+  invents: boxes the first object for a phrase that names nothing."""
+
+  def __init__(self, probe, wrong_colours=False, wrong_pairs=False,
+               invents=False):
+    super().__init__(probe)
+    self.wrong_colours, self.wrong_pairs = wrong_colours, wrong_pairs
+    self.invents = invents
+    self.scenes = {}
+    for kind in ("question", "refer"):
+      for i in range(30):
+        scene = documents_lib.make_document(
+            documents_lib.SPLIT_SEEDS["test"], i, kinds=(kind,)).scenes[0]
+        self.scenes[shapes.render(scene, probe.size).tobytes()] = scene
+
+  def answer(self, images, asked):
+    out = []
+    for image, question in zip(images, asked):
+      truth = next(d.answer for d in (documents_lib.make_document(
+          documents_lib.SPLIT_SEEDS["test"], i, kinds=("question",))
+                                      for i in range(30))
+                   if d.question == question and shapes.render(
+                       d.scenes[0], self.probe.size).tobytes()
+                   == image.tobytes())
+      wrong = self.wrong_colours and questions_lib.kind_of(question) == "color"
+      out.append("nothing" if wrong else truth)
+    return out
+
+  def ground(self, images, phrases):
+    out = []
+    for image, phrase in zip(images, phrases):
+      scene = self.scenes[image.tobytes()]
+      boxes = shapes.object_boxes(scene, self.probe.size)
+      found = grounding.find_objects(scene, phrase)
+      if not found:
+        out.append(boxes[0] if self.invents else None)
+        continue
+      index = found[0]
+      if self.wrong_pairs and len(scene.objects) == 2:
+        index = 1 - index
+      out.append(boxes[index])
+    return out
+
+
+def test_questions_and_referring_in_the_report(tmp_path, monkeypatch):
+  """question_accuracy and its kinds, referring accuracy by object count
+  and for phrases that name nothing, each against a model wrong in one
+  known way."""
+  def report(**kwargs):
+    probe = _OracleProbe(32)
+    model = _AskingModel(probe, **kwargs)
+    monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: probe)
+    for doc in (documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"],
+                                            i, kinds=(kind,))
+                for kind in ("image_caption", "edit") for i in range(20)):
+      for scene in doc.scenes[:2]:
+        probe.render(scene)
+    return interleaved_eval.evaluate_generation(
+        model, str(tmp_path), num_prompts=4, num_captions=4, num_edits=4,
+        batch_size=8, num_questions=30, num_referring=30)
+
+  right = report()
+  assert right["question_accuracy"] == 1.0
+  assert right["referring_accuracy"] == 1.0
+  # The exact boxes beat the training answers' 16x16 location cells.
+  assert 0.5 < right["referring_ceiling"] <= 1.0
+  assert right["referring_absent_accuracy"] == 1.0
+  assert (right["referring_accuracy_single"]
+          == right["referring_accuracy_pair"] == 1.0)
+  verdicts = _verdicts(tmp_path)
+  asked = [v for v in verdicts if v["task"] == "question"]
+  refers = [v for v in verdicts if v["task"] == "refer"]
+  assert len(asked) == len(refers) == 30
+  assert 0 < sum(not v["named"] for v in refers) < 30  # absent phrases too
+
+  kinds = [questions_lib.kind_of(v["question"]) for v in asked]
+  colours = report(wrong_colours=True)
+  assert "color" in kinds
+  assert colours["question_accuracy_color"] == 0.0
+  assert colours["question_accuracy"] == pytest.approx(
+      1 - kinds.count("color") / 30)
+  assert all(colours[f"question_accuracy_{k}"] == 1.0
+             for k in set(kinds) - {"color"})
+
+  pairs = report(wrong_pairs=True)
+  assert pairs["referring_accuracy_single"] == 1.0
+  assert pairs["referring_accuracy_pair"] == 0.0
+  assert pairs["referring_absent_accuracy"] == 1.0
+  assert report(invents=True)["referring_absent_accuracy"] == 0.0

@@ -326,14 +326,17 @@ def markov_decode(first, rng, n, sampling, sjd=True):
                           sampling)[0], jnp.int32(n)
 
 
-def markov_marginals(first: int, n: int, cfg_scale=None):
-  """Exact P(token i = v) [n, MV] of plain sampling at temperature 1."""
-  logits = np.asarray(MARKOV, np.float64)
-  if cfg_scale is not None:
-    uncond = np.asarray(MARKOV_UNCOND, np.float64)
-    logits = uncond + cfg_scale * (logits - uncond)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)  # [prev, cur, next]
+def markov_marginals(first: int, n: int, sampling=None):
+  """Exact P(token i = v) [n, MV] of plain sampling at temperature 1 with
+  sampling's scores (guidance or CD-K over [MARKOV; MARKOV_UNCOND], top-k,
+  top-p: samp.processed_logits, applied to every context's logits)."""
+  sampling = sampling or samp.SamplingParams(1.0)
+  logits = MARKOV.reshape(MV * MV, MV)  # [prev * cur, next]
+  if sampling.doubled:
+    logits = jnp.concatenate([logits, MARKOV_UNCOND.reshape(MV * MV, MV)])
+  scores = np.asarray(samp.processed_logits(logits, sampling), np.float64)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs = (probs / probs.sum(-1, keepdims=True)).reshape(MV, MV, MV)
   pair = np.zeros((MV, MV))  # P(x_{i-1}, x_i); slot -1 reads 0 (padding)
   pair[0, first] = 1.0
   out = []
@@ -354,25 +357,30 @@ def test_sjd_greedy_equals_greedy(window, cfg_scale):
   assert 1 <= int(calls) <= MN
 
 
-@pytest.mark.parametrize("cfg_scale", [None, 2.5])
-def test_sjd_samples_from_the_plain_distribution(cfg_scale):
+@pytest.mark.parametrize("settings", [
+    {}, dict(cfg_scale=2.5), dict(contrastive_alpha=0.2),
+    dict(contrastive_alpha=0.05, contrastive_k=2), dict(top_p=0.8)])
+def test_sjd_samples_from_the_plain_distribution(settings):
   """Token frequencies at every position of 4001 rows (one call) against
-  the exact marginals: Pearson's chi-square with MV - 1 = 3 degrees of
-  freedom is below 25 (P[chi2_3 > 25] = 1.6e-5, so over the 10 checks a
-  correct sampler fails with probability < 2e-4; the seed is fixed). A
-  sampler that accepted drafts without the p/q test, or drew the rejected
-  position from p instead of the residual, is off by chi-square values in
-  the hundreds here."""
+  the exact marginals of plain sampling with the same scores (guidance,
+  CD-K or top-p): Pearson's chi-square with MV - 1 = 3 degrees of freedom
+  (fewer where the scores rule tokens out) is below 25 (P[chi2_3 > 25] =
+  1.6e-5, so over the 25 checks a correct sampler fails with probability
+  < 5e-4; the seed is fixed). A sampler that accepted drafts without the
+  p/q test, or drew the rejected position from p instead of the residual,
+  is off by chi-square values in the hundreds here."""
   rows = 4001
   first = jnp.full((rows,), 1, jnp.int32)
-  sampling = samp.SamplingParams(1.0, cfg_scale=cfg_scale, sjd_window=3)
+  sampling = samp.SamplingParams(1.0, sjd_window=3, **settings).validate(MV)
   out, calls = markov_decode(first, jax.random.key(3), MN, sampling)
   assert int(calls) <= MN
-  want = markov_marginals(1, MN, cfg_scale)
+  want = markov_marginals(1, MN, sampling)
   for i in range(MN):
     counts = np.bincount(np.asarray(out[:, i]), minlength=MV)
-    expected = rows * want[i]
-    chi2 = np.sum((counts - expected) ** 2 / expected)
+    assert np.all(counts[want[i] == 0] == 0), (i, counts, want[i])
+    drawn = want[i] > 0
+    expected = rows * want[i][drawn]
+    chi2 = np.sum((counts[drawn] - expected) ** 2 / expected)
     assert chi2 < 25, (i, counts, expected)
 
 

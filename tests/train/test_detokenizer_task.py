@@ -83,6 +83,9 @@ def test_trains_evaluates_and_loads_back(files, tmp_path, monkeypatch):
     detok.decode(ids, batch_size=0)
   with pytest.raises(TypeError, match="seed"):
     detok.decode(ids, seed=1.5)
+  for steps in (0, 1.5, True):
+    with pytest.raises(ValueError, match=r"num_steps=.*expected an int >= 1"):
+      detok.decode(ids, num_steps=steps)
 
 
 def test_an_encoder_conditioned_decoder_reads_continuous_tokens(files):

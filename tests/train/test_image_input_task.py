@@ -367,6 +367,13 @@ def test_boxes_and_grounded_captions_are_the_full_forward_greedy_ones(
   assert model.layout.is_location(as_box[0][0]).sum() == 2
   with pytest.raises(ValueError, match="5x5 grid"):
     model._encode([["draw a star in", grounding.BoxTokens(0, 6, 5)]])  # pylint: disable=protected-access
+  # Boxes are ids in the document like its words: a request with more
+  # boxes than the context holds is the context's clear error, before
+  # anything compiles.
+  many = "draw " + " and ".join(f"a red star in {box.text}" for _ in range(100))
+  with pytest.raises(ValueError, match=r"exceeds the model's context of \d+ "
+                     r"tokens \(config.model.max_len\)"):
+    model.generate([many])
 
 
 def test_grounding_needs_location_ids(patches):

@@ -454,3 +454,62 @@ def test_non_shapes_data_skips_the_probe(task, params, files, tmp_path,
     cell = grid[y:y + 128:4, x:x + 256:4]  # back to 32 x 64 px
     np.testing.assert_array_equal(cell[:, :32], true[k])
     np.testing.assert_array_equal(cell[:, 32:], samples[k])
+
+
+@pytest.mark.parametrize("tokenizer,arg", [
+    pytest.param(dict(num_queries=3), "tokens=3", marks=pytest.mark.slow),
+    (dict(keep_ratio=0.5, merger_layers=1), "dynamic=1")])
+def test_parti_on_seed_and_lavit_tokens(tokenizer, arg, tmp_path,
+                                        monkeypatch):
+  """Parti on a SEED tokenizer's K 1-D tokens (tokens=K) and on a LaVIT
+  tokenizer's variable-length spans (dynamic=1): data pre-tokenized with
+  the tokenizer trains, evaluates, saves, loads and samples images the
+  tokenizer decodes; data of the other kind is a clear error."""
+  use_pixel_probe(monkeypatch)
+  data_dir = str(tmp_path / "tfds")
+  tok = test_pretokenize.make_tokenizer_workdir(str(tmp_path / "tok"),
+                                                data_dir, **tokenizer)
+  spiece = test_pretokenize.make_text_tokenizer(str(tmp_path / "spiece"))
+  data = str(tmp_path / "data")
+  for split, num in (("train", 16), ("validation", 8)):
+    pretokenize.pretokenize(api.load_tokenizer(tok), spiece, "shapes_small",
+                            split, data, TEXT_LENGTH, num_examples=num,
+                            batch_size=32, data_dir=data_dir,
+                            tokenizer_workdir=tok)
+  grid_config = tiny_config(tokenizer_workdir=tok, pretokenized_dir=data)
+  with pytest.raises(ValueError, match=arg.split("=")[0]):
+    ParTask(grid_config).train_data(0, 1)
+
+  config = parti_shapes.get_config(
+      f"size=tiny,steps=4,batch=8,text_vocab={TEXT_VOCAB},codes={CODES},"
+      f"grid={GRID},text_length={TEXT_LENGTH},{arg}")
+  config.model.update(grid_config.model.to_dict(),
+                      image_length=config.model.image_length,
+                      positions=config.model.positions,
+                      end_of_image=config.model.end_of_image)
+  config.optimizer.update(lr=3e-3, warmup_steps=0)
+  config.eval.update(grid_config.eval.to_dict())
+  config.eval.update(num_single=4, num_pair=0, batch_size=4,
+                     num_loss_examples=8, num_grid_samples=2)
+  config.update(tokenizer_workdir=tok)
+  config.data.pretokenized_dir = data
+  assert config.model.positions == "learned"  # 1-D: no rows and columns
+  workdir = str(tmp_path / "run")
+  trainer.train(config, workdir, ParTask(config))
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert np.isfinite(report["eval_loss"])
+  model = api.load_model(workdir)
+  prompts = ["a big red circle", "a small blue star", "a green square"]
+  ids = model.sample_ids(prompts, seed=0, cfg_scale=None, temperature=1.0)
+  images = model.sample(prompts, seed=0, cfg_scale=None, temperature=1.0)
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(
+      images, model.tokenizer.decode(ids.reshape(model.tokenizer.grid and
+                                                 (3,) + model.tokenizer.grid)))
+  if config.model.end_of_image:  # codes, then -1 after the span's EOI
+    kept = ids >= 0
+    assert ids.shape == (3, GRID * GRID)
+    assert np.all(kept[:, :-1] >= kept[:, 1:])
+  else:
+    assert ids.shape[-1] == 3 and (ids >= 0).all()

@@ -775,12 +775,6 @@ def _write_packed(out_dir: str, split: str, length: int, batches,
   }
 
 
-def _variable_length(tokenizer) -> bool:
-  """Whether the tokenizer writes LaVIT's variable-length images (ids [1,
-  P]: the kept codes, then -1): image spans of up to P codes."""
-  return bool(getattr(getattr(tokenizer, "model", None), "keep_ratio", 0))
-
-
 def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
               tokenizer, text_tokenizer_path: str, tokenizer_workdir: str,
               **fields) -> dict[str, Any]:
@@ -802,7 +796,7 @@ def _metadata(stats: dict[str, Any], *, split: str, length: int, layout,
       "grid": list(tokenizer.grid),
       "image_length": int(np.prod(tokenizer.grid)),
       # Spans of up to image_length codes, each ended by EOI (LaVIT).
-      "end_of_image": _variable_length(tokenizer),
+      "end_of_image": pretokenize.variable_length(tokenizer),
       "image_size": int(tokenizer.image_size),
       "text_tokenizer": paths.absolute(text_tokenizer_path),
       "text_tokenizer_copy": pretokenize.TEXT_TOKENIZER_FILE,

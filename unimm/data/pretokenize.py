@@ -65,6 +65,13 @@ FORMAT = "unimm_pretokenized/v1 (msgpack: image_ids, text_ids, caption)"
 MAX_CAPTIONS_PER_RECORD = 8
 
 
+def variable_length(tokenizer) -> bool:
+  """Whether the tokenizer writes LaVIT's variable-length images (ids [1,
+  P]: the kept codes, then -1): image spans of up to P codes, ended by EOI
+  in the models that read them (config.model.end_of_image)."""
+  return bool(getattr(getattr(tokenizer, "model", None), "keep_ratio", 0))
+
+
 def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
 
@@ -359,6 +366,7 @@ def pretokenize(tokenizer, text_tokenizer_path: str,
       "shards": names,
       "grid": list(tokenizer.grid),
       "image_length": int(np.prod(tokenizer.grid)),
+      "end_of_image": variable_length(tokenizer),
       "num_codes": int(tokenizer.num_codes),
       "image_size": int(image_size),
       "codebook_usage": float((counts > 0).mean()),

@@ -28,6 +28,7 @@ from unimm import config_lib
 from unimm.inference import settings as settings_lib
 from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import diffusion
+from unimm.sampling import flow
 from unimm.sampling import sampler as sampler_lib
 from unimm.tokenizers import vit_vqgan
 
@@ -122,7 +123,8 @@ class Detokenizer:
     """Conditions [N, K, D] -> uint8 images [N, S, S, 3], sampled with
     num_steps Euler steps, guided by cfg_scale (None: unguided); the
     defaults are the eval's. Batches of batch_size share one compile."""
-    num_steps = settings_lib.resolve(num_steps, self.settings, "num_steps")
+    num_steps = flow.check_steps(
+        settings_lib.resolve(num_steps, self.settings, "num_steps"))
     cfg_scale = settings_lib.resolve(cfg_scale, self.settings, "cfg_scale")
     cfg_scale = None if cfg_scale in (None, "") else float(cfg_scale)
     if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -132,7 +134,7 @@ class Detokenizer:
     s = self.tokenizer.image_size
     if not len(conditions):
       return np.zeros((0, s, s, 3), np.uint8)
-    fn = _jitted(self.model, int(num_steps), cfg_scale is not None)
+    fn = _jitted(self.model, num_steps, cfg_scale is not None)
     rng = sampler_lib.seed_key(seed)
     out = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):

@@ -205,12 +205,32 @@ class ParTask:
         ("image_vocab_size", metadata["num_codes"], m.image_vocab_size),
         ("text_length", metadata["text_length"], m.text_length),
     )
+    dynamic = metadata.get("end_of_image")
+    if dynamic is None:  # metadata without the key: LaVIT's spans are short
+      dynamic = (metadata.get("tokens_per_image_mean", m.image_length)
+                 < metadata["image_length"])
+    dynamic = bool(dynamic)
+    if dynamic != bool(m.end_of_image):
+      raise ValueError(
+          f"Pre-tokenized data in {d!r} holds "
+          + ("variable-length images (a LaVIT tokenizer's kept codes)"
+             if dynamic else "fixed-length images")
+          + f" but config.model.end_of_image={bool(m.end_of_image)}; train "
+          f"with configs/parti_shapes.py:dynamic={int(dynamic)}, or "
+          "re-run unimm.tools.pretokenize with the tokenizer this model is "
+          "for.")
+    grid = metadata.get("grid")
     for name, have, want in checks:
       if have != want:
+        hint = ""
+        if (name == "image_length" and not dynamic and grid
+            and grid[0] == 1):
+          hint = (f" (the data's tokenizer writes {have} 1-D tokens: "
+                  f"configs/parti_shapes.py:tokens={have})")
         raise ValueError(
             f"Pre-tokenized data in {d!r} has {name}={have} but "
-            f"config.model.{name}={want}; re-run unimm.tools.pretokenize for "
-            "this model or change the config.")
+            f"config.model.{name}={want}{hint}; re-run "
+            "unimm.tools.pretokenize for this model or change the config.")
     if metadata["text_vocab_size"] > m.text_vocab_size:
       raise ValueError(
           f"Pre-tokenized data in {d!r} uses {metadata['text_vocab_size']} "
