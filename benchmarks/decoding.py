@@ -1,12 +1,14 @@
 r"""Image decoding: plain (one token per model call) against speculative
 Jacobi decoding (SJD, sampler.sjd_decode), side by side.
 
-  python benchmarks/decoding.py [--workdir shapes-parti] [--windows 4,8]
-      [--batches 1,8] [--cfg_scale 3.0] [--temperature 1.0]
-  python benchmarks/decoding.py --workdir shapes-parti --probe 200
+  python benchmarks/decoding.py [--workdirs shapes-parti,workdirs/parti]
+      [--windows 4,8] [--batches 1,8] [--cfg_scale 3.0] [--temperature 1.0]
+      [--contrastive_alpha 0.1 --contrastive_k 1]
+  python benchmarks/decoding.py --workdirs shapes-parti --probe 200
 
-Prints, from one run on this machine, for each model, decoding and batch:
-model calls per image (the decoder steps of one image span, the mean over
+Prints, from one run on this machine, for each model, decoding (plain and
+SJD at --windows, with guidance at --cfg_scale; CD-K at each
+--contrastive_alpha, plain) and batch: model calls per image (the decoder steps of one image span, the mean over
 --call_seeds draws; a batch makes its images together), images/s (best
 wall time of --repeats calls after a warm-up call that compiles), the
 speed against plain decoding at that batch, and for Parti the time of one
@@ -15,8 +17,9 @@ times that is the model's share, the rest is the sampler's. By default the
 models are tiny ones with random weights (a Parti and an interleaved
 decoder-only model, image spans of --image_length tokens), so it runs in
 about a minute on a CPU; random weights are hard to predict, so their SJD
-call counts are an upper bound for trained models. --workdir measures a trained model instead (anything
-unimm.load_model takes: a workdir, an export, a packaged name).
+call counts are an upper bound for trained models. --workdirs measures trained models instead, one after
+the other in the same run (anything unimm.load_model takes: a workdir, an
+export, a packaged name).
 """
 import os
 import sys
@@ -41,9 +44,9 @@ from unimm.models import parti
 from unimm.models import vocab
 from unimm.sampling.sampler import SamplingParams
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", "", "A trained model for unimm.load_model (Parti or "
-    "interleaved); empty: tiny random models.")
+_WORKDIRS = flags.DEFINE_list(
+    "workdirs", [], "Trained models for unimm.load_model (Parti or "
+    "interleaved), measured one after the other; empty: tiny random models.")
 _WINDOWS = flags.DEFINE_list("windows", ["4", "8"], "SJD windows to run.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", 3.0, "Guidance scale (the "
@@ -58,21 +61,40 @@ _CALL_SEEDS = flags.DEFINE_integer(
 _PROMPT = flags.DEFINE_string("prompt", "a big red circle at the top left",
                               "Prompt of every row (trained models).")
 _PROBE = flags.DEFINE_integer(
-    "probe", 0, "With --workdir (a model trained on shapes): also sample "
+    "probe", 0, "With --workdirs (models trained on shapes): also sample "
     "this many one-object and as many two-object prompts of the probe's "
     "fixed set with each decoding (plain, SJD at --windows, no guidance, "
     "CD-K at --contrastive_alpha) and print the probe's prompt accuracy "
     "and probe_fd (the evals' Frechet distance in probe features).")
 _CONTRASTIVE_ALPHA = flags.DEFINE_list(
-    "contrastive_alpha", ["0.1"], "--probe: CD-K plausibility factors.")
+    "contrastive_alpha", ["0.1"], "CD-K plausibility factors (speed rows, "
+    "and --probe rows at the eval's temperature); empty: no CD-K rows.")
+_CONTRASTIVE_K = flags.DEFINE_integer(
+    "contrastive_k", 1, "CD-K's k: the head is within alpha of the k-th "
+    "likeliest conditional token.")
 _PROBE_BATCH = flags.DEFINE_integer("probe_batch", 50, "--probe: prompts per "
                                     "sampling call.")
 
 
-def sampling(window: int) -> SamplingParams:
+def sampling(window: int = 0, alpha: float | None = None) -> SamplingParams:
+  """--temperature with guidance at --cfg_scale, or CD-K at alpha."""
   cfg = _CFG_SCALE.value if _CFG_SCALE.value >= 0 else None
+  if alpha is not None:
+    return SamplingParams(temperature=_TEMPERATURE.value,
+                          contrastive_alpha=alpha,
+                          contrastive_k=_CONTRASTIVE_K.value,
+                          sjd_window=window).validate(2**31 - 1)
   return SamplingParams(temperature=_TEMPERATURE.value, cfg_scale=cfg,
                         sjd_window=window).validate(2**31 - 1)
+
+
+def decodings() -> list[tuple[str, SamplingParams]]:
+  """The speed table's rows: plain, SJD at each window, CD-K at each
+  alpha."""
+  return ([("plain", sampling())]
+          + [(f"SJD W={w}", sampling(int(w))) for w in _WINDOWS.value]
+          + [(f"CD-K a={a}", sampling(alpha=float(a)))
+             for a in _CONTRASTIVE_ALPHA.value])
 
 
 def random_parti():
@@ -115,10 +137,9 @@ def parti_call_seconds(model, params, rows, window: int) -> float:
 
 
 def parti_runner(model, params, text, uncond):
-  """run(window, batch) -> (calls per image, seconds per batch, seconds of
+  """run(sampling, batch) -> (calls per image, seconds per batch, seconds of
   one decoder call)."""
-  def run(window, batch):
-    sp = sampling(window)
+  def run(sp, batch):
     fn = jax.jit(lambda p, x, u, r: parti.sample_image_ids(
         model, p, x, r, sp, u if sp.doubled else None, return_steps=True))
     rows = jnp.asarray(np.tile(text, (batch, 1)))
@@ -129,7 +150,7 @@ def parti_runner(model, params, text, uncond):
                            repeats=_REPEATS.value)
     call = parti_call_seconds(
         model, params, jnp.concatenate([rows, urows]) if sp.doubled else rows,
-        max(window, 1))
+        max(sp.sjd_window, 1))
     return float(calls), seconds, call
   return run
 
@@ -152,14 +173,14 @@ def interleaved_runner(model, params, prompt, layout):
   ids = np.arange(layout.size)
   is_text = np.asarray(layout.is_text(ids))
 
-  def run(window, batch):
+  def run(sp, batch):
     def fn(rng):
       return il.continue_documents(
           model, params, np.tile(prompt, (batch, 1)), rng, text_ids=is_text,
           image_ids=np.asarray(layout.is_image(ids)), eos_id=vocab.EOS,
           boi_id=vocab.BOI, eoi_id=vocab.EOI,
           text_sampling=SamplingParams(temperature=0.0),
-          image_sampling=sampling(window),
+          image_sampling=sp,
           max_new_tokens=model.image_length + 1, max_text_tokens=1,
           max_images=1, drop_ids=is_text, return_image_steps=True)
     calls = np.mean([int(fn(jax.random.key(seed))[1][0])
@@ -171,25 +192,31 @@ def interleaved_runner(model, params, prompt, layout):
 
 
 def runners():
-  """[(name, image tokens, run)] for the models to measure."""
-  if not _WORKDIR.value:
+  """[(name, image tokens, run, loaded model or None)] for the models to
+  measure."""
+  if not _WORKDIRS.value:
     p = random_parti()
     i = random_interleaved()
-    return [("random Parti", p[0].image_length, parti_runner(*p)),
+    return [("random Parti", p[0].image_length, parti_runner(*p), None),
             ("random interleaved", i[0].image_length,
-             interleaved_runner(*i))]
-  loaded = unimm.load_model(_WORKDIR.value)
-  params = {"params": jax.device_get(nn.unbox(loaded.params))}
-  name = os.path.basename(os.path.normpath(_WORKDIR.value))
-  if isinstance(loaded, text_to_image.TextToImageModel):
-    text = loaded.text_tokenizer.encode([_PROMPT.value],
-                                        loaded.model.text_length).ids[0]
-    return [(f"Parti {name}", loaded.model.image_length, parti_runner(
-        loaded.model, params, text, loaded.unconditional_row()))]
-  prompt = np.concatenate([loaded._encode([[_PROMPT.value]])[0],  # pylint: disable=protected-access
-                           [vocab.BOI]]).astype(np.int32)
-  return [(f"interleaved {name}", loaded.model.image_length,
-           interleaved_runner(loaded.model, params, prompt, loaded.layout))]
+             interleaved_runner(*i), None)]
+  out = []
+  for workdir in _WORKDIRS.value:
+    loaded = unimm.load_model(workdir)
+    params = {"params": jax.device_get(nn.unbox(loaded.params))}
+    name = os.path.basename(os.path.normpath(workdir))
+    if isinstance(loaded, text_to_image.TextToImageModel):
+      text = loaded.text_tokenizer.encode([_PROMPT.value],
+                                          loaded.model.text_length).ids[0]
+      out.append((f"Parti {name}", loaded.model.image_length, parti_runner(
+          loaded.model, params, text, loaded.unconditional_row()), loaded))
+      continue
+    prompt = np.concatenate([loaded._encode([[_PROMPT.value]])[0][0],  # pylint: disable=protected-access
+                             [vocab.BOI]]).astype(np.int32)
+    out.append((f"interleaved {name}", loaded.model.image_length,
+                interleaved_runner(loaded.model, params, prompt,
+                                   loaded.layout), loaded))
+  return out
 
 
 def probe_table(model) -> None:
@@ -204,7 +231,8 @@ def probe_table(model) -> None:
   rows = [("plain", {})] + [
       (f"SJD W={w}", {"sjd_window": int(w)}) for w in _WINDOWS.value] + [
           ("no guidance", {"cfg_scale": None})] + [
-              (f"CD-K a={a}", {"contrastive_alpha": float(a)})
+              (f"CD-K a={a}", {"contrastive_alpha": float(a),
+                               "contrastive_k": _CONTRASTIVE_K.value})
               for a in _CONTRASTIVE_ALPHA.value]
   print(f"\nprobe: {len(prompts)} prompts ({_PROBE.value} single, "
         f"{_PROBE.value} pair) at batch {_PROBE_BATCH.value}; the eval's "
@@ -230,31 +258,33 @@ def probe_table(model) -> None:
 
 
 def main(_):
-  windows = [0] + [int(w) for w in _WINDOWS.value]
+  if _PROBE.value and not _WORKDIRS.value:
+    raise app.UsageError("--probe needs --workdirs, models trained on "
+                         "shapes (e.g. shapes-parti).")
   batches = [int(b) for b in _BATCHES.value]
   print(f"devices {jax.device_count()} x {jax.devices()[0].platform}; "
-        f"temperature {_TEMPERATURE.value}, cfg_scale {_CFG_SCALE.value}")
-  header = (f"{'model':<22} {'decoding':<9} {'tokens':>6} {'batch':>5} "
+        f"temperature {_TEMPERATURE.value}, cfg_scale {_CFG_SCALE.value}, "
+        f"CD-K k {_CONTRASTIVE_K.value}")
+  header = (f"{'model':<30} {'decoding':<11} {'tokens':>6} {'batch':>5} "
             f"{'model steps/image':>17} {'steps ratio':>11} {'images/s':>9} "
             f"{'speed vs plain':>14} {'call ms':>7}")
   print(header)
   print("-" * len(header))
-  for name, tokens, run in runners():
+  models = runners()
+  for name, tokens, run, _ in models:
     plain = {}
-    for window in windows:
+    for label, sp in decodings():
       for batch in batches:
-        steps, seconds, call = run(window, batch)
+        steps, seconds, call = run(sp, batch)
         plain_steps, plain_seconds = plain.setdefault(batch, (steps, seconds))
-        label = f"SJD W={window}" if window else "plain"
-        print(f"{name:<22} {label:<9} {tokens:>6} {batch:>5} {steps:>17.1f} "
+        print(f"{name:<30} {label:<11} {tokens:>6} {batch:>5} {steps:>17.1f} "
               f"{steps / plain_steps:>11.2f} {batch / seconds:>9.2f} "
               f"{plain_seconds / seconds:>14.2f} "
               f"{'-' if call is None else f'{call * 1e3:.3f}':>7}", flush=True)
   if _PROBE.value:
-    if not _WORKDIR.value:
-      raise app.UsageError("--probe needs --workdir, a model trained on "
-                           "shapes (e.g. shapes-parti).")
-    probe_table(unimm.load_model(_WORKDIR.value))
+    for name, _, _, loaded in models:
+      print(f"\n{name}")
+      probe_table(loaded)
 
 
 if __name__ == "__main__":
