@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from unimm import config_lib
+from unimm import parallel
 from unimm import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +64,31 @@ def test_interleaved_model_plans_with_fsdp_and_its_flops_match():
   # XLA counts executed FLOPs: attention's backward recomputes the q k^T
   # logits, one matmul more than the formula's six per attention product.
   assert 0.95 < result["flops_ratio"] < 1.1
+
+
+def test_detokenizer_plans_without_a_tokenizer_workdir():
+  """The de-tokenizer's frozen ViT-VQGAN comes from config.tokenizer_model
+  (its params traced with the init, no files read); FSDP shards the DiT,
+  and XLA's FLOPs, with the tokenizer's scanned encoder unrolled too, match
+  the formula (the DiT's 3 x forward + the encoder's forward)."""
+  config = _config("configs/detokenizer_plan.py:size=tiny,patch=4,"
+                   "tokenizer=tiny,batch=8")
+  assert not config.tokenizer_workdir
+  assert config.tokenizer_model.scan_layers
+  result = plan.plan(config, {"data": 1, "fsdp": 8, "tensor": 1},
+                     sampler=False, log=lambda *a: 0)
+  assert result["num_devices"] == 8 and result["num_params"] > 1e5
+  assert result["params_bytes_per_device"] < 2 * result["num_params"] / 4
+  # XLA counts what runs: attention's backward recomputes q k^T (self and
+  # cross), beyond the formula's six matmuls per product; at width 64
+  # attention is a large share.
+  assert 0.95 < result["flops_ratio"] < 1.1
+  # The count does not depend on how the frozen tokenizer's layers are
+  # laid out (XLA counts a scanned body once; step_flops unrolls both).
+  unrolled = config.copy_and_resolve_references()
+  unrolled.tokenizer_model.scan_layers = False
+  mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+  assert plan.step_flops(config, mesh) == plan.step_flops(unrolled, mesh)
 
 
 def test_cli_json_on_a_mixed_mesh():

@@ -42,9 +42,13 @@ import numpy as np
 
 from unimm import config_lib
 from unimm import parallel
+from unimm.inference import detokenizer as detokenizer_lib
 from unimm.inference import text_to_image
+from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import parti
 from unimm.sampling import sampler as sampler_lib
+from unimm.tokenizers import vit_vqgan
+from unimm.train import detokenizer_task
 from unimm.train import tasks
 from unimm.train import trainer
 
@@ -64,6 +68,7 @@ TABLE_CONFIGS = (
     ("configs/vit_vqgan_plan.py", ("small", "base", "large")),
     ("configs/parti_plan.py", ("350m", "750m", "3b", "20b")),
     ("configs/interleaved_plan.py", ("1b", "7b")),
+    ("configs/detokenizer_plan.py", ("paper",)),
 )
 MESH_AXES = ("data", "fsdp", "tensor")
 JSON_KEYS = ("params_bytes_per_device", "opt_state_bytes_per_device",
@@ -166,8 +171,15 @@ def planning_task(config):
 
   Parti's loss reads the unconditional prompt (CFG dropout) from the text
   tokenizer; for planning any [S] row will do: [EOS=1, 0, ...] as the T5
-  layout that unimm.tokenizers.text writes.
+  layout that unimm.tokenizers.text writes. The de-tokenizer's frozen
+  ViT-VQGAN is built from config.tokenizer_model, its params traced with
+  the init.
   """
+  if config.task == "detokenizer":  # the frozen tokenizer from its config
+    model = config_lib.build_module(vit_vqgan.ViTVQGAN,
+                                    config.tokenizer_model.to_dict())
+    return detokenizer_task.DetokenizerTask(config, tokenizer_lib.Tokenizer(
+        model=model, params=None, config=config, step=0))
   task = tasks.get_task(config)
   if config.task == "parti":
     row = text_to_image.unconditional_text_ids(1, task.model.text_length)
@@ -189,8 +201,12 @@ def abstract_batch(config, batch_size: int | None = None) -> dict[str, Any]:
     row = jax.ShapeDtypeStruct((b, m.max_len), np.int32)
     return {"tokens": row, "segment_ids": row, "positions": row,
             "loss_mask": row}
-  raise ValueError(f"The planner knows tasks 'parti', 'vit_vqgan' and "
-                   f"'interleaved', got config.task={config.task!r}.")
+  if config.task == "detokenizer":
+    s = config.tokenizer_model.image_size
+    return {"image": jax.ShapeDtypeStruct((b, s, s, 3), np.uint8)}
+  raise ValueError(f"The planner knows tasks 'parti', 'vit_vqgan', "
+                   f"'interleaved' and 'detokenizer', got config.task="
+                   f"{config.task!r}.")
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +240,8 @@ def analytic_flops(config, batch_size: int) -> float:
 
   Embedding lookups (gathers), norms and elementwise ops are not counted.
   ViT-VQGAN: the generator only (the StyleGAN discriminator's convolutions
-  are not in the formula).
+  are not in the formula). De-tokenizer: the DiT, and the frozen
+  tokenizer's encoder forward only.
   """
   m = config.model
   if config.task == "interleaved":
@@ -244,21 +261,45 @@ def analytic_flops(config, batch_size: int) -> float:
         _stack_flops(m.decoder_layers, t, m.embed_dim, m.mlp_dim, hd,
                      cross_tokens=s) +
         2 * t * m.embed_dim * m.image_vocab_size)  # logits
+  elif config.task == "detokenizer":  # sizes derived from the tokenizer
+    tokenizer = config_lib.build_module(vit_vqgan.ViTVQGAN,
+                                        config.tokenizer_model.to_dict())
+    length, width = detokenizer_lib.condition_shape(
+        config.get("condition", "codes"), tokenizer)
+    t = (tokenizer.image_size // m.patch_size) ** 2
+    pixels = m.patch_size ** 2 * m.get("channels", 3)
+    forward = (_stack_flops(m.num_layers, t, m.embed_dim, m.mlp_dim,
+                            m.num_heads * m.head_dim,
+                            cross_tokens=length + 1) +  # and the time token
+               2 * t * m.embed_dim * pixels * (
+                   2 if m.get("source_image") else 1) +  # patch embed
+               2 * length * width * m.embed_dim +  # the condition's projection
+               2 * t * m.embed_dim * pixels)  # unembed
+    # The frozen tokenizer's encoder runs forward only.
+    return 3.0 * forward * batch_size + _vit_vqgan_flops(
+        config.tokenizer_model, decoder=False) * batch_size
   else:
-    t = (m.image_size // m.patch_size) ** 2
-    pixels = m.patch_size ** 2 * 3
-    forward = 0
-    for prefix in ("encoder_", "decoder_"):
-      d, f = m[f"{prefix}embed_dim"], m[f"{prefix}mlp_dim"]
-      forward += _stack_flops(m[f"{prefix}num_layers"], t, d, f, d)
-      forward += 2 * t * d * f  # the tanh feed-forward head
-    fe, fd = m.encoder_mlp_dim, m.decoder_mlp_dim
-    forward += 2 * t * (pixels * m.encoder_embed_dim +  # patch embed
-                        fe * m.code_dim +  # to the code space
-                        m.num_codes * m.code_dim +  # code similarities
-                        m.code_dim * m.decoder_embed_dim +  # back to D
-                        fd * 2 * pixels)  # per-patch (mu, log b)
+    forward = _vit_vqgan_flops(m)
   return 3.0 * forward * batch_size
+
+
+def _vit_vqgan_flops(m, decoder: bool = True) -> float:
+  """Forward matmul FLOPs of one image through a ViT-VQGAN's encoder and
+  quantizer, and with decoder its decoder."""
+  t = (m.image_size // m.patch_size) ** 2
+  pixels = m.patch_size ** 2 * 3
+  forward = 0
+  for prefix in ("encoder_", "decoder_") if decoder else ("encoder_",):
+    d, f = m[f"{prefix}embed_dim"], m[f"{prefix}mlp_dim"]
+    forward += _stack_flops(m[f"{prefix}num_layers"], t, d, f, d)
+    forward += 2 * t * d * f  # the tanh feed-forward head
+  forward += 2 * t * (pixels * m.encoder_embed_dim +  # patch embed
+                      m.encoder_mlp_dim * m.code_dim +  # to the code space
+                      m.num_codes * m.code_dim)  # code similarities
+  if decoder:
+    forward += 2 * t * (m.code_dim * m.decoder_embed_dim +  # back to D
+                        m.decoder_mlp_dim * 2 * pixels)  # per-patch (mu, log b)
+  return forward
 
 
 # ----------------------------------------------------------------------------
@@ -304,8 +345,10 @@ def step_flops(config, mesh) -> float:
   allocates nothing and compiles nothing.
   """
   config = config.copy_and_resolve_references()
-  config.model.scan_layers = False
-  config.model.remat_policy = "none"
+  for model in (config.model, config.get("tokenizer_model")):
+    if model is not None:  # a de-tokenizer's frozen tokenizer too
+      model.scan_layers = False
+      model.remat_policy = "none"
   program = trainer.build_program(config, planning_task(config),
                                   abstract_batch(config), mesh=mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(program.rules):
@@ -500,7 +543,9 @@ def _table_markdown(rows, batch_per_device) -> str:
   lines = [head, "|---|---|" + "---|" * len(HBM_GIB)]
   for size, path, results in rows:
     name = ("ViT-VQGAN " if "vit_vqgan" in path else
-            "Interleaved " if "interleaved" in path else "Parti ") + size
+            "Interleaved " if "interleaved" in path else
+            "De-tokenizer (DiT) " if "detokenizer" in path else
+            "Parti ") + size
     num_params = next(iter(results.values()))["num_params"] if results else 0
     cells = []
     for family, hbm in HBM_GIB.items():

@@ -43,7 +43,11 @@ LOSS_DEFAULTS = dict(condition_drop_rate=0.1, target="x")
 class DetokenizerTask:
   """Task for unimm.train.trainer: the diffusion de-tokenizer."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict,
+               tokenizer: tokenizer_lib.Tokenizer | None = None):
+    """tokenizer: the frozen ViT-VQGAN; None loads config.tokenizer_workdir.
+    One without params (the planner's, unimm.plan) has them traced with the
+    init."""
     self.config = config
     config_lib.check_counts(config, "eval",
                             positive=("num_images", "batch_size",
@@ -59,13 +63,15 @@ class DetokenizerTask:
     if self.loss_config["target"] not in diffusion.LOSS_TARGETS:
       raise ValueError(f"config.loss.target={self.loss_config['target']!r}; "
                        f"expected one of {diffusion.LOSS_TARGETS}.")
-    workdir = config.get("tokenizer_workdir") or ""
-    if not workdir:
-      raise ValueError("config.tokenizer_workdir is empty; set it to the "
-                       "workdir of the trained ViT-VQGAN (config arg "
-                       "tokenizer_workdir=...).")
-    # Loaded now: init may run under jax.eval_shape / jit.
-    self.tokenizer = tokenizer_lib.load_tokenizer(workdir)
+    if tokenizer is None:
+      workdir = config.get("tokenizer_workdir") or ""
+      if not workdir:
+        raise ValueError("config.tokenizer_workdir is empty; set it to the "
+                         "workdir of the trained ViT-VQGAN (config arg "
+                         "tokenizer_workdir=...).")
+      # Loaded now: init may run under jax.eval_shape / jit.
+      tokenizer = tokenizer_lib.load_tokenizer(workdir)
+    self.tokenizer = tokenizer
     self.model = inference.build_model(config, self.tokenizer)
 
   # ------------------------------------------------------------------ data
@@ -97,8 +103,12 @@ class DetokenizerTask:
                        f"expected [B, {s}, {s}, 3], the tokenizer's size.")
     params = jax.jit(inference.params_init(self.model))(
         rng, {"image": batch["image"]})["params"]
-    tokenizer_params = jax.tree.map(jnp.asarray,
-                                    nn.unbox(self.tokenizer.params))
+    if self.tokenizer.params is None:  # planned: traced, never trained
+      tokenizer_params = nn.unbox(self.tokenizer.model.init(
+          rng, batch["image"])["params"])
+    else:
+      tokenizer_params = jax.tree.map(jnp.asarray,
+                                      nn.unbox(self.tokenizer.params))
     return params, {"tokenizer": tokenizer_params}
 
   def loss(self, params, model_state, batch, rng):
