@@ -1,8 +1,8 @@
 """Parti on variable-length images (end_of_image, for LaVIT's dynamic
 tokens): the targets are the codes then one scored EOI; cached decoding
 equals the full forward; the sampler stops each row at its EOI, ends with
-the longest row, and gives what an uncached decoder gives, guided or
-not."""
+the longest row, and gives what an uncached decoder gives, plain, guided
+or by CD-K."""
 import functools
 
 import flax.linen as nn
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from unimm.models import parti
-from unimm.sampling.sampler import SamplingParams, guided_logits
+from unimm.sampling.sampler import SamplingParams, processed_logits
 
 B, S, T, V = 3, 6, 8, 17
 MODEL = parti.Parti(**parti.parti_config(
@@ -67,9 +67,10 @@ def test_cached_logits_equal_full_forward_over_variable_length_images():
   np.testing.assert_allclose(jnp.stack(cached, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def _uncached_greedy(cfg_scale):
-  """Greedy decoding by full forwards of the whole prefix, stopping at EOI."""
-  text = TEXT if cfg_scale is None else jnp.concatenate([TEXT, UNCOND])
+def _uncached_greedy(sampling):
+  """Greedy decoding by full forwards of the whole prefix, stopping at EOI,
+  of sampling's scores (guidance or CD-K over [TEXT; UNCOND])."""
+  text = jnp.concatenate([TEXT, UNCOND]) if sampling.doubled else TEXT
   encoded = MODEL.apply(PARAMS, text, method=parti.Parti.encode)
   apply = jax.jit(lambda seq: MODEL.apply(PARAMS, seq, *encoded,
                                           method=parti.Parti.decode))
@@ -77,9 +78,7 @@ def _uncached_greedy(cfg_scale):
   done = np.zeros(B, bool)
   out = np.full((B, T + 1), -1, np.int64)
   for t in range(T + 1):
-    logits = apply(seq)[:, t]
-    if cfg_scale is not None:
-      logits = guided_logits(logits, cfg_scale)
+    logits = processed_logits(apply(seq)[:, t], sampling)
     token = np.asarray(jnp.argmax(logits, -1))[:B]
     token = np.where(done, MODEL.eoi_id, token)
     out[:, t] = np.where(done, -1, token)
@@ -91,16 +90,17 @@ def _uncached_greedy(cfg_scale):
   return out[:, :T]
 
 
-@pytest.mark.parametrize("cfg_scale", [None, 3.0])
-def test_the_sampler_stops_each_row_at_its_eoi(cfg_scale):
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(0.0), SamplingParams(0.0, cfg_scale=3.0),
+    SamplingParams(0.0, contrastive_alpha=0.5)])
+def test_the_sampler_stops_each_row_at_its_eoi(sampling):
   sample = jax.jit(functools.partial(
-      parti.sample_image_ids, MODEL, PARAMS,
-      sampling=SamplingParams(0.0, cfg_scale=cfg_scale),
+      parti.sample_image_ids, MODEL, PARAMS, sampling=sampling,
       uncond_text_ids=UNCOND, return_steps=True))
   ids, calls = sample(TEXT, jax.random.key(0))
   ids = np.asarray(ids)
   assert ids.shape == (B, T)
-  np.testing.assert_array_equal(ids, _uncached_greedy(cfg_scale))
+  np.testing.assert_array_equal(ids, _uncached_greedy(sampling))
   lengths = (ids >= 0).sum(1)
   assert len(set(lengths.tolist())) > 1, ids  # the rows end apart
   # The loop ends with the longest row: the BOS call writes token 0, one
