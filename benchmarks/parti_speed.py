@@ -18,11 +18,14 @@ Prints, from one run on this machine:
   cache on a same-size T5 encoder-decoder in PyTorch (greedy, CPU), at
   batch 1 and 8; compile time separately;
 - training tokens/s of the real unimm train step (unimm.train.trainer's
-  program for the Parti task: forward, backward, AdamW), with the layers
-  as the config lays them out (--scan; tiny: unrolled) and the other way
-  (--other_layout), against the same HF model in PyTorch eager (forward,
-  backward, AdamW), timed in --train_rounds interleaved rounds (medians;
-  the ratio of each round is printed too);
+  program for the Parti task: forward, backward, clipping by the global
+  norm, AdamW, the skip of a non-finite step), with the layers as the
+  config lays them out (--scan; tiny: unrolled) and the other way
+  (--other_layout), against the same HF model in PyTorch eager doing the
+  same (forward, backward, clip_grad_norm_ at config.optimizer.
+  grad_clip_norm, AdamW unless the norm is not finite), each after two
+  warm-up steps, timed in --train_rounds interleaved rounds (medians; the
+  ratio of each round is printed too);
 - the same for the interleaved task's train step (unimm.train.
   interleaved_task on configs/interleaved_shapes.py, one document per row:
   BOS, prompt, BOI, image, EOI, text, EOS) against a same-size Llama
@@ -187,6 +190,8 @@ def unimm_train_s(m_cfg, task, batch):
     state, metrics = compiled(state, device_batch)
     jax.block_until_ready(metrics)
     params = {"params": parallel.unbox(jax.device_get(state.params))}
+    state, metrics = compiled(state, device_batch)  # two warm-up steps, as
+    jax.block_until_ready(metrics)  # PyTorch's
   holder = [state]
 
   def timer(steps: int) -> float:
@@ -278,9 +283,10 @@ def torch_loss_fn(model, **arrays):
   return lambda: model(**tensors).loss
 
 
-def torch_train_timer(model, loss_fn):
-  """A timer: timer(steps) -> seconds per PyTorch eager step (loss_fn(),
-  backward, AdamW)."""
+def torch_train_timer(model, loss_fn, clip_norm: float):
+  """A timer: timer(steps) -> seconds per PyTorch eager step: loss_fn(),
+  backward, clipping to clip_norm, and AdamW unless the norm is not finite
+  (unimm's trainer's step)."""
   import torch  # pylint: disable=g-import-not-at-top
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -288,7 +294,9 @@ def torch_train_timer(model, loss_fn):
   def step():
     opt.zero_grad()
     loss_fn().backward()
-    opt.step()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    if torch.isfinite(norm):
+      opt.step()
 
   step()
   step()  # warm-up (oneDNN primitives)
@@ -553,7 +561,8 @@ def compare_training(name: str, config, make_task, batch, tokens: int,
     other.model.scan_layers = not config.model.scan_layers
     timers["other"] = unimm_train_s(other, make_task(other), batch)[1]
   if torch_ref is not None:
-    timers["torch"] = torch_train_timer(torch_ref, torch_loss)
+    timers["torch"] = torch_train_timer(
+        torch_ref, torch_loss, config.optimizer.grad_clip_norm)
   rounds = {key: [] for key in timers}
   for _ in range(_TRAIN_ROUNDS.value):  # interleaved: drift hits all alike
     for key, round_timer in timers.items():
