@@ -384,3 +384,15 @@ def test_grounding_needs_location_ids(patches):
     patches["model"].caption(image, grounded=True)
   with pytest.raises(ValueError, match="no location ids"):
     patches["model"].generate(["draw a star in <box><loc_0><loc_17></box>"])
+
+
+def test_images_a_setting_cannot_read_are_clear_errors(patches, resampler):
+  """Through the API, before anything compiles: patches need sides that
+  are multiples of the patch size; the resampler reads the tokenizer's
+  resolution only."""
+  with pytest.raises(ValueError, match=r"multiples of patch_size=\d+; got "
+                     r"30x32.*config.model.patch_size"):
+    patches["model"].caption(np.zeros((1, 30, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"shape \(64, 64, 3\).*expected uint8 "
+                     r"\[32, 32, 3\].*resize it to 32x32"):
+    resampler["model"].caption(np.zeros((1, 64, 64, 3), np.uint8))
