@@ -3,8 +3,9 @@
   python -m unimm.plan --config configs/detokenizer_plan.py --mesh fsdp=8
 
 The decoder SEED-X / NExT-GPT-style models draw images with, at the paper
-row of unimm.models.diffusion.SIZES (DiT-XL: width 1152, 28 layers, 16
-heads, 675M parameters), on 256x256 pixels in 16x16 patches: 256 tokens,
+row of unimm.models.diffusion.SIZES (DiT-XL's width 1152, 28 layers and 16
+heads; 0.60B parameters with cross-attention to the condition where
+DiT-XL/2's adaLN-Zero has 675M), on 256x256 pixels in 16x16 patches: 256 tokens,
 as DiT-XL/2 on a 32x32 latent, and the pixel-space patch of Li & He 2025
 (JiT), whose x-prediction the decoder uses. It is conditioned on the code
 vectors of a frozen ViT-VQGAN (configs/vit_vqgan_plan.py's size, 32x32
@@ -17,8 +18,9 @@ Variants (arg "key=value,..."): size (unimm.models.diffusion.SIZES), patch
 (pixels per patch side), tokenizer (the ViT-VQGAN's size: tiny | small |
 base | large), condition (codes | encoder), batch (global), remat, dtype.
 
-Expected (python -m unimm.plan --table, batch 1 per chip;
-docs/scaling.md): 0.68B parameters.
+Expected (docs/results.md, docs/scaling.md): on fsdp=8 at global batch
+256, 7.9 GiB per chip (fits v4, v5p and v5e) and XLA's FLOPs 1.015x the
+analytic count; at batch 1 per chip (--table) one v5e chip holds it.
 """
 import ml_collections
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from unimm import config_lib
@@ -179,7 +180,9 @@ def planning_task(config):
     model = config_lib.build_module(vit_vqgan.ViTVQGAN,
                                     config.tokenizer_model.to_dict())
     return detokenizer_task.DetokenizerTask(config, tokenizer_lib.Tokenizer(
-        model=model, params=None, config=config, step=0))
+        model=model, params=None,
+        config=ml_collections.ConfigDict({"model": config.tokenizer_model}),
+        step=0))
   task = tasks.get_task(config)
   if config.task == "parti":
     row = text_to_image.unconditional_text_ids(1, task.model.text_length)
