@@ -505,8 +505,7 @@ def test_parti_on_seed_and_lavit_tokens(tokenizer, arg, tmp_path,
   images = model.sample(prompts, seed=0, cfg_scale=None, temperature=1.0)
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(
-      images, model.tokenizer.decode(ids.reshape(model.tokenizer.grid and
-                                                 (3,) + model.tokenizer.grid)))
+      images, model.tokenizer.decode(ids.reshape((3,) + model.tokenizer.grid)))
   if config.model.end_of_image:  # codes, then -1 after the span's EOI
     kept = ids >= 0
     assert ids.shape == (3, GRID * GRID)
