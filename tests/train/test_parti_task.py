@@ -456,16 +456,13 @@ def test_non_shapes_data_skips_the_probe(task, params, files, tmp_path,
     np.testing.assert_array_equal(cell[:, 32:], samples[k])
 
 
-@pytest.mark.parametrize("tokenizer,arg", [
-    pytest.param(dict(num_queries=3), "tokens=3", marks=pytest.mark.slow),
-    (dict(keep_ratio=0.5, merger_layers=1), "dynamic=1")])
-def test_parti_on_seed_and_lavit_tokens(tokenizer, arg, tmp_path,
-                                        monkeypatch):
-  """Parti on a SEED tokenizer's K 1-D tokens (tokens=K) and on a LaVIT
-  tokenizer's variable-length spans (dynamic=1): data pre-tokenized with
-  the tokenizer trains, evaluates, saves, loads and samples images the
-  tokenizer decodes; data of the other kind is a clear error."""
-  use_pixel_probe(monkeypatch)
+SEED_AND_LAVIT = [(dict(num_queries=3), "tokens=3"),
+                  (dict(keep_ratio=0.5, merger_layers=1), "dynamic=1")]
+
+
+def _pretokenized(tmp_path, tokenizer):
+  """(tokenizer workdir, pre-tokenized dir) of a random tiny tokenizer
+  with the ViT-VQGAN fields `tokenizer` changed."""
   data_dir = str(tmp_path / "tfds")
   tok = test_pretokenize.make_tokenizer_workdir(str(tmp_path / "tok"),
                                                 data_dir, **tokenizer)
@@ -476,10 +473,31 @@ def test_parti_on_seed_and_lavit_tokens(tokenizer, arg, tmp_path,
                             split, data, TEXT_LENGTH, num_examples=num,
                             batch_size=32, data_dir=data_dir,
                             tokenizer_workdir=tok)
-  grid_config = tiny_config(tokenizer_workdir=tok, pretokenized_dir=data)
-  with pytest.raises(ValueError, match=arg.split("=")[0]):
-    ParTask(grid_config).train_data(0, 1)
+  return tok, data
 
+
+@pytest.mark.parametrize("tokenizer,arg", SEED_AND_LAVIT)
+def test_seed_and_lavit_data_need_their_config_arg(tokenizer, arg, tmp_path):
+  """Data pre-tokenized with a SEED tokenizer (K 1-D tokens) or a LaVIT
+  one (variable-length spans; its image_length equals the grid's) under a
+  grid config is a clear error naming the config arg."""
+  tok, data = _pretokenized(tmp_path, tokenizer)
+  with pytest.raises(ValueError, match=arg):
+    ParTask(tiny_config(tokenizer_workdir=tok,
+                        pretokenized_dir=data)).train_data(0, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer,arg", SEED_AND_LAVIT)
+def test_parti_on_seed_and_lavit_tokens(tokenizer, arg, tmp_path,
+                                        monkeypatch):
+  """Parti on a SEED tokenizer's K 1-D tokens (tokens=K) and on a LaVIT
+  tokenizer's variable-length spans (dynamic=1): data pre-tokenized with
+  the tokenizer trains, evaluates, saves, loads and samples images the
+  tokenizer decodes."""
+  use_pixel_probe(monkeypatch)
+  tok, data = _pretokenized(tmp_path, tokenizer)
+  grid_config = tiny_config(tokenizer_workdir=tok, pretokenized_dir=data)
   config = parti_shapes.get_config(
       f"size=tiny,steps=4,batch=8,text_vocab={TEXT_VOCAB},codes={CODES},"
       f"grid={GRID},text_length={TEXT_LENGTH},{arg}")
