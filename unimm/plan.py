@@ -177,10 +177,8 @@ def planning_task(config):
   the init.
   """
   if config.task == "detokenizer":  # the frozen tokenizer from its config
-    model = config_lib.build_module(vit_vqgan.ViTVQGAN,
-                                    config.tokenizer_model.to_dict())
     return detokenizer_task.DetokenizerTask(config, tokenizer_lib.Tokenizer(
-        model=model, params=None,
+        model=_frozen_tokenizer(config), params=None,
         config=ml_collections.ConfigDict({"model": config.tokenizer_model}),
         step=0))
   task = tasks.get_task(config)
@@ -188,6 +186,13 @@ def planning_task(config):
     row = text_to_image.unconditional_text_ids(1, task.model.text_length)
     task.unconditional_row = lambda: row
   return task
+
+
+def _frozen_tokenizer(config) -> vit_vqgan.ViTVQGAN:
+  """A de-tokenizer config's frozen ViT-VQGAN, from config.tokenizer_model."""
+  return config_lib.build_module(vit_vqgan.ViTVQGAN,
+                                 config.tokenizer_model.to_dict(),
+                                 "config.tokenizer_model")
 
 
 def abstract_batch(config, batch_size: int | None = None) -> dict[str, Any]:
@@ -265,8 +270,7 @@ def analytic_flops(config, batch_size: int) -> float:
                      cross_tokens=s) +
         2 * t * m.embed_dim * m.image_vocab_size)  # logits
   elif config.task == "detokenizer":  # sizes derived from the tokenizer
-    tokenizer = config_lib.build_module(vit_vqgan.ViTVQGAN,
-                                        config.tokenizer_model.to_dict())
+    tokenizer = _frozen_tokenizer(config)
     length, width = detokenizer_lib.condition_shape(
         config.get("condition", "codes"), tokenizer)
     t = (tokenizer.image_size // m.patch_size) ** 2
