@@ -28,7 +28,10 @@ examples trained with the null condition, for guidance), target (x | v:
 the loss on the clean-image estimate or on the velocity,
 unimm.models.diffusion.flow_matching_loss), sample_steps
 (Euler steps of the eval), cfg (the eval's guidance scale; 1 = none),
-probe (fixed prompts the probe reads, one- and two-object each; 0 = off).
+probe (fixed prompts the probe reads, one- and two-object each; 0 = off),
+source (1: SEED-X's editing decoder, trained on edit pairs with the image
+before the edit as a second input, dropped at rate source_drop;
+unimm.train.detokenizer_task).
 """
 import ml_collections
 
@@ -42,14 +45,15 @@ def get_config(arg=None):
       arg, size="tiny", patch=4, steps=3000, batch=32, lr=1e-3,
       tokenizer_workdir="workdirs/tok_16k", condition="codes", drop=0.1,
       target="x",
-      sample_steps=32, cfg=1.0, probe=100)
+      sample_steps=32, cfg=1.0, probe=100, source=0, source_drop=0.2)
   config = config_lib.base_config("detokenizer", arg.steps)
   config.tokenizer_workdir = arg.tokenizer_workdir
   config.condition = arg.condition
   config.model = ml_collections.ConfigDict(diffusion_config(
-      arg.size, patch_size=arg.patch))
+      arg.size, patch_size=arg.patch, source_image=bool(arg.source)))
   config.loss = ml_collections.ConfigDict(dict(
-      condition_drop_rate=float(arg.drop), target=arg.target))
+      condition_drop_rate=float(arg.drop),
+      source_drop_rate=float(arg.source_drop), target=arg.target))
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=arg.lr, warmup_steps=min(200, arg.steps // 10), end_lr_fraction=0.05,
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0))

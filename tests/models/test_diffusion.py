@@ -86,8 +86,31 @@ def test_a_source_image_conditions_the_edit_decoder():
   a, b = (diffusion.sample(model, params, condition, rng, num_steps=2,
                            source01=s) for s in sources)
   assert not np.allclose(a, b)
-  with pytest.raises(ValueError, match="pass source="):
-    diffusion.sample(model, params, condition, rng, num_steps=2)
+  # No source is the zero image (data range) the training's dropped
+  # sources get; a decoder without a source input refuses one.
+  none = diffusion.sample(model, params, condition, rng, num_steps=2)
+  grey = diffusion.sample(model, params, condition, rng, num_steps=2,
+                          source01=jnp.full((3, 8, 8, 3), 0.5))
+  np.testing.assert_allclose(none, grey, atol=1e-6)
+  assert not np.allclose(none, a)
+  plain = _model()
+  with pytest.raises(ValueError, match="drop source="):
+    diffusion.sample(plain, _init(plain), condition, rng, num_steps=2,
+                     source01=sources[0])
+
+
+def test_dropped_sources_are_the_zero_image_in_the_loss():
+  model = _model(source_image=True)
+  params = _init(model, b=4, source=True)
+  images = jax.random.uniform(jax.random.key(7), (4, 8, 8, 3))
+  sources = jax.random.uniform(jax.random.key(8), (4, 8, 8, 3))
+  rng = jax.random.key(9)
+  loss = lambda **kw: diffusion.flow_matching_loss(  # pylint: disable=unnecessary-lambda-assignment
+      model, params, images, _condition(4), rng, **kw)[0]
+  grey = jnp.full_like(sources, 0.5)
+  np.testing.assert_allclose(loss(source01=sources, source_drop_rate=1.0),
+                             loss(source01=grey), rtol=1e-6)
+  assert not np.isclose(loss(source01=sources), loss(source01=grey))
 
 
 def test_the_loss_falls_on_a_fixed_batch():

@@ -4,6 +4,7 @@ the model, and the loaded model's captions, answers and scores are those of
 the full forward pass (cached decoding with reads is exact). On the same
 rows, NExT-GPT / SEED-X output queries regress each written slot's own
 code vector."""
+import dataclasses
 import functools
 import json
 import os
@@ -216,6 +217,81 @@ def test_output_queries_regress_each_written_slot_own_vector(
                       read_id=-1, newline_id=-1)
   with pytest.raises(ValueError, match="image_input=patches or resampler"):
     InterleavedTask(config)
+
+
+def test_output_queries_restore_and_edit_through_the_source_decoder(
+    patches, tokenizers, tmp_path, monkeypatch):
+  """An output-query run (NExT-GPT / SEED-X) restores and samples bit for
+  bit as trained; with SEED-X's editing de-tokenizer, generate() decodes a
+  written image from its projections with the image before it as the
+  source (a text-to-image sample: from its condition alone)."""
+  import test_parti_task  # pylint: disable=g-import-not-at-top
+  test_parti_task.use_pixel_probe(monkeypatch)
+  tokenizer_workdir, spiece = tokenizers
+  config = base.tiny_config(patches["packed"],
+                            tokenizer_workdir=tokenizer_workdir,
+                            text_tokenizer=spiece)
+  layout = patches["model"].layout
+  tokenizer = api.load_tokenizer(tokenizer_workdir)
+  config.model.update(image_input="patches", patch_size=PATCH,
+                      num_queries=QUERIES,
+                      vocab_size=layout.size, read_id=layout.read_id,
+                      newline_id=layout.newline_id, image_output="queries",
+                      embedding_dim=tokenizer.model.decoder_embed_dim)
+  config.eval.caption_rerank = 0.0
+  config.detokenizer_workdir = test_image_output_task._random_detokenizer(  # pylint: disable=protected-access
+      str(tmp_path / "detok"), tokenizer_workdir, source=1)
+  config.data.batch_size = 8  # the 8 test devices each take a row
+  workdir = str(tmp_path / "run")
+  task = InterleavedTask(config)
+  state = trainer.train(config, workdir, task)
+  model = api.load_model(workdir)
+  trained = task.inference_model(flax.linen.unbox(state.params),
+                                 int(state.step))
+  prompts = ["a big red circle", "a small blue star"]
+  np.testing.assert_array_equal(model.sample(prompts, seed=1),
+                                trained.sample(prompts, seed=1))
+  rng = np.random.default_rng(0)
+  image = shapes.render(shapes.scene_from_rng(rng, 1), 32)
+  document = [image, "make it blue"]
+  calls = []
+  decode = model.detokenizer.decode_conditions
+
+  def spy(conditions, **kw):
+    calls.append((kw.get("source"), decode(conditions, **kw)))
+    return calls[-1][1]
+
+  def opening_an_image(m):
+    """The untrained model's next token made BOI: the prompt ends in it,
+    and the written row is read back from it."""
+    encode, segments = m._encode, m._segments  # pylint: disable=protected-access
+    monkeypatch.setattr(m, "_encode", lambda documents: (
+        [np.append(r, vocab.BOI).astype(np.int32)
+         for r in encode(documents)[0]], encode(documents)[1]))
+    monkeypatch.setattr(m, "_segments", lambda row: segments(
+        np.concatenate([[vocab.BOI], row])))
+
+  for m in (model, trained):
+    opening_an_image(m)
+  monkeypatch.setattr(model.detokenizer, "decode_conditions", spy)
+  out = model.generate(document, seed=2, max_images=1,
+                       max_new_tokens=model.image_length + 8)
+  written = [x for x in out if not isinstance(x, str)]
+  assert len(written) == 1 and len(calls) == 1
+  np.testing.assert_array_equal(calls[0][0], image[None])
+  np.testing.assert_array_equal(written[0], calls[0][1][0])
+  again = trained.generate(document, seed=2, max_images=1,
+                           max_new_tokens=model.image_length + 8)
+  np.testing.assert_array_equal(
+      [x for x in again if not isinstance(x, str)][0], written[0])
+  # Without a source-image de-tokenizer the written vectors show as their
+  # nearest codes (the tokenizer's decoder): another picture.
+  plain = dataclasses.replace(trained, detokenizer=None)
+  opening_an_image(plain)
+  shown = [x for x in plain.generate(document, seed=2, max_images=1,
+                                     max_new_tokens=model.image_length + 8)
+           if not isinstance(x, str)]
+  assert len(shown) == 1 and not np.array_equal(shown[0], written[0])
 
 
 def test_a_resampler_run_trains_saves_and_loads(resampler):

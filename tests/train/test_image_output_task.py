@@ -35,11 +35,13 @@ import random_models  # noqa: E402  pylint: disable=g-import-not-at-top
 PROMPTS = ["a big red circle", "a small blue star"]
 
 
-def _random_detokenizer(out, tokenizer_workdir, condition="codes"):
-  """A de-tokenizer with random weights on the test tokenizer."""
+def _random_detokenizer(out, tokenizer_workdir, condition="codes",
+                        source=0):
+  """A de-tokenizer with random weights on the test tokenizer (source=1:
+  SEED-X's editing decoder)."""
   config = detokenizer_shapes.get_config(
       f"tokenizer_workdir={tokenizer_workdir},condition={condition},"
-      "sample_steps=2")
+      f"sample_steps=2,source={source}")
   config.model.update(embed_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                       num_layers=1)
   model = detokenizer_lib.build_model(

@@ -97,6 +97,7 @@ import collections
 import dataclasses
 import functools
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -440,6 +441,31 @@ def random_edit(scene: shapes.Scene, rng: np.random.Generator) -> Edit:
     offset = tuple(round(float(v), 4) for v in rng.uniform(-limit, limit, 2))
     edit = dataclasses.replace(edit, offset=offset)
   return edit
+
+
+def edit_pair(example: dict[str, Any], *, seed: int,
+              image_size: int) -> dict[str, Any]:
+  """A shapes example (pipeline.parse_image_text's, with "scene") -> an
+  edit pair for SEED-X's editing decoder: {"source": the scene rendered,
+  "image": the scene after one random_edit, "instruction": its words,
+  "caption": the edited scene's, stating every attribute}.
+  The edit is drawn from np.random.default_rng([seed, crc32(scene)]), so
+  an example always gives the same pair (and resumed data the same
+  batches)."""
+  if "scene" not in example:
+    raise ValueError("Edit pairs need the shapes world's scenes (an example "
+                     "without 'scene'); train the source-image decoder on "
+                     "config.data.source=shapes.")
+  text = example["scene"]
+  scene = shapes.scene_from_json(text)
+  key = zlib.crc32(text.encode("utf-8") if isinstance(text, str) else text)
+  edit = random_edit(scene, np.random.default_rng([seed, _RNG_TAG, key]))
+  edited = apply_edit(scene, edit)
+  return {"source": shapes.render(scene, image_size),
+          "image": shapes.render(edited, image_size),
+          "instruction": instruction(edit),
+          "caption": shapes.caption(
+              edited, shapes.COMPLETE_TEMPLATES[len(edited.objects)])}
 
 
 # ---------------------------------------------------------------------------

@@ -298,6 +298,10 @@ def parse_image_text(example: Mapping[str, Any], *,
   return parsed
 
 
+def _then(first, second, example):  # picklable for grain's workers
+  return second(first(example))
+
+
 def image_text_dataset(
     source: str,
     split: str,
@@ -313,6 +317,7 @@ def image_text_dataset(
     worker_count: int = 0,
     drop_remainder: bool = True,
     in_memory: bool = False,
+    then: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> grain.IterDataset:
   """Batches {"image": uint8 [B, S, S, 3], "caption": object [B]} per host.
 
@@ -322,7 +327,9 @@ def image_text_dataset(
   converter with --image_size to avoid that cost. Shapes sources exist at
   sizes 32, 64, 128, 256 only (a ValueError names config.data.image_size).
   in_memory reads and parses the whole split once (InMemorySource), for
-  small data sets read many times. See `batched_dataset` for the others.
+  small data sets read many times. then: a function of each parsed
+  example, applied before batching (e.g. interleaved.edit_pair). See
+  `batched_dataset` for the others.
   """
   if image_size <= 0:
     raise ValueError(f"config.data.image_size={image_size}; expected > 0.")
@@ -338,6 +345,9 @@ def image_text_dataset(
     data_source = InMemorySource(data_source, transform,
                                  name=f"{source}:{split}")
     transform = None
+  if then is not None:
+    transform = (then if transform is None else
+                 functools.partial(_then, transform, then))
   return batched_dataset(
       data_source, batch_size=batch_size, shuffle=shuffle, seed=seed,
       num_epochs=num_epochs, process_index=process_index,

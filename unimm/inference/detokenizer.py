@@ -5,6 +5,7 @@ codes (or encoder tokens) -> images by flow-matching sampling
   detok = unimm.load_detokenizer("workdirs/detok")
   images = detok.decode(ids)            # uint8 [N, S, S, 3] from codes
   images = detok.reconstruct(images)    # encode with the tokenizer, decode
+  edited = detok.decode(target_ids, source=images)  # a source-image decoder
 
 What conditions the decoder (config.condition):
   codes    the ids' code vectors as the tokenizer's own decoder sees them
@@ -77,11 +78,13 @@ def to_uint8(x) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)
 def _jitted(model: diffusion.DiffusionDecoder, num_steps: int,
-            guided: bool):
-  def fn(params, conditions, rng, cfg_scale):
+            guided: bool, with_source: bool):
+  def fn(params, conditions, rng, cfg_scale, sources):
     return to_uint8(diffusion.sample(
         model, params, conditions, rng, num_steps=num_steps,
-        cfg_scale=cfg_scale if guided else None))
+        cfg_scale=cfg_scale if guided else None,
+        source01=sources.astype(jnp.float32) / 255.0 if with_source
+        else None))
   return jax.jit(fn)
 
 
@@ -117,12 +120,15 @@ class Detokenizer:
         self.condition, self.tokenizer.model)(
             vit_vqgan._plain_params(self.tokenizer.params), images))  # pylint: disable=protected-access
 
-  def decode_conditions(self, conditions, *, seed: int = 0,
+  def decode_conditions(self, conditions, *, source=None, seed: int = 0,
                         num_steps=EVAL, cfg_scale=EVAL,
                         batch_size: int = 64) -> np.ndarray:
     """Conditions [N, K, D] -> uint8 images [N, S, S, 3], sampled with
     num_steps Euler steps, guided by cfg_scale (None: unguided); the
-    defaults are the eval's. Batches of batch_size share one compile."""
+    defaults are the eval's. Batches of batch_size share one compile.
+    source: uint8 [N, S, S, 3], the images being edited, for a decoder
+    trained with them (SEED-X; config.model.source_image); None draws
+    from the condition alone."""
     num_steps = flow.check_steps(
         settings_lib.resolve(num_steps, self.settings, "num_steps"))
     cfg_scale = settings_lib.resolve(cfg_scale, self.settings, "cfg_scale")
@@ -132,24 +138,40 @@ class Detokenizer:
       raise ValueError(f"batch_size={batch_size!r}; expected an int > 0.")
     conditions = np.asarray(conditions, np.float32)
     s = self.tokenizer.image_size
+    if source is not None:
+      source = np.asarray(source)
+      if not self.model.source_image:
+        raise ValueError(
+            f"source= given, but the de-tokenizer in {self.path!r} was "
+            "trained without source images; drop source=, or train one "
+            "with config arg source=1 (configs/detokenizer_shapes.py).")
+      if source.dtype != np.uint8 or source.shape != (len(conditions), s,
+                                                     s, 3):
+        raise ValueError(
+            f"source images {source.dtype} {source.shape}; expected uint8 "
+            f"[{len(conditions)}, {s}, {s}, 3], one per condition.")
     if not len(conditions):
       return np.zeros((0, s, s, 3), np.uint8)
-    fn = _jitted(self.model, num_steps, cfg_scale is not None)
+    fn = _jitted(self.model, num_steps, cfg_scale is not None,
+                 source is not None)
     rng = sampler_lib.seed_key(seed)
     out = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
       chunk = conditions[start:start + batch_size]
+      sources = (np.zeros((len(chunk), 0), np.uint8) if source is None
+                 else source[start:start + batch_size])
       pad = batch_size - len(chunk) if len(conditions) > batch_size else 0
       if pad:  # one compiled shape for every batch
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        sources = np.concatenate([sources, np.repeat(sources[-1:], pad, 0)])
       images = fn(self.params, chunk, jax.random.fold_in(rng, i),
-                  jnp.float32(cfg_scale or 1.0))
+                  jnp.float32(cfg_scale or 1.0), sources)
       out.append(np.asarray(images)[:len(chunk) - pad])
     return np.concatenate(out)
 
   def decode(self, ids, **kwargs) -> np.ndarray:
     """Tokenizer ids [N, h, w] -> uint8 images (config.condition must be
-    "codes"); kwargs as decode_conditions."""
+    "codes"); kwargs (source=, seed=, ...) as decode_conditions."""
     if self.condition != "codes":
       raise ValueError(f"decode(ids) needs a decoder conditioned on codes; "
                        f"this one is conditioned on {self.condition!r}: "
@@ -168,7 +190,8 @@ class Detokenizer:
     return self.decode_conditions(conditions, **kwargs)
 
   def reconstruct(self, images, **kwargs) -> np.ndarray:
-    """uint8 images -> their conditions -> decoded uint8 images."""
+    """uint8 images -> their conditions -> decoded uint8 images; kwargs as
+    decode_conditions."""
     return self.decode_conditions(self.conditions(images), **kwargs)
 
 
@@ -208,11 +231,12 @@ def params_init(model: diffusion.DiffusionDecoder) -> checkpoints.InitFn:
 
   def init(rng, batch):
     b, s = batch["image"].shape[0], model.image_size
+    x = jnp.zeros((b, s, s, model.channels), jnp.float32)
     return {"params": model.init(
-        rng, jnp.zeros((b, s, s, model.channels), jnp.float32),
-        jnp.zeros((b,), jnp.float32),
+        rng, x, jnp.zeros((b,), jnp.float32),
         jnp.zeros((b, model.condition_length, model.condition_dim),
-                  jnp.float32))["params"]}
+                  jnp.float32), None,
+        x if model.source_image else None)["params"]}
   return init
 
 

@@ -327,6 +327,7 @@ class InterleavedModel:
     """generate() for several documents at once (one batch); a text run
     without BOI or EOS stops after max_text_tokens."""
     rows, reads = self._encode(documents)
+    editing = self._edits_by_detokenizer()
     out = self._continue(rows, reads=reads, seed=seed,
                          temperature=temperature,
                          top_k=top_k, top_p=top_p,
@@ -334,8 +335,61 @@ class InterleavedModel:
                          max_text_tokens=max_text_tokens, cfg_scale=cfg_scale,
                          image_temperature=image_temperature,
                          contrastive_alpha=contrastive_alpha,
-                         contrastive_k=contrastive_k, sjd_window=sjd_window)
-    return [self._segments(row) for row in out]
+                         contrastive_k=contrastive_k, sjd_window=sjd_window,
+                         return_embeddings=editing)
+    if not editing:
+      return [self._segments(row) for row in out]
+    out, embeddings = out
+    written = [self._segments(row) for row in out]
+    self._decode_edits(documents, written, embeddings, seed)
+    return written
+
+  def _edits_by_detokenizer(self) -> bool:
+    """Whether generate() decodes written images by the de-tokenizer: a
+    continuous-output model whose de-tokenizer takes the image being
+    edited (SEED-X's editing decoder, config.model.source_image). Other
+    continuous-output models show written vectors as their nearest codes
+    (the tokenizer's decoder)."""
+    return (self.model.image_output != "codes"
+            and self.detokenizer is not None
+            and bool(self.detokenizer.model.source_image))
+
+  def _decode_edits(self, documents, written, embeddings, seed: int) -> None:
+    """Replaces, in place, each image of `written` (the segments
+    generate_batch wrote) by the de-tokenizer's decoding of its regressed
+    vectors, given the image before it (the document's last image, or the
+    image written before) as the source; an image with none before it is
+    decoded from its condition alone. A row's k-th written image is its
+    k-th image phase (unimm.models.interleaved.continue_documents)."""
+    s = self.tokenizer.image_size
+    last = []
+    for d, segments in enumerate(documents):
+      if isinstance(segments, (str, np.ndarray)):
+        segments = [segments]
+      images = [np.asarray(x) for x in segments
+                if not isinstance(x, (str, grounding.BoxTokens))]
+      if images and images[-1].shape != (s, s, 3):
+        raise ValueError(
+            f"Document {d}: the image before the edit has shape "
+            f"{images[-1].shape}; the de-tokenizer draws edits from a "
+            f"source at its tokenizer's resolution, uint8 [{s}, {s}, 3] "
+            f"(resize it to {s}x{s}).")
+      last.append(images[-1] if images else None)
+    for k, phase in enumerate(embeddings):
+      slots = [[i for i, x in enumerate(row) if not isinstance(x, str)]
+               for row in written]
+      for with_source in (True, False):
+        rows = [b for b in range(len(written)) if len(slots[b]) > k
+                and (last[b] is not None) == with_source]
+        if not rows:
+          continue
+        decoded = self.detokenizer.decode_conditions(
+            np.asarray(phase)[rows], seed=seed + k,
+            source=np.stack([last[b] for b in rows]) if with_source
+            else None)
+        for b, image in zip(rows, decoded):
+          written[b][slots[b][k]] = image
+          last[b] = image
 
   def caption(self, images, *, seed: int = 0, temperature: float = 0.0,
               max_new_tokens: int = 48, prompt: str | None = None,

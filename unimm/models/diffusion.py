@@ -119,12 +119,10 @@ class DiffusionDecoder(nn.Module):
           f"A condition of shape {tuple(condition.shape)}; expected "
           f"[{x_t.shape[0]}, {k}, {d}] (config.model.condition_length / "
           "condition_dim: the sequence the decoder was trained on).")
-    if self.source_image != (source is not None):
+    if source is not None and not self.source_image:
       raise ValueError(
-          "This decoder " + ("takes" if self.source_image else "has no")
-          + " source image (config.model.source_image="
-          f"{self.source_image}); " + ("pass source=" if self.source_image
-                                       else "drop source="))
+          "This decoder has no source image (config.model.source_image="
+          "False); drop source=, or train one with config arg source=1.")
     if source is not None and tuple(source.shape) != tuple(x_t.shape):
       raise ValueError(f"A source image of shape {tuple(source.shape)}; "
                        f"expected {tuple(x_t.shape)}, as the images.")
@@ -134,12 +132,17 @@ class DiffusionDecoder(nn.Module):
     """x_t [B, S, S, C] in the data range [-1, 1] (noised); t [B] in [0,
     1]; condition [B, K, D_c]; use_condition bool [B] (default all True;
     False: the learned null condition); source [B, S, S, C] in [-1, 1]
-    when source_image. Returns the clean image estimate x_0 in [-1, 1]
+    when source_image (None there: no source, a zero image, as the
+    training's dropped sources). Returns the clean image estimate x_0 in [-1, 1]
     units, float32 [B, S, S, C] (`velocity` turns it into v)."""
     self.check_inputs(x_t, condition, source)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b = x_t.shape[0]
-    x = x_t if source is None else jnp.concatenate([x_t, source], axis=-1)
+    if self.source_image:
+      x = jnp.concatenate([x_t, jnp.zeros_like(x_t) if source is None
+                           else source.astype(x_t.dtype)], axis=-1)
+    else:
+      x = x_t
     h = layers.PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed",
                           **kw)(x)
     gh, gw = self.grid
@@ -209,25 +212,31 @@ LOSS_TARGETS = ("x", "v")
 
 def flow_matching_loss(model: DiffusionDecoder, params, images01, condition,
                        rng, *, condition_drop_rate: float = 0.0,
-                       source01=None, target: str = "x", weights=None):
+                       source01=None, source_drop_rate: float = 0.0,
+                       target: str = "x", weights=None):
   """Mean squared error on images [B, S, S, C] in [0, 1] of the clean-image
   estimate (target "x") or of the velocity it gives (target "v": the same
   error weighted by 1 / t^2, which puts nearly all the weight on small t,
   where denoising is local and the condition barely matters); the
   condition is dropped (null) for a condition_drop_rate share of the
-  batch; weights [B] weigh the images (default: alike). Returns (loss,
-  metrics)."""
+  batch; source01 [B, S, S, C] in [0, 1] (a source_image decoder's
+  sources) is dropped (a zero image: no source) for a source_drop_rate
+  share, so the decoder also draws from the condition alone; weights [B]
+  weigh the images (default: alike). Returns (loss, metrics)."""
   if target not in LOSS_TARGETS:
     raise ValueError(f"target={target!r}; expected one of {LOSS_TARGETS} "
                      "(config.loss.target).")
   x0 = to_data(images01)
-  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  t_rng, noise_rng, drop_rng, source_rng = jax.random.split(rng, 4)
   b = x0.shape[0]
   t = jax.random.uniform(t_rng, (b,))
   noise = jax.random.normal(noise_rng, x0.shape)
   x_t = (1.0 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
   use = jax.random.uniform(drop_rng, (b,)) >= condition_drop_rate
   source = None if source01 is None else to_data(source01)
+  if source is not None and source_drop_rate:
+    keep = jax.random.uniform(source_rng, (b,)) >= source_drop_rate
+    source = jnp.where(keep[:, None, None, None], source, 0.0)
   x0_pred = model.apply({"params": params}, x_t, t, condition, use, source)
   if target == "x":
     error = (x0_pred - x0) ** 2

@@ -16,7 +16,17 @@ psnr (diffusion), tokenizer_psnr (the ViT-VQGAN decoder on the same ids)
 and, with config.eval.probe_prompts > 0 (shapes world), the probe's reading
 of both decoders' reconstructions of the fixed prompt set
 (reconstructed_prompt_accuracy_single / _pair and tokenizer_...).
+
+SEED-X's editing decoder (config.model.source_image, config arg source=1)
+trains on the shapes world's edit pairs (unimm.data.interleaved.edit_pair):
+the edited image's condition, and the image before the edit beside the
+noisy image, dropped (no source) at config.loss.source_drop_rate so one
+decoder also draws from the condition alone. Its eval decodes held-out
+pairs: psnr (with the source), psnr_without_source, source_psnr (the
+source itself against the edited image: what copying it scores) and the
+probe's reading of the edited images, edit_accuracy(_without_source).
 """
+import functools
 import os
 import time
 
@@ -28,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from unimm import config_lib
+from unimm.data import interleaved as documents_lib
 from unimm.data import pipeline
 from unimm.evaluation import grids
 from unimm.evaluation import probe as probe_lib
@@ -37,7 +48,8 @@ from unimm.inference import tokenizer as tokenizer_lib
 from unimm.models import diffusion
 from unimm.tokenizers import losses as losses_lib
 
-LOSS_DEFAULTS = dict(condition_drop_rate=0.1, target="x")
+LOSS_DEFAULTS = dict(condition_drop_rate=0.1, source_drop_rate=0.2,
+                     target="x")
 
 
 class DetokenizerTask:
@@ -56,10 +68,16 @@ class DetokenizerTask:
     self.condition = inference.check_condition(
         config.get("condition", "codes"))
     self.loss_config = config_lib.with_defaults(LOSS_DEFAULTS, config, "loss")
-    rate = self.loss_config["condition_drop_rate"]
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f"config.loss.condition_drop_rate={rate}; expected a "
-                       "rate in [0, 1) (0.1 trains guidance).")
+    for name, use in (("condition_drop_rate", "0.1 trains guidance"),
+                      ("source_drop_rate", "0.2 also trains decoding "
+                       "without a source")):
+      rate = self.loss_config[name]
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"config.loss.{name}={rate}; expected a rate in "
+                         f"[0, 1) ({use}).")
+    # SEED-X's editing decoder: trained on edit pairs, the source image
+    # beside the edited image's condition.
+    self.source_image = bool(config.model.get("source_image", False))
     if self.loss_config["target"] not in diffusion.LOSS_TARGETS:
       raise ValueError(f"config.loss.target={self.loss_config['target']!r}; "
                        f"expected one of {diffusion.LOSS_TARGETS}.")
@@ -86,7 +104,10 @@ class DetokenizerTask:
         process_index=process_index, process_count=process_count,
         data_dir=data.get("data_dir"),
         worker_count=data.get("worker_count", 0),
-        drop_remainder=drop_remainder)
+        drop_remainder=drop_remainder,
+        then=functools.partial(documents_lib.edit_pair, seed=self.config.seed,
+                               image_size=self.tokenizer.image_size)
+        if self.source_image else None)
 
   def train_data(self, process_index: int, process_count: int):
     return self._dataset(
@@ -119,6 +140,9 @@ class DetokenizerTask:
     loss, metrics = diffusion.flow_matching_loss(
         self.model, params, images.astype(jnp.float32) / 255.0, conditions,
         rng, condition_drop_rate=self.loss_config["condition_drop_rate"],
+        source01=(batch["source"].astype(jnp.float32) / 255.0
+                  if self.source_image else None),
+        source_drop_rate=self.loss_config["source_drop_rate"],
         target=self.loss_config["target"])
     return loss, (metrics, model_state)
 
@@ -140,7 +164,8 @@ class DetokenizerTask:
   def evaluate(self, params, model_state, workdir: str, step: int) -> dict:
     """PSNR of both decoders on held-out images (and the probe's reading
     of their reconstructions); writes eval/report.json and
-    eval/reconstructions.png (rows: truth | ViT-VQGAN | diffusion)."""
+    eval/reconstructions.png (rows: truth | ViT-VQGAN | diffusion; an
+    editing decoder's start with the source)."""
     del model_state  # the frozen tokenizer's params: self.tokenizer's
     eval_cfg = self.config.get("eval", ml_collections.ConfigDict())
     num_images = int(eval_cfg.get("num_images", 256))
@@ -150,20 +175,35 @@ class DetokenizerTask:
     detok = self.inference_model(params, step)
     start, seen = time.time(), 0
     psnr, tokenizer_psnr, shown = [], [], []
+    edits = {"source": [], "without_source": [], "by_diffusion": [],
+             "image": [], "caption": []}
     for batch in self._dataset(split, batch_size, shuffle=False,
                                num_epochs=1, drop_remainder=False):
       images = np.asarray(batch["image"])[:num_images - seen]
       ids = self.tokenizer.encode(images)
       by_tokenizer = np.asarray(self.tokenizer.decode(ids))
-      # A codes-conditioned decoder reads the ids just encoded.
-      by_diffusion = (
-          detok.decode(ids, seed=seen, batch_size=batch_size)
-          if self.condition == "codes" else
-          detok.reconstruct(images, seed=seen, batch_size=batch_size))
+      # A codes-conditioned decoder reads the ids just encoded; an editing
+      # decoder also the image the edit starts from.
+      kw = dict(seed=seen, batch_size=batch_size)
+      decode = (functools.partial(detok.decode, ids)
+                if self.condition == "codes" else
+                functools.partial(detok.reconstruct, images))
+      if self.source_image:
+        source = np.asarray(batch["source"])[:len(images)]
+        by_diffusion = decode(source=source, **kw)
+        edits["source"].append(source)
+        edits["without_source"].append(decode(**kw))
+        edits["by_diffusion"].append(by_diffusion)
+        edits["image"].append(images)
+        edits["caption"] += list(batch["caption"][:len(images)])
+      else:
+        by_diffusion = decode(**kw)
       psnr.append(losses_lib.psnr_uint8(by_diffusion, images))
       tokenizer_psnr.append(losses_lib.psnr_uint8(by_tokenizer, images))
       if not shown:
         shown = [images[:8], by_tokenizer[:8], by_diffusion[:8]]
+        if self.source_image:
+          shown.insert(0, source[:8])
       seen += len(images)
       logging.info("de-tokenizer eval: %d / %d images", seen, num_images)
       if seen >= num_images:
@@ -179,6 +219,21 @@ class DetokenizerTask:
         "num_images": int(seen),
         "steps": int(step),
     }
+    if self.source_image:
+      # Edit pairs (interleaved.edit_pair): the edited image decoded with
+      # its source and without, and the source itself (what copying it
+      # scores).
+      pairs = {k: np.concatenate(v) for k, v in edits.items()
+               if k != "caption"}
+      result["psnr_without_source"] = float(losses_lib.psnr_uint8(
+          pairs["without_source"], pairs["image"]).mean())
+      result["source_psnr"] = float(losses_lib.psnr_uint8(
+          pairs["source"], pairs["image"]).mean())
+      if probe_prompts > 0:
+        for name, decoded in (("", pairs["by_diffusion"]),
+                              ("_without_source", pairs["without_source"])):
+          result[f"edit_accuracy{name}"] = probe_lib.prompt_accuracy(
+              edits["caption"], decoded)["prompt_accuracy"]
     if probe_prompts > 0:
       size = self.tokenizer.image_size
       for name, reconstruct in (
