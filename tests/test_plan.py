@@ -168,3 +168,9 @@ def test_table_picks_the_smallest_slice_that_fits():
   # Planned on 2 chips; the smallest v4 slice has 4: an upper bound.
   assert cells[2] == "v4-8 (4 chips, <= 12.0 GiB)"
   assert cells[4] == "v5litepod-4 (4 chips, <= 12.0 GiB)"
+  # Rows of a size with config args name the design.
+  table = plan._table_markdown(
+      [("base,tokens=32", "configs/vit_vqgan_plan.py", small),
+       ("base,keep=0.5", "configs/vit_vqgan_plan.py", small)], 1)
+  assert "| SEED tokenizer (ViT-VQGAN base, 32 tokens) | 1.00B |" in table
+  assert "| LaVIT tokenizer (ViT-VQGAN base, keep 0.5) | 1.00B |" in table

@@ -70,6 +70,9 @@ TABLE_CONFIGS = (
     ("configs/parti_plan.py", ("350m", "750m", "3b", "20b")),
     ("configs/interleaved_plan.py", ("1b", "7b")),
     ("configs/detokenizer_plan.py", ("paper",)),
+    # SEED's 32 1-D causal tokens and LaVIT's dynamic tokens (keep 0.5) on
+    # the same ViT-VQGAN base encoder.
+    ("configs/vit_vqgan_plan.py", ("base,tokens=32", "base,keep=0.5")),
 )
 MESH_AXES = ("data", "fsdp", "tensor")
 JSON_KEYS = ("params_bytes_per_device", "opt_state_bytes_per_device",
@@ -543,16 +546,28 @@ def make_table(batch_per_device: int, log=print,
   return _table_markdown(rows, batch_per_device)
 
 
+def _row_name(path: str, size: str) -> str:
+  """A table row's model: "Parti 3b", "SEED tokenizer (ViT-VQGAN base, 32
+  tokens)" for a size with config args after it."""
+  size, *args = size.split(",")
+  family = ("ViT-VQGAN" if "vit_vqgan" in path else
+            "Interleaved" if "interleaved" in path else
+            "De-tokenizer (DiT)" if "detokenizer" in path else "Parti")
+  values = dict(a.split("=", 1) for a in args)
+  if values.get("tokens", "0") != "0":
+    return f"SEED tokenizer ({family} {size}, {values['tokens']} tokens)"
+  if float(values.get("keep", 0)):
+    return f"LaVIT tokenizer ({family} {size}, keep {values['keep']})"
+  return f"{family} {size}"
+
+
 def _table_markdown(rows, batch_per_device) -> str:
   head = ("| model | params | " + " | ".join(
       f"{family} ({hbm} GiB/chip)" for family, hbm in HBM_GIB.items()) +
           " |")
   lines = [head, "|---|---|" + "---|" * len(HBM_GIB)]
   for size, path, results in rows:
-    name = ("ViT-VQGAN " if "vit_vqgan" in path else
-            "Interleaved " if "interleaved" in path else
-            "De-tokenizer (DiT) " if "detokenizer" in path else
-            "Parti ") + size
+    name = _row_name(path, size)
     num_params = next(iter(results.values()))["num_params"] if results else 0
     cells = []
     for family, hbm in HBM_GIB.items():
