@@ -122,8 +122,8 @@ def test_rows_carry_the_image_opening_each_document(name, request):
   assert read_rows >= 2
 
 
-def test_output_queries_regress_each_written_slot_own_vector(
-    patches, tokenizers, tmp_path):
+def _queries_config(patches, tokenizers):
+  """The patches rows' config with NExT-GPT / SEED-X output queries."""
   tokenizer_workdir, spiece = tokenizers
   config = base.tiny_config(patches["packed"],
                             tokenizer_workdir=tokenizer_workdir,
@@ -136,6 +136,15 @@ def test_output_queries_regress_each_written_slot_own_vector(
                       newline_id=layout.newline_id, image_output="queries",
                       embedding_dim=tokenizer.model.decoder_embed_dim)
   config.eval.caption_rerank = 0.0
+  return config
+
+
+def test_output_queries_regress_each_written_slot_own_vector(
+    patches, tokenizers, tmp_path):
+  tokenizer_workdir, _ = tokenizers
+  config = _queries_config(patches, tokenizers)
+  layout = patches["model"].layout
+  tokenizer = api.load_tokenizer(tokenizer_workdir)
   task = InterleavedTask(config)
   batch = {k: jax.numpy.asarray(v)
            for k, v in next(iter(task.train_data(0, 1))).items()}
@@ -227,18 +236,8 @@ def test_output_queries_restore_and_edit_through_the_source_decoder(
   source (a text-to-image sample: from its condition alone)."""
   import test_parti_task  # pylint: disable=g-import-not-at-top
   test_parti_task.use_pixel_probe(monkeypatch)
-  tokenizer_workdir, spiece = tokenizers
-  config = base.tiny_config(patches["packed"],
-                            tokenizer_workdir=tokenizer_workdir,
-                            text_tokenizer=spiece)
-  layout = patches["model"].layout
-  tokenizer = api.load_tokenizer(tokenizer_workdir)
-  config.model.update(image_input="patches", patch_size=PATCH,
-                      num_queries=QUERIES,
-                      vocab_size=layout.size, read_id=layout.read_id,
-                      newline_id=layout.newline_id, image_output="queries",
-                      embedding_dim=tokenizer.model.decoder_embed_dim)
-  config.eval.caption_rerank = 0.0
+  tokenizer_workdir, _ = tokenizers
+  config = _queries_config(patches, tokenizers)
   config.detokenizer_workdir = test_image_output_task._random_detokenizer(  # pylint: disable=protected-access
       str(tmp_path / "detok"), tokenizer_workdir, source=1)
   config.data.batch_size = 8  # the 8 test devices each take a row
