@@ -279,7 +279,7 @@ def test_kv_cache_splits_batch_over_data_and_heads_over_tensor():
   mesh = _mesh((2, 2, 2))
   rules = parallel.STANDARD_RULES
   cache_spec = nn.logical_to_mesh_axes(CACHE_LOGICAL_AXES, rules)
-  assert cache_spec == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert cache_spec == P(None, ("data", "fsdp"), "tensor", None, None)
   batch = _batch(config)
   boxed = task.init(jax.random.PRNGKey(0), batch)[0]
   params = parallel.unbox(boxed)
@@ -301,13 +301,13 @@ def test_kv_cache_splits_batch_over_data_and_heads_over_tensor():
     text_ids = jax.device_put(batch["text_ids"],
                               parallel.batch_sharding(mesh, rules))
     logits, cache = prefill(sharded, text_ids)
-  for name in ("k", "v", "cross_k", "cross_v"):  # [L, B, T, K, H]
+  for name in ("k", "v", "cross_k", "cross_v"):  # [L, B, K, T, H]
     x = cache[name]
     assert x.sharding.is_equivalent_to(
         jax.sharding.NamedSharding(mesh, cache_spec), x.ndim), name
     assert {s.data.shape for s in x.addressable_shards} == {
-        (model.decoder_layers, BATCH // 4, x.shape[2],
-         model.num_kv_heads // 2, model.head_dim)}, name
+        (model.decoder_layers, BATCH // 4, model.num_kv_heads // 2,
+         x.shape[3], model.head_dim)}, name
   # The sharded cache holds what one device computes.
   single_logits, single_cache = prefill(params, batch["text_ids"])
   np.testing.assert_allclose(logits, single_logits, atol=1e-5)

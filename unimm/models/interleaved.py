@@ -379,7 +379,7 @@ class InterleavedLM(nn.Module):
   # ------------------------------------------------------------ decoding
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:
-    """Zeroed cache: k, v [L, B, S, K, H]; valid [B, S] (slots holding real
+    """Zeroed cache: k, v [L, B, K, S, H]; valid [B, S] (slots holding real
     tokens); length [B] (real tokens so far = the next position); last_boi
     [B] (position of the latest begin-of-image, -1 if none)."""
     s = max_len or self.max_len
@@ -542,7 +542,7 @@ def sequence_logprob(model: "InterleavedLM", params, tokens, target_mask,
 
 def reorder_cache(cache: dict, rows) -> dict:
   """The cache's rows [R] gathered (beam search): k, v hold the batch on
-  axis 1 ([L, B, S, K, H]), the rest on axis 0."""
+  axis 1 ([L, B, K, S, H]), the rest on axis 0."""
   return {name: jnp.take(value, rows, axis=1 if name in ("k", "v") else 0)
           for name, value in cache.items()}
 

@@ -5,10 +5,14 @@ Heads: `num_heads` query heads share `num_kv_heads` key/value heads
 (num_kv_heads == num_heads: MHA; 1: MQA, as Gemini; otherwise GQA).
 
 The cache is an explicit pytree, never a mutable collection. A layer's slice
-is {"k": [B, S, K, H], "v": [B, S, K, H]}; new keys/values for the T input
-tokens are written at `cache_index` with dynamic_update_slice and the queries
-attend over all S slots under the mask the caller gives ([B, T, S]).
-A layer may also get the whole stack's cache, {"k", "v" [L, B, S, K, H],
+is {"k": [B, K, S, H], "v": [B, K, S, H]}, heads-major, the layout the
+attention's batched matmuls read, so a decode step reads the cache as it
+lies instead of transposing all S slots of every layer (a full copy per
+step, which at batch 16 was most of a step's time on CPU). New keys/values
+for the T input tokens are written at `cache_index` with
+dynamic_update_slice and the queries attend over all S slots under the
+mask the caller gives ([B, T, S]).
+A layer may also get the whole stack's cache, {"k", "v" [L, B, K, S, H],
 "layer": its index} (see cache_read / cache_write): it then writes only its
 new tokens into it, so a decode step updates the cache in place instead of
 slicing out and restacking every layer's copy.
@@ -20,12 +24,12 @@ import numpy as np
 
 from unimm.nn.layers import constrain, dense, dtype_of, partitioned
 
-CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+CACHE_AXES = ("cache_batch", "cache_heads", "cache_len", "cache_head_dim")
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform (not NaN) softmax
 
 
 def cache_read(cache, name):
-  """This layer's [B, S, K, H] view of cache[name] (module doc)."""
+  """This layer's [B, K, S, H] view of cache[name] (module doc)."""
   if "layer" not in cache:
     return cache[name]
   return jax.lax.dynamic_index_in_dim(cache[name], cache["layer"], 0,
@@ -37,13 +41,13 @@ def cache_write(cache, name, value, index):
   layer (module doc)."""
   zero = jnp.zeros((), jnp.int32)
   index = jnp.asarray(index, jnp.int32)
-  value = value.astype(cache[name].dtype)
+  value = value.astype(cache[name].dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
   if "layer" not in cache:
     return jax.lax.dynamic_update_slice(cache[name], value,
-                                        (zero, index, zero, zero))
+                                        (zero, zero, index, zero))
   layer = jnp.asarray(cache["layer"], jnp.int32)
   return jax.lax.dynamic_update_slice(cache[name], value[None],
-                                      (layer, zero, index, zero, zero))
+                                      (layer, zero, zero, index, zero))
 
 
 def apply_rope(x, positions, max_wavelength: float = 10_000.0):
@@ -61,16 +65,21 @@ def apply_rope(x, positions, max_wavelength: float = 10_000.0):
   return out.astype(x.dtype)
 
 
-def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
+def dot_product_attention(q, k, v, mask, *, bias=None, scale=None,
+                          heads_major: bool = False):
   """Grouped-query attention core.
 
-  q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0; mask: bool [B, T, S]
+  q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 ([B, K, S, H] with
+  heads_major, as the cache holds them); mask: bool [B, T, S]
   (True = may attend) or None. bias: additive logits [B or 1, N, T, S] (T5's
   relative position bias) or None; scale: logit scale (default 1/sqrt(H);
   T5 uses 1). Softmax in float32. Returns [B, T, N, H].
   """
   b, t, n, h = q.shape
-  kv_heads, s = k.shape[2], k.shape[1]
+  if not heads_major:
+    k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v = v.transpose(0, 2, 1, 3)
+  kv_heads, s = k.shape[1], k.shape[2]
   g = n // kv_heads
   # Heads-major layout with each kv head's g query heads folded into the
   # query length: [B, K, G*T, H] x [B, K, S, H]. Plain batched matmuls over
@@ -81,8 +90,6 @@ def dot_product_attention(q, k, v, mask, *, bias=None, scale=None):
     q = q * jnp.asarray(scale, q.dtype)
   q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
   q = q.reshape(b, kv_heads, g * t, h)
-  k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
-  v = v.transpose(0, 2, 1, 3)
   if bias is not None:  # [B', N, T, S] -> [B', K, G*T, S]: N = (K, G)
     bias = bias.reshape(bias.shape[0], kv_heads, g * t, s)
   if mask is not None:  # [B', T, S] -> [B', 1, G*T, S]
@@ -225,14 +232,15 @@ class Attention(nn.Module):
 
   def __call__(self, x, kv_input=None, *, mask=None, positions=None,
                kv_positions=None, cache=None, cache_index=None,
-               precomputed_kv=None, weights=None):
+               precomputed_kv=None, heads_major=False, weights=None):
     """Attention of x [B, T, D] over itself or over `kv_input` [B, S, D].
 
     mask: bool [B, T, S] over the attended keys (cache slots when a cache is
-    given). cache: {"k", "v"} of [B, S, K, H] (or the stack's, with
+    given). cache: {"k", "v"} of [B, K, S, H] (or the stack's, with
     "layer"; module doc); new keys are written at cache_index and the
     updated {"k", "v"} is returned. precomputed_kv: (k, v) to
-    attend to directly (cross-attention K/V computed once by the sampler).
+    attend to directly (cross-attention K/V computed once by the sampler),
+    [B, S, K, H], or [B, K, S, H] with heads_major (read from a cache).
     weights: float [B, T, S] in place of `mask` (weighted_attention).
     Returns (out [B, T, D], new_cache or None).
     """
@@ -256,11 +264,14 @@ class Attention(nn.Module):
         view = {**cache, **new_cache}  # keeps "layer" when given
         k = constrain(cache_read(view, "k"), CACHE_AXES)
         v = constrain(cache_read(view, "v"), CACHE_AXES)
+        heads_major = True
     if weights is not None:
+      if heads_major:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
       out = weighted_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                weights)
     else:
       out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                  mask)
+                                  mask, heads_major=heads_major)
     out = self.dropout(out, deterministic=self.deterministic)
     return self.out(out), new_cache  # [B, T, D]

@@ -94,7 +94,7 @@ class TransformerBlock(nn.Module):
         new_cache["cross_v"] = layer_cache["cross_v"]
         kv = (cache_read(layer_cache, "cross_k"),
               cache_read(layer_cache, "cross_v"))
-        h, _ = cross(h, mask=cross_mask, precomputed_kv=kv)
+        h, _ = cross(h, mask=cross_mask, precomputed_kv=kv, heads_major=True)
       else:
         raise ValueError("cross_attention needs `encoded` or a cache holding "
                          "cross_k/cross_v.")
@@ -128,7 +128,7 @@ class TransformerStack(nn.Module):
 
   __call__(x [B, T, D], ...) returns x [B, T, D] when cache is None, else
   (x, new_cache). The cache holds per-layer arrays with a leading layer axis:
-  "k", "v" [L, B, S, K, H] (and "cross_k", "cross_v" [L, B, S_enc, K, H]
+  "k", "v" [L, B, K, S, H] (and "cross_k", "cross_v" [L, B, K, S_enc, H]
   for cross-attention); new keys are written at slots cache_index..+T.
   """
   num_layers: int
@@ -187,7 +187,7 @@ class TransformerStack(nn.Module):
       # Decoding: slots 0..S-1 of the cache; the T new tokens go to
       # cache_index..cache_index+T-1. A slot is visible if it is written
       # (slot <= the query's slot), valid, and (causal) not in the future.
-      s = cache["k"].shape[2]
+      s = cache["k"].shape[3]  # [L, B, K, S, H]
       cache_index = jnp.asarray(cache_index, jnp.int32)
       query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)  # [T]
       if positions is None:
@@ -201,7 +201,7 @@ class TransformerStack(nn.Module):
     cross_mask = None
     if self.cross_attention:
       s_enc = (encoded.shape[1] if encoded is not None
-               else cache["cross_k"].shape[2])
+               else cache["cross_k"].shape[3])
       if encoded_mask is None:
         encoded_mask = jnp.ones((b, s_enc), bool)
       cross_mask = jnp.broadcast_to(encoded_mask[:, None, :].astype(bool),
@@ -252,15 +252,16 @@ class TransformerStack(nn.Module):
 
 def init_cache(num_layers, batch_size, max_len, num_kv_heads, head_dim,
                dtype="float32", cross_len=None):
-  """A zeroed cache for TransformerStack: k, v [L, B, S, K, H] (+ cross)."""
-  shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+  """A zeroed cache for TransformerStack: k, v [L, B, K, S, H] (+ cross),
+  heads-major (unimm.nn.attention's module doc)."""
+  shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
   cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   if cross_len is not None:
-    cross = (num_layers, batch_size, cross_len, num_kv_heads, head_dim)
+    cross = (num_layers, batch_size, num_kv_heads, cross_len, head_dim)
     cache["cross_k"] = jnp.zeros(cross, dtype)
     cache["cross_v"] = jnp.zeros(cross, dtype)
   return cache
 
 
-CACHE_LOGICAL_AXES = ("layers", "cache_batch", "cache_len", "cache_heads",
+CACHE_LOGICAL_AXES = ("layers", "cache_batch", "cache_heads", "cache_len",
                       "cache_head_dim")
