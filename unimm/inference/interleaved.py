@@ -309,7 +309,10 @@ class InterleavedModel:
     sjd_window W >= 2 decodes image spans by speculative Jacobi decoding
     (docs/parti.md; same distribution, fewer model calls). Returns
     the new segments (str or uint8 [H, W, 3]; location ids the model
-    writes come as "<box><loc_i><loc_j></box>" markup)."""
+    writes come as "<box><loc_i><loc_j></box>" markup). A continuous-output
+    model with SEED-X's editing de-tokenizer draws each written image from
+    its vectors and the image before it (_decode_edits); other
+    continuous-output models show written vectors as their nearest codes."""
     return self.generate_batch(
         [segments], seed=seed, temperature=temperature, top_k=top_k,
         top_p=top_p, max_new_tokens=max_new_tokens, max_images=max_images,
