@@ -449,7 +449,8 @@ def edit_pair(example: dict[str, Any], *, seed: int,
   edit pair for SEED-X's editing decoder: {"source": the scene rendered,
   "image": the scene after one random_edit, "instruction": its words,
   "caption": the edited scene's, stating every attribute}.
-  The edit is drawn from np.random.default_rng([seed, crc32(scene)]), so
+  The edit is drawn from np.random.default_rng([seed, _RNG_TAG,
+  crc32(scene)]), so
   an example always gives the same pair (and resumed data the same
   batches)."""
   if "scene" not in example:
