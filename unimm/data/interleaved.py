@@ -465,8 +465,7 @@ def edit_pair(example: dict[str, Any], *, seed: int,
   return {"source": shapes.render(scene, image_size),
           "image": shapes.render(edited, image_size),
           "instruction": instruction(edit),
-          "caption": shapes.caption(
-              edited, shapes.COMPLETE_TEMPLATES[len(edited.objects)])}
+          "caption": shapes.complete_caption(edited)}
 
 
 # ---------------------------------------------------------------------------

@@ -528,6 +528,12 @@ def caption(scene: Scene, template: int | None = None) -> str:
   return text.format(**fields)
 
 
+def complete_caption(scene: Scene) -> str:
+  """The caption stating every object's size, colour, shape and cell
+  (COMPLETE_TEMPLATES): what to score a whole scene against."""
+  return caption(scene, COMPLETE_TEMPLATES[len(scene.objects)])
+
+
 def _alternatives(words) -> str:
   # Longest first, so "at the top left" wins over "at the top".
   return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))

@@ -89,12 +89,6 @@ def caption_scores(text: str, scene: shapes.Scene) -> dict[str, bool]:
   return probe_lib.score_prompt(parsed, _truth(scene))
 
 
-def _complete_caption(scene: shapes.Scene) -> str:
-  """A caption of the scene stating every attribute of every object."""
-  return shapes.caption(scene,
-                        shapes.COMPLETE_TEMPLATES[len(scene.objects)])
-
-
 def caption_correct(text: str, scene: shapes.Scene) -> bool:
   return caption_scores(text, scene)["correct"]
 
@@ -244,7 +238,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
   result["caption_beams"] = caption_beams
   result["caption_rerank_weight"] = caption_rerank
   verdicts += [dict(task="caption", index=i,
-                    truth=_complete_caption(d.scenes[0]), caption=c, **s)
+                    truth=shapes.complete_caption(d.scenes[0]), caption=c, **s)
                for i, (c, d, s) in enumerate(zip(captions, docs, scores))]
   # Captions are asked for with interleaved.CAPTION_PROMPT after the image
   # (model.caption); without it an image goes on with a caption or an edit
@@ -259,7 +253,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
 
   edits = _held_out("edit", num_edits)
   sources = np.stack([shapes.render(d.scenes[0], size) for d in edits])
-  expected = [_complete_caption(d.scenes[1]) for d in edits]
+  expected = [shapes.complete_caption(d.scenes[1]) for d in edits]
   outputs = []
   for i in range(0, len(edits), batch_size):
     outputs += model.generate_batch(

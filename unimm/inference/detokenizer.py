@@ -78,13 +78,13 @@ def to_uint8(x) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)
 def _jitted(model: diffusion.DiffusionDecoder, num_steps: int,
-            guided: bool, with_source: bool):
-  def fn(params, conditions, rng, cfg_scale, sources):
+            guided: bool):
+  def fn(params, conditions, rng, cfg_scale, sources=None):
     return to_uint8(diffusion.sample(
         model, params, conditions, rng, num_steps=num_steps,
         cfg_scale=cfg_scale if guided else None,
-        source01=sources.astype(jnp.float32) / 255.0 if with_source
-        else None))
+        source01=None if sources is None
+        else sources.astype(jnp.float32) / 255.0))
   return jax.jit(fn)
 
 
@@ -152,18 +152,16 @@ class Detokenizer:
             f"[{len(conditions)}, {s}, {s}, 3], one per condition.")
     if not len(conditions):
       return np.zeros((0, s, s, 3), np.uint8)
-    fn = _jitted(self.model, num_steps, cfg_scale is not None,
-                 source is not None)
+    fn = _jitted(self.model, num_steps, cfg_scale is not None)
     rng = sampler_lib.seed_key(seed)
     out = []
     for i, start in enumerate(range(0, len(conditions), batch_size)):
       chunk = conditions[start:start + batch_size]
-      sources = (np.zeros((len(chunk), 0), np.uint8) if source is None
-                 else source[start:start + batch_size])
+      sources = None if source is None else source[start:start + batch_size]
       pad = batch_size - len(chunk) if len(conditions) > batch_size else 0
       if pad:  # one compiled shape for every batch
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        sources = np.concatenate([sources, np.repeat(sources[-1:], pad, 0)])
+        chunk, sources = (None if x is None else np.concatenate(
+            [x, np.repeat(x[-1:], pad, 0)]) for x in (chunk, sources))
       images = fn(self.params, chunk, jax.random.fold_in(rng, i),
                   jnp.float32(cfg_scale or 1.0), sources)
       out.append(np.asarray(images)[:len(chunk) - pad])
