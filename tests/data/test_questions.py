@@ -100,6 +100,7 @@ def test_every_answer_is_true_of_the_scene():
       kinds[kind] += len(pairs)
       for question, answer in pairs:
         assert len(answer.split()) == 1 and answer == answer.strip()
+        assert answer in questions.ANSWERS
         assert as_value(answer) == true_answer(scene, question), (
             scene, question, answer)
   assert set(kinds) == set(questions.KINDS)

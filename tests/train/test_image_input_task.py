@@ -6,6 +6,7 @@ rows, NExT-GPT / SEED-X output queries regress each written slot's own
 code vector."""
 import dataclasses
 import functools
+import inspect
 import json
 import os
 
@@ -18,7 +19,9 @@ import pytest
 from unimm import api
 from unimm.data import grounding
 from unimm.data import interleaved as il_data
+from unimm.data import questions
 from unimm.data import shapes
+from unimm.inference.interleaved import InterleavedModel
 from unimm.models import diffusion as detok_model
 from unimm.models import image_input as image_input_lib
 from unimm.models import vocab
@@ -354,6 +357,19 @@ def test_captions_and_answers_are_the_full_forward_greedy_ones(patches):
   asked = ["what colour is the star?", "how many objects are there?"]
   assert model.answer(images[:2], asked, max_new_tokens=3) == [
       _naive_text(model, image, q, 3) for image, q in zip(images, asked)]
+  budget = inspect.signature(InterleavedModel.answer).parameters[
+      "max_new_tokens"].default
+  assert model.answer(images[:2], asked) == [
+      _naive_text(model, image, q, budget)
+      for image, q in zip(images, asked)]
+
+
+def test_the_default_answer_budget_holds_any_answer_spelt_by_letter():
+  # "purple" is 5 pieces of a 128-piece SentencePiece model: a budget of 4
+  # answered "purp". Room for a word-start piece, a piece per letter, EOS.
+  budget = inspect.signature(InterleavedModel.answer).parameters[
+      "max_new_tokens"].default
+  assert budget >= max(len(word) for word in questions.ANSWERS) + 2
 
 
 def test_scores_are_the_full_forward_ones(resampler):

@@ -46,6 +46,9 @@ from unimm.data import shapes
 KINDS = ("count", "color", "shape", "size", "relation", "exists")
 NUMBER_WORDS = ("zero", "one", "two")
 YES, NO = "yes", "no"
+# Every answer a question of this module can have.
+ANSWERS = (NUMBER_WORDS + shapes.COLORS + shapes.SHAPES + shapes.SIZES
+           + (YES, NO))
 COLOR_WORD = "colour"
 # Question and answer words that no caption holds.
 NEW_WORDS = ("are", "colour", "how", "many", "no", "object", "objects",

@@ -552,10 +552,14 @@ class InterleavedModel:
     return boxes
 
   def answer(self, images, questions: Sequence[str], *,
-             max_new_tokens: int = 4) -> list[str]:
+             max_new_tokens: int = 16) -> list[str]:
     """Greedy answers: image n, then questions[n], then the model's text
     until EOS, as in the question training documents
-    (unimm.data.questions; one word each on shapes)."""
+    (unimm.data.questions; one word each on shapes). A word can take a
+    piece per letter ("purple" is 5 pieces of a 128-piece SentencePiece
+    model): the default budget holds any answer of unimm.data.questions
+    spelt so (questions.ANSWERS), and decoding stops once every row has
+    written EOS."""
     _check_one_text_per_image(images, questions, "question")
     rows, reads = self._encode([[image, question] for image, question
                                 in zip(images, questions)])
