@@ -390,7 +390,7 @@ def test_scores_are_the_full_forward_ones(resampler):
 
 
 def test_boxes_and_grounded_captions_are_the_full_forward_greedy_ones(
-    tokenizers, tmp_path):
+    tokenizers, tmp_path, monkeypatch):
   tokenizer_workdir, spiece = tokenizers
   packed = str(tmp_path / "packed")
   il_data.write_interleaved(api.load_tokenizer(tokenizer_workdir), spiece,
@@ -442,6 +442,19 @@ def test_boxes_and_grounded_captions_are_the_full_forward_greedy_ones(
   assert any(box is not None for box in boxes)
   with pytest.raises(ValueError, match="Phrase 0 is empty"):
     model.ground(images[:1], [" "])
+  # What the model writes is the answer: a top-left / bottom-right pair is
+  # a box; words (a phrase naming nothing) or a reversed pair are None,
+  # never a box made up.
+  off = layout.location_offset
+  words = layout.text_to_joint(model.text_tokenizer.pieces(
+      [grounding.NOT_FOUND_ANSWER.format("a blue square")])[0])[:2]
+  written = np.array([[off + 17, off + 52], words, [off + 52, off + 17]])
+  with monkeypatch.context() as patch:
+    patch.setattr(model, "_continue", lambda rows, **_: written)
+    got = model.ground(images[:3], phrases[:3])
+  np.testing.assert_allclose(got[0], grounding.locations_to_box(
+      grounding.BoxTokens(17, 52, 16), 32))
+  assert got[1] is None and got[2] is None
   # Grounded captions: greedy over text and location ids after
   # GROUNDED_PROMPT; what the model writes is markup parse_text reads.
   got = model.caption(images[:2], grounded=True, num_beams=1,
