@@ -12,11 +12,12 @@
 # table (benchmarks/design_table.py).
 #
 # Usage: benchmarks/image_input_designs.sh  (env: TOK, DETOK, OUT, STEPS,
-#        BATCH, SIZE, DOCS, EVAL,
+#        BATCH, SIZE, DOCS, EVAL, BINS,
 #        ROWS="codes patches resampler16 resampler64" (or embeddings,
 #        embeddings_gmm, queries, queries_codi),
 #        KINDS: the document mix; with refer, grounded_caption or draw_box
-#        in it the model gets 16x16 location ids and the eval scores those)
+#        in it the model gets BINSxBINS location ids, 16 by default, and
+#        the eval scores those)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOK=${TOK:-workdirs/tok_16k}
@@ -30,6 +31,7 @@ EVAL=${EVAL:-100}
 ROWS=${ROWS:-codes patches resampler16 resampler64}
 KINDS=${KINDS:-caption_image,image_caption,edit,question}
 LENGTH=320
+BINS=${BINS:-16}
 # The eval's counts for the kinds in the mix (config args of
 # configs/interleaved_shapes.py).
 evals=""
@@ -38,7 +40,7 @@ for pair in question:questions refer:referring grounded_caption:grounded \
             draw_box:drawn; do
   if [[ ",$KINDS," == *",${pair%%:*},"* ]]; then
     evals="$evals,${pair#*:}=$EVAL"
-    [[ ${pair%%:*} == question ]] || bins=16
+    [[ ${pair%%:*} == question ]] || bins=$BINS
   fi
 done
 
@@ -72,7 +74,7 @@ for row in $ROWS; do
       python -m unimm.tools.pack_interleaved --tokenizer_workdir "$TOK" \
           --text_tokenizer "$OUT/text/spiece.model" --out "$data" \
           --split "$split" --num_documents "$num" --length "$LENGTH" \
-          --kinds "$KINDS" "${pack[@]}"
+          --kinds "$KINDS" --location_bins "$BINS" "${pack[@]}"
     fi
   done
   python -m unimm.main --config "configs/interleaved_shapes.py:size=$SIZE,\

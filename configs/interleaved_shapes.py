@@ -47,8 +47,9 @@ the same --image_input, --patch_size, --num_queries), patch (pixels per
 patch side), queries (the resampler's READ slots per image), experts
 (OneLLM's routed resamplers), questions (held-out questions the eval asks:
 question_accuracy, for models packed with --kinds ...,question), bins
-(Kosmos-2 location bins per side: 16 for rows packed with --kinds holding
-refer, grounded_caption or draw_box; 0 = no location ids), referring
+(Kosmos-2 location bins per side, as the rows were packed with
+--location_bins, default 16, when --kinds holds refer, grounded_caption or
+draw_box; 0 = no location ids), referring
 (held-out referring expressions the eval grounds: referring_accuracy),
 grounded (held-out images the eval asks grounded captions of:
 grounded_caption_accuracy), drawn (held-out requests to draw in boxes:

@@ -504,6 +504,25 @@ def test_grounded_captions_and_drawing_requests_box_every_object():
       t.startswith("draw ") for t in texts)
 
 
+def test_bins_set_only_the_boxes_of_grounded_documents():
+  from unimm.data import grounding  # pylint: disable=g-import-not-at-top
+  kinds = ("refer", "grounded_caption", "draw_box", "image_caption")
+  for i in range(40):
+    fine = il.make_document(8, i, kinds=kinds, bins=32)
+    coarse = il.make_document(8, i, kinds=kinds)
+    assert fine.scenes == coarse.scenes and fine.texts == coarse.texts
+    boxes = [[s for s in d.segments if isinstance(s, grounding.BoxTokens)]
+             for d in (fine, coarse)]
+    assert len(boxes[0]) == len(boxes[1])
+    for box in boxes[0]:
+      assert box.bins == 32
+      assert any(grounding.iou(grounding.locations_to_box(box, 32), truth)
+                 >= 0.5 for truth in shapes.object_boxes(fine.scenes[0], 32))
+    assert all(b.bins == grounding.DEFAULT_BINS for b in boxes[1])
+  with pytest.raises(ValueError, match="bins=0"):
+    il.make_document(8, 0, kinds=kinds, bins=0)
+
+
 def test_no_request_after_an_image_starts_another():
   """What follows a document's opening image asks for one thing: no such
   text is the first words of another (else a model asked one request

@@ -225,18 +225,19 @@ class _GroundingModel(_FakeModel):
   """Writes the true grounded captions and draws the requested scenes;
   wrong_boxes: its captions' boxes are each the whole image."""
 
-  def __init__(self, probe, wrong_boxes=False):
+  def __init__(self, probe, wrong_boxes=False, bins=16):
     super().__init__(probe)
-    self.layout = types.SimpleNamespace(location_bins=16)
+    self.layout = types.SimpleNamespace(location_bins=bins)
     self.wrong_boxes = wrong_boxes
     self.grounded = {}
     self.drawn = {}
     for i in range(10):
       doc = documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
-                                        kinds=("grounded_caption",))
+                                        kinds=("grounded_caption",),
+                                        bins=bins)
       self.grounded[probe.render(doc.scenes[0]).tobytes()] = doc.answer
       doc = documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"], i,
-                                        kinds=("draw_box",))
+                                        kinds=("draw_box",), bins=bins)
       self.drawn[grounding.to_text(doc.segments[:-1])] = doc.scenes[0]
       probe.render(doc.scenes[0])
 
@@ -247,7 +248,8 @@ class _GroundingModel(_FakeModel):
     for image in images:
       segments = self.grounded[image.tobytes()]
       if self.wrong_boxes:
-        segments = [grounding.BoxTokens(0, 255)  # the whole image
+        bins = self.layout.location_bins
+        segments = [grounding.BoxTokens(0, bins**2 - 1, bins)  # whole image
                     if isinstance(s, grounding.BoxTokens) else s
                     for s in segments]
       out.append(grounding.to_text(segments))
@@ -260,11 +262,14 @@ class _GroundingModel(_FakeModel):
             for d in documents]
 
 
-def test_grounded_captions_and_drawings_in_the_report(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bins", [16, 32])
+def test_grounded_captions_and_drawings_in_the_report(tmp_path, monkeypatch,
+                                                      bins):
+  # The eval asks on the model's own location grid.
   monkeypatch.setattr(probe_lib, "get_probe", lambda *a, **k: probe)
   for wrong_boxes in (False, True):
     probe = _OracleProbe(32)
-    model = _GroundingModel(probe, wrong_boxes=wrong_boxes)
+    model = _GroundingModel(probe, wrong_boxes=wrong_boxes, bins=bins)
     for doc in (documents_lib.make_document(documents_lib.SPLIT_SEEDS["test"],
                                             i, kinds=(kind,))
                 for kind in ("image_caption", "edit") for i in range(20)):
@@ -294,6 +299,7 @@ class _AskingModel(_FakeModel):
   def __init__(self, probe, wrong_colours=False, wrong_pairs=False,
                invents=False):
     super().__init__(probe)
+    self.layout = types.SimpleNamespace(location_bins=16)
     self.wrong_colours, self.wrong_pairs = wrong_colours, wrong_pairs
     self.invents = invents
     self.scenes = {}

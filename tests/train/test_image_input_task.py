@@ -405,6 +405,18 @@ def test_boxes_and_grounded_captions_are_the_full_forward_greedy_ones(
   task = InterleavedTask(config)
   batch = {k: jax.numpy.asarray(v)
            for k, v in next(iter(task.train_data(0, 1))).items()}
+  # Rows packed on another grid are refused, naming both settings.
+  coarse = str(tmp_path / "packed8")
+  metadata = il_data.write_interleaved(
+      api.load_tokenizer(tokenizer_workdir), spiece, coarse, "train", 8,
+      base.LENGTH, kinds=("refer",), encode_batch_size=16, location_bins=8)
+  assert metadata["layout"]["location_bins"] == 8
+  with pytest.raises(ValueError, match=r"8x8 location grid but config.vocab"
+                     r".location_bins=16; set config arg bins=8 or re-pack "
+                     r"with --location_bins 16"):
+    config.data.packed_dir = coarse
+    next(iter(InterleavedTask(config).train_data(0, 1)))
+  config.data.packed_dir = packed
   params, state = task.init(jax.random.PRNGKey(0), batch)
   params = flax.linen.unbox(params)
   tx = optax.adam(3e-2)

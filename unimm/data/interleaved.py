@@ -13,7 +13,8 @@ rendered), plus its ground truth. Four kinds:
                   mix; unimm.data.questions, --kinds ...,question)
   refer           [scene, "where is the blue square?", box] (Kosmos-2
                   grounding, unimm.data.grounding: the box is two location
-                  ids on a grounding.DEFAULT_BINS grid; ABSENT_RATE of them
+                  ids on a grid of `bins` (grounding.DEFAULT_BINS) cells a
+                  side; ABSENT_RATE of them
                   name an object the scene lacks and get
                   "there is no blue square in this image"; not in the
                   default mix)
@@ -518,10 +519,14 @@ def _check_kinds(kinds: Sequence[str], weights: Sequence[float] | None
 
 def make_document(seed: int, index: int,
                   kinds: Sequence[str] = DEFAULT_KINDS,
-                  weights: Sequence[float] | None = None) -> Document:
+                  weights: Sequence[float] | None = None,
+                  bins: int = grounding.DEFAULT_BINS) -> Document:
   """Document `index` of the stream `seed` (kinds drawn with `weights`,
-  uniform by default). Depends only on (seed, index, kinds, weights)."""
+  uniform by default). Depends only on (seed, index, kinds, weights);
+  `bins` (cells a side of the location grid) sets only the boxes of the
+  grounded kinds, which name the same objects whatever it is."""
   kinds, p = _check_kinds(kinds, weights)
+  bins = grounding.check_bins(bins)
   if (not isinstance(seed, (int, np.integer)) or seed < 0
       or not isinstance(index, (int, np.integer)) or index < 0):
     raise ValueError(f"seed={seed!r}, index={index!r}; expected non-negative "
@@ -537,20 +542,20 @@ def make_document(seed: int, index: int,
     if rng.random() < ABSENT_RATE:
       phrase = grounding.absent_phrase(scene, rng)
       question = grounding.WHERE_QUESTION.format(phrase)
-      answer = grounding.where_answer(scene, phrase, IMAGE_SIZE)[0]
+      answer = grounding.where_answer(scene, phrase, IMAGE_SIZE, bins)[0]
     else:
       question, (answer,) = grounding.referring_expression(
-          scene, int(rng.integers(len(scene.objects))), IMAGE_SIZE)
+          scene, int(rng.integers(len(scene.objects))), IMAGE_SIZE, bins)
     return Document(kind, [scene, question, answer], (scene,), None, (), (),
                     int(seed), int(index), question, answer)
   if kind == "draw_box":
-    request = _flat(grounding.draw_request(scene, IMAGE_SIZE))
+    request = _flat(grounding.draw_request(scene, IMAGE_SIZE, bins))
     return Document(kind, [*request, scene], (scene,), None, (), (),
                     int(seed), int(index))
   if kind == "grounded_caption":
     templates = shapes.TEMPLATES[len(scene.objects)]
     grounded = grounding.grounded_caption(
-        scene, IMAGE_SIZE, template=int(rng.integers(len(templates))))
+        scene, IMAGE_SIZE, bins, template=int(rng.integers(len(templates))))
     return Document(kind, [scene, GROUNDED_PROMPT, *_flat(grounded)],
                     (scene,), grounding.plain_text(grounded), (), (),
                     int(seed), int(index), answer=grounded)
@@ -847,7 +852,9 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
                       encode_batch_size: int = 256,
                       records_per_shard: int = pretokenize.RECORDS_PER_SHARD,
                       tokenizer_workdir: str = "",
-                      image_input=None) -> dict[str, Any]:
+                      image_input=None,
+                      location_bins: int = grounding.DEFAULT_BINS
+                      ) -> dict[str, Any]:
   """Writes shapes documents 0..N-1 of `split`, tokenized and packed.
 
   Args:
@@ -870,6 +877,11 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
     image_input: an unimm.models.image_input.ImageInput that reads images
       (the image opening each document becomes READ slots and the rows
       carry its pixel patches); None or "codes": every image coded.
+    location_bins: cells a side of the location grid of the grounded kinds'
+      boxes (refer, grounded_caption, draw_box; Kosmos-2 uses 32); the
+      joint vocabulary holds location_bins**2 location ids when `kinds`
+      has one of them, none otherwise. The model's config arg bins= must
+      match.
 
   Returns:
     The metadata (also written to out_dir/SPLIT.json).
@@ -890,7 +902,7 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   layout = vocab_lib.VocabLayout(
       text_tokenizer.vocab_size, tokenizer.num_codes,
       read_ids=image_input.reads_images,
-      location_bins=(grounding.DEFAULT_BINS
+      location_bins=(grounding.check_bins(location_bins)
                      if set(kinds) & set(GROUNDED_KINDS) else 0))
   image_ids_fn = lambda images: pretokenize.encode_images(  # noqa: E731
       tokenizer, images, encode_batch_size)
@@ -898,7 +910,8 @@ def write_interleaved(tokenizer, text_tokenizer_path: str,
   def batches():
     for start in range(0, num_documents, documents_per_batch):
       indices = range(start, min(start + documents_per_batch, num_documents))
-      documents = [make_document(seed, i, kinds, weights) for i in indices]
+      documents = [make_document(seed, i, kinds, weights, location_bins)
+                   for i in indices]
       tokens, reads = tokenize_documents_and_reads(
           documents, text_tokenizer, image_ids_fn, layout,
           tokenizer.image_size, image_input)

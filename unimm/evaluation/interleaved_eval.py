@@ -169,9 +169,11 @@ def _breakdown(prefix: str, scores: list[dict[str, bool]]) -> dict[str, float]:
           for name in probe_lib.ATTRIBUTES if any(name in s for s in scores)}
 
 
-def _held_out(kind: str, num: int) -> list[documents_lib.Document]:
+def _held_out(kind: str, num: int,
+              bins: int = grounding.DEFAULT_BINS
+              ) -> list[documents_lib.Document]:
   seed = documents_lib.SPLIT_SEEDS["test"]
-  return [documents_lib.make_document(seed, i, kinds=(kind,))
+  return [documents_lib.make_document(seed, i, kinds=(kind,), bins=bins)
           for i in range(num)]
 
 
@@ -310,8 +312,13 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                       truth=d.answer, answer=a, correct=ok)
                  for i, (d, a, ok) in enumerate(zip(asked, answers, right))]
 
+  # The grounded kinds' boxes on the model's grid (a model without one
+  # says so when asked to ground).
+  bins = grounding.DEFAULT_BINS
+  if num_referring or num_grounded or num_drawn:
+    bins = model.layout.location_bins or bins
   if num_referring > 0:
-    refers = _held_out("refer", num_referring)
+    refers = _held_out("refer", num_referring, bins)
     scenes = np.stack([shapes.render(d.scenes[0], size) for d in refers])
     phrases = [d.question[len("where is "):-1] for d in refers]
     boxes = []
@@ -342,8 +349,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                  for i, (d, b, n) in enumerate(zip(refers, boxes, named))]
 
   if num_grounded > 0:
-    bins = model.layout.location_bins
-    docs = _held_out("grounded_caption", num_grounded)
+    docs = _held_out("grounded_caption", num_grounded, bins)
     scenes = np.stack([shapes.render(d.scenes[0], size) for d in docs])
     texts = []
     for i in range(0, len(docs), batch_size):
@@ -363,7 +369,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
                  for i, (t, d, s) in enumerate(zip(texts, docs, scores))]
 
   if num_drawn > 0:
-    drawn_docs = _held_out("draw_box", num_drawn)
+    drawn_docs = _held_out("draw_box", num_drawn, bins)
     requests = [[s for s in d.segments if not isinstance(s, shapes.Scene)]
                 for d in drawn_docs]
     drawn = []
@@ -378,7 +384,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
     blank = np.zeros((size, size, 3), np.uint8)
     read = probe.predict(np.stack([g if g is not None else blank
                                    for g in drawn]))
-    per_object = [drawn_in_boxes(p, d.scenes[0], size) if g is not None
+    per_object = [drawn_in_boxes(p, d.scenes[0], size, bins) if g is not None
                   else [False] * len(d.scenes[0].objects)
                   for p, d, g in zip(read, drawn_docs, drawn)]
     result["draw_box_accuracy"] = _mean([all(h) for h in per_object])
@@ -389,7 +395,7 @@ def evaluate_generation(model, out_dir: str, *, num_prompts: int = 100,
         reconstruct(truths[i:i + batch_size])
         for i in range(0, len(truths), batch_size)]))
     result["draw_box_ceiling"] = _mean(
-        [all(drawn_in_boxes(p, d.scenes[0], size))
+        [all(drawn_in_boxes(p, d.scenes[0], size, bins))
          for p, d in zip(rebuilt, drawn_docs)])
     verdicts += [dict(task="draw_box", index=i,
                       request=grounding.to_text(r), image_found=g is not None,

@@ -26,6 +26,7 @@ from absl import logging
 
 from unimm import api
 from unimm import host_memory
+from unimm.data import grounding
 from unimm.data import interleaved
 from unimm.data import pretokenize
 from unimm.models import image_input
@@ -75,6 +76,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "the resampler's rows carry patches too).", **kw)
   flags.DEFINE_integer("num_queries", 16, "READ slots per image (resampler).",
                        **kw)
+  flags.DEFINE_integer("location_bins", grounding.DEFAULT_BINS, "Cells a "
+                       "side of the location grid of refer, grounded_caption "
+                       "and draw_box boxes (Kosmos-2 uses 32); train with "
+                       "the same config arg bins=.", **kw)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
@@ -109,7 +114,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
       weights=weights, documents_per_batch=f.documents_per_batch,
       encode_batch_size=f.encode_batch_size,
       records_per_shard=f.records_per_shard,
-      tokenizer_workdir=f.tokenizer_workdir, image_input=setting)
+      tokenizer_workdir=f.tokenizer_workdir, image_input=setting,
+      location_bins=f.location_bins)
   print(json.dumps(metadata, indent=1))
   return metadata
 

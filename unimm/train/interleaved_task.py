@@ -222,6 +222,17 @@ class InterleavedTask:
           "configs/interleaved_shapes.py:dynamic=1, or pack with a grid or "
           "SEED tokenizer.")
     layout = metadata["layout"]
+    packed_bins = int(layout.get("location_bins", 0))
+    if packed_bins != self.layout.location_bins:
+      raise ValueError(
+          f"Packed data in {self.packed_dir!r} has "
+          + (f"boxes on a {packed_bins}x{packed_bins} location grid"
+             if packed_bins else "no location ids")
+          + " but config.vocab.location_bins="
+          f"{self.layout.location_bins}; set config arg bins={packed_bins}"
+          + (f" or re-pack with --location_bins "
+             f"{self.layout.location_bins}." if self.layout.location_bins
+             and packed_bins else "."))
     size = layout.get("size", 5 + layout["text_vocab_size"]
                       + layout["image_vocab_size"])
     if size != self.model.vocab_size:
